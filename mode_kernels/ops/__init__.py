@@ -1,0 +1,6 @@
+"""The ops: each a torch custom op (forward and backward) with a thin functional API."""
+from .fused_linear_kd_kl import fused_linear_kd_kl_loss
+from .kd_kl import kd_kl_loss
+from .routed_lora import modality_lora_linear
+
+__all__ = ["fused_linear_kd_kl_loss", "kd_kl_loss", "modality_lora_linear"]

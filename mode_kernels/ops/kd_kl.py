@@ -1,0 +1,122 @@
+"""kd_kl_loss: T^2 * KL(teacher || student) on logits, as torch custom ops.
+
+The op computes one float32 loss per row and keeps only the two per-row logsumexps for the
+backward; masking and the reduction are plain (differentiable, sync-free) torch around it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._validation import (check_float, check_mask, check_reduction, check_same_device, check_temperature,
+                           check_vocab_range)
+
+
+@torch.library.custom_op("mode_kernels::kd_kl", mutates_args=())
+def _kd_kl(student: Tensor, teacher: Tensor, mask: Optional[Tensor], temperature: float, lo: int, hi: int,
+           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backends.implementation(backend, "kd_kl")
+    return impl.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
+
+
+@_kd_kl.register_fake
+def _(student, teacher, mask, temperature, lo, hi, backend):
+    rows = student.new_empty(student.shape[0], dtype=loss_dtype(student))
+    return rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+@torch.library.custom_op("mode_kernels::kd_kl_backward", mutates_args=())
+def _kd_kl_backward(grad_rows: Tensor, student: Tensor, teacher: Tensor, mask: Optional[Tensor], lse_s: Tensor,
+                    lse_t: Tensor, temperature: float, lo: int, hi: int, backend: str) -> Tensor:
+    impl = backends.implementation(backend, "kd_kl")
+    return impl.kd_kl_backward(grad_rows.contiguous(), student, teacher, mask, lse_s, lse_t, temperature, lo, hi)
+
+
+@_kd_kl_backward.register_fake
+def _(grad_rows, student, teacher, mask, lse_s, lse_t, temperature, lo, hi, backend):
+    return torch.empty_like(student)
+
+
+def _kd_setup(ctx, inputs, output):
+    student, teacher, mask, temperature, lo, hi, backend = inputs
+    _, lse_s, lse_t = output
+    ctx.save_for_backward(student, teacher, mask, lse_s, lse_t)
+    ctx.meta = (temperature, lo, hi, backend)
+
+
+def _kd_backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
+    student, teacher, mask, lse_s, lse_t = ctx.saved_tensors
+    grad = _kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, *ctx.meta)
+    return grad, None, None, None, None, None, None
+
+
+_kd_kl.register_autograd(_kd_backward, setup_context=_kd_setup)
+
+
+def loss_dtype(t: Tensor) -> torch.dtype:
+    """Losses are float32 (float64 for float64 inputs, so gradcheck can run)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def reduce_rows(loss_rows: Tensor, mask: Optional[Tensor], reduction: str, lead_shape: tuple) -> Tensor:
+    """Apply a mask and a reduction to per-row losses, with no host sync."""
+    if mask is not None:
+        loss_rows = torch.where(mask, loss_rows, torch.zeros_like(loss_rows))
+    if reduction == "none":
+        return loss_rows.reshape(lead_shape)
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    if mask is None:
+        return total / max(loss_rows.shape[0], 1)
+    return total / mask.sum().clamp(min=1).to(loss_rows.dtype)
+
+
+def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
+               mask: Optional[Tensor] = None, vocab_range: Optional[tuple[int, int]] = None,
+               topk: Optional[int] = None, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Knowledge-distillation loss T^2 * KL(p_teacher || p_student), p = softmax(logits / T).
+
+    Args:
+        student_logits, teacher_logits: [..., V], same shape. Gradient flows to the student only.
+        temperature: T > 0.
+        mask: bool [...] of positions that count.
+        vocab_range: (lo, hi): only the vocab slice [lo, hi) counts (softmax over the slice).
+        topk: only the teacher's k largest logits (inside the slice) count; both distributions
+            are renormalised on that set.
+        reduction: "mean" over counted positions (0 when none), "sum", or "none" (per position,
+            uncounted positions 0).
+        backend: "auto", "torch" or "triton".
+    A vocab entry with teacher probability 0 (logit -inf or the dtype's most negative value)
+    contributes 0; a position whose teacher has no finite logit in the slice contributes 0.
+    """
+    check_float(student_logits, "student_logits")
+    check_float(teacher_logits, "teacher_logits")
+    if student_logits.dim() < 1:
+        raise ValueError("student_logits: expected shape [..., V], got a scalar")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits: expected shape {list(student_logits.shape)} (that of student_logits), "
+                         f"got {list(teacher_logits.shape)}")
+    check_same_device(student_logits, "student_logits", teacher_logits=teacher_logits)
+    temperature = check_temperature(temperature)
+    reduction = check_reduction(reduction)
+    vocab = student_logits.shape[-1]
+    lo, hi = check_vocab_range(vocab_range, vocab)
+    lead = tuple(student_logits.shape[:-1])
+    mask = check_mask(mask, lead, student_logits)
+    resolved = backends.resolve(backend, student_logits.device, "kd_kl")
+
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.detach().reshape(-1, vocab)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    if topk is not None:
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= hi - lo:
+            raise ValueError(f"topk: expected an int in [1, {hi - lo}] (the vocab slice size), got {topk!r}")
+        teacher, index = teacher[:, lo:hi].topk(topk, dim=-1)
+        student = student[:, lo:hi].gather(-1, index)
+        lo, hi = 0, topk
+    loss_rows, _, _ = _kd_kl(student, teacher, flat_mask, temperature, lo, hi, resolved)
+    return reduce_rows(loss_rows, flat_mask, reduction, lead)

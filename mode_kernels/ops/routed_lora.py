@@ -1,0 +1,179 @@
+"""modality_lora_linear: a frozen linear plus per-modality LoRA experts, as a torch custom op.
+
+The forward and the backward are each one custom op (``mode_kernels::routed_lora`` and
+``mode_kernels::routed_lora_backward``) whose implementation is picked by the ``backend``
+string, so ``torch.compile(fullgraph=True)`` sees two opaque nodes and no graph break.
+A routing plan travels into the ops as its tensors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._validation import check_float, check_same_device, check_shape
+from ..routing import RoutingPlan, plan_routing
+
+# Order of the differentiable inputs in the backward op's outputs.
+_GRAD_NAMES = ("x", "lora_input", "weight", "bias", "lora_a", "lora_b", "router_weight")
+
+
+def _plan(order, offsets, tiles, num_modalities, block_m) -> RoutingPlan:
+    return RoutingPlan(order, offsets, tiles, num_modalities, block_m)
+
+
+@torch.library.custom_op("mode_kernels::routed_lora", mutates_args=())
+def _routed_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_input: Optional[Tensor],
+                 order: Tensor, offsets: Tensor, tiles: Tensor, block_m: int,
+                 lora_a: Tensor, lora_b: Tensor, router_weight: Optional[Tensor],
+                 experts_per_modality: list[int], scaling: float, backend: str) -> Tensor:
+    impl = backends.implementation(backend, "routed_lora")
+    plan = _plan(order, offsets, tiles, len(experts_per_modality), block_m)
+    return impl.routed_lora_forward(x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
+                                    tuple(experts_per_modality), scaling)
+
+
+@_routed_lora.register_fake
+def _(x, weight, bias, lora_input, order, offsets, tiles, block_m, lora_a, lora_b, router_weight,
+      experts_per_modality, scaling, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("mode_kernels::routed_lora_backward", mutates_args=())
+def _routed_lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          lora_input: Optional[Tensor], order: Tensor, offsets: Tensor, tiles: Tensor,
+                          block_m: int, lora_a: Tensor, lora_b: Tensor, router_weight: Optional[Tensor],
+                          experts_per_modality: list[int], scaling: float, backend: str,
+                          needs: list[bool]) -> list[Tensor]:
+    impl = backends.implementation(backend, "routed_lora")
+    plan = _plan(order, offsets, tiles, len(experts_per_modality), block_m)
+    grads = impl.routed_lora_backward(grad_y.contiguous(), x, weight, bias, lora_input, plan, lora_a, lora_b,
+                                      router_weight, tuple(experts_per_modality), scaling, tuple(needs))
+    # Custom ops cannot return None: an empty tensor stands for "not requested".
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_routed_lora_backward.register_fake
+def _(grad_y, x, weight, bias, lora_input, order, offsets, tiles, block_m, lora_a, lora_b, router_weight,
+      experts_per_modality, scaling, backend, needs):
+    like = (x, lora_input, weight, bias, lora_a, lora_b, router_weight)
+    return [torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(like, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, lora_input, order, offsets, tiles, block_m, lora_a, lora_b, router_weight,
+     experts_per_modality, scaling, backend) = inputs
+    ctx.save_for_backward(x, weight, bias, lora_input, order, offsets, tiles, lora_a, lora_b, router_weight)
+    ctx.meta = (block_m, list(experts_per_modality), scaling, backend)
+
+
+def _backward(ctx, grad_y):
+    x, weight, bias, lora_input, order, offsets, tiles, lora_a, lora_b, router_weight = ctx.saved_tensors
+    block_m, experts_per_modality, scaling, backend = ctx.meta
+    n = ctx.needs_input_grad
+    needs = [n[0], n[3] and lora_input is not None, n[1], n[2] and bias is not None, n[8], n[9],
+             n[10] and router_weight is not None]
+    grads = _routed_lora_backward(grad_y, x, weight, bias, lora_input, order, offsets, tiles, block_m, lora_a,
+                                  lora_b, router_weight, experts_per_modality, scaling, backend, needs)
+    dx, du, dw, db, da, dlb, dr = (g if need else None for g, need in zip(grads, needs))
+    return dx, dw, db, du, None, None, None, None, da, dlb, dr, None, None, None
+
+
+_routed_lora.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_experts(experts_per_modality) -> tuple[int, ...]:
+    try:
+        epm = tuple(int(e) for e in experts_per_modality)
+        ok = len(epm) >= 1 and all(e >= 1 and e == f for e, f in zip(epm, experts_per_modality))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"experts_per_modality: expected a non-empty tuple of ints >= 1, got {experts_per_modality!r}")
+    return epm
+
+
+def modality_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality: Union[Tensor, RoutingPlan],
+                         lora_a: Tensor, lora_b: Tensor, router_weight: Optional[Tensor] = None, *,
+                         experts_per_modality: Sequence[int], scaling: float, lora_input: Optional[Tensor] = None,
+                         backend: str = "auto") -> Tensor:
+    """A frozen linear with each token routed by its modality to that modality's LoRA experts.
+
+    For a token t of modality m with experts S_m (experts are ordered by modality):
+        g = softmax over S_m of (u_t @ router_weight[S_m].T), in float32 (g = 1 for one expert)
+        y_t = x_t W^T + b + scaling * sum_{e in S_m} g_e (u_t A_e^T) B_e^T
+    where u = lora_input (e.g. dropout(x)) or x.
+
+    Args:
+        x: [..., K] float32, bfloat16 or float16 (float64 with the torch backend).
+        weight: [N, K]; bias: [N] or None.
+        modality: integer ids of shape x.shape[:-1] in [0, M), or a plan from ``plan_routing``.
+        lora_a: [E, r, K]; lora_b: [E, N, r]; router_weight: [E, K] (required if any modality has
+            more than one expert).
+        experts_per_modality: M ints >= 1, E = their sum (MoDE: (4, 1): 4 text experts, 1 image).
+        scaling: LoRA scaling (alpha / r).
+        lora_input: what the adapters and router see instead of x; same shape as x.
+        backend: "auto", "torch" or "triton".
+    Returns:
+        y [..., N] in x's dtype.
+    """
+    epm = _check_experts(experts_per_modality)
+    num_modalities, num_experts = len(epm), sum(epm)
+    check_float(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x: expected at least 1 dimension [..., K], got a scalar")
+    k = x.shape[-1]
+    check_float(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight: expected shape [N, {k}] (K = x.shape[-1]), got {list(weight.shape)}")
+    n = weight.shape[0]
+    check_float(lora_a, "lora_a")
+    check_float(lora_b, "lora_b")
+    if lora_a.dim() != 3 or lora_a.shape[0] != num_experts or lora_a.shape[2] != k:
+        raise ValueError(f"lora_a: expected shape [{num_experts}, r, {k}] (E = sum(experts_per_modality), "
+                         f"K = x.shape[-1]), got {list(lora_a.shape)}")
+    rank = lora_a.shape[1]
+    check_shape(lora_b, "lora_b", (num_experts, n, rank), "[E, N, r] with E, r from lora_a, N from weight")
+    if bias is not None:
+        check_float(bias, "bias")
+        check_shape(bias, "bias", (n,), "[N]")
+    if router_weight is not None:
+        check_float(router_weight, "router_weight")
+        check_shape(router_weight, "router_weight", (num_experts, k), "[E, K]")
+    elif max(epm) > 1:
+        raise ValueError(f"router_weight: required when a modality has more than one expert "
+                         f"(experts_per_modality={epm})")
+    if lora_input is not None:
+        check_float(lora_input, "lora_input")
+        check_shape(lora_input, "lora_input", tuple(x.shape), "the shape of x")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise ValueError(f"scaling: expected a number, got {scaling!r}")
+    check_same_device(x, "x", weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                      router_weight=router_weight, lora_input=lora_input)
+
+    lead = tuple(x.shape[:-1])
+    num_tokens = math.prod(lead)
+    if isinstance(modality, RoutingPlan):
+        plan = modality
+        if plan.num_modalities != num_modalities:
+            raise ValueError(f"modality: the plan has {plan.num_modalities} modalities, experts_per_modality "
+                             f"has {num_modalities}")
+        if plan.num_tokens != num_tokens:
+            raise ValueError(f"modality: the plan covers {plan.num_tokens} tokens, x has {num_tokens}")
+    elif isinstance(modality, Tensor):
+        if tuple(modality.shape) != lead:
+            raise ValueError(f"modality: expected shape {list(lead)} (x.shape[:-1]), got {list(modality.shape)}")
+        plan = plan_routing(modality, num_modalities)
+    else:
+        raise ValueError(f"modality: expected an integer tensor or a RoutingPlan, got {type(modality).__name__}")
+    check_same_device(x, "x", modality=plan.order)
+
+    resolved = backends.resolve(backend, x.device, "routed_lora")
+    x2 = x.reshape(num_tokens, k)
+    u2 = None if lora_input is None else lora_input.reshape(num_tokens, k)
+    y = _routed_lora(x2, weight, bias, u2, plan.order, plan.offsets, plan.tiles, plan.block_m, lora_a, lora_b,
+                     router_weight, list(epm), float(scaling), resolved)
+    return y.reshape(*lead, n)
