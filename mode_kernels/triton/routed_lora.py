@@ -1,0 +1,549 @@
+"""Triton modality-routed LoRA: y = x W^T + b + scaling * sum_e g_e (u A_e^T) B_e^T, per token's modality.
+
+Same signatures and semantics as ``mode_kernels.reference.routed_lora``. Four kernels:
+
+* ``_shrink_kernel`` (forward): per plan tile (one modality), h = u A_m^T for that modality's
+  experts only and the router logits u R_m^T in one K loop, then float32 softmax gates and
+  scaling in the epilogue: h' [plan rows, BLOCK_R] float32.
+* ``_expand_kernel``: out = a Wt + b + h' L_m (+ dlogit R_m), the base GEMM and the LoRA terms
+  in one tile loop and one float32 accumulator, written once. Forward: a = x, Wt = W^T,
+  L_m = B_m^T. Backward: a = dy, Wt = W, L_m = A_m, plus the router term.
+* ``_shrink_backward_kernel``: recomputes h and the gates, shrinks dy (z = dy B_m) and does the
+  gate gradient and the softmax backward in its epilogue: h', dh, dlogit.
+* ``_grouped_outer_kernel``: dA, dB, d(router) as per-modality sums over tokens of rank-r
+  outer products, split over tokens into float32 partials that torch then sums.
+
+Rows are gathered and scattered through ``plan.order`` inside the kernels (no permuted copy
+of x, dy, y or dx); rank-r intermediates live in plan order. Column j of an intermediate is
+(local expert j // RANK_P, rank index j % RANK_P), RANK_P = next power of two of r, so a
+[rows, BLOCK_R] tile reshapes to [rows, BLOCK_E, RANK_P] for per-expert gating. All grids are
+1-D (dim 0 may reach 2^31 - 1), so T up to millions of tokens needs no grid splitting.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..routing import RoutingPlan
+from ._common import INTERPRET
+
+# Logits are held 16 wide: the narrowest operand tl.dot accepts. Up to 16 experts per modality.
+ROUTER_WIDTH = 16
+# Token splits of the dA/dB/dR reductions: enough programs to fill a GPU, bounded partials.
+MAX_SPLITS = 32
+TOKENS_PER_SPLIT = 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mma(acc, a, b, DOT_FP32: tl.constexpr, dtype: tl.constexpr):
+    """acc += a @ b. Float32 inputs take exact (ieee) products; so does the interpreter, whose
+    bf16 tl.dot is wrong (Triton 3.9). Compiled half-precision code keeps tensor-core operands."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(dtype), b.to(dtype), acc)
+
+
+@triton.jit
+def _tile_rows(tiles_ptr, order_ptr, tile_pid, SUB_TILES: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of one BLOCK_M slice of a plan tile: (modality, plan positions, token ids, row mask, empty)."""
+    tile = tile_pid // SUB_TILES
+    modality = tl.load(tiles_ptr + tile * 3)
+    start = tl.load(tiles_ptr + tile * 3 + 1) + (tile_pid % SUB_TILES) * BLOCK_M
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+    pos = start + tl.arange(0, BLOCK_M)
+    rows = pos < end
+    tokens = tl.load(order_ptr + pos, mask=rows, other=0)
+    return modality, pos, tokens, rows, start >= end
+
+
+@triton.jit
+def _load_expert_cols(ptr, first_expert, num_experts, j, c, c_limit, stride_e, stride_i, stride_c,
+                      RANK: tl.constexpr, RANK_P: tl.constexpr):
+    """Load a modality's stacked expert matrices at column j = (expert, rank index) and index c.
+
+    j and c are broadcastable index tensors; their shapes decide the tile's orientation.
+    """
+    expert = j // RANK_P
+    rank = j % RANK_P
+    mask = (expert < num_experts) & (rank < RANK) & (c < c_limit)
+    offs = (first_expert + expert) * stride_e + rank * stride_i + c * stride_c
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _shrink_tile(u_ptr, stride_ut, stride_uk, tokens, rows, a_ptr, stride_ae, stride_ar, stride_ak,
+                 router_ptr, stride_re, stride_rk, first_expert, num_experts, K, DOT_FP32: tl.constexpr,
+                 HAS_ROUTER: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h = u A_m^T [BLOCK_M, BLOCK_R] and logits = u R_m^T [BLOCK_M, ROUTER_WIDTH], one pass over u."""
+    dtype = u_ptr.dtype.element_ty
+    j = tl.arange(0, BLOCK_R)[None, :]
+    e = tl.arange(0, 16)[None, :]
+    # A modality with one expert has gate 1: its router row is never read.
+    router_cols = e < tl.where(num_experts > 1, num_experts, 0)
+    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    logits = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        u = tl.load(u_ptr + tokens[:, None] * stride_ut + k[None, :] * stride_uk,
+                    mask=rows[:, None] & (k[None, :] < K), other=0.0)
+        a = _load_expert_cols(a_ptr, first_expert, num_experts, j, k[:, None], K, stride_ae, stride_ar,
+                              stride_ak, RANK, RANK_P)
+        h = _mma(h, u, a, DOT_FP32, dtype)
+        if HAS_ROUTER:
+            r = tl.load(router_ptr + (first_expert + e) * stride_re + k[:, None] * stride_rk,
+                        mask=router_cols & (k[:, None] < K), other=0.0)
+            logits = _mma(logits, u, r, DOT_FP32, dtype)
+    return h, logits
+
+
+@triton.jit
+def _gates(logits, num_experts, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Float32 softmax over the modality's experts, [BLOCK_M, BLOCK_E] (zero past num_experts)."""
+    valid = tl.arange(0, 16)[None, :] < num_experts
+    z = tl.where(valid, logits, float("-inf"))
+    p = tl.exp(z - tl.max(z, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    p = tl.where(num_experts > 1, p, valid.to(tl.float32))
+    # Keep the first BLOCK_E columns: those past num_experts <= BLOCK_E are exactly zero.
+    return tl.sum(tl.reshape(p, (BLOCK_M, 16 // BLOCK_E, BLOCK_E)), axis=1)
+
+
+@triton.jit
+def _scale_experts(t, per_expert, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, RANK_P: tl.constexpr):
+    """t[:, e * RANK_P + i] * per_expert[:, e]."""
+    t3 = tl.reshape(t, (BLOCK_M, BLOCK_E, RANK_P)) * per_expert[:, :, None]
+    return tl.reshape(t3, (BLOCK_M, BLOCK_E * RANK_P))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak,
+                   router_ptr, stride_re, stride_rk, hg_ptr, order_ptr, tiles_ptr, expert_offsets_ptr,
+                   K, scaling, DOT_FP32: tl.constexpr, HAS_ROUTER: tl.constexpr, RANK: tl.constexpr,
+                   RANK_P: tl.constexpr, BLOCK_E: tl.constexpr, SUB_TILES: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h' = scaling * g_e * (u A_e^T) for the tile's modality, stored in plan order."""
+    BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
+    modality, pos, tokens, rows, empty = _tile_rows(tiles_ptr, order_ptr, tl.program_id(0), SUB_TILES, BLOCK_M)
+    if empty:
+        return
+    first_expert = tl.load(expert_offsets_ptr + modality)
+    num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
+    h, logits = _shrink_tile(u_ptr, stride_ut, stride_uk, tokens, rows, a_ptr, stride_ae, stride_ar, stride_ak,
+                             router_ptr, stride_re, stride_rk, first_expert, num_experts, K, DOT_FP32,
+                             HAS_ROUTER, RANK, RANK_P, BLOCK_R, BLOCK_M, BLOCK_K)
+    gates = _gates(logits, num_experts, BLOCK_E, BLOCK_M)
+    hg = _scale_experts(h, gates * scaling, BLOCK_M, BLOCK_E, RANK_P)
+    j = tl.arange(0, BLOCK_R)
+    tl.store(hg_ptr + pos[:, None] * BLOCK_R + j[None, :], hg, mask=rows[:, None])
+
+
+@triton.jit
+def _shrink_backward_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak,
+                            router_ptr, stride_re, stride_rk, dy_ptr, stride_dyt, stride_dyn,
+                            b_ptr, stride_be, stride_bn, stride_br, hg_ptr, dh_ptr, dlogit_ptr,
+                            order_ptr, tiles_ptr, expert_offsets_ptr, K, N, scaling,
+                            DOT_FP32: tl.constexpr, HAS_ROUTER: tl.constexpr, RANK: tl.constexpr,
+                            RANK_P: tl.constexpr, BLOCK_E: tl.constexpr, SUB_TILES: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per tile: h' (for dB), dh = scaling g_e (dy B_e) (for dA, du) and dlogit (for dR, du).
+
+    dg_e = scaling h_e . (dy B_e); dlogit = g * (dg - sum_e g_e dg_e), the softmax backward.
+    """
+    BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
+    modality, pos, tokens, rows, empty = _tile_rows(tiles_ptr, order_ptr, tl.program_id(0), SUB_TILES, BLOCK_M)
+    if empty:
+        return
+    first_expert = tl.load(expert_offsets_ptr + modality)
+    num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
+    h, logits = _shrink_tile(u_ptr, stride_ut, stride_uk, tokens, rows, a_ptr, stride_ae, stride_ar, stride_ak,
+                             router_ptr, stride_re, stride_rk, first_expert, num_experts, K, DOT_FP32,
+                             HAS_ROUTER, RANK, RANK_P, BLOCK_R, BLOCK_M, BLOCK_K)
+    gates = _gates(logits, num_experts, BLOCK_E, BLOCK_M)
+
+    j = tl.arange(0, BLOCK_R)
+    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        n = n0 + tl.arange(0, BLOCK_K)
+        dy = tl.load(dy_ptr + tokens[:, None] * stride_dyt + n[None, :] * stride_dyn,
+                     mask=rows[:, None] & (n[None, :] < N), other=0.0)
+        b = _load_expert_cols(b_ptr, first_expert, num_experts, j[None, :], n[:, None], N, stride_be, stride_br,
+                              stride_bn, RANK, RANK_P)
+        z = _mma(z, dy, b, DOT_FP32, dy_ptr.dtype.element_ty)
+
+    out = pos[:, None] * BLOCK_R + j[None, :]
+    tl.store(hg_ptr + out, _scale_experts(h, gates * scaling, BLOCK_M, BLOCK_E, RANK_P), mask=rows[:, None])
+    tl.store(dh_ptr + out, _scale_experts(z, gates * scaling, BLOCK_M, BLOCK_E, RANK_P), mask=rows[:, None])
+    if HAS_ROUTER:
+        hz = tl.reshape(h * z, (BLOCK_M, BLOCK_E, RANK_P))
+        dgates = scaling * tl.sum(hz, axis=2)
+        dlogit = gates * (dgates - tl.sum(gates * dgates, axis=1)[:, None])
+        e = tl.arange(0, BLOCK_E)
+        tl.store(dlogit_ptr + pos[:, None] * 16 + e[None, :], dlogit, mask=rows[:, None])
+
+
+def _expand_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    # Hopper favours 128x128/128x256 tiles with deep pipelines, Ampere 128x128/64x128 with 3-4 stages.
+    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+              (64, 64, 64, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+def _fit_plan_block(configs, named_args, **kwargs):
+    """Keep the configs whose BLOCK_M divides the plan's tiles (both are powers of two)."""
+    plan_block = {**named_args, **kwargs}["PLAN_BLOCK_M"]
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= plan_block]
+    if fitting:
+        return fitting
+    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"])
+    return [triton.Config({**smallest.kwargs, "BLOCK_M": plan_block}, num_warps=smallest.num_warps,
+                          num_stages=smallest.num_stages)]
+
+
+@triton.autotune(configs=_expand_configs(), key=["IN", "OUT", "RANK", "BLOCK_E", "PLAN_BLOCK_M"],
+                 prune_configs_by={"early_config_prune": _fit_plan_block})
+@triton.jit
+def _expand_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, bias_ptr,
+                   lora_ptr, lw_ptr, stride_lwe, stride_lwi, stride_lwo, dlogit_ptr, router_ptr, stride_re, stride_ro,
+                   out_ptr, stride_ot, stride_oo, order_ptr, tiles_ptr, expert_offsets_ptr, num_tiles, IN, OUT,
+                   HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROUTER: tl.constexpr, DOT_FP32: tl.constexpr,
+                   RANK: tl.constexpr, RANK_P: tl.constexpr, BLOCK_E: tl.constexpr, PLAN_BLOCK_M: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """out[t] = a[t] Wt + bias + lora[p] L_m (+ dlogit[p] R_m) for the rows of one tile, one output block.
+
+    Wt is [IN, OUT] by strides (W^T in the forward, W in the backward); L_m [experts * RANK_P, OUT] is
+    the modality's stacked B_e^T (forward) or A_e (backward), again by strides.
+    """
+    BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
+    # The LoRA K loop walks rank columns in chunks no wider than needed.
+    BLOCK_J: tl.constexpr = 64 if BLOCK_R > 64 else BLOCK_R
+    SUB_TILES: tl.constexpr = PLAN_BLOCK_M // BLOCK_M
+    dtype = out_ptr.dtype.element_ty
+
+    # Grouped ordering: GROUP_M row blocks share each weight column block while it is in L2.
+    pid = tl.program_id(0)
+    num_row_blocks = num_tiles * SUB_TILES
+    num_col_blocks = tl.cdiv(OUT, BLOCK_N)
+    group = GROUP_M * num_col_blocks
+    first_row_block = (pid // group) * GROUP_M
+    group_rows = tl.minimum(num_row_blocks - first_row_block, GROUP_M)
+    row_block = first_row_block + (pid % group) % group_rows
+    col_block = (pid % group) // group_rows
+
+    modality, pos, tokens, rows, empty = _tile_rows(tiles_ptr, order_ptr, row_block, SUB_TILES, BLOCK_M)
+    if empty:
+        return
+    first_expert = tl.load(expert_offsets_ptr + modality)
+    num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    # LoRA expand first (LoRAFusion's order): a short K loop over the modality's rank columns.
+    for j0 in range(0, num_experts * RANK_P, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        lora = tl.load(lora_ptr + pos[:, None] * BLOCK_R + j[None, :], mask=rows[:, None], other=0.0)
+        lw = _load_expert_cols(lw_ptr, first_expert, num_experts, j[:, None], cols[None, :], OUT, stride_lwe,
+                               stride_lwi, stride_lwo, RANK, RANK_P)
+        acc = _mma(acc, lora, lw, DOT_FP32, dtype)
+    if HAS_ROUTER:
+        # Single-expert modalities have no router term.
+        e = tl.arange(0, 16)
+        routed = tl.where(num_experts > 1, num_experts, 0)
+        dlogit = tl.load(dlogit_ptr + pos[:, None] * 16 + e[None, :], mask=rows[:, None] & (e[None, :] < routed),
+                         other=0.0)
+        router = tl.load(router_ptr + (first_expert + e[:, None]) * stride_re + cols[None, :] * stride_ro,
+                         mask=(e[:, None] < routed) & (cols[None, :] < OUT), other=0.0)
+        acc = _mma(acc, dlogit, router, DOT_FP32, dtype)
+    if HAS_BASE:
+        for k0 in range(0, IN, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + tokens[:, None] * stride_at + k[None, :] * stride_ai,
+                        mask=rows[:, None] & (k[None, :] < IN), other=0.0)
+            w = tl.load(w_ptr + k[:, None] * stride_wi + cols[None, :] * stride_wo,
+                        mask=(k[:, None] < IN) & (cols[None, :] < OUT), other=0.0)
+            acc = _mma(acc, a, w, DOT_FP32, dtype)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < OUT, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + tokens[:, None] * stride_ot + cols[None, :] * stride_oo, acc.to(dtype),
+             mask=rows[:, None] & (cols[None, :] < OUT))
+
+
+@triton.jit
+def _grouped_outer_kernel(left_ptr, dlogit_ptr, right_ptr, stride_rt, stride_rc, out_ptr, router_out_ptr,
+                          order_ptr, offsets_ptr, expert_offsets_ptr, C, num_splits, num_col_blocks, num_experts_total,
+                          HAS_ROUTER: tl.constexpr, DOT_FP32: tl.constexpr, RANK_P: tl.constexpr,
+                          BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Partial sums over one token split of one modality: out[s, e*RANK_P + i, c] = sum_t left[t, j] right[t, c].
+
+    left is a plan-ordered rank intermediate (h' or dh), right a token-indexed activation (dy or u).
+    With HAS_ROUTER also router_out[s, e, c] = sum_t dlogit[t, e] right[t, c]. Every expert row
+    of every split is written (zeros for an empty split), so the partials need no initialisation.
+    """
+    BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
+    pid = tl.program_id(0)
+    col_block = pid % num_col_blocks
+    split = (pid // num_col_blocks) % num_splits
+    modality = pid // (num_col_blocks * num_splits)
+    first_expert = tl.load(expert_offsets_ptr + modality)
+    num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
+    begin = tl.load(offsets_ptr + modality)
+    end = tl.load(offsets_ptr + modality + 1)
+    chunk = tl.cdiv(tl.cdiv(end - begin, num_splits), BLOCK_M) * BLOCK_M
+    lo = begin + split * chunk
+    hi = tl.minimum(lo + chunk, end)
+    dtype = right_ptr.dtype.element_ty
+
+    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    j = tl.arange(0, BLOCK_R)
+    e = tl.arange(0, 16)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    router_acc = tl.zeros((16, BLOCK_C), dtype=tl.float32)
+    for p0 in range(lo, hi, BLOCK_M):
+        pos = p0 + tl.arange(0, BLOCK_M)
+        rows = pos < hi
+        tokens = tl.load(order_ptr + pos, mask=rows, other=0)
+        right = tl.load(right_ptr + tokens[:, None] * stride_rt + cols[None, :] * stride_rc,
+                        mask=rows[:, None] & (cols[None, :] < C), other=0.0)
+        left = tl.load(left_ptr + pos[:, None] * BLOCK_R + j[None, :], mask=rows[:, None], other=0.0)
+        acc = _mma(acc, tl.trans(left), right, DOT_FP32, dtype)
+        if HAS_ROUTER:
+            dlogit = tl.load(dlogit_ptr + pos[:, None] * 16 + e[None, :],
+                             mask=rows[:, None] & (e[None, :] < num_experts), other=0.0)
+            router_acc = _mma(router_acc, tl.trans(dlogit), right, DOT_FP32, dtype)
+
+    # Partials: out [num_splits, E * RANK_P, C], router_out [num_splits, E, C], float32.
+    out_rows = split.to(tl.int64) * num_experts_total * RANK_P + first_expert * RANK_P + j
+    tl.store(out_ptr + out_rows[:, None] * C + cols[None, :], acc,
+             mask=(j[:, None] < num_experts * RANK_P) & (cols[None, :] < C))
+    if HAS_ROUTER:
+        router_rows = split.to(tl.int64) * num_experts_total + first_expert + e
+        tl.store(router_out_ptr + router_rows[:, None] * C + cols[None, :], router_acc,
+                 mask=(e[:, None] < num_experts) & (cols[None, :] < C))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class _Layout:
+    """Compile-time shape of the experts: rank, padded rank, experts per tile, router or not."""
+
+    def __init__(self, experts_per_modality, lora_a, router_weight):
+        self.rank = lora_a.shape[1]
+        self.rank_p = _next_pow2(self.rank)
+        most = max(experts_per_modality)
+        if most > ROUTER_WIDTH:
+            raise ValueError(f"experts_per_modality: at most {ROUTER_WIDTH} experts per modality, got {most}")
+        if most > 1 and router_weight is None:
+            raise ValueError("router_weight: required when a modality has more than one expert")
+        # BLOCK_R = BLOCK_E * RANK_P >= 16, the narrowest tl.dot operand.
+        self.block_e = max(_next_pow2(most), 16 // min(self.rank_p, 16))
+        self.block_r = self.block_e * self.rank_p
+        self.has_router = most > 1
+        self.num_experts = sum(experts_per_modality)
+
+
+@functools.lru_cache(maxsize=64)
+def _expert_offsets(experts_per_modality: tuple, device: torch.device) -> torch.Tensor:
+    """int32 [M + 1]: modality m owns experts [offsets[m], offsets[m + 1]). Cached: no copy per call."""
+    offsets = [0]
+    for n in experts_per_modality:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def _check_dtypes(**tensors):
+    for name, t in tensors.items():
+        if t is not None and t.dtype == torch.float64:
+            raise ValueError(f"{name}: float64 is not supported by the Triton backend (use backend='torch')")
+
+
+def _dot_fp32(x: torch.Tensor) -> bool:
+    return INTERPRET or x.dtype == torch.float32
+
+
+def _shrink_config(plan: RoutingPlan, lay: _Layout):
+    """(BLOCK_M, BLOCK_K, num_warps): at most 4096 accumulator floats per 128 threads."""
+    block_m = max(16, min(plan.block_m, 64, 4096 // lay.block_r))
+    num_warps = 4 if block_m * lay.block_r <= 4096 else 8
+    return block_m, (32 if INTERPRET else 64), num_warps
+
+
+def _weights_args(lay, lora_a, router_weight):
+    router = router_weight if lay.has_router else lora_a
+    return (lora_a, *lora_a.stride(), router, router.stride(0), router.stride(-1))
+
+
+def _launch_shrink(u, lora_a, router_weight, plan, lay, scaling, expert_offsets, grad_y=None, lora_b=None):
+    """Forward: h' [T, BLOCK_R]. Backward (grad_y given): (h', dh [T, BLOCK_R], dlogit [T, 16])."""
+    T, K = u.shape
+    block_m, block_k, num_warps = _shrink_config(plan, lay)
+    sub_tiles = plan.block_m // block_m
+    grid = (plan.tiles.shape[0] * sub_tiles,)
+    common = dict(DOT_FP32=_dot_fp32(u), HAS_ROUTER=lay.has_router, RANK=lay.rank, RANK_P=lay.rank_p,
+                  BLOCK_E=lay.block_e, SUB_TILES=sub_tiles, BLOCK_M=block_m, BLOCK_K=block_k,
+                  num_warps=num_warps, num_stages=1 if INTERPRET else 3)
+    hg = torch.empty(T, lay.block_r, device=u.device, dtype=torch.float32)
+    weights = _weights_args(lay, lora_a, router_weight)
+    if grad_y is None:
+        _shrink_kernel[grid](u, *u.stride(), *weights, hg, plan.order, plan.tiles, expert_offsets, K,
+                             float(scaling), **common)
+        return hg
+    dh = torch.empty_like(hg)
+    dlogit = torch.empty(T, ROUTER_WIDTH, device=u.device, dtype=torch.float32) if lay.has_router else hg
+    N = grad_y.shape[1]
+    _shrink_backward_kernel[grid](u, *u.stride(), *weights, grad_y, *grad_y.stride(), lora_b, *lora_b.stride(),
+                                  hg, dh, dlogit, plan.order, plan.tiles, expert_offsets, K, N, float(scaling),
+                                  **common)
+    return hg, dh, (dlogit if lay.has_router else None)
+
+
+def _launch_expand(out, a, w_in_out, bias, lora, lora_weight_ero, dlogit, router_weight, plan, lay,
+                   expert_offsets):
+    """out = a Wt + bias + lora L + dlogit R (terms that are None are skipped).
+
+    w_in_out: (tensor, stride along IN, stride along OUT); lora_weight_ero: (tensor, stride per
+    expert, per rank index, along OUT).
+    """
+    T, OUT = out.shape
+    w, stride_wi, stride_wo = w_in_out
+    lw, stride_lwe, stride_lwi, stride_lwo = lora_weight_ero
+    IN = a.shape[1] if a is not None else 0
+    has_router = dlogit is not None
+    router = router_weight if has_router else lw
+    num_tiles = plan.tiles.shape[0]
+
+    def grid(meta):
+        return (num_tiles * (plan.block_m // meta["BLOCK_M"]) * triton.cdiv(OUT, meta["BLOCK_N"]),)
+
+    a_arg = a if a is not None else out
+    _expand_kernel[grid](a_arg, *a_arg.stride(), w, stride_wi, stride_wo, bias if bias is not None else out,
+                         lora, lw, stride_lwe, stride_lwi, stride_lwo, dlogit if has_router else lora,
+                         router, router.stride(0), router.stride(-1), out, *out.stride(),
+                         plan.order, plan.tiles, expert_offsets, num_tiles, IN, OUT,
+                         HAS_BASE=a is not None, HAS_BIAS=bias is not None, HAS_ROUTER=has_router,
+                         DOT_FP32=_dot_fp32(out), RANK=lay.rank, RANK_P=lay.rank_p, BLOCK_E=lay.block_e,
+                         PLAN_BLOCK_M=plan.block_m)
+    return out
+
+
+def _num_splits(num_tokens: int) -> int:
+    return max(1, min(MAX_SPLITS, num_tokens // TOKENS_PER_SPLIT))
+
+
+def _grouped_outer_config(lay: _Layout):
+    """(BLOCK_M, BLOCK_C, num_warps) for a [BLOCK_R, BLOCK_C] accumulator."""
+    if INTERPRET:
+        return 16, 32, 4
+    block_c = max(16, min(128, 4096 // lay.block_r))
+    return 64, block_c, (4 if lay.block_r * block_c <= 4096 else 8)
+
+
+def _launch_grouped_outer(left, dlogit, right, plan, lay, expert_offsets):
+    """Per expert: sum over its modality's tokens of left[t, rank cols]^T right[t] -> float32
+    [E, RANK_P, C]; with dlogit also [E, C] for the router. Split over tokens, then summed."""
+    T, C = right.shape
+    splits = _num_splits(T)
+    block_m, block_c, num_warps = _grouped_outer_config(lay)
+    col_blocks = triton.cdiv(C, block_c)
+    partial = torch.empty(splits, lay.num_experts * lay.rank_p, C, device=right.device, dtype=torch.float32)
+    router_partial = None
+    if dlogit is not None:
+        router_partial = torch.empty(splits, lay.num_experts, C, device=right.device, dtype=torch.float32)
+    grid = (plan.num_modalities * splits * col_blocks,)
+    _grouped_outer_kernel[grid](left, dlogit if dlogit is not None else left, right, *right.stride(), partial,
+                                router_partial if router_partial is not None else partial, plan.order,
+                                plan.offsets, expert_offsets, C, splits, col_blocks, lay.num_experts,
+                                HAS_ROUTER=dlogit is not None, DOT_FP32=_dot_fp32(right), RANK_P=lay.rank_p,
+                                BLOCK_E=lay.block_e, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+                                num_stages=1 if INTERPRET else 3)
+    total = partial.sum(0).view(lay.num_experts, lay.rank_p, C)[:, :lay.rank]
+    return total, (router_partial.sum(0) if router_partial is not None else None)
+
+
+def routed_lora_forward(x, weight, bias, lora_input, plan: RoutingPlan, lora_a, lora_b, router_weight,
+                        experts_per_modality, scaling):
+    """Same contract as ``mode_kernels.reference.routed_lora.routed_lora_forward``."""
+    _check_dtypes(x=x, weight=weight, bias=bias, lora_input=lora_input, lora_a=lora_a, lora_b=lora_b,
+                  router_weight=router_weight)
+    lay = _Layout(experts_per_modality, lora_a, router_weight)
+    T = x.shape[0]
+    y = x.new_empty(T, weight.shape[0])
+    if T == 0:
+        return y
+    offsets = _expert_offsets(tuple(experts_per_modality), x.device)
+    u = x if lora_input is None else lora_input
+    hg = _launch_shrink(u, lora_a, router_weight, plan, lay, scaling, offsets)
+    # W^T as [K, N]: stride along K is W's column stride. B_e^T as [r, N] per expert.
+    return _launch_expand(y, x, (weight, weight.stride(1), weight.stride(0)), bias, hg,
+                          (lora_b, lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), None, None,
+                          plan, lay, offsets)
+
+
+def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
+                         experts_per_modality, scaling, needs):
+    """Same contract as ``mode_kernels.reference.routed_lora.routed_lora_backward``."""
+    _check_dtypes(grad_y=grad_y, x=x, weight=weight, bias=bias, lora_input=lora_input, lora_a=lora_a,
+                  lora_b=lora_b, router_weight=router_weight)
+    lay = _Layout(experts_per_modality, lora_a, router_weight)
+    need_dx, need_du, need_w, need_b, need_a, need_lb, need_r = (bool(n) for n in needs)
+    need_du = need_du and lora_input is not None
+    need_r = need_r and router_weight is not None
+    grads = [None] * 7
+    if need_w:
+        grads[2] = (grad_y.t() @ x.to(grad_y.dtype)).to(weight.dtype)
+    if need_b and bias is not None:
+        grads[3] = grad_y.sum(0, dtype=torch.float32).to(bias.dtype)
+    if x.shape[0] == 0:
+        for i, (need, t) in enumerate(zip((need_dx, need_du, False, False, need_a, need_lb, need_r),
+                                          (x, lora_input, weight, bias, lora_a, lora_b, router_weight))):
+            if need:
+                grads[i] = torch.zeros_like(t)
+        return tuple(grads)
+
+    separate = lora_input is not None
+    u = lora_input if separate else x
+    offsets = _expert_offsets(tuple(experts_per_modality), x.device)
+    needs_lora_grad = need_a or need_lb or need_r or need_du or (need_dx and not separate)
+    if needs_lora_grad:
+        hg, dh, dlogit = _launch_shrink(u, lora_a, router_weight, plan, lay, scaling, offsets, grad_y, lora_b)
+    # dx = dy W (+ dh A + dlogit R when the adapters see x); d lora_input = dh A + dlogit R.
+    a_by_rank = (lora_a, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
+    if need_dx and separate:
+        grads[0] = (grad_y @ weight.to(grad_y.dtype)).to(x.dtype)
+    elif need_dx:
+        grads[0] = _launch_expand(torch.empty_like(x, memory_format=torch.contiguous_format), grad_y,
+                                  (weight, weight.stride(0), weight.stride(1)), None, dh, a_by_rank, dlogit,
+                                  router_weight, plan, lay, offsets)
+    if need_du:
+        grads[1] = _launch_expand(torch.empty_like(u, memory_format=torch.contiguous_format), None,
+                                  (weight, 0, 0), None, dh, a_by_rank, dlogit, router_weight, plan, lay, offsets)
+    if need_a or need_r:
+        d_a, d_router = _launch_grouped_outer(dh, dlogit if need_r else None, u, plan, lay, offsets)
+        if need_a:
+            grads[4] = d_a.to(lora_a.dtype).contiguous()
+        if need_r:
+            grads[6] = d_router.to(router_weight.dtype)
+    if need_lb:
+        d_b, _ = _launch_grouped_outer(hg, None, grad_y, plan, lay, offsets)
+        grads[5] = d_b.transpose(1, 2).to(lora_b.dtype).contiguous()
+    return tuple(grads)
