@@ -1,0 +1,321 @@
+"""Triton fused-linear KD loss: T^2 * KL(softmax(ht wt^T / T) || softmax(hs ws^T / T)) per row,
+with the [positions, V] logits never materialised.
+
+Forward (flash-attention shape): each program owns BLOCK_P positions (the "queries") and
+loops over tiles of BLOCK_V vocab rows of the weights (the "keys"). A tile's student and
+teacher logits come from tl.dot over H in float32 accumulators and go straight into the
+online statistics shared with the logits kernel (mode_kernels.triton.kd_kl). Only the two
+logsumexps per position are kept.
+
+Backward: the logits are recomputed tile by tile from the saved logsumexps, for one chunk of
+positions at a time (at most DLOGITS_CHUNK_ELEMENTS entries), giving that chunk's
+d logits = T (p_s - p_t) grad. Then
+    d hidden[chunk] = d logits @ W                  (written once, hidden's dtype)
+    d weight       += d logits^T @ hidden[chunk]     (a float32 buffer, when need_dw)
+by a tiled tl.dot kernel with float32 accumulation.
+
+Why a d-logits chunk instead of accumulating d hidden / d weight inside the recompute kernel:
+H is large (4096), so a [positions, H] or [vocab, H] accumulator cannot live in registers
+across the loop over the other dimension; that leaves fp32 atomics (CCE's choice) at
+(1/BLOCK_P + 1/BLOCK_V) * P * V * H atomic adds, nondeterministic, or this chunk. The chunk
+costs one bounded buffer and no atomics, is deterministic, and runs the two gradient GEMMs as
+plain tensor-core GEMMs. In MoDE the lm_head is frozen (need_dw False), so the common case has
+no float32 weight buffer at all.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, MAX_GRID
+from .kd_kl import (LOG2E, LOG2E_K, check_triton_dtype, kl_finish, kl_grad_tile, load_live_rows,
+                    online_kl_update, unit_stride_rows)
+
+# Bound on the entries of one backward d-logits chunk (2^26: 128 MiB in bf16).
+DLOGITS_CHUNK_ELEMENTS = 1 << 26
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
+                stride_hs, stride_ht, stride_ws, stride_wt, scale2,
+                SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Student and teacher logits of the tile (rows, vocab), float32, in base-2 units
+    (x log2(e) / T), -inf on vocab entries past n_vocab."""
+    row_ok = rows < n_rows
+    vocab_ok = vocab < n_vocab
+    hs_rows = hs_ptr + rows.to(tl.int64)[:, None] * stride_hs
+    ht_rows = ht_ptr + rows.to(tl.int64)[:, None] * stride_ht
+    ws_rows = ws_ptr + vocab.to(tl.int64)[:, None] * stride_ws
+    wt_rows = wt_ptr + vocab.to(tl.int64)[:, None] * stride_wt
+    acc_s = tl.zeros([BLOCK_P, BLOCK_V], tl.float32)
+    acc_t = tl.zeros([BLOCK_P, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        hs = tl.load(hs_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
+        ht = tl.load(ht_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
+        ws = tl.load(ws_rows + ks[None, :], mask=vocab_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
+        if SHARED_WEIGHT:
+            wt = ws  # teacher_weight None: one weight tile serves both dots
+        else:
+            wt = tl.load(wt_rows + ks[None, :], mask=vocab_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
+        # ieee: float32 inputs get true float32 products (no TF32); ignored for 16-bit operands.
+        acc_s = tl.dot(hs, tl.trans(ws), acc_s, input_precision="ieee")
+        acc_t = tl.dot(ht, tl.trans(wt), acc_t, input_precision="ieee")
+    s = tl.where(vocab_ok[None, :], acc_s * scale2, float("-inf"))
+    t = tl.where(vocab_ok[None, :], acc_t * scale2, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _fused_fwd_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, loss_ptr, lse_s_ptr, lse_t_ptr,
+                      n_rows, n_vocab, H, stride_hs, stride_ht, stride_ws, stride_wt, scale2, temperature,
+                      HAS_MASK: tl.constexpr, SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Each program owns blocks of BLOCK_P positions (grid-strided) and sweeps the vocab slice
+    (ws_ptr/wt_ptr point at row lo) in BLOCK_V tiles."""
+    for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_P), tl.num_programs(0)):
+        rows = block * BLOCK_P + tl.arange(0, BLOCK_P)
+        live = load_live_rows(mask_ptr, rows, n_rows, HAS_MASK)
+        m_s = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        m_t = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        l_s = tl.zeros([BLOCK_P], tl.float32)
+        l_t = tl.zeros([BLOCK_P], tl.float32)
+        cross = tl.zeros([BLOCK_P], tl.float32)
+        for v0 in range(0, n_vocab, BLOCK_V):
+            vocab = v0 + tl.arange(0, BLOCK_V)
+            s, t = logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
+                               stride_hs, stride_ht, stride_ws, stride_wt, scale2,
+                               SHARED_WEIGHT, DOT_DTYPE, BLOCK_P, BLOCK_V, BLOCK_H)
+            m_s, l_s, m_t, l_t, cross = online_kl_update(s, t, m_s, l_s, m_t, l_t, cross)
+        alive = live & (m_t > float("-inf"))
+        loss, lse_s, lse_t = kl_finish(m_s, l_s, m_t, l_t, cross, alive, temperature)
+        ok = rows < n_rows
+        tl.store(loss_ptr + rows, loss, mask=ok)
+        tl.store(lse_s_ptr + rows, lse_s, mask=ok)
+        tl.store(lse_t_ptr + rows, lse_t, mask=ok)
+
+
+@triton.jit
+def _fused_dlogits_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, grad_rows_ptr, lse_s_ptr, lse_t_ptr,
+                          dlogits_ptr, n_rows, n_vocab, H, stride_hs, stride_ht, stride_ws, stride_wt, stride_dl,
+                          scale2, temperature,
+                          HAS_MASK: tl.constexpr, SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One (vocab tile, position block) of d logits = T (p_s - p_t) grad, recomputed from the
+    saved logsumexps. Grid: (vocab tiles, position blocks of the chunk)."""
+    vocab = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = rows < n_rows
+    live = load_live_rows(mask_ptr, rows, n_rows, HAS_MASK)
+    s, t = logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
+                       stride_hs, stride_ht, stride_ws, stride_wt, scale2,
+                       SHARED_WEIGHT, DOT_DTYPE, BLOCK_P, BLOCK_V, BLOCK_H)
+    lse_s2 = tl.load(lse_s_ptr + rows, mask=ok, other=0.0) * LOG2E_K
+    lse_t2 = tl.load(lse_t_ptr + rows, mask=ok, other=0.0) * LOG2E_K
+    row_scale = temperature * tl.load(grad_rows_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    d = kl_grad_tile(s, t, lse_s2, lse_t2, row_scale, live)
+    tl.store(dlogits_ptr + rows.to(tl.int64)[:, None] * stride_dl + vocab[None, :],
+             d.to(dlogits_ptr.dtype.element_ty), mask=ok[:, None] & (vocab < n_vocab)[None, :])
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   ACCUMULATE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """c = a @ b (c += a @ b when ACCUMULATE), float32 accumulation, stored in c's dtype.
+    Strides make transposes free (d weight uses d logits^T)."""
+    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_rows = a_ptr + ms.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + ns.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + ks.to(tl.int64)[None, :] * stride_ak, mask=(ms < M)[:, None] & (ks < K)[None, :],
+                    other=0.0).to(DOT_DTYPE)
+        b = tl.load(b_cols + ks.to(tl.int64)[:, None] * stride_bk, mask=(ks < K)[:, None] & (ns < N)[None, :],
+                    other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    c_ptrs = c_ptr + ms.to(tl.int64)[:, None] * stride_cm + ns.to(tl.int64)[None, :] * stride_cn
+    c_mask = (ms < M)[:, None] & (ns < N)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# ----------------------------------------------------------------------------- tuning
+# Logit-tile configs (BLOCK_P, BLOCK_V, BLOCK_H, num_warps, num_stages). Two float32 accumulator
+# tiles live in registers; BLOCK_H is halved for 4-byte operands to keep the pipelined shared
+# memory (4 operand tiles per stage) within sm_80's 164 KiB.
+_TILE_CONFIGS = [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3),
+                 (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]
+_MATMUL_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3),
+                   (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)]
+# The interpreter is slow: one small config (still several tiles and H steps on test shapes).
+_INTERPRET_TILE = (32, 128, 32, 4, 1)
+_INTERPRET_MATMUL = (32, 64, 32, 4, 1)
+
+
+def _tile_configs():
+    return [triton.Config({"BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=st)
+            for p, v, h, w, st in ([_INTERPRET_TILE] if INTERPRET else _TILE_CONFIGS)]
+
+
+def _matmul_configs():
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in ([_INTERPRET_MATMUL] if INTERPRET else _MATMUL_CONFIGS)]
+
+
+def _k_block_fits(operand_bytes: int, block_k: int) -> bool:
+    return block_k == (32 if operand_bytes == 4 else 64)
+
+
+def _pruner(k_name):
+    """Keep the configs whose K block suits the dot operands' width (constexprs come as kwargs)."""
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
+        width = 4 if kwargs["DOT_DTYPE"] == tl.float32 else 2
+        return [c for c in configs if _k_block_fits(width, c.kwargs[k_name])]
+    return prune
+
+
+_fused_fwd = triton.autotune(_tile_configs(), key=["n_vocab", "H"],
+                             prune_configs_by={"early_config_prune": _pruner("BLOCK_H")})(_fused_fwd_kernel)
+# The d-logits kernel overwrites its output and is idempotent, so autotuning may rerun it.
+_fused_dlogits = triton.autotune(_tile_configs(), key=["n_vocab", "H"],
+                                 prune_configs_by={"early_config_prune": _pruner("BLOCK_H")})(_fused_dlogits_kernel)
+# The accumulating GEMM is not idempotent: autotuning must restore c between trials.
+_matmul = triton.autotune(_matmul_configs(), key=["M", "N", "K"], restore_value=["c_ptr"],
+                          prune_configs_by={"early_config_prune": _pruner("BLOCK_K")})(_matmul_kernel)
+
+
+# ----------------------------------------------------------------------------- launchers
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _operand_dtype(*tensors) -> torch.dtype:
+    """The dtype the dots run in: the inputs' common 16-bit dtype, else float32."""
+    dtypes = {t.dtype for t in tensors}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _dot_dtype(operand: torch.dtype):
+    # Triton 3.9's interpreter computes tl.dot on bf16 operands wrongly: upcast there (exact,
+    # the products of 16-bit values are exact in float32), keep 16-bit dots when compiled.
+    return tl.float32 if INTERPRET else _TL_DTYPE[operand]
+
+
+def _check(hs, ht, ws, wt):
+    for t, name in ((hs, "hs"), (ht, "ht"), (ws, "ws")) + (() if wt is None else ((wt, "wt"),)):
+        check_triton_dtype(t, name)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) -> None:
+    """c = a @ b, or c += a @ b, in float32 accumulation; any strides."""
+    (M, K), N = a.shape, b.shape[1]
+    if M == 0 or N == 0:
+        return
+    _matmul[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
+        a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        ACCUMULATE=accumulate, DOT_DTYPE=_dot_dtype(_operand_dtype(a, b)))
+
+
+def fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi):
+    """hs, ht: [P, H]; ws, wt: [V, H] (wt None means ws). Returns float32 (loss, lse_s, lse_t), each [P]."""
+    _check(hs, ht, ws, wt)
+    hs, ht, ws = unit_stride_rows(hs), unit_stride_rows(ht), unit_stride_rows(ws)
+    wt_slice = ws[lo:hi] if wt is None else unit_stride_rows(wt)[lo:hi]
+    n_rows, H = hs.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=hs.device)
+    lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
+    if n_rows == 0:
+        return loss, lse_s, lse_t
+    dot_dtype = _dot_dtype(_operand_dtype(hs, ht, ws, wt_slice))
+    _fused_fwd[lambda meta: (max(1, min(triton.cdiv(n_rows, meta["BLOCK_P"]), MAX_GRID)),)](
+        hs, ht, ws[lo:hi], wt_slice, loss if mask is None else mask.contiguous(), loss, lse_s, lse_t,
+        n_rows, hi - lo, H, hs.stride(0), ht.stride(0), ws.stride(0), wt_slice.stride(0),
+        LOG2E / temperature, float(temperature),
+        HAS_MASK=mask is not None, SHARED_WEIGHT=wt is None, DOT_DTYPE=dot_dtype)
+    return loss, lse_s, lse_t
+
+
+def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, temperature, lo, hi, need_dw):
+    """(d hs [P, H] in hs's dtype, d ws [V, H] in ws's dtype or None). The teacher is a constant.
+
+    Positions are dead when masked out. (The forward also treats a position whose teacher
+    logits are all -inf as dead; with finite hidden states and weights that cannot happen.)"""
+    _check(hs, ht, ws, wt)
+    hs, ht, ws = unit_stride_rows(hs), unit_stride_rows(ht), unit_stride_rows(ws)
+    wt_slice = ws[lo:hi] if wt is None else unit_stride_rows(wt)[lo:hi]
+    ws_slice = ws[lo:hi]
+    n_rows, H = hs.shape
+    n_vocab = hi - lo
+    d_hs = torch.empty(n_rows, H, dtype=hs.dtype, device=hs.device)
+    d_ws_slice = torch.empty(n_vocab, H, dtype=torch.float32, device=ws.device) if need_dw else None
+    operand = _operand_dtype(hs, ht, ws, wt_slice)
+    dot_dtype = _dot_dtype(operand)
+    mask = None if mask is None else mask.contiguous()
+    grad_rows, lse_s, lse_t = grad_rows.contiguous(), lse_s.contiguous(), lse_t.contiguous()
+    chunk = max(1, min(n_rows, DLOGITS_CHUNK_ELEMENTS // max(n_vocab, 1)))
+    # 16-bit d logits, like the naive path's, feed the tensor-core GEMMs; float32 inputs keep float32.
+    dlogits = torch.empty(chunk, n_vocab, dtype=operand, device=hs.device)
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(n_rows, r0 + chunk)
+        dl = dlogits[: r1 - r0]
+        _fused_dlogits[lambda meta: (triton.cdiv(n_vocab, meta["BLOCK_V"]), triton.cdiv(r1 - r0, meta["BLOCK_P"]))](
+            hs[r0:r1], ht[r0:r1], ws_slice, wt_slice, lse_s if mask is None else mask[r0:r1], grad_rows[r0:r1],
+            lse_s[r0:r1], lse_t[r0:r1], dl, r1 - r0, n_vocab, H,
+            hs.stride(0), ht.stride(0), ws.stride(0), wt_slice.stride(0), dl.stride(0),
+            LOG2E / temperature, float(temperature),
+            HAS_MASK=mask is not None, SHARED_WEIGHT=wt is None, DOT_DTYPE=dot_dtype)
+        matmul(dl, ws_slice, d_hs[r0:r1], accumulate=False)
+        if need_dw:
+            matmul(dl.t(), hs[r0:r1], d_ws_slice, accumulate=r0 > 0)
+    if not need_dw:
+        return d_hs, None
+    d_ws = torch.zeros_like(ws)
+    d_ws[lo:hi] = d_ws_slice.to(ws.dtype)
+    return d_hs, d_ws
+
+
+# ----------------------------------------------------------------------------- compile check
+def compile_targets():
+    """(name, jit fn, signature, constexprs, num_warps, num_stages) for every kernel, operand
+    dtype and config, for mode_kernels.compile_check."""
+    targets = []
+    for dtype, dot in (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16)):
+        wide = dtype == "fp32"
+        for p, v, h, w, st in _TILE_CONFIGS:
+            if not _k_block_fits(4 if wide else 2, h):
+                continue
+            for shared in (True, False):
+                tiles = {"HAS_MASK": True, "SHARED_WEIGHT": shared, "DOT_DTYPE": dot,
+                         "BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}
+                inputs = {"hs_ptr": f"*{dtype}", "ht_ptr": f"*{dtype}", "ws_ptr": f"*{dtype}",
+                          "wt_ptr": f"*{dtype}", "mask_ptr": "*i1"}
+                fwd_sig = {**inputs, "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
+                           "n_rows": "i32", "n_vocab": "i32", "H": "i32", "stride_hs": "i32", "stride_ht": "i32",
+                           "stride_ws": "i32", "stride_wt": "i32", "scale2": "fp32", "temperature": "fp32"}
+                dl_sig = {**inputs, "grad_rows_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
+                          "dlogits_ptr": f"*{dtype}", "n_rows": "i32", "n_vocab": "i32", "H": "i32",
+                          "stride_hs": "i32", "stride_ht": "i32", "stride_ws": "i32", "stride_wt": "i32",
+                          "stride_dl": "i32", "scale2": "fp32", "temperature": "fp32"}
+                tag = f"{dtype}_p{p}_v{v}_h{h}_w{w}_s{st}{'_shared' if shared else ''}"
+                targets.append((f"fused_kd_kl_fwd_{tag}", _fused_fwd_kernel, fwd_sig, tiles, w, st))
+                targets.append((f"fused_kd_kl_dlogits_{tag}", _fused_dlogits_kernel, dl_sig, tiles, w, st))
+        for m, n, k, w, st in _MATMUL_CONFIGS:
+            if not _k_block_fits(4 if wide else 2, k):
+                continue
+            for out, accumulate in ((dtype, False), ("fp32", True)):  # d hidden, d weight
+                sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{out}", "M": "i32", "N": "i32",
+                       "K": "i32", "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
+                       "stride_cm": "i32", "stride_cn": "i32"}
+                consts = {"ACCUMULATE": accumulate, "DOT_DTYPE": dot, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
+                tag = f"{dtype}_m{m}_n{n}_k{k}_w{w}_s{st}{'_acc' if accumulate else ''}"
+                targets.append((f"fused_kd_kl_matmul_{tag}", _matmul_kernel, sig, consts, w, st))
+    return targets
