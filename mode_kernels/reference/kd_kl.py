@@ -3,7 +3,8 @@
 Rows are processed in chunks so at most ``CHUNK_ELEMENTS`` float32 logits exist at once,
 for the logits form and the fused-linear form alike. Per row (slice [lo, hi) of the vocab):
     loss = T^2 * sum_v p_t(v) (log p_t(v) - log p_s(v)),   p = softmax(logits / T)
-Entries with p_t = 0 contribute 0; rows that are masked out, or whose teacher has no finite
+Teacher logits of -inf or of their dtype's most negative finite value (how Chameleon masks
+logits) are masked: probability 0, contributing 0. Rows that are masked out, or whose teacher has no finite
 logit in the slice, have loss 0 and gradient 0.
 """
 from __future__ import annotations
@@ -23,6 +24,11 @@ def _row_chunks(rows: int, cols: int):
         yield r0, min(rows, r0 + step)
 
 
+def teacher_logits(chunk: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Teacher logits in the accumulation dtype, with finfo.min entries turned into -inf."""
+    return chunk.to(acc).masked_fill(chunk <= torch.finfo(chunk.dtype).min, float("-inf"))
+
+
 def _alive(t_chunk, mask_chunk):
     alive = t_chunk.amax(dim=-1) > float("-inf")
     return alive if mask_chunk is None else alive & mask_chunk
@@ -35,9 +41,9 @@ def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, mask_chunk):
     t = t / temperature
     lse_s = torch.logsumexp(s, dim=-1)
     lse_t = torch.logsumexp(t, dim=-1)
-    log_pt = t - lse_t.unsqueeze(-1)
+    log_pt = torch.log_softmax(t, dim=-1)  # max-shifted: exact even for huge logits
     pt = log_pt.exp()
-    term = torch.where(pt > 0, pt * (log_pt - (s - lse_s.unsqueeze(-1))), torch.zeros_like(pt))
+    term = torch.where(pt > 0, pt * (log_pt - torch.log_softmax(s, dim=-1)), torch.zeros_like(pt))
     loss = temperature * temperature * term.sum(dim=-1)
     zero = torch.zeros_like(loss)
     return torch.where(alive, loss, zero), torch.where(alive, lse_s, zero), torch.where(alive, lse_t, zero), alive
@@ -59,7 +65,7 @@ def kd_kl_forward(student, teacher, mask, temperature, lo, hi):
     lse_s, lse_t = torch.zeros_like(loss), torch.zeros_like(loss)
     for r0, r1 in _row_chunks(rows, hi - lo):
         m = None if mask is None else mask[r0:r1]
-        out = kl_rows(student[r0:r1, lo:hi].to(acc), teacher[r0:r1, lo:hi].to(acc), temperature, m)
+        out = kl_rows(student[r0:r1, lo:hi].to(acc), teacher_logits(teacher[r0:r1, lo:hi], acc), temperature, m)
         loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1] = out[:3]
     return loss, lse_s, lse_t
 
@@ -69,7 +75,7 @@ def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, temperature,
     acc = _acc_dtype(student)
     grad = torch.zeros_like(student)
     for r0, r1 in _row_chunks(student.shape[0], hi - lo):
-        t = teacher[r0:r1, lo:hi].to(acc)
+        t = teacher_logits(teacher[r0:r1, lo:hi], acc)
         alive = _alive(t, None if mask is None else mask[r0:r1])
         d = dlogits_rows(student[r0:r1, lo:hi].to(acc), t, lse_s[r0:r1], lse_t[r0:r1],
                          grad_rows[r0:r1].to(acc), temperature, alive)

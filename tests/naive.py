@@ -1,0 +1,50 @@
+"""Naive dense formulas, written straight from the definitions: the tests' gold standard.
+
+They materialise everything ([T, E, r] for LoRA, full log-softmaxes for KD) and work in any
+dtype, so the same code gives the float64 gold and the "naive torch in the same dtype" bound.
+"""
+import torch
+
+
+def routed_lora(x, weight, bias, modality, lora_a, lora_b, router_weight, experts_per_modality, scaling,
+                lora_input=None):
+    """y [..., N] for x [..., K], computed densely over all experts with masked softmax gates."""
+    u = x if lora_input is None else lora_input
+    k = x.shape[-1]
+    xs, us, ids = x.reshape(-1, k), u.reshape(-1, k), modality.reshape(-1).long()
+    owner = torch.repeat_interleave(torch.arange(len(experts_per_modality)),
+                                    torch.tensor(experts_per_modality)).to(x.device)  # [E] modality of each expert
+    own = owner.unsqueeze(0) == ids.unsqueeze(1)                                      # [T, E]
+    if router_weight is None:
+        logits = torch.zeros(xs.shape[0], owner.shape[0], dtype=x.dtype, device=x.device)
+    else:
+        logits = us @ router_weight.t()
+    softmax_dtype = torch.promote_types(logits.dtype, torch.float32)  # the spec: gates in float32 (or wider)
+    gates = torch.softmax(logits.to(softmax_dtype).masked_fill(~own, float("-inf")), dim=-1).to(x.dtype)
+    h = torch.einsum("tk,erk->ter", us, lora_a)
+    y = xs @ weight.t() + scaling * torch.einsum("te,ter,enr->tn", gates, h, lora_b)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def kd_kl(student, teacher, temperature=1.0, mask=None, vocab_range=None, topk=None, reduction="mean"):
+    """T^2 KL(softmax(t/T) || softmax(s/T)) per position over a vocab slice, then reduced."""
+    if vocab_range is not None:
+        student, teacher = student[..., vocab_range[0]:vocab_range[1]], teacher[..., vocab_range[0]:vocab_range[1]]
+    if topk is not None:
+        teacher, idx = teacher.topk(topk, dim=-1)
+        student = student.gather(-1, idx)
+    teacher = teacher.masked_fill(teacher <= torch.finfo(teacher.dtype).min, float("-inf"))  # masked entries
+    log_ps = torch.log_softmax(student / temperature, dim=-1)
+    log_pt = torch.log_softmax(teacher / temperature, dim=-1)
+    pt = log_pt.exp()
+    per_pos = temperature ** 2 * torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(-1)
+    if mask is not None:
+        per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))
+    if reduction == "none":
+        return per_pos
+    if reduction == "sum":
+        return per_pos.sum()
+    count = per_pos.numel() if mask is None else mask.sum()
+    return per_pos.sum() / max(int(count), 1)
