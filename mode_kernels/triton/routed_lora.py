@@ -542,7 +542,8 @@ def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora
         if need_a:
             grads[4] = d_a.to(lora_a.dtype).contiguous()
         if need_r:
-            grads[6] = d_router.to(router_weight.dtype)
+            # Without a multi-expert modality the router is unused: its gradient is zero.
+            grads[6] = torch.zeros_like(router_weight) if d_router is None else d_router.to(router_weight.dtype)
     if need_lb:
         d_b, _ = _launch_grouped_outer(hg, None, grad_y, plan, lay, offsets)
         grads[5] = d_b.transpose(1, 2).to(lora_b.dtype).contiguous()

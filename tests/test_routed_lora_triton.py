@@ -1,0 +1,197 @@
+"""Triton routed LoRA (forward and every gradient) against the float64 reference.
+
+Runs on CUDA, or on CPU in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when
+there is no GPU). float32 must match the float64 gold to 1e-5 of its largest magnitude;
+bf16/fp16 must be, elementwise, no further from the gold than the naive dense formula computed
+in the same dtype, plus tol times the gold's largest magnitude.
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import mode_kernels as mk  # noqa: E402
+from mode_kernels.reference import routed_lora as reference  # noqa: E402
+from mode_kernels.routing import plan_routing  # noqa: E402
+from naive import routed_lora as naive_routed_lora  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+from mode_kernels.triton import routed_lora as tri  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F64 = torch.float64
+GRAD_NAMES = ("x", "lora_input", "weight", "bias", "lora_a", "lora_b", "router_weight")
+ALL_NEEDS = (True,) * 7
+LOW_PRECISION_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def make_case(num_tokens, k, n, r, epm, *, ids=None, bias=True, separate=False, router=True, block_m=16,
+              seed=0):
+    """float64 master tensors (x, lora_input, weight, bias, lora_a, lora_b, router_weight), ids, plan, dy."""
+    g = torch.Generator().manual_seed(seed)
+    e = sum(epm)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(DEVICE)
+
+    if ids is None:
+        ids = torch.randint(0, len(epm), (num_tokens,), generator=g)
+    ids = torch.as_tensor(ids, dtype=torch.int64).to(DEVICE)
+    tensors = dict(x=rnd(num_tokens, k), lora_input=rnd(num_tokens, k) if separate else None,
+                   weight=rnd(n, k, scale=k ** -0.5), bias=rnd(n) if bias else None,
+                   lora_a=rnd(e, r, k, scale=k ** -0.5), lora_b=rnd(e, n, r, scale=r ** -0.5),
+                   router_weight=rnd(e, k) if router else None)
+    return tensors, ids, plan_routing(ids, len(epm), block_m=block_m), rnd(num_tokens, n)
+
+
+def cast(tensors, dtype):
+    return {name: None if t is None else t.to(dtype) for name, t in tensors.items()}
+
+
+def run(impl, t, plan, dy, epm, needs=ALL_NEEDS, scaling=2.0):
+    args = (t["x"], t["weight"], t["bias"], t["lora_input"], plan, t["lora_a"], t["lora_b"], t["router_weight"],
+            epm, scaling)
+    y = impl.routed_lora_forward(*args)
+    # Only inputs that exist can need a gradient (the op layer's contract).
+    needs = tuple(bool(n) and t[name] is not None for n, name in zip(needs, GRAD_NAMES))
+    grads = impl.routed_lora_backward(dy.to(y.dtype), *args, needs)
+    return (y, *grads)
+
+
+def naive_same_dtype(t, ids, dy, epm, scaling=2.0):
+    """Output and gradients of the naive dense formula, computed in t's dtype under autograd."""
+    leaves = {name: None if v is None else v.detach().clone().requires_grad_() for name, v in t.items()}
+    y = naive_routed_lora(leaves["x"], leaves["weight"], leaves["bias"], ids, leaves["lora_a"], leaves["lora_b"],
+                          leaves["router_weight"], epm, scaling, leaves["lora_input"])
+    y.backward(dy.to(y.dtype))
+    return (y.detach(), *(None if leaves[name] is None else leaves[name].grad for name in GRAD_NAMES))
+
+
+def check_fp32(ours, gold):
+    for name, o, g in zip(("y",) + GRAD_NAMES, ours, gold):
+        assert (o is None) == (g is None), name
+        if g is None:
+            continue
+        assert o.shape == g.shape and o.dtype == torch.float32, name
+        err = (o.double() - g).abs().max().item() if g.numel() else 0.0
+        scale = g.abs().max().item() if g.numel() else 0.0
+        assert err <= 1e-5 * scale, f"{name}: max error {err:.3g} vs 1e-5 * {scale:.3g}"
+
+
+def check_low_precision(ours, naive, gold, dtype):
+    tol = LOW_PRECISION_TOL[dtype]
+    for name, o, nv, g in zip(("y",) + GRAD_NAMES, ours, naive, gold):
+        if g is None:
+            assert o is None, name
+            continue
+        assert o.shape == g.shape and o.dtype == dtype, name
+        bound = (nv.double() - g).abs() + tol * g.abs().max()
+        excess = ((o.double() - g).abs() - bound).max().item()
+        assert excess <= 0, f"{name}: exceeds the same-dtype naive error by {excess:.3g}"
+
+
+# (tokens, K, N, r, experts per modality, options). With 16-row plan tiles these cover tiles
+# that straddle or are padded at modality boundaries, an empty modality, K/N off multiples of 16.
+CASES = {
+    "text_image_4_1": (37, 24, 40, 8, (4, 1), {}),
+    "one_one_no_router_no_bias": (21, 19, 33, 4, (1, 1), dict(router=False, bias=False)),
+    "one_one_router_ignored": (18, 16, 16, 8, (1, 1), {}),
+    "2_3_1_middle_modality_empty": (30, 20, 17, 16, (2, 3, 1), dict(ids=[0, 2] * 15, block_m=32)),
+    "separate_lora_input": (29, 21, 18, 8, (4, 1), dict(separate=True, bias=False)),
+    "one_token": (1, 17, 9, 8, (4, 1), dict(ids=[0])),
+    "all_tokens_single_expert_modality": (20, 18, 20, 4, (3, 1), dict(ids=[1] * 20)),
+    "rank_64_plan_block_64": (22, 16, 24, 64, (4, 1), dict(block_m=64)),
+    "rank_32_sixteen_experts": (19, 16, 16, 32, (16,), {}),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_fp32_matches_reference(case):
+    num_tokens, k, n, r, epm, opts = CASES[case]
+    t, _, plan, dy = make_case(num_tokens, k, n, r, epm, **opts)
+    gold = run(reference, t, plan, dy, epm)
+    check_fp32(run(tri, cast(t, torch.float32), plan, dy, epm), gold)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["text_image_4_1", "2_3_1_middle_modality_empty", "separate_lora_input"])
+def test_low_precision_no_worse_than_naive(case, dtype):
+    num_tokens, k, n, r, epm, opts = CASES[case]
+    t, ids, plan, dy = make_case(num_tokens, k, n, r, epm, seed=1, **opts)
+    low = cast(t, dtype)
+    dy_low = dy.to(dtype)
+    gold = run(reference, cast(low, F64), plan, dy_low.to(F64), epm)
+    check_low_precision(run(tri, low, plan, dy_low, epm), naive_same_dtype(low, ids, dy_low, epm), gold, dtype)
+
+
+def test_zero_tokens_returns_empty_and_zero_grads():
+    t, _, plan, dy = make_case(0, 20, 12, 8, (4, 1), separate=True)
+    out = run(tri, cast(t, torch.float32), plan, dy, (4, 1))
+    assert out[0].shape == (0, 12)
+    for name, g in zip(GRAD_NAMES, out[1:]):
+        ref = t[name]
+        assert g.shape == ref.shape and not g.any(), name
+
+
+def test_token_splits_of_the_weight_gradients(monkeypatch):
+    """dA/dB/d(router) summed over several token splits, some empty for the small modality."""
+    monkeypatch.setattr(tri, "TOKENS_PER_SPLIT", 8)
+    t, _, plan, dy = make_case(45, 18, 20, 8, (4, 1), ids=[0] * 40 + [1] * 5)
+    assert tri._num_splits(45) == 5
+    needs = (False, False, False, False, True, True, True)
+    check_fp32(run(tri, cast(t, torch.float32), plan, dy, (4, 1), needs), run(reference, t, plan, dy, (4, 1), needs))
+
+
+def test_non_contiguous_inputs():
+    t, _, plan, dy = make_case(26, 20, 24, 8, (2, 3), separate=True)
+    gold = run(reference, t, plan, dy, (2, 3))
+    f = cast(t, torch.float32)
+    f["x"] = torch.stack([f["x"], torch.zeros_like(f["x"])], -1)[..., 0]    # column stride 2
+    f["lora_input"] = f["lora_input"].t().contiguous().t()        # column-major
+    f["weight"] = f["weight"].t().contiguous().t()
+    f["lora_b"] = f["lora_b"].transpose(1, 2).contiguous().transpose(1, 2)
+    f["lora_a"] = f["lora_a"].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert not any(f[name].is_contiguous() for name in ("x", "lora_input", "weight", "lora_b", "lora_a"))
+    check_fp32(run(tri, f, plan, dy.t().contiguous().t(), (2, 3)), gold)
+
+
+@pytest.mark.parametrize("needs", [(True,) + (False,) * 6, (False,) * 5 + (True, False), (False, False, True, True) + (False,) * 3])
+def test_only_requested_gradients(needs):
+    t, _, plan, dy = make_case(24, 16, 18, 8, (4, 1))
+    ours = run(tri, cast(t, torch.float32), plan, dy, (4, 1), needs)
+    check_fp32(ours, run(reference, t, plan, dy, (4, 1), needs))
+    assert [g is not None for g in ours[1:]] == [n and t[name] is not None for n, name in zip(needs, GRAD_NAMES)]
+
+
+def test_public_api_triton_backend_matches_torch_backend():
+    t, _, _, dy = make_case(2 * 23, 20, 24, 8, (4, 1))
+    ids = torch.randint(0, 2, (2, 23), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    results = []
+    for backend in ("torch", "triton"):
+        leaves = {name: None if v is None else v.float().requires_grad_() for name, v in t.items()}
+        x = leaves["x"].view(2, 23, 20)
+        y = mk.modality_lora_linear(x, leaves["weight"], leaves["bias"], ids, leaves["lora_a"], leaves["lora_b"],
+                                    leaves["router_weight"], experts_per_modality=(4, 1), scaling=2.0,
+                                    backend=backend)
+        y.backward(dy.float().view(2, 23, 24))
+        results.append([y] + [leaves[name].grad for name in GRAD_NAMES if leaves[name] is not None])
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise():
+    t, _, plan, _ = make_case(8, 16, 16, 8, (4, 1))
+    args = lambda d: (d["x"], d["weight"], d["bias"], None, plan, d["lora_a"], d["lora_b"], d["router_weight"])
+    with pytest.raises(ValueError, match="x: float64"):
+        tri.routed_lora_forward(*args(t), (4, 1), 2.0)
+    f = cast(t, torch.float32)
+    with pytest.raises(ValueError, match="router_weight"):
+        tri.routed_lora_forward(*args({**f, "router_weight": None}), (4, 1), 2.0)
+    with pytest.raises(ValueError, match="experts_per_modality"):
+        big = cast(make_case(8, 16, 16, 8, (17,))[0], torch.float32)
+        tri.routed_lora_forward(*args(big)[:4], plan_routing(torch.zeros(8, dtype=torch.int64), 1), *args(big)[5:],
+                                (17,), 2.0)
