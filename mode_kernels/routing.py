@@ -14,7 +14,8 @@ import torch
 
 from ._validation import check_modality_ids
 
-DEFAULT_BLOCK_M = 64
+# Rows per tile: 128 lets the GEMM kernels use 128-row tiles (Hopper wgmma); smaller kernel tiles split it.
+DEFAULT_BLOCK_M = 128
 
 
 class RoutingPlan(NamedTuple):

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..routing import RoutingPlan
+from ..routing import DEFAULT_BLOCK_M as DEFAULT_PLAN_BLOCK_M, RoutingPlan
 from ._common import INTERPRET
 
 # Logits are held 16 wide: the narrowest operand tl.dot accepts. Up to 16 experts per modality.
@@ -347,13 +347,13 @@ def _next_pow2(n: int) -> int:
 class _Layout:
     """Compile-time shape of the experts: rank, padded rank, experts per tile, router or not."""
 
-    def __init__(self, experts_per_modality, lora_a, router_weight):
-        self.rank = lora_a.shape[1]
-        self.rank_p = _next_pow2(self.rank)
+    def __init__(self, experts_per_modality, rank: int, router_given: bool):
+        self.rank = rank
+        self.rank_p = _next_pow2(rank)
         most = max(experts_per_modality)
         if most > ROUTER_WIDTH:
             raise ValueError(f"experts_per_modality: at most {ROUTER_WIDTH} experts per modality, got {most}")
-        if most > 1 and router_weight is None:
+        if most > 1 and not router_given:
             raise ValueError("router_weight: required when a modality has more than one expert")
         # BLOCK_R = BLOCK_E * RANK_P >= 16, the narrowest tl.dot operand.
         self.block_e = max(_next_pow2(most), 16 // min(self.rank_p, 16))
@@ -381,11 +381,11 @@ def _dot_fp32(x: torch.Tensor) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
 
-def _shrink_config(plan: RoutingPlan, lay: _Layout):
-    """(BLOCK_M, BLOCK_K, num_warps): at most 4096 accumulator floats per 128 threads."""
-    block_m = max(16, min(plan.block_m, 64, 4096 // lay.block_r))
-    num_warps = 4 if block_m * lay.block_r <= 4096 else 8
-    return block_m, (32 if INTERPRET else 64), num_warps
+def _shrink_config(plan_block_m: int, lay: _Layout) -> dict:
+    """Launch meta of the shrink kernels: at most 4096 accumulator floats per 128 threads."""
+    block_m = max(16, min(plan_block_m, 64, 4096 // lay.block_r))
+    return dict(BLOCK_M=block_m, BLOCK_K=32 if INTERPRET else 64, num_warps=4 if block_m * lay.block_r <= 4096 else 8,
+                num_stages=1 if INTERPRET else 3)
 
 
 def _weights_args(lay, lora_a, router_weight):
@@ -396,12 +396,11 @@ def _weights_args(lay, lora_a, router_weight):
 def _launch_shrink(u, lora_a, router_weight, plan, lay, scaling, expert_offsets, grad_y=None, lora_b=None):
     """Forward: h' [T, BLOCK_R]. Backward (grad_y given): (h', dh [T, BLOCK_R], dlogit [T, 16])."""
     T, K = u.shape
-    block_m, block_k, num_warps = _shrink_config(plan, lay)
-    sub_tiles = plan.block_m // block_m
+    meta = _shrink_config(plan.block_m, lay)
+    sub_tiles = plan.block_m // meta["BLOCK_M"]
     grid = (plan.tiles.shape[0] * sub_tiles,)
     common = dict(DOT_FP32=_dot_fp32(u), HAS_ROUTER=lay.has_router, RANK=lay.rank, RANK_P=lay.rank_p,
-                  BLOCK_E=lay.block_e, SUB_TILES=sub_tiles, BLOCK_M=block_m, BLOCK_K=block_k,
-                  num_warps=num_warps, num_stages=1 if INTERPRET else 3)
+                  BLOCK_E=lay.block_e, SUB_TILES=sub_tiles, **meta)
     hg = torch.empty(T, lay.block_r, device=u.device, dtype=torch.float32)
     weights = _weights_args(lay, lora_a, router_weight)
     if grad_y is None:
@@ -450,12 +449,12 @@ def _num_splits(num_tokens: int) -> int:
     return max(1, min(MAX_SPLITS, num_tokens // TOKENS_PER_SPLIT))
 
 
-def _grouped_outer_config(lay: _Layout):
-    """(BLOCK_M, BLOCK_C, num_warps) for a [BLOCK_R, BLOCK_C] accumulator."""
+def _grouped_outer_config(lay: _Layout) -> dict:
+    """Launch meta of the reduction kernel: a [BLOCK_R, BLOCK_C] accumulator of <= 4096 floats per 128 threads."""
     if INTERPRET:
-        return 16, 32, 4
+        return dict(BLOCK_M=16, BLOCK_C=32, num_warps=4, num_stages=1)
     block_c = max(16, min(128, 4096 // lay.block_r))
-    return 64, block_c, (4 if lay.block_r * block_c <= 4096 else 8)
+    return dict(BLOCK_M=64, BLOCK_C=block_c, num_warps=4 if lay.block_r * block_c <= 4096 else 8, num_stages=3)
 
 
 def _launch_grouped_outer(left, dlogit, right, plan, lay, expert_offsets):
@@ -463,8 +462,8 @@ def _launch_grouped_outer(left, dlogit, right, plan, lay, expert_offsets):
     [E, RANK_P, C]; with dlogit also [E, C] for the router. Split over tokens, then summed."""
     T, C = right.shape
     splits = _num_splits(T)
-    block_m, block_c, num_warps = _grouped_outer_config(lay)
-    col_blocks = triton.cdiv(C, block_c)
+    meta = _grouped_outer_config(lay)
+    col_blocks = triton.cdiv(C, meta["BLOCK_C"])
     partial = torch.empty(splits, lay.num_experts * lay.rank_p, C, device=right.device, dtype=torch.float32)
     router_partial = None
     if dlogit is not None:
@@ -474,8 +473,7 @@ def _launch_grouped_outer(left, dlogit, right, plan, lay, expert_offsets):
                                 router_partial if router_partial is not None else partial, plan.order,
                                 plan.offsets, expert_offsets, C, splits, col_blocks, lay.num_experts,
                                 HAS_ROUTER=dlogit is not None, DOT_FP32=_dot_fp32(right), RANK_P=lay.rank_p,
-                                BLOCK_E=lay.block_e, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
-                                num_stages=1 if INTERPRET else 3)
+                                BLOCK_E=lay.block_e, **meta)
     total = partial.sum(0).view(lay.num_experts, lay.rank_p, C)[:, :lay.rank]
     return total, (router_partial.sum(0) if router_partial is not None else None)
 
@@ -485,7 +483,7 @@ def routed_lora_forward(x, weight, bias, lora_input, plan: RoutingPlan, lora_a, 
     """Same contract as ``mode_kernels.reference.routed_lora.routed_lora_forward``."""
     _check_dtypes(x=x, weight=weight, bias=bias, lora_input=lora_input, lora_a=lora_a, lora_b=lora_b,
                   router_weight=router_weight)
-    lay = _Layout(experts_per_modality, lora_a, router_weight)
+    lay = _Layout(experts_per_modality, lora_a.shape[1], router_weight is not None)
     T = x.shape[0]
     y = x.new_empty(T, weight.shape[0])
     if T == 0:
@@ -504,7 +502,7 @@ def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora
     """Same contract as ``mode_kernels.reference.routed_lora.routed_lora_backward``."""
     _check_dtypes(grad_y=grad_y, x=x, weight=weight, bias=bias, lora_input=lora_input, lora_a=lora_a,
                   lora_b=lora_b, router_weight=router_weight)
-    lay = _Layout(experts_per_modality, lora_a, router_weight)
+    lay = _Layout(experts_per_modality, lora_a.shape[1], router_weight is not None)
     need_dx, need_du, need_w, need_b, need_a, need_lb, need_r = (bool(n) for n in needs)
     need_du = need_du and lora_input is not None
     need_r = need_r and router_weight is not None
@@ -548,3 +546,83 @@ def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora
         d_b, _ = _launch_grouped_outer(hg, None, grad_y, plan, lay, offsets)
         grads[5] = d_b.transpose(1, 2).to(lora_b.dtype).contiguous()
     return tuple(grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile check (python -m mode_kernels.compile_check)
+# ---------------------------------------------------------------------------------------------
+
+# Pointers to float32 intermediates, int64 and int32 metadata; every other pointer is an activation or weight.
+_POINTER_TYPES = dict(hg_ptr="*fp32", dh_ptr="*fp32", dlogit_ptr="*fp32", lora_ptr="*fp32", left_ptr="*fp32",
+                      router_out_ptr="*fp32", order_ptr="*i64", offsets_ptr="*i64", tiles_ptr="*i32",
+                      expert_offsets_ptr="*i32")
+
+
+def _compile_target(name, kernel, dtype, unit_strides, constexprs, num_warps, num_stages, pointer_types=None):
+    """A CompileTarget for contiguous tensors: unit strides are constants, other strides and sizes multiples of 16."""
+    from ..compile_check import CompileTarget
+
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    pointers = {**_POINTER_TYPES, **(pointer_types or {})}
+    constexprs = {**constexprs, **{stride: 1 for stride in unit_strides}}
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            continue
+        if arg.endswith("_ptr"):
+            signature[arg] = pointers.get(arg, f"*{dtype}")
+        elif arg == "scaling":
+            signature[arg] = "fp32"
+        elif arg.startswith("stride") or arg in ("K", "N", "C", "IN", "OUT"):
+            signature[arg] = "i32:16"
+        else:
+            signature[arg] = "i32"
+    return CompileTarget(name, fn, signature, constexprs, num_warps, num_stages)
+
+
+def compile_targets(default_only: bool = False):
+    """Every kernel, variant and config the launchers and the autotuner can pick, for the
+    MoDE expert layout (experts (4, 1), r = 8) and, unless default_only, other layouts and dtypes."""
+    layouts = [((4, 1), 8)] if default_only else [((4, 1), 8), ((4, 1), 64), ((16,), 16), ((1, 1), 4)]
+    dtypes = ["bf16"] if default_only else ["bf16", "fp16", "fp32"]
+    expand_configs = _expand_configs()[:1] if default_only else _expand_configs()
+    targets = []
+    for dtype in dtypes:
+        dot_fp32 = dtype == "fp32"
+        for experts, rank in layouts:
+            lay = _Layout(experts, rank, True)
+            tag = f"{dtype} E{experts} r{rank}"
+            layout = dict(DOT_FP32=dot_fp32, HAS_ROUTER=lay.has_router, RANK=rank, RANK_P=lay.rank_p,
+                          BLOCK_E=lay.block_e)
+            meta = _shrink_config(DEFAULT_PLAN_BLOCK_M, lay)
+            launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+            shrink = dict(layout, SUB_TILES=DEFAULT_PLAN_BLOCK_M // meta["BLOCK_M"], **meta)
+            targets.append(_compile_target(f"shrink[{tag}]", _shrink_kernel, dtype,
+                                           ("stride_uk", "stride_ak", "stride_rk"), shrink, **launch))
+            targets.append(_compile_target(f"shrink_backward[{tag}]", _shrink_backward_kernel, dtype,
+                                           ("stride_uk", "stride_ak", "stride_rk", "stride_dyn", "stride_br"),
+                                           shrink, **launch))
+            meta = _grouped_outer_config(lay)
+            launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+            for has_router in {False, lay.has_router}:
+                targets.append(_compile_target(
+                    f"grouped_outer[{tag}{' router' if has_router else ''}]", _grouped_outer_kernel, dtype,
+                    ("stride_rc",), dict(DOT_FP32=dot_fp32, HAS_ROUTER=has_router, RANK_P=lay.rank_p,
+                                         BLOCK_E=lay.block_e, **meta), **launch,
+                    pointer_types=dict(out_ptr="*fp32")))
+            # The GEMM-sized kernel: every autotune config for the MoDE layout, the first one for the others.
+            for config in (expand_configs if (experts, rank) == layouts[0] else expand_configs[:1]):
+                tiles = " ".join(f"{k}{v}" for k, v in config.kwargs.items())
+                launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                expand = dict(layout, PLAN_BLOCK_M=DEFAULT_PLAN_BLOCK_M, **config.kwargs)
+                # y = x W^T + b + h' B^T: W^T, B^T read along their rows' contiguous K / rank.
+                targets.append(_compile_target(
+                    f"expand[forward {tag}] {tiles} w{config.num_warps} s{config.num_stages}", _expand_kernel, dtype,
+                    ("stride_ai", "stride_wi", "stride_lwi", "stride_oo"),
+                    dict(expand, HAS_BASE=True, HAS_BIAS=True, HAS_ROUTER=False), **launch))
+                # dx = dy W + dh A + dlogit R.
+                targets.append(_compile_target(
+                    f"expand[dx {tag}] {tiles} w{config.num_warps} s{config.num_stages}", _expand_kernel, dtype,
+                    ("stride_ai", "stride_wo", "stride_lwo", "stride_ro", "stride_oo"),
+                    dict(expand, HAS_BASE=True, HAS_BIAS=False), **launch))
+    return targets

@@ -1,0 +1,200 @@
+"""Compile every Triton kernel of the package for NVIDIA GPUs, on any machine (no GPU needed).
+
+    python -m mode_kernels.compile_check --arch 80 90 [--default-only]
+
+Each Triton module in ``mode_kernels/triton/`` that has kernels defines ``compile_targets()``,
+a list of :class:`CompileTarget` (or plain tuples in its field order), one per kernel, variant
+and config its launcher or autotuner can pick. ``--default-only`` (the test suite's run) takes
+``compile_targets(default_only=True)`` where the function has that parameter, and otherwise
+the first target listed for each kernel function. Each is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
+(ptxas and cuobjdump ship inside the triton wheel) and reported as one row: registers, spilled
+bytes (stack frame + local memory, from ``cuobjdump -res-usage``), shared memory, whether it fits
+the arch's shared memory, and on sm_90 whether the PTX uses wgmma. The exit status is non-zero
+on a compile error, a spill, or a shared-memory overflow.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any, NamedTuple
+
+# Modules scanned for compile_targets(); one that does not exist (yet) is skipped with a note.
+MODULES = (
+    "mode_kernels.triton.routed_lora",
+    "mode_kernels.triton.kd_kl",
+    "mode_kernels.triton.fused_linear_kd_kl",
+)
+
+# Shared memory per block an opt-in kernel may use, bytes.
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+class CompileTarget(NamedTuple):
+    """One kernel compilation.
+
+    name: row label, e.g. ``"expand[fwd bf16] BM128 BN256 BK64"``.
+    fn: the ``@triton.jit`` function (for an ``@triton.autotune`` kernel, its ``.fn``).
+    signature: runtime argument name -> Triton type, as in ``triton.tools.compile``: ``"*bf16"``,
+        ``"*fp32"``, ``"*i64"``, ``"i32"``, ``"fp32"``; ``"i32:16"`` marks an int known to be a
+        multiple of 16 (Triton's launcher specialises those; pointers are always taken as 16-byte
+        aligned). Arguments listed in ``constexprs`` are left out.
+    constexprs: argument name -> value for every ``tl.constexpr`` argument, and for int arguments
+        equal to 1 (unit strides), which Triton's launcher also specialises to constants.
+    num_warps, num_stages: launch options.
+    """
+
+    name: str
+    fn: Any
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+
+class Row(NamedTuple):
+    module: str
+    name: str
+    arch: int
+    registers: int
+    spilled: int
+    shared: int
+    wgmma: bool | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.spilled == 0 and self.shared <= MAX_SHARED.get(self.arch, 0)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    found = bundled if os.path.exists(bundled) else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found (neither in the triton wheel nor on PATH)")
+    return found
+
+
+def _source(target: CompileTarget):
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = target.fn
+    while not isinstance(fn, JITFunction):  # unwrap @triton.autotune / @triton.heuristics
+        fn = fn.fn
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in target.constexprs:
+            signature[arg] = "constexpr"
+            continue
+        if arg not in target.signature:
+            raise ValueError(f"{target.name}: argument {arg} is in neither signature nor constexprs")
+        ty, _, hint = target.signature[arg].partition(":")
+        signature[arg] = ty
+        if ty.startswith("*") or hint == "16":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    # Constexprs keyed by argument position: the form ASTSource accepts from Triton 3.3 on.
+    constexprs = {(fn.arg_names.index(arg),): value for arg, value in target.constexprs.items()}
+    return ASTSource(fn, signature, constexprs, attrs)
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, spilled bytes) of the single kernel in a cubin, from cuobjdump -res-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    if usage is None:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{out}")
+    registers, stack, local = (int(v) for v in usage.groups())
+    return registers, stack + local
+
+
+def compile_one(module: str, target: CompileTarget, arch: int) -> Row:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        kernel = triton.compile(_source(target), target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": target.num_warps, "num_stages": target.num_stages})
+        registers, spilled = _resource_usage(kernel.asm["cubin"])
+    except Exception as exc:  # a compile error is a result to report, not a crash
+        return Row(module, target.name, arch, 0, 0, 0, None, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    wgmma = ("wgmma" in kernel.asm["ptx"]) if arch >= 90 else None
+    return Row(module, target.name, arch, registers, spilled, kernel.metadata.shared, wgmma, None)
+
+
+def _targets_of(module, default_only: bool) -> list[CompileTarget]:
+    """The module's targets; with default_only, what its compile_targets(default_only=True) lists,
+    or, if it takes no such argument, the first target of each kernel function."""
+    if "default_only" in inspect.signature(module.compile_targets).parameters:
+        return [CompileTarget(*t) for t in module.compile_targets(default_only=default_only)]
+    targets = [CompileTarget(*t) for t in module.compile_targets()]
+    if not default_only:
+        return targets
+    firsts = {}
+    for t in targets:
+        firsts.setdefault(id(t.fn), t)
+    return list(firsts.values())
+
+
+def collect(default_only: bool) -> list[tuple[str, CompileTarget]]:
+    targets = []
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            print(f"note: {name} does not exist yet: skipped")
+            continue
+        if not hasattr(module, "compile_targets"):
+            print(f"note: {name} has no compile_targets(): skipped")
+            continue
+        short = name.rsplit(".", 1)[-1]
+        targets += [(short, t) for t in _targets_of(module, default_only)]
+    return targets
+
+
+def _format(row: Row) -> str:
+    if row.error:
+        return f"{row.arch:>4}  {'ERROR':>4}  {row.module}.{row.name}: {row.error}"
+    wgmma = "-" if row.wgmma is None else ("yes" if row.wgmma else "no")
+    flag = "" if row.ok else ("  <-- SPILL" if row.spilled else "  <-- SHARED MEMORY OVER LIMIT")
+    return (f"sm{row.arch:<3} {row.registers:>4} {row.spilled:>6} {row.shared:>7} {wgmma:>5}  "
+            f"{row.module}.{row.name}{flag}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mode_kernels.compile_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--default-only", action="store_true", help="only each kernel's default config")
+    args = parser.parse_args(argv)
+    from .triton._common import INTERPRET
+
+    if INTERPRET:
+        print("error: unset TRITON_INTERPRET: the interpreter replaces the kernels the check compiles")
+        return 2
+    rows = []
+    print(f"{'arch':<5} {'regs':>4} {'spill':>6} {'shared':>7} {'wgmma':>5}  kernel")
+    for module, target in collect(args.default_only):
+        for arch in args.arch:
+            rows.append(compile_one(module, target, arch))
+            print(_format(rows[-1]), flush=True)
+    bad = [r for r in rows if not r.ok]
+    print(f"{len(rows)} compilations, {len(bad)} failed (compile error, spill or shared memory over the limit)")
+    return 1 if bad or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
