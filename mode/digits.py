@@ -1,0 +1,223 @@
+"""The `digits` benchmark: data, unified vocabulary, tasks and training examples.
+
+Real data: scikit-learn's bundled `load_digits` (1797 handwritten 8x8 digits, gray levels
+0..16; no download). One tiny unified vocabulary holds text words and image codes, so a
+single decoder both answers questions about an image and draws one:
+
+    understanding:  bos <boi> c_0 .. c_63 <eoi> what digit is this ? sep  ->  seven eos
+    generation:     bos draw a seven sep <boi>                            ->  c_0 .. c_63 <eoi> eos
+
+An image is 64 codes, one per pixel in row-major order, code = IMAGE_CODE_BASE + gray level.
+The codes form one contiguous id range and the markers sit right after it, which is what
+`mode.ModalitySpec` needs to tell image tokens from text tokens by id alone
+(see `DigitsVocab.modality_spec_args`).
+
+Pretraining teaches the `DIGIT` task and generation; the continual tasks (`CONTINUAL_TASKS`,
+understanding only, in this fixed order) each ask something else about the same images.
+The pretrained model and the evaluation functions are in `mode.digits_model`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+IMAGE_SIDE = 8
+IMAGE_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+GRAY_LEVELS = 17  # load_digits pixels are integers 0..16
+IGNORE_INDEX = -100  # label of tokens that carry no loss (Hugging Face convention)
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>")
+WORDS = DIGIT_NAMES + (
+    "what", "digit", "is", "this", "?", "draw", "a",
+    "even", "or", "odd", "greater", "than", "yes", "no", "plus",
+    "which", "half", "has", "more", "ink", "top", "bottom",
+)
+
+
+class DigitsVocab:
+    """Token ids: specials, then words, then the 17 image codes, then <boi> and <eoi>.
+
+    Every id below `image_code_base` is text; ids in [image_code_base, image_code_base + 17)
+    are gray levels 0..16; `begin_image` / `end_image` are the markers around the 64 codes.
+    """
+
+    def __init__(self):
+        self.tokens: list[str] = list(SPECIAL_TOKENS) + list(WORDS)
+        self.image_code_base = len(self.tokens)
+        self.tokens += [f"<img{level}>" for level in range(GRAY_LEVELS)]
+        self.begin_image = len(self.tokens)
+        self.end_image = self.begin_image + 1
+        self.tokens += ["<boi>", "<eoi>"]
+        self.id_of = {token: i for i, token in enumerate(self.tokens)}
+        self.pad, self.bos, self.eos, self.sep = (self.id_of[t] for t in SPECIAL_TOKENS)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def image_code_range(self) -> tuple[int, int]:
+        """[lo, hi) of the image codes."""
+        return self.image_code_base, self.image_code_base + GRAY_LEVELS
+
+    def modality_spec_args(self) -> dict:
+        """Keyword arguments of `mode.ModalitySpec` for this vocabulary."""
+        return {"image_token_ranges": (self.image_code_range,),
+                "begin_image": self.begin_image, "end_image": self.end_image}
+
+    def encode_words(self, words: Sequence[str]) -> list[int]:
+        return [self.id_of[w] for w in words]
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        return [self.tokens[i] for i in ids]
+
+    def image_to_codes(self, image: np.ndarray) -> list[int]:
+        """An 8x8 image of gray levels 0..16 -> its 64 codes, row-major (no markers)."""
+        image = np.asarray(image)
+        if image.shape != (IMAGE_SIDE, IMAGE_SIDE):
+            raise ValueError(f"expected an {IMAGE_SIDE}x{IMAGE_SIDE} image, got shape {image.shape}")
+        levels = image.reshape(-1).astype(np.int64)
+        if levels.min() < 0 or levels.max() >= GRAY_LEVELS or not np.array_equal(levels, image.reshape(-1)):
+            raise ValueError(f"image pixels must be integers in 0..{GRAY_LEVELS - 1}")
+        return (levels + self.image_code_base).tolist()
+
+    def codes_to_image(self, codes: Sequence[int]) -> np.ndarray:
+        """64 image codes -> the 8x8 image of gray levels (int64)."""
+        codes = np.asarray(codes, dtype=np.int64)
+        lo, hi = self.image_code_range
+        if codes.shape != (IMAGE_PIXELS,) or codes.min() < lo or codes.max() >= hi:
+            raise ValueError(f"expected {IMAGE_PIXELS} image codes in [{lo}, {hi})")
+        return (codes - lo).reshape(IMAGE_SIDE, IMAGE_SIDE)
+
+    def encode_image(self, image: np.ndarray) -> list[int]:
+        """<boi> 64 codes <eoi>."""
+        return [self.begin_image] + self.image_to_codes(image) + [self.end_image]
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class DigitsData:
+    """The fixed train/test split; images are int64 [N, 8, 8] gray levels, labels int64 [N]."""
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> DigitsData:
+    """load_digits, split once with a seeded stratified shuffle (every digit in both parts)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.int64)  # stored as float, values are exact integers
+    labels = digits.target.astype(np.int64)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=test_fraction, random_state=seed, stratify=labels)
+    return DigitsData(train_x, train_y, test_x, test_y)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+@dataclass(frozen=True)
+class Task:
+    """An understanding task: a fixed question about the image and its answer words."""
+    name: str
+    question: tuple[str, ...]
+    answer: Callable[[np.ndarray, int], tuple[str, ...]]  # (image [8, 8], digit label) -> words
+
+
+def _digit_name(image, label):
+    return (DIGIT_NAMES[label],)
+
+
+def _parity(image, label):
+    return ("even",) if label % 2 == 0 else ("odd",)
+
+
+def _greater_than_four(image, label):
+    return ("yes",) if label > 4 else ("no",)
+
+
+def _plus_one(image, label):
+    # nine plus one is spelled digit by digit: "one zero" (a two-token answer)
+    return tuple(DIGIT_NAMES[int(ch)] for ch in str(label + 1))
+
+
+def _ink_half(image, label):
+    # ties (rare) count as "top"
+    top = int(np.asarray(image)[: IMAGE_SIDE // 2].sum())
+    bottom = int(np.asarray(image)[IMAGE_SIDE // 2:].sum())
+    return ("top",) if top >= bottom else ("bottom",)
+
+
+DIGIT = Task("digit", ("what", "digit", "is", "this", "?"), _digit_name)
+CONTINUAL_TASKS = (
+    Task("parity", ("is", "this", "digit", "even", "or", "odd", "?"), _parity),
+    Task("greater_than_four", ("is", "this", "digit", "greater", "than", "four", "?"), _greater_than_four),
+    Task("plus_one", ("what", "is", "this", "digit", "plus", "one", "?"), _plus_one),
+    Task("ink_half", ("which", "half", "has", "more", "ink", "?"), _ink_half),
+)
+TASKS = {task.name: task for task in (DIGIT,) + CONTINUAL_TASKS}
+MAX_ANSWER_TOKENS = 3  # longest answer ("one zero") + eos
+
+
+# ----------------------------------------------------------------------------- examples
+
+@dataclass
+class Example:
+    """A prompt and its target; the loss is on the target only."""
+    prompt: list[int]
+    target: list[int]
+
+
+def understanding_prompt(vocab: DigitsVocab, task: Task, image: np.ndarray) -> list[int]:
+    return [vocab.bos] + vocab.encode_image(image) + vocab.encode_words(task.question) + [vocab.sep]
+
+
+def understanding_example(vocab: DigitsVocab, task: Task, image: np.ndarray, label: int) -> Example:
+    answer = vocab.encode_words(task.answer(image, int(label)))
+    return Example(understanding_prompt(vocab, task, image), answer + [vocab.eos])
+
+
+def generation_prompt(vocab: DigitsVocab, digit: int) -> list[int]:
+    return [vocab.bos] + vocab.encode_words(("draw", "a", DIGIT_NAMES[digit])) + [vocab.sep, vocab.begin_image]
+
+
+def generation_example(vocab: DigitsVocab, image: np.ndarray, label: int) -> Example:
+    return Example(generation_prompt(vocab, int(label)),
+                   vocab.image_to_codes(image) + [vocab.end_image, vocab.eos])
+
+
+def task_examples(vocab: DigitsVocab, task: Task, images: np.ndarray, labels: np.ndarray) -> list[Example]:
+    return [understanding_example(vocab, task, x, y) for x, y in zip(images, labels)]
+
+
+def generation_examples(vocab: DigitsVocab, images: np.ndarray, labels: np.ndarray) -> list[Example]:
+    """The generation stream: "draw a <digit>" -> the image (also the KD stream of MoDE)."""
+    return [generation_example(vocab, x, y) for x, y in zip(images, labels)]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (IGNORE_INDEX on prompt and pad).
+
+    labels are aligned with input_ids (Hugging Face causal LMs shift them internally).
+    """
+    length = max(len(e.prompt) + len(e.target) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n_prompt, n = len(e.prompt), len(e.prompt) + len(e.target)
+        input_ids[row, :n] = torch.tensor(e.prompt + e.target)
+        labels[row, n_prompt:n] = torch.tensor(e.target)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

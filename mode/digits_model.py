@@ -1,0 +1,369 @@
+"""The pretrained unified model of the `digits` benchmark, and its evaluation.
+
+A tiny random-init Llama (`LlamaForCausalLM`) is trained on CPU on both modalities of
+`mode.digits`: naming the digit in an image (understanding) and drawing a digit from
+"draw a <digit>" (generation). `load_or_pretrain` caches the weights on disk under a hash of
+(vocabulary, model config, pretraining config), so later runs skip pretraining.
+
+Evaluation, all batched with a KV cache and calling the model with `input_ids` only (so it
+works unchanged once MoDE layers are applied: they derive each token's modality from its id):
+- `task_accuracy`: exact match of the greedy answer of an understanding task.
+- `sample_images`: images drawn from "draw a <digit>", with sampling restricted to the
+  image codes for the 64 pixels (logits outside the code range are masked), so every
+  sample decodes to an image.
+- `evaluate_generation`: gen_acc (share of sampled images that a classifier fitted on the
+  real training digits assigns to the prompted digit) and image_nll (mean NLL of the test
+  images under their generation prompt, nats per image code, full-vocabulary softmax).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mode import digits
+from mode.digits import DigitsData, DigitsVocab, Task
+
+CACHE_FORMAT = 1  # bump when the meaning of cached weights changes
+
+
+@dataclass
+class DigitsModelConfig:
+    """Shape of the tiny Llama (about 0.4M parameters at these defaults)."""
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 96  # longest sample is 78 tokens
+
+
+@dataclass
+class PretrainConfig:
+    """How the pretrained model is trained; every field is part of the cache key."""
+    steps: int = 600
+    batch_size: int = 64  # half understanding ("what digit is this?"), half generation
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    split_seed: int = 0  # the train/test split of load_digits
+
+
+def build_model(vocab: DigitsVocab, config: DigitsModelConfig):
+    """A randomly initialised LlamaForCausalLM over the digits vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama_config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        pad_token_id=vocab.pad, bos_token_id=vocab.bos, eos_token_id=vocab.eos,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(llama_config)
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, lr: float) -> float:
+    """Linear warmup then cosine decay to zero."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def pretrain(vocab: DigitsVocab, data: DigitsData, model_config: DigitsModelConfig,
+             config: PretrainConfig, progress: bool = True):
+    """Train a fresh model on understanding (the digit task) and generation; returns it in eval mode.
+
+    The two streams are averaged separately so the 2-token answers weigh as much as the
+    66-token images.
+    """
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = build_model(vocab, model_config)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    understanding = digits.task_examples(vocab, digits.DIGIT, data.train_images, data.train_labels)
+    generation = digits.generation_examples(vocab, data.train_images, data.train_labels)
+    half = config.batch_size // 2
+    bar = tqdm(range(config.steps), desc="pretrain digits", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, config.steps, config.warmup_steps, config.lr)
+        rows_u = rng.integers(len(understanding), size=half)
+        rows_g = rng.integers(len(generation), size=config.batch_size - half)
+        batch = digits.collate([understanding[i] for i in rows_u] + [generation[i] for i in rows_g], vocab.pad)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                     ignore_index=digits.IGNORE_INDEX, reduction="none").view(len(batch["labels"]), -1)
+        counted = (batch["labels"][:, 1:] != digits.IGNORE_INDEX).float()
+        loss_u = (token_loss[:half].sum() / counted[:half].sum())
+        loss_g = (token_loss[half:].sum() / counted[half:].sum())
+        loss = loss_u + loss_g
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        bar.set_postfix(understanding=f"{loss_u.item():.3f}", generation=f"{loss_g.item():.3f}")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- cache
+
+@dataclass
+class Pretrained:
+    """A pretrained digits model and where it came from."""
+    model: torch.nn.Module
+    vocab: DigitsVocab
+    data: DigitsData
+    model_config: DigitsModelConfig
+    pretrain_config: PretrainConfig
+    cache_path: Path
+    from_cache: bool  # True when the weights were loaded, False when pretraining ran
+    train_seconds: float  # pretraining time (as measured when the cache was written)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MODE_CACHE_DIR") or Path.home() / ".cache" / "mode-kernels")
+
+
+def cache_key(vocab: DigitsVocab, model_config: DigitsModelConfig, config: PretrainConfig) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, "vocab": vocab.tokens, "model": asdict(model_config),
+                       "pretrain": asdict(config)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_cache(path: Path, model: torch.nn.Module, key: str, train_seconds: float) -> None:
+    """safetensors file with a digest of its tensors, written to a temp file then renamed."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    metadata = {"cache_key": key, "sha256": _tensors_digest(tensors), "train_seconds": repr(train_seconds)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_cache(path: Path, model: torch.nn.Module, key: str) -> float:
+    """Load cached weights into `model`; returns their train_seconds. Raises ValueError if corrupt."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise ValueError(f"unreadable ({type(err).__name__}: {err})") from err
+    if metadata.get("cache_key") != key:
+        raise ValueError(f"cache key {metadata.get('cache_key')!r} != expected {key!r}")
+    if metadata.get("sha256") != _tensors_digest(tensors):
+        raise ValueError("tensor checksum mismatch")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"weights do not fit the model: {err}") from err
+    return float(metadata.get("train_seconds", "nan"))
+
+
+def load_or_pretrain(model_config: DigitsModelConfig | None = None, pretrain_config: PretrainConfig | None = None,
+                     cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Pretrained:
+    """The pretrained digits model: from the cache if a valid entry exists, else trained and cached.
+
+    A cache file that cannot be read, or whose key or checksum does not match, is reported
+    with a warning and rebuilt; it is never used.
+    """
+    model_config = model_config or DigitsModelConfig()
+    pretrain_config = pretrain_config or PretrainConfig()
+    vocab = DigitsVocab()
+    data = digits.load_digits_split(seed=pretrain_config.split_seed)
+    key = cache_key(vocab, model_config, pretrain_config)
+    path = Path(cache_dir or default_cache_dir()) / f"digits-{key}.safetensors"
+    if path.exists():
+        model = build_model(vocab, model_config)
+        try:
+            train_seconds = _read_cache(path, model, key)
+            return Pretrained(model.eval(), vocab, data, model_config, pretrain_config, path, True, train_seconds)
+        except ValueError as err:
+            warnings.warn(f"corrupt pretrained-model cache {path}: {err}; pretraining again", stacklevel=2)
+    start = time.perf_counter()
+    model = pretrain(vocab, data, model_config, pretrain_config, progress=progress)
+    train_seconds = time.perf_counter() - start
+    _write_cache(path, model, key, train_seconds)
+    return Pretrained(model, vocab, data, model_config, pretrain_config, path, False, train_seconds)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def greedy_decode(model, prompts: torch.Tensor, max_new_tokens: int, eos_id: int) -> torch.Tensor:
+    """Greedy continuation of equal-length prompts [B, L] with a KV cache -> new tokens [B, T].
+
+    Rows that emitted eos keep emitting eos; decoding stops early once every row has.
+    """
+    device = _device(model)
+    next_input = prompts.to(device)
+    past, generated = None, []
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        out = model(input_ids=next_input, cache=past, use_cache=True)
+        past = out.cache
+        token = out.logits[:, -1].argmax(dim=-1)
+        token = torch.where(done, torch.full_like(token, eos_id), token)
+        generated.append(token)
+        done |= token == eos_id
+        if bool(done.all()):
+            break
+        next_input = token[:, None]
+    return torch.stack(generated, dim=1).cpu()
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def task_accuracy(model, vocab: DigitsVocab, task: Task, images: np.ndarray, labels: np.ndarray,
+                  batch_size: int = 512, progress: bool = False) -> float:
+    """Exact-match accuracy of the greedy answer (answer words followed by eos)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    examples = digits.task_examples(vocab, task, images, labels)
+    for rows in tqdm(list(_batches(len(examples), batch_size)), desc=f"eval {task.name}", disable=not progress):
+        chunk = examples[rows]
+        prompts = torch.tensor([e.prompt for e in chunk])  # one task: all prompts have the same length
+        answers = greedy_decode(model, prompts, digits.MAX_ANSWER_TOKENS, vocab.eos)
+        for e, answer in zip(chunk, answers.tolist()):
+            correct += answer[: len(e.target)] == e.target
+    model.train(was_training)
+    return correct / len(examples)
+
+
+@torch.no_grad()
+def sample_images(model, vocab: DigitsVocab, digit_labels: np.ndarray, temperature: float = 1.0,
+                  seed: int = 0, batch_size: int = 512) -> np.ndarray:
+    """Draw one image per entry of `digit_labels` from "draw a <digit>" -> int64 [N, 8, 8].
+
+    Each of the 64 pixel tokens is sampled from the softmax over the image codes only
+    (logits of every other token are masked), so every sample decodes to a valid image.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    lo, hi = vocab.image_code_range
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images = []
+    for rows in _batches(len(digit_labels), batch_size):
+        next_input = torch.tensor([digits.generation_prompt(vocab, int(d)) for d in digit_labels[rows]], device=device)
+        past, codes = None, []
+        for _ in range(digits.IMAGE_PIXELS):
+            out = model(input_ids=next_input, cache=past, use_cache=True)
+            past = out.cache
+            probs = torch.softmax(out.logits[:, -1, lo:hi].float() / temperature, dim=-1)
+            code = lo + torch.multinomial(probs, 1, generator=generator)
+            codes.append(code)
+            next_input = code
+        images.append((torch.cat(codes, dim=1) - lo).view(-1, digits.IMAGE_SIDE, digits.IMAGE_SIDE).cpu())
+    model.train(was_training)
+    return torch.cat(images).numpy()
+
+
+@torch.no_grad()
+def image_nll(model, vocab: DigitsVocab, images: np.ndarray, labels: np.ndarray, batch_size: int = 512) -> float:
+    """Mean NLL (nats per image code, softmax over the full vocabulary) of the 64 codes of each
+    image given "draw a <its digit>"."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    prompt_len = len(digits.generation_prompt(vocab, 0))
+    total, count = 0.0, 0
+    for rows in _batches(len(images), batch_size):
+        ids = torch.tensor([digits.generation_prompt(vocab, int(y)) + vocab.image_to_codes(x)
+                            for x, y in zip(images[rows], labels[rows])], device=device)
+        logits = model(input_ids=ids).logits[:, prompt_len - 1:-1].float()  # the positions predicting the codes
+        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, prompt_len:].flatten(), reduction="sum")
+        total += nll.item()
+        count += ids[:, prompt_len:].numel()
+    model.train(was_training)
+    return total / count
+
+
+# ----------------------------------------------------------------------------- generation quality
+
+@dataclass
+class DigitClassifier:
+    """An RBF SVC on the 64 pixel values of the real training digits: the judge of gen_acc."""
+    svc: object
+    test_accuracy: float
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.svc.predict(np.asarray(images).reshape(len(images), -1) / (digits.GRAY_LEVELS - 1))
+
+
+def fit_digit_classifier(data: DigitsData) -> DigitClassifier:
+    from sklearn.svm import SVC
+
+    def flat(x):
+        return x.reshape(len(x), -1) / (digits.GRAY_LEVELS - 1)
+
+    svc = SVC(gamma="scale").fit(flat(data.train_images), data.train_labels)
+    return DigitClassifier(svc, float(svc.score(flat(data.test_images), data.test_labels)))
+
+
+@dataclass
+class GenerationConfig:
+    samples_per_digit: int = 20
+    temperature: float = 1.0
+    seed: int = 0
+
+
+def evaluate_generation(model, vocab: DigitsVocab, data: DigitsData, classifier: DigitClassifier,
+                        config: GenerationConfig | None = None, progress: bool = False) -> dict:
+    """gen_acc (share of sampled images classified as the prompted digit) and image_nll."""
+    config = config or GenerationConfig()
+    prompted = np.repeat(np.arange(10), config.samples_per_digit)
+    with tqdm(total=2, desc="eval generation", disable=not progress) as bar:
+        images = sample_images(model, vocab, prompted, config.temperature, config.seed)
+        bar.update()
+        nll = image_nll(model, vocab, data.test_images, data.test_labels)
+        bar.update()
+    return {"gen_acc": float((classifier.predict(images) == prompted).mean()), "image_nll": nll}

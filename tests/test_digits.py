@@ -1,0 +1,225 @@
+"""The digits benchmark: vocabulary, encoding, tasks, batching, and the pretraining cache."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mode import digits
+from mode import digits_model as dm
+from mode.digits import DIGIT_NAMES, DigitsVocab
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return DigitsVocab()
+
+
+def _is_image_token(vocab, token_id):
+    """What mode.ModalitySpec does with the spec args, for ids outside a begin/end pair."""
+    args = vocab.modality_spec_args()
+    in_range = any(lo <= token_id < hi for lo, hi in args["image_token_ranges"])
+    return in_range or token_id in (args["begin_image"], args["end_image"])
+
+
+def test_image_round_trips_through_tokens(vocab):
+    data = digits.load_digits_split()
+    for image in data.test_images[:50]:
+        codes = vocab.image_to_codes(image)
+        assert len(codes) == 64
+        np.testing.assert_array_equal(vocab.codes_to_image(codes), image)
+        with_markers = vocab.encode_image(image)
+        assert with_markers[0] == vocab.begin_image and with_markers[-1] == vocab.end_image
+        assert with_markers[1:-1] == codes
+    every_level = np.arange(64).reshape(8, 8) % 17
+    np.testing.assert_array_equal(vocab.codes_to_image(vocab.image_to_codes(every_level)), every_level)
+    assert vocab.image_to_codes(every_level)[:3] == [vocab.image_code_base + i for i in range(3)]  # row-major
+
+
+def test_text_round_trips(vocab):
+    words = ["what", "digit", "is", "this", "?", "seven", "even", "bottom"]
+    assert vocab.decode(vocab.encode_words(words)) == words
+
+
+def test_bad_images_are_rejected(vocab):
+    with pytest.raises(ValueError, match="8x8"):
+        vocab.image_to_codes(np.zeros((4, 4), dtype=int))
+    with pytest.raises(ValueError, match="0..16"):
+        vocab.image_to_codes(np.full((8, 8), 17))
+    with pytest.raises(ValueError, match="image codes"):
+        vocab.codes_to_image([vocab.bos] * 64)
+
+
+def test_modality_spec_args_split_image_from_text(vocab):
+    args = vocab.modality_spec_args()
+    (lo, hi), = args["image_token_ranges"]
+    assert hi - lo == digits.GRAY_LEVELS
+    image_ids = set(range(lo, hi)) | {args["begin_image"], args["end_image"]}
+    assert all(_is_image_token(vocab, i) for i in image_ids)
+    text_ids = [vocab.id_of[t] for t in digits.SPECIAL_TOKENS + digits.WORDS]
+    assert not any(_is_image_token(vocab, i) for i in text_ids)
+    assert sorted(image_ids | set(text_ids)) == list(range(len(vocab)))  # every id is one or the other
+
+
+def test_modality_spec_args_build_a_mode_spec(vocab):
+    mode = pytest.importorskip("mode")
+    if not hasattr(mode, "ModalitySpec"):
+        pytest.skip("mode.ModalitySpec not on this branch yet")
+    spec = mode.ModalitySpec(**vocab.modality_spec_args())
+    example = digits.understanding_example(vocab, digits.DIGIT, np.zeros((8, 8), dtype=int), 3)
+    ids = torch.tensor([example.prompt + example.target])
+    expected = [int(_is_image_token(vocab, i)) for i in ids[0].tolist()]
+    assert spec.modality_ids(ids)[0].tolist() == expected
+
+
+def _hand_made_digit(top_ink, bottom_ink):
+    image = np.zeros((8, 8), dtype=np.int64)
+    image[:4, 3] = top_ink
+    image[4:, 3] = bottom_ink
+    return image
+
+
+def test_task_answers_on_hand_made_images():
+    top_heavy, bottom_heavy, even = _hand_made_digit(16, 1), _hand_made_digit(0, 9), _hand_made_digit(5, 5)
+    answers = {task.name: task.answer for task in (digits.DIGIT,) + digits.CONTINUAL_TASKS}
+    assert answers["digit"](top_heavy, 7) == ("seven",)
+    assert answers["parity"](top_heavy, 7) == ("odd",)
+    assert answers["parity"](top_heavy, 0) == ("even",)
+    assert answers["greater_than_four"](top_heavy, 4) == ("no",)
+    assert answers["greater_than_four"](top_heavy, 5) == ("yes",)
+    assert answers["plus_one"](top_heavy, 3) == ("four",)
+    assert answers["plus_one"](top_heavy, 9) == ("one", "zero")
+    assert answers["ink_half"](top_heavy, 1) == ("top",)
+    assert answers["ink_half"](bottom_heavy, 1) == ("bottom",)
+    assert answers["ink_half"](even, 1) == ("top",)  # ties count as top
+    assert len(digits.CONTINUAL_TASKS) >= 4
+    assert [t.name for t in digits.CONTINUAL_TASKS] == ["parity", "greater_than_four", "plus_one", "ink_half"]
+
+
+def test_every_answer_word_is_in_the_vocabulary(vocab):
+    data = digits.load_digits_split()
+    for task in digits.TASKS.values():
+        for image, label in zip(data.train_images[:100], data.train_labels[:100]):
+            example = digits.understanding_example(vocab, task, image, label)
+            assert len(example.target) <= digits.MAX_ANSWER_TOKENS
+            assert example.target[-1] == vocab.eos
+
+
+def test_examples_layout(vocab):
+    image = _hand_made_digit(3, 4)
+    u = digits.understanding_example(vocab, digits.CONTINUAL_TASKS[0], image, 6)
+    assert u.prompt[:2] == [vocab.bos, vocab.begin_image] and u.prompt[66] == vocab.end_image
+    assert vocab.decode(u.prompt[67:]) == list(digits.CONTINUAL_TASKS[0].question) + ["<sep>"]
+    assert vocab.decode(u.target) == ["even", "<eos>"]
+    g = digits.generation_example(vocab, image, 6)
+    assert vocab.decode(g.prompt) == ["<bos>", "draw", "a", "six", "<sep>", "<boi>"]
+    assert g.target[:64] == vocab.image_to_codes(image) and g.target[64:] == [vocab.end_image, vocab.eos]
+
+
+def test_collate_pads_and_masks_the_prompt(vocab):
+    image = _hand_made_digit(2, 2)
+    short = digits.Example(prompt=[vocab.bos, 5], target=[6, vocab.eos])
+    examples = [digits.understanding_example(vocab, digits.CONTINUAL_TASKS[2], image, 9), short]
+    batch = digits.collate(examples, vocab.pad)
+    length = len(examples[0].prompt) + len(examples[0].target)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, length)
+    n_prompt = len(examples[0].prompt)
+    assert (batch["labels"][0, :n_prompt] == digits.IGNORE_INDEX).all()
+    assert batch["labels"][0, n_prompt:].tolist() == vocab.encode_words(["one", "zero"]) + [vocab.eos]
+    assert batch["labels"][1].tolist() == [-100, -100, 6, vocab.eos] + [-100] * (length - 4)
+    assert batch["input_ids"][1, 4:].eq(vocab.pad).all() and batch["attention_mask"][1].sum() == 4
+
+
+def test_split_is_fixed_and_stratified():
+    a, b = digits.load_digits_split(seed=0), digits.load_digits_split(seed=0)
+    np.testing.assert_array_equal(a.test_images, b.test_images)
+    assert len(a.train_images) + len(a.test_images) == 1797
+    assert set(a.test_labels.tolist()) == set(range(10))
+
+
+# ----------------------------------------------------------------------------- model, cache, evaluation
+
+TINY_MODEL = dm.DigitsModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+TINY_PRETRAIN = dm.PretrainConfig(steps=3, batch_size=8, warmup_steps=1)
+
+
+def test_pretraining_cache_is_written_reused_and_corruption_detected(tmp_path):
+    first = dm.load_or_pretrain(TINY_MODEL, TINY_PRETRAIN, cache_dir=tmp_path, progress=False)
+    assert not first.from_cache and first.cache_path.exists()
+    assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed, not left behind
+
+    second = dm.load_or_pretrain(TINY_MODEL, TINY_PRETRAIN, cache_dir=tmp_path, progress=False)
+    assert second.from_cache
+    for name, tensor in first.model.state_dict().items():
+        torch.testing.assert_close(second.model.state_dict()[name], tensor, rtol=0, atol=0)
+
+    other = dm.PretrainConfig(steps=4, batch_size=8, warmup_steps=1)
+    assert dm.cache_key(first.vocab, TINY_MODEL, other) != dm.cache_key(first.vocab, TINY_MODEL, TINY_PRETRAIN)
+
+    raw = bytearray(first.cache_path.read_bytes())
+    raw[-10] ^= 0xFF  # flip a byte inside the last tensor: still parses, checksum catches it
+    first.cache_path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="checksum"):
+        rebuilt = dm.load_or_pretrain(TINY_MODEL, TINY_PRETRAIN, cache_dir=tmp_path, progress=False)
+    assert not rebuilt.from_cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dm.load_or_pretrain(TINY_MODEL, TINY_PRETRAIN, cache_dir=tmp_path, progress=False).from_cache
+
+    first.cache_path.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert not dm.load_or_pretrain(TINY_MODEL, TINY_PRETRAIN, cache_dir=tmp_path, progress=False).from_cache
+
+
+def test_cache_dir_defaults_to_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODE_CACHE_DIR", str(tmp_path))
+    assert dm.default_cache_dir() == tmp_path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return dm.load_or_pretrain(TINY_MODEL, TINY_PRETRAIN, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_greedy_decode_matches_full_forward(tiny):
+    """KV-cached greedy decoding picks the argmax of a full forward over the final sequence."""
+    vocab, data = tiny.vocab, tiny.data
+    prompts = torch.tensor([digits.understanding_prompt(vocab, digits.DIGIT, x) for x in data.test_images[:4]])
+    new = dm.greedy_decode(tiny.model, prompts, 3, eos_id=-1)  # never stops early
+    full = torch.cat([prompts, new], dim=1)
+    with torch.no_grad():
+        logits = tiny.model(input_ids=full).logits
+    expected = logits[:, prompts.shape[1] - 1:-1].argmax(-1)
+    assert torch.equal(new, expected)
+
+
+def test_task_accuracy_scores_exact_match(tiny, monkeypatch):
+    vocab, data = tiny.vocab, tiny.data
+    images, labels = data.test_images[:6], data.test_labels[:6]
+    # replace decoding by the right answers for even rows and a wrong one for odd rows
+    targets = [digits.understanding_example(vocab, digits.CONTINUAL_TASKS[2], x, y).target for x, y in zip(images, labels)]
+
+    def fake_decode(model, prompts, max_new_tokens, eos_id):
+        rows = [t + [eos_id] * (max_new_tokens - len(t)) if i % 2 == 0 else [vocab.sep] * max_new_tokens
+                for i, t in enumerate(targets)]
+        return torch.tensor(rows)
+
+    monkeypatch.setattr(dm, "greedy_decode", fake_decode)
+    assert dm.task_accuracy(tiny.model, vocab, digits.CONTINUAL_TASKS[2], images, labels) == 0.5
+
+
+def test_sampled_images_are_valid_and_seeded(tiny):
+    labels = np.array([0, 3, 9])
+    a = dm.sample_images(tiny.model, tiny.vocab, labels, seed=1)
+    b = dm.sample_images(tiny.model, tiny.vocab, labels, seed=1)
+    assert a.shape == (3, 8, 8) and a.min() >= 0 and a.max() <= 16
+    np.testing.assert_array_equal(a, b)
+
+
+def test_generation_metrics(tiny):
+    classifier = dm.fit_digit_classifier(tiny.data)
+    assert classifier.test_accuracy > 0.95
+    result = dm.evaluate_generation(tiny.model, tiny.vocab, tiny.data, classifier,
+                                    dm.GenerationConfig(samples_per_digit=2))
+    assert 0.0 <= result["gen_acc"] <= 1.0
+    assert 0.0 < result["image_nll"] < 10.0
