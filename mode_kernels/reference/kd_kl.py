@@ -53,8 +53,9 @@ def dlogits_rows(s, t, lse_s, lse_t, grad_rows, temperature, alive):
     """d loss / d student logits for one chunk: T * (p_s - p_t) * grad, zero on dead rows."""
     ps = (s / temperature - lse_s.unsqueeze(-1)).exp()
     pt = (t / temperature - lse_t.unsqueeze(-1)).exp()
-    scale = torch.where(alive, grad_rows * temperature, torch.zeros_like(grad_rows))
-    return (ps - pt) * scale.unsqueeze(-1)
+    # dead rows saved lse = 0, so their p may overflow: select, never multiply by 0
+    d = (ps - pt) * (grad_rows * temperature).unsqueeze(-1)
+    return torch.where(alive.unsqueeze(-1), d, torch.zeros_like(d))
 
 
 def kd_kl_forward(student, teacher, mask, temperature, lo, hi):
