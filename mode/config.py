@@ -1,0 +1,94 @@
+"""MoDEConfig: what apply_mode builds and how kd_loss distils."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .modality import NUM_MODALITIES, ModalitySpec
+
+
+@dataclass
+class MoDEConfig:
+    """Settings of Modality-Decoupled Experts on a decoder.
+
+    Attributes:
+        rank, alpha: LoRA rank r and alpha of every expert; scaling = alpha / r.
+        experts_per_modality: (text experts, image experts); MoDE uses 4 routed text experts and
+            one image LoRA. Experts are ordered by modality.
+        dropout: dropout on the adapters' input (the frozen path never sees it).
+        target_modules: names (last attribute name, as PEFT matches them) of the nn.Linear
+            modules to adapt.
+        modality: how token ids map to modalities (default: the Chameleon/Anole vocabulary).
+        kd_temperature: KD temperature, applied once to both logits (loss scaled by T^2).
+        kd_vocab_range: [lo, hi) of the vocabulary KD compares on; None means the modality
+            spec's image-code range (it must have exactly one).
+    """
+
+    rank: int = 8
+    alpha: float = 16
+    experts_per_modality: tuple[int, ...] = (4, 1)
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    modality: ModalitySpec = field(default_factory=ModalitySpec.chameleon)
+    kd_temperature: float = 2.0
+    kd_vocab_range: Optional[tuple[int, int]] = None
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank: expected an int >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha: expected a number > 0, got {self.alpha!r}")
+        self.experts_per_modality = check_experts_per_modality(self.experts_per_modality)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        self.target_modules = tuple(self.target_modules)
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"target_modules: expected non-empty module names, got {self.target_modules!r}")
+        if isinstance(self.modality, dict):
+            self.modality = ModalitySpec(**self.modality)
+        if not isinstance(self.modality, ModalitySpec):
+            raise ValueError(f"modality: expected a ModalitySpec, got {type(self.modality).__name__}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature: expected a number > 0, got {self.kd_temperature!r}")
+        if self.kd_vocab_range is not None:
+            self.kd_vocab_range = tuple(int(v) for v in self.kd_vocab_range)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def resolved_kd_vocab_range(self) -> tuple[int, int]:
+        """The vocabulary slice KD compares on."""
+        if self.kd_vocab_range is not None:
+            return self.kd_vocab_range
+        ranges = self.modality.image_token_ranges
+        if len(ranges) != 1:
+            raise ValueError(f"kd_vocab_range: the modality spec has {len(ranges)} image-token ranges, so "
+                             "the KD slice is ambiguous; set MoDEConfig.kd_vocab_range")
+        return ranges[0]
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (adapter_config.json)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MoDEConfig":
+        data = dict(data)
+        spec = dict(data.pop("modality"))
+        spec["image_token_ranges"] = tuple(tuple(r) for r in spec["image_token_ranges"])
+        return cls(modality=ModalitySpec(**spec), **data)
+
+
+def check_experts_per_modality(experts_per_modality) -> tuple[int, ...]:
+    """(text experts, image experts), each an int >= 1."""
+    try:
+        epm = tuple(int(e) for e in experts_per_modality)
+        ok = len(epm) == NUM_MODALITIES and all(e >= 1 and e == f for e, f in zip(epm, experts_per_modality))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"experts_per_modality: expected {NUM_MODALITIES} ints >= 1 (text experts, image "
+                         f"experts), got {experts_per_modality!r}")
+    return epm
