@@ -25,12 +25,13 @@ class RoutingState:
     """What the MoDE layers of one model share during a forward: the routing plan built once
     from the forward's modality ids (set and cleared by the hooks of ``mode.attach_routing``).
 
-    ``missing_reason`` says why no plan exists for this forward (the layers raise with it only
-    if they need one, so teacher-mode forwards run without modality ids).
+    ``layers`` are the MoDE layers sharing it; ``missing_reason`` says why no plan exists (a
+    forward without modality ids is fine while every layer is in teacher mode).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, layers):
         self.config = config
+        self.layers = layers
         self.plan: Optional[mk.RoutingPlan] = None
         self.missing_reason = "it was called outside a forward of the model it was attached to"
         self.depth = 0  # nesting of hooked forwards: the model's forward calls its decoder's

@@ -97,7 +97,7 @@ def attach_routing(model: nn.Module, config: MoDEConfig) -> nn.Module:
     host = hf_model(model)
     for handle in getattr(host, _HOOKS_ATTR, ()):
         handle.remove()
-    state = RoutingState(config)
+    state = RoutingState(config, [layer for _, layer in layers])
     for name, layer in layers:
         layer.routing, layer.module_name = state, name
     handles = []
@@ -195,6 +195,10 @@ def _begin_forward(state: RoutingState, input_ids, inputs_embeds, modality_ids, 
             if input_ids is None else
             "the KV cache holds earlier tokens but not whether they ended inside an image (it was not filled "
             "by this model's forward); pass modality_ids=")
+        # Raise before any layer runs (a failing layer would leave a half-updated KV cache),
+        # unless every MoDE layer is in teacher mode and needs no routing.
+        if not all(layer.teacher for layer in state.layers):
+            raise ValueError(f"MoDE: no modality ids for this forward: {state.missing_reason}")
         return
     try:
         state.plan = mk.plan_routing(ids.to(device=_device(input_ids, inputs_embeds, ids)),
