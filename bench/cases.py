@@ -1,0 +1,223 @@
+"""The benchmark cases: which op, at which shape, by which implementation.
+
+A case's ``build`` allocates its inputs and returns the closure to time, so only one case's tensors
+live at a time. Cases of one (op, shape) form a group; every row is compared with the group's
+baselines measured in the same run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+import mode_kernels as mk
+from bench import baselines
+from bench.model import ModelShape, image_span_modality, training_step
+
+EXPERTS_PER_MODALITY = (4, 1)
+LORA_SCALING = 2.0
+KD_TEMPERATURE = 2.0
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+
+
+class CaseSkipped(Exception):
+    """The implementation cannot run here (missing package, unsupported GPU); the reason is recorded."""
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: str
+    impl: str
+    build: Callable[[], Callable[[], object]]
+    is_baseline: bool = False
+    tokens: Optional[int] = None   # tokens per call, for tokens/s
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Shapes of one benchmark profile."""
+    linear_shapes: tuple[tuple[int, int], ...]
+    tokens: tuple[int, ...]
+    image_shares: tuple[float, ...]
+    image_span: int
+    ranks: tuple[int, ...]
+    directions: tuple[str, ...]
+    kd_vocabs: tuple[int, ...]
+    kd_positions: tuple[int, ...]
+    kd_hidden: int
+    model: ModelShape
+    dtype: torch.dtype
+    scaled_down: bool
+    description: str = ""
+
+
+def _anole_model(layers: int) -> ModelShape:
+    return ModelShape(hidden=4096, mlp=11008, vocab=65536, layers=layers, heads=32, batch=2, seq=2048,
+                      image_span=1024)
+
+
+def _cpu_model(layers: int, seq: int) -> ModelShape:
+    return ModelShape(hidden=256, mlp=688, vocab=8192, layers=layers, heads=4, batch=2, seq=seq, image_span=64)
+
+
+# Anole-7B shapes on CUDA; on CPU every dimension scaled down 16x (vocab 8x, spans 1024 -> 64).
+PROFILES = {
+    ("cuda", False): Sizes(((4096, 11008), (11008, 4096)), (2048, 8192, 16384), (0.0, 0.3, 1.0), 1024, (8, 16),
+                           DIRECTIONS, (8194, 65536), (4096, 16384), 4096, _anole_model(4), torch.bfloat16, False,
+                           "Anole-7B shapes, bfloat16"),
+    ("cuda", True): Sizes(((4096, 11008), (11008, 4096)), (8192,), (0.3,), 1024, (8,), DIRECTIONS,
+                          (8194, 65536), (16384,), 4096, _anole_model(2), torch.bfloat16, False,
+                          "Anole-7B shapes, bfloat16 (quick subset)"),
+    ("cpu", False): Sizes(((256, 688), (688, 256)), (128, 512, 1024), (0.0, 0.3, 1.0), 64, (8, 16), DIRECTIONS,
+                          (1026, 8192), (256, 1024), 256, _cpu_model(2, 256), torch.float32, True,
+                          "CPU: shapes scaled down from Anole-7B (K, N, H / 16; V / 8; spans 64), float32"),
+    ("cpu", True): Sizes(((256, 688), (688, 256)), (512,), (0.3,), 64, (8,), ("fwd+bwd",),
+                         (1026, 8192), (1024,), 256, _cpu_model(2, 128), torch.float32, True,
+                         "CPU: shapes scaled down from Anole-7B (K, N, H / 16; V / 8; spans 64), float32, "
+                         "quick subset"),
+}
+
+# For the smoke test of the runner: every case in seconds.
+TINY = Sizes(((32, 48),), (64,), (0.3,), 16, (4,), ("fwd+bwd",), (130,), (64,), 32,
+             ModelShape(hidden=32, mlp=48, vocab=256, layers=1, heads=2, batch=1, seq=32, image_span=16),
+             torch.float32, True, "tiny smoke-test shapes, float32")
+
+
+def sizes_for(device: torch.device, quick: bool, tiny: bool = False) -> Sizes:
+    return TINY if tiny else PROFILES[(device.type, quick)]
+
+
+def _timed_closure(forward: Callable[[], torch.Tensor], params: list[torch.Tensor], direction: str):
+    """The closure to time for one direction of a differentiable computation.
+
+    "fwd" runs the forward with autograd recording (as in training); "bwd" times only the gradient
+    of a forward done once (graph kept); "fwd+bwd" both. A random output gradient stands in for the
+    rest of the network (a scalar loss gets 1).
+    """
+    if direction == "fwd":
+        return forward
+    out = forward()
+    grad_out = torch.randn_like(out) if out.dim() else None
+    if direction == "bwd":
+        return lambda: torch.autograd.grad(out, params, grad_out, retain_graph=True)
+    del out
+    return lambda: torch.autograd.grad(forward(), params, grad_out)
+
+
+def _randn(*shape, device, dtype, scale=1.0, grad=False):
+    return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_(grad)
+
+
+def _routed_lora_build(impl: str, k: int, n: int, tokens: int, share: float, span: int, rank: int,
+                       direction: str, device, dtype):
+    def build():
+        if impl == "torch grouped_mm":
+            reason = baselines.grouped_mm_unavailable_reason(device, dtype)
+            if reason:
+                raise CaseSkipped(reason)
+        torch.manual_seed(0)
+        num_experts = sum(EXPERTS_PER_MODALITY)
+        modality = image_span_modality(1, tokens, share, span, device)[0]
+        x = _randn(tokens, k, device=device, dtype=dtype, grad=True)
+        weight = _randn(n, k, device=device, dtype=dtype, scale=k ** -0.5)
+        lora_a = _randn(num_experts, rank, k, device=device, dtype=dtype, scale=k ** -0.5, grad=True)
+        lora_b = _randn(num_experts, n, rank, device=device, dtype=dtype, scale=1e-2, grad=True)
+        router = _randn(num_experts, k, device=device, dtype=dtype, scale=k ** -0.5, grad=True)
+        if impl == "base linear (floor)":
+            return _timed_closure(lambda: F.linear(x, weight), [x], direction)
+        layer, routing = {
+            "naive MoDE layer": (baselines.naive_mode_lora, modality),
+            "PEFT loop": (baselines.peft_loop_lora, modality),
+            "torch grouped_mm": (baselines.grouped_mm_lora, modality),
+            # A model plans once per forward for all its adapted layers: planning is not per layer.
+            "ours": (mk.modality_lora_linear, mk.plan_routing(modality, len(EXPERTS_PER_MODALITY))),
+        }[impl]
+        return _timed_closure(
+            lambda: layer(x, weight, None, routing, lora_a, lora_b, router,
+                          experts_per_modality=EXPERTS_PER_MODALITY, scaling=LORA_SCALING),
+            [x, lora_a, lora_b, router], direction)
+    return build
+
+
+ROUTED_LORA_IMPLS = (("base linear (floor)", True), ("naive MoDE layer", True), ("PEFT loop", True),
+                     ("torch grouped_mm", True), ("ours", False))
+
+
+def routed_lora_cases(sizes: Sizes, device) -> Iterator[Case]:
+    backend = mk.backends.resolve("auto", device, "routed_lora")
+    for direction in sizes.directions:
+        for (k, n) in sizes.linear_shapes:
+            for tokens in sizes.tokens:
+                for share in sizes.image_shares:
+                    for rank in sizes.ranks:
+                        shape = f"K={k} N={n} T={tokens} img={share:.0%} r={rank} E=(4,1)"
+                        for impl, is_baseline in ROUTED_LORA_IMPLS:
+                            label = f"ours ({backend})" if impl == "ours" else impl
+                            build = _routed_lora_build(impl, k, n, tokens, share, sizes.image_span, rank,
+                                                       direction, device, sizes.dtype)
+                            yield Case(f"routed LoRA {direction}", shape, label, build, is_baseline, tokens)
+
+
+def _liger_loss(student_hidden, teacher_hidden, weight):
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except ImportError as exc:
+        raise CaseSkipped(f"liger_kernel not importable: {exc}") from exc
+    if student_hidden.device.type != "cuda":
+        raise CaseSkipped("Liger-Kernel runs on GPUs only")
+    loss = LigerFusedLinearJSD(jsd_beta=0.0, temperature=KD_TEMPERATURE)  # beta 0: forward KL(teacher || student)
+    return lambda: loss(student_hidden, weight, teacher_hidden, weight)
+
+
+def _kd_build(impl: str, positions: int, vocab: int, hidden: int, device, dtype):
+    def build():
+        torch.manual_seed(0)
+        student_hidden = _randn(positions, hidden, device=device, dtype=dtype, grad=True)
+        teacher_hidden = _randn(positions, hidden, device=device, dtype=dtype)
+        weight = _randn(vocab, hidden, device=device, dtype=dtype, scale=hidden ** -0.5)  # frozen lm_head
+        both_logits = lambda: (F.linear(student_hidden, weight), F.linear(teacher_hidden, weight))  # noqa: E731
+        losses = {
+            "naive": lambda: baselines.naive_linear_kd_kl(student_hidden, teacher_hidden, weight,
+                                                          temperature=KD_TEMPERATURE),
+            "reference chunked (torch)": lambda: mk.kd_kl_loss(*both_logits(), temperature=KD_TEMPERATURE,
+                                                               backend="torch"),
+            "ours on logits": lambda: mk.kd_kl_loss(*both_logits(), temperature=KD_TEMPERATURE),
+            "ours fused-linear": lambda: mk.fused_linear_kd_kl_loss(student_hidden, teacher_hidden, weight,
+                                                                    temperature=KD_TEMPERATURE),
+        }
+        loss = _liger_loss(student_hidden, teacher_hidden, weight) if impl == "Liger fused linear JSD" \
+            else losses[impl]
+        return _timed_closure(loss, [student_hidden], "fwd+bwd")
+    return build
+
+
+KD_IMPLS = (("naive", True), ("reference chunked (torch)", False), ("ours on logits", False),
+            ("ours fused-linear", False), ("Liger fused linear JSD", True))
+
+
+def kd_cases(sizes: Sizes, device) -> Iterator[Case]:
+    backend = mk.backends.resolve("auto", device, "kd_kl")
+    for vocab in sizes.kd_vocabs:
+        for positions in sizes.kd_positions:
+            shape = f"P={positions} V={vocab} H={sizes.kd_hidden} T={KD_TEMPERATURE:g}"
+            for impl, is_baseline in KD_IMPLS:
+                label = f"{impl} ({backend})" if impl.startswith("ours") else impl
+                yield Case("KD loss fwd+bwd (from hidden states)", shape, label,
+                           _kd_build(impl, positions, vocab, sizes.kd_hidden, device, sizes.dtype),
+                           is_baseline, positions)
+
+
+def train_step_cases(sizes: Sizes, device) -> Iterator[Case]:
+    shape = sizes.model
+    for impl, label, is_baseline in (("naive", "naive MoDE layers + naive KD", True),
+                                     ("ours", "mode-kernels", False)):
+        yield Case("training step (adapter grads)", shape.label(), label,
+                   lambda impl=impl: training_step(shape, impl, device, sizes.dtype)[0], is_baseline,
+                   shape.tokens_per_step)
+
+
+def all_cases(sizes: Sizes, device) -> list[Case]:
+    return [*routed_lora_cases(sizes, device), *kd_cases(sizes, device), *train_step_cases(sizes, device)]

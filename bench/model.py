@@ -1,0 +1,165 @@
+"""A Chameleon-shaped decoder with fewer layers, for timing one MoDE training step.
+
+Frozen base (embeddings, attention, MLP, lm_head); MoDE adapters on gate/up/down of every MLP:
+experts (4, 1), rank 8, scaling 2, dropout 0.05 on the adapter input. The same model with adapters
+off is the teacher. Attention is plain causal SDPA without rotary embeddings or qk-norm: the step's
+cost that MoDE changes is in the adapted MLPs and the KD loss, and both implementations share the rest.
+
+One step = CE on a task stream + 0.3 * T^2 KL(teacher || student) on an image-generation stream,
+over the image-code slice of the vocabulary, gradients for the adapters only.
+- "naive": ``bench.baselines.naive_mode_lora`` layers (routing by modality ids in every layer) and
+  ``naive_linear_kd_kl`` (both logits materialised).
+- "ours": ``mk.modality_lora_linear`` with one routing plan per forward, and
+  ``mk.fused_linear_kd_kl_loss``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import mode_kernels as mk
+from bench.baselines import naive_linear_kd_kl, naive_mode_lora
+
+EXPERTS_PER_MODALITY = (4, 1)
+LORA_RANK = 8
+LORA_SCALING = 2.0
+LORA_DROPOUT = 0.05
+KD_WEIGHT = 0.3
+KD_TEMPERATURE = 2.0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    mlp: int
+    vocab: int
+    layers: int
+    heads: int
+    batch: int
+    seq: int
+    image_span: int
+
+    @property
+    def image_codes(self) -> tuple[int, int]:
+        """The vocab slice KD runs on: Anole's 8192 image codes at 4..8195 of 65536, scaled with the vocab."""
+        return 4, 4 + self.vocab // 8
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Student tokens per step: the task stream and the generation stream."""
+        return 2 * self.batch * self.seq
+
+    def label(self) -> str:
+        return (f"H={self.hidden} MLP={self.mlp} V={self.vocab} L={self.layers} "
+                f"B={self.batch}x{self.seq} x2 streams")
+
+
+def _frozen(*shape, fan_in, device, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape, device=device, dtype=dtype) / math.sqrt(fan_in), requires_grad=False)
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen bias-free linear with MoDE experts, run by the naive layer or by mode-kernels."""
+
+    def __init__(self, k: int, n: int, impl: str, device, dtype):
+        super().__init__()
+        num_experts = sum(EXPERTS_PER_MODALITY)
+        self.impl = impl
+        self.weight = _frozen(n, k, fan_in=k, device=device, dtype=dtype)
+        self.lora_a = nn.Parameter(torch.randn(num_experts, LORA_RANK, k, device=device, dtype=dtype) / math.sqrt(k))
+        # Small non-zero B (PEFT starts at 0) so every term of the backward does real work.
+        self.lora_b = nn.Parameter(torch.randn(num_experts, n, LORA_RANK, device=device, dtype=dtype) * 1e-3)
+        self.router = nn.Parameter(torch.randn(num_experts, k, device=device, dtype=dtype) / math.sqrt(k))
+
+    def forward(self, x: Tensor, routing, adapters_on: bool) -> Tensor:
+        if not adapters_on:
+            return F.linear(x, self.weight)
+        layer = naive_mode_lora if self.impl == "naive" else mk.modality_lora_linear
+        return layer(x, self.weight, None, routing, self.lora_a, self.lora_b, self.router,
+                     experts_per_modality=EXPERTS_PER_MODALITY, scaling=LORA_SCALING,
+                     lora_input=F.dropout(x, LORA_DROPOUT, self.training))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: ModelShape, impl: str, device, dtype):
+        super().__init__()
+        h = shape.hidden
+        self.heads = shape.heads
+        self.qkv = _frozen(3 * h, h, fan_in=h, device=device, dtype=dtype)
+        self.out = _frozen(h, h, fan_in=h, device=device, dtype=dtype)
+        self.gate = AdaptedLinear(h, shape.mlp, impl, device, dtype)
+        self.up = AdaptedLinear(h, shape.mlp, impl, device, dtype)
+        self.down = AdaptedLinear(shape.mlp, h, impl, device, dtype)
+
+    def forward(self, x: Tensor, routing, adapters_on: bool) -> Tensor:
+        b, s, h = x.shape
+        q, k, v = F.linear(F.rms_norm(x, (h,)), self.qkv).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, h)
+        x = x + F.linear(attn, self.out)
+        z = F.rms_norm(x, (h,))
+        mlp = F.silu(self.gate(z, routing, adapters_on)) * self.up(z, routing, adapters_on)
+        return x + self.down(mlp, routing, adapters_on)
+
+
+class ChameleonShaped(nn.Module):
+    def __init__(self, shape: ModelShape, impl: str, device, dtype):
+        super().__init__()
+        self.impl = impl
+        self.embed = _frozen(shape.vocab, shape.hidden, fan_in=1, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(shape, impl, device, dtype) for _ in range(shape.layers))
+        self.lm_head = _frozen(shape.vocab, shape.hidden, fan_in=shape.hidden, device=device, dtype=dtype)
+
+    def hidden_states(self, ids: Tensor, modality: Tensor, adapters_on: bool) -> Tensor:
+        # The naive layer routes from the ids in every layer; ours plans once per forward for all layers.
+        routing = modality if self.impl == "naive" else mk.plan_routing(modality, len(EXPERTS_PER_MODALITY))
+        x = F.embedding(ids, self.embed)
+        for layer in self.layers:
+            x = layer(x, routing, adapters_on)
+        return F.rms_norm(x, (x.shape[-1],))
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def image_span_modality(batch: int, seq: int, image_share: float, span: int, device) -> Tensor:
+    """Modality ids [batch, seq]: round(share * seq) image tokens per sequence in spans of at most
+    ``span`` tokens, spread evenly (each span closes an equal segment: text first, then its image)."""
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    image_tokens = round(image_share * seq)
+    num_spans = math.ceil(image_tokens / span) if image_tokens else 0
+    segment = seq // max(num_spans, 1)
+    for i in range(num_spans):
+        length = min(span, image_tokens - i * span)
+        end = seq if i == num_spans - 1 else (i + 1) * segment
+        ids[:, end - length:end] = 1
+    return ids
+
+
+def training_step(shape: ModelShape, impl: str, device, dtype) -> tuple[Callable[[], object], list[Tensor]]:
+    """Build the model and a batch; return the step closure (loss forward + adapter gradients)."""
+    torch.manual_seed(0)
+    model = ChameleonShaped(shape, impl, device, dtype).train()
+    params = model.adapter_parameters()
+    ids = torch.randint(shape.vocab, (2, shape.batch, shape.seq), device=device)
+    modality = image_span_modality(shape.batch, shape.seq, 0.5, shape.image_span, device)
+    lo, hi = shape.image_codes
+    ids[:, modality == 1] = torch.randint(lo, hi, ids[:, modality == 1].shape, device=device)
+    task_ids, gen_ids = ids[0], ids[1]
+    labels = task_ids.roll(-1, dims=1)
+    kd = naive_linear_kd_kl if impl == "naive" else mk.fused_linear_kd_kl_loss
+
+    def step():
+        task_hidden = model.hidden_states(task_ids, modality, adapters_on=True)
+        ce = F.cross_entropy(F.linear(task_hidden, model.lm_head).float().flatten(0, 1), labels.flatten())
+        student_hidden = model.hidden_states(gen_ids, modality, adapters_on=True)
+        with torch.no_grad():
+            teacher_hidden = model.hidden_states(gen_ids, modality, adapters_on=False)
+        distill = kd(student_hidden, teacher_hidden, model.lm_head, temperature=KD_TEMPERATURE, vocab_range=(lo, hi))
+        return torch.autograd.grad(ce + KD_WEIGHT * distill, params)
+
+    return step, params

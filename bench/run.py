@@ -1,0 +1,198 @@
+"""Time every benchmark case side by side with its baselines; write results.json and results.md.
+
+    python -m bench.run [--quick] [--device cuda|cpu] [--output DIR] [--filter TEXT]
+
+Rows: one per (op, shape, implementation) with median/min/max time, peak extra memory and the ratio
+of time and memory to each baseline of the same op and shape measured in the same run. On CPU the
+shapes are scaled down automatically (the table says so). A case that runs out of memory is recorded
+as OOM; one that cannot run here (e.g. no Liger-Kernel) as skipped, with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import sys
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.cases import Case, CaseSkipped, Sizes, all_cases, sizes_for
+from bench.timing import TimingBudget, measure
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest"
+TINY_BUDGET = TimingBudget(warmup_ms=1, rep_ms=5, cpu_min_run_time_s=0.01)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
+def _package_version(name: str) -> str:
+    try:
+        return __import__(name).__version__
+    except ImportError:
+        return "not installed"
+
+
+def environment(device: torch.device, sizes: Sizes, quick: bool) -> dict:
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": _package_version("triton"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "dtype": str(sizes.dtype).removeprefix("torch."),
+        "shapes": sizes.description,
+        "scaled_down": sizes.scaled_down,
+        "quick": quick,
+    }
+
+
+def run_case(case: Case, device: torch.device, budget: TimingBudget) -> dict:
+    row = {"op": case.op, "shape": case.shape, "impl": case.impl, "baseline": case.is_baseline, "status": "ok",
+           "note": "", "median_ms": None, "min_ms": None, "max_ms": None, "peak_mem_mib": None,
+           "tokens_per_s": None, "ratios": {}}
+    try:
+        measurement = measure(case.build(), device, budget)
+        row.update(asdict(measurement))
+        if case.tokens:
+            row["tokens_per_s"] = case.tokens / (measurement.median_ms / 1e3)
+    except CaseSkipped as exc:
+        row.update(status="skipped", note=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one failing case must not end the run; it is recorded
+        if _is_out_of_memory(exc):
+            row.update(status="OOM", note=str(exc).splitlines()[0][:200])
+        else:
+            row.update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            tqdm.write(f"error in {case.op} | {case.shape} | {case.impl}:\n{traceback.format_exc()}", file=sys.stderr)
+    finally:
+        # The closure and any exception traceback hold the case's tensors; free them before the next case.
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ratios[baseline impl] = {"time": ours / baseline, "memory": ours / baseline} within (op, shape)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["op"], row["shape"]), []).append(row)
+    for group in groups.values():
+        references = [r for r in group if r["baseline"] and r["status"] == "ok"]
+        for row in group:
+            if row["status"] != "ok":
+                continue
+            for ref in references:
+                if ref is row:
+                    continue
+                memory = row["peak_mem_mib"] / ref["peak_mem_mib"] if ref["peak_mem_mib"] > 0 else None
+                row["ratios"][ref["impl"]] = {"time": row["median_ms"] / ref["median_ms"], "memory": memory}
+
+
+def _format_ratios(ratios: dict) -> str:
+    parts = []
+    for impl, ratio in ratios.items():
+        memory = "" if ratio["memory"] is None else f", mem {ratio['memory']:.2f}x"
+        parts.append(f"{impl}: {ratio['time']:.2f}x{memory}")
+    return "; ".join(parts)
+
+
+def _format_number(value: Optional[float], digits: int = 3) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{digits}g}" if value < 100 else f"{value:.0f}"
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# mode-kernels benchmark: {meta['device_name']}, {meta['date']}", ""]
+    lines.append(f"torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}, {meta['shapes']}.")
+    if meta["device"] == "cpu":
+        lines.append("**CPU run at scaled-down shapes**: timings on a shared CPU are noisy and say nothing about "
+                     "GPU speed; peak memory is the torch CPU allocator's, from the profiler.")
+    else:
+        lines.append("Times: `triton.testing.do_bench` (L2 flushed); peak memory: `torch.cuda.max_memory_allocated` "
+                     "above what was allocated before the case.")
+    lines += ["", "Ratios are this row's time (and peak memory) over the named baseline's, same op and shape, "
+              "same run: below 1 is faster (smaller).", "",
+              "| op | shape | implementation | median ms | min ms | max ms | peak MiB | vs baselines | note |",
+              "|---|---|---|---:|---:|---:|---:|---|---|"]
+    for row in rows:
+        note = row["note"] if row["status"] == "ok" else f"**{row['status']}** {row['note']}"
+        if row["status"] == "ok" and row["tokens_per_s"] and row["op"].startswith("training step"):
+            note = f"{row['tokens_per_s']:,.0f} tokens/s"
+        cells = [row["op"], row["shape"], row["impl"], _format_number(row["median_ms"]),
+                 _format_number(row["min_ms"]), _format_number(row["max_ms"]),
+                 _format_number(row["peak_mem_mib"]), _format_ratios(row["ratios"]), note.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few representative cases only")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda when available, else cpu (CPU shapes are scaled down)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"default: {DEFAULT_OUTPUT}")
+    parser.add_argument("--filter", default=None, help="only cases whose 'op shape implementation' contains this")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for --device cpu (default 1: on a shared machine more threads spin-wait "
+                             "on each other and timings explode)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and timing budget (smoke test)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    sizes = sizes_for(device, args.quick, args.tiny)
+    budget = TINY_BUDGET if args.tiny else TimingBudget()
+    cases = all_cases(sizes, device)
+    if args.filter:
+        cases = [c for c in cases if args.filter.lower() in f"{c.op} {c.shape} {c.impl}".lower()]
+    meta = environment(device, sizes, args.quick)
+    rows = []
+    for case in tqdm(cases, desc="bench", unit="case", dynamic_ncols=True):
+        rows.append({**run_case(case, device, budget),
+                     **{key: meta[key] for key in ("device_name", "torch", "triton", "date")}})
+    add_ratios(rows)
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    table = markdown(meta, rows)
+    (args.output / "results.md").write_text(table)
+    print(table)
+    print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}")
+    failed = [r for r in rows if r["status"] == "error"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
