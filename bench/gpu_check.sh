@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The one call to make on a lent GPU machine (repo copied, not installed; no network), in <= 8 minutes:
+#   1. the test suite with CUDA present (conftest sets TRITON_INTERPRET=1 only without nvidia-smi),
+#   2. the Triton compile check for sm_90,
+#   3. python -m bench.run --quick --device cuda.
+# Each step has its own timeout; a failed step is recorded and the later steps still run.
+# Logs, results and summary.txt go to $OUT when set, else bench/results/gpu-check-<UTC date>.
+# The bench results are also copied as <date>-<gpu>.json/.md, the names to commit under bench/results/.
+#
+# Knobs (environment), mostly to exercise the flow on a machine without a GPU:
+#   BENCH_DEVICE=cpu      run the benchmark on CPU (scaled-down shapes) instead of cuda
+#   BENCH_ARGS="--tiny"   extra arguments for bench.run
+#   TESTS="tests/x.py"    what pytest runs (default: tests/)
+#   COMPILE_ARCH="90"     archs for the compile check; COMPILE_ARGS extra arguments (e.g. --default-only)
+#   TESTS_TIMEOUT, COMPILE_TIMEOUT, BENCH_TIMEOUT   seconds per step (default 200, 60, 190)
+#   PYTHON                interpreter (default python3)
+set -u
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 2
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+PYTHON="${PYTHON:-python3}"
+STAMP="$(date -u +%Y-%m-%d)"
+DEST="${OUT:-$REPO/bench/results/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$DEST"
+SUMMARY="$DEST/summary.txt"
+BENCH_DEVICE="${BENCH_DEVICE:-cuda}"
+FAILED=0
+
+{
+    echo "gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1
+    "$PYTHON" -c 'import triton; print("triton", triton.__version__)' 2>&1
+    "$PYTHON" -c 'import transformers; print("transformers", transformers.__version__)' 2>&1
+    "$PYTHON" -c 'import liger_kernel; print("liger_kernel importable")' 2>&1 | tail -1
+} > "$DEST/environment.txt" 2>&1
+cat "$DEST/environment.txt"
+echo "steps (name, exit status, seconds, log):" > "$SUMMARY"
+
+# run_step NAME TIMEOUT_S COMMAND...: run with a timeout, log to $DEST/NAME.log, record the outcome.
+run_step() {
+    local name="$1" limit="$2"
+    shift 2
+    local start=$SECONDS rc
+    echo "== $name (timeout ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" > "$DEST/$name.log" 2>&1
+    rc=$?
+    local outcome="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then outcome="TIMEOUT"; elif [ "$rc" -ne 0 ]; then outcome="FAILED"; fi
+    [ "$rc" -ne 0 ] && FAILED=1
+    printf '%-14s %-8s rc=%-4s %4ss  %s\n' "$name" "$outcome" "$rc" "$((SECONDS - start))" "$name.log" >> "$SUMMARY"
+    tail -n 3 "$DEST/$name.log"
+}
+
+# shellcheck disable=SC2086  # TESTS, COMPILE_*, BENCH_ARGS are word lists on purpose
+run_step tests "${TESTS_TIMEOUT:-200}" "$PYTHON" -m pytest -q -ra -p no:cacheprovider --durations=10 ${TESTS:-tests/}
+# shellcheck disable=SC2086
+run_step compile_check "${COMPILE_TIMEOUT:-60}" "$PYTHON" -m mode_kernels.compile_check --arch ${COMPILE_ARCH:-90} ${COMPILE_ARGS:-}
+# shellcheck disable=SC2086
+run_step bench "${BENCH_TIMEOUT:-190}" "$PYTHON" -m bench.run --quick --device "$BENCH_DEVICE" --output "$DEST/bench" ${BENCH_ARGS:-}
+
+# Copy the bench results under the names to commit: bench/results/<date>-<gpu>.json / .md.
+if [ -f "$DEST/bench/results.json" ]; then
+    SLUG="$("$PYTHON" - "$DEST/bench/results.json" <<'EOF'
+import json, re, sys
+meta = json.load(open(sys.argv[1]))["meta"]
+name = "cpu" if meta["device"] == "cpu" else meta["device_name"].lower().replace("nvidia", "")
+print(re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown")
+EOF
+)"
+    cp "$DEST/bench/results.json" "$DEST/$STAMP-$SLUG.json"
+    cp "$DEST/bench/results.md" "$DEST/$STAMP-$SLUG.md"
+    echo "results to commit: $STAMP-$SLUG.json, $STAMP-$SLUG.md" >> "$SUMMARY"
+else
+    echo "no bench results were written" >> "$SUMMARY"
+fi
+
+{
+    echo
+    echo "tests:";         grep -E '^(FAILED|ERROR)|passed|failed|error' "$DEST/tests.log" | tail -n 15
+    echo "compile check:"; tail -n 5 "$DEST/compile_check.log"
+    echo "bench rows not ok:"
+    grep -E '\*\*(OOM|error|skipped)\*\*' "$DEST/bench/results.md" 2>/dev/null | cut -c1-240 || true
+} >> "$SUMMARY" 2>&1
+echo "== summary ($SUMMARY)"
+cat "$SUMMARY"
+exit "$FAILED"
