@@ -111,7 +111,7 @@ def _randn(*shape, device, dtype, scale=1.0, grad=False):
     return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_(grad)
 
 
-def _routed_lora_build(impl: str, k: int, n: int, tokens: int, share: float, span: int, rank: int,
+def routed_lora_build(impl: str, k: int, n: int, tokens: int, share: float, span: int, rank: int,
                        direction: str, device, dtype):
     def build():
         if impl == "torch grouped_mm":
@@ -156,7 +156,7 @@ def routed_lora_cases(sizes: Sizes, device) -> Iterator[Case]:
                         shape = f"K={k} N={n} T={tokens} img={share:.0%} r={rank} E=(4,1)"
                         for impl, is_baseline in ROUTED_LORA_IMPLS:
                             label = f"ours ({backend})" if impl == "ours" else impl
-                            build = _routed_lora_build(impl, k, n, tokens, share, sizes.image_span, rank,
+                            build = routed_lora_build(impl, k, n, tokens, share, sizes.image_span, rank,
                                                        direction, device, sizes.dtype)
                             yield Case(f"routed LoRA {direction}", shape, label, build, is_baseline, tokens)
 
@@ -172,7 +172,7 @@ def _liger_loss(student_hidden, teacher_hidden, weight):
     return lambda: loss(student_hidden, weight, teacher_hidden, weight)
 
 
-def _kd_build(impl: str, positions: int, vocab: int, hidden: int, device, dtype):
+def kd_build(impl: str, positions: int, vocab: int, hidden: int, device, dtype):
     def build():
         torch.manual_seed(0)
         student_hidden = _randn(positions, hidden, device=device, dtype=dtype, grad=True)
@@ -206,7 +206,7 @@ def kd_cases(sizes: Sizes, device) -> Iterator[Case]:
             for impl, is_baseline in KD_IMPLS:
                 label = f"{impl} ({backend})" if impl.startswith("ours") else impl
                 yield Case("KD loss fwd+bwd (from hidden states)", shape, label,
-                           _kd_build(impl, positions, vocab, sizes.kd_hidden, device, sizes.dtype),
+                           kd_build(impl, positions, vocab, sizes.kd_hidden, device, sizes.dtype),
                            is_baseline, positions)
 
 

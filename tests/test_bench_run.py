@@ -1,0 +1,66 @@
+"""bench.run end to end at tiny CPU shapes: both result files, with the schema the README relies on."""
+import json
+
+import pytest
+import torch
+
+from bench import run
+from bench.cases import Case
+
+ROW_KEYS = {"op", "shape", "impl", "baseline", "status", "note", "median_ms", "min_ms", "max_ms", "peak_mem_mib",
+            "tokens_per_s", "ratios", "device_name", "torch", "triton", "date"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert run.main(["--quick", "--device", "cpu", "--tiny", "--output", str(out)]) == 0
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+def test_every_op_and_baseline_is_measured(results):
+    data, _ = results
+    assert data["meta"]["device"] == "cpu" and data["meta"]["scaled_down"] is True
+    rows = data["rows"]
+    for row in rows:
+        assert ROW_KEYS <= row.keys()
+    ok = {(r["op"].split()[0], r["impl"]) for r in rows if r["status"] == "ok"}
+    for impl in ("base linear (floor)", "naive MoDE layer", "PEFT loop", "ours (torch)"):
+        assert ("routed", impl) in ok
+    for impl in ("naive", "reference chunked (torch)", "ours on logits (torch)", "ours fused-linear (torch)"):
+        assert ("KD", impl) in ok
+    assert {impl for op, impl in ok if op == "training"} == {"naive MoDE layers + naive KD", "mode-kernels"}
+    # Liger-Kernel is GPU-only: on CPU it is recorded as skipped with the reason, not dropped.
+    liger = [r for r in rows if r["impl"] == "Liger fused linear JSD"]
+    assert liger and all(r["status"] == "skipped" and r["note"] for r in liger)
+
+
+def test_rows_carry_times_memory_and_ratios_to_baselines(results):
+    data, _ = results
+    for row in data["rows"]:
+        if row["status"] != "ok":
+            continue
+        assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["peak_mem_mib"] >= 0
+        assert row["device_name"] and row["torch"] and row["date"]
+    ours = next(r for r in data["rows"] if r["op"] == "routed LoRA fwd+bwd" and r["impl"] == "ours (torch)")
+    assert {"base linear (floor)", "naive MoDE layer", "PEFT loop"} <= ours["ratios"].keys()
+    floor = next(r for r in data["rows"] if r["op"] == "routed LoRA fwd+bwd" and r["impl"] == "base linear (floor)")
+    assert ours["ratios"]["base linear (floor)"]["time"] == pytest.approx(ours["median_ms"] / floor["median_ms"])
+    step = [r for r in data["rows"] if r["op"].startswith("training step")]
+    assert all(r["tokens_per_s"] > 0 for r in step)
+
+
+def test_markdown_has_one_row_per_case_and_says_cpu_shapes_are_scaled_down(results):
+    data, md = results
+    assert "scaled-down shapes" in md
+    table_rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| op ")]
+    assert len(table_rows) == len(data["rows"])
+
+
+def test_a_failing_case_is_recorded_not_raised():
+    def build():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+
+    row = run.run_case(Case("op", "shape", "impl", build), torch.device("cpu"), run.TINY_BUDGET)
+    assert row["status"] == "OOM" and row["median_ms"] is None
