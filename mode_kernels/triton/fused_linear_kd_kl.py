@@ -40,7 +40,7 @@ DLOGITS_CHUNK_ELEMENTS = 1 << 26
 @triton.jit
 def logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
                 stride_hs, stride_ht, stride_ws, stride_wt, scale2,
-                SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Student and teacher logits of the tile (rows, vocab), float32, in base-2 units
     (x log2(e) / T), -inf on vocab entries past n_vocab."""
@@ -62,9 +62,8 @@ def logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
             wt = ws  # teacher_weight None: one weight tile serves both dots
         else:
             wt = tl.load(wt_rows + ks[None, :], mask=vocab_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
-        # ieee: float32 inputs get true float32 products (no TF32); ignored for 16-bit operands.
-        acc_s = tl.dot(hs, tl.trans(ws), acc_s, input_precision="ieee")
-        acc_t = tl.dot(ht, tl.trans(wt), acc_t, input_precision="ieee")
+        acc_s = tl.dot(hs, tl.trans(ws), acc_s, input_precision=DOT_PRECISION)
+        acc_t = tl.dot(ht, tl.trans(wt), acc_t, input_precision=DOT_PRECISION)
     s = tl.where(vocab_ok[None, :], acc_s * scale2, float("-inf"))
     t = tl.where(vocab_ok[None, :], acc_t * scale2, float("-inf"))
     return s, t
@@ -74,7 +73,7 @@ def logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
 def _fused_fwd_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, loss_ptr, lse_s_ptr, lse_t_ptr,
                       n_rows, n_vocab, H, stride_hs, stride_ht, stride_ws, stride_wt, scale2, temperature,
                       HAS_MASK: tl.constexpr, SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Each program owns blocks of BLOCK_P positions (grid-strided) and sweeps the vocab slice
     (ws_ptr/wt_ptr point at row lo) in BLOCK_V tiles."""
     for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_P), tl.num_programs(0)):
@@ -89,7 +88,7 @@ def _fused_fwd_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, loss_ptr, lse_s_
             vocab = v0 + tl.arange(0, BLOCK_V)
             s, t = logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
                                stride_hs, stride_ht, stride_ws, stride_wt, scale2,
-                               SHARED_WEIGHT, DOT_DTYPE, BLOCK_P, BLOCK_V, BLOCK_H)
+                               SHARED_WEIGHT, DOT_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_V, BLOCK_H)
             m_s, l_s, m_t, l_t, cross = online_kl_update(s, t, m_s, l_s, m_t, l_t, cross)
         alive = live & (m_t > float("-inf"))
         loss, lse_s, lse_t = kl_finish(m_s, l_s, m_t, l_t, cross, alive, temperature)
@@ -104,7 +103,7 @@ def _fused_dlogits_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, grad_rows_pt
                           dlogits_ptr, n_rows, n_vocab, H, stride_hs, stride_ht, stride_ws, stride_wt, stride_dl,
                           scale2, temperature,
                           HAS_MASK: tl.constexpr, SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """One (vocab tile, position block) of d logits = T (p_s - p_t) grad, recomputed from the
     saved logsumexps. Grid: (vocab tiles, position blocks of the chunk)."""
     vocab = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -113,7 +112,7 @@ def _fused_dlogits_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, grad_rows_pt
     live = load_live_rows(mask_ptr, rows, n_rows, HAS_MASK)
     s, t = logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
                        stride_hs, stride_ht, stride_ws, stride_wt, scale2,
-                       SHARED_WEIGHT, DOT_DTYPE, BLOCK_P, BLOCK_V, BLOCK_H)
+                       SHARED_WEIGHT, DOT_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_V, BLOCK_H)
     lse_s2 = tl.load(lse_s_ptr + rows, mask=ok, other=0.0) * LOG2E_K
     lse_t2 = tl.load(lse_t_ptr + rows, mask=ok, other=0.0) * LOG2E_K
     row_scale = temperature * tl.load(grad_rows_ptr + rows, mask=ok, other=0.0).to(tl.float32)
@@ -124,7 +123,7 @@ def _fused_dlogits_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, grad_rows_pt
 
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   ACCUMULATE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   ACCUMULATE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """c = a @ b (c += a @ b when ACCUMULATE), float32 accumulation, stored in c's dtype.
     Strides make transposes free (d weight uses d logits^T)."""
@@ -139,7 +138,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
                     other=0.0).to(DOT_DTYPE)
         b = tl.load(b_cols + ks.to(tl.int64)[:, None] * stride_bk, mask=(ks < K)[:, None] & (ns < N)[None, :],
                     other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     c_ptrs = c_ptr + ms.to(tl.int64)[:, None] * stride_cm + ns.to(tl.int64)[None, :] * stride_cn
     c_mask = (ms < M)[:, None] & (ns < N)[None, :]
     if ACCUMULATE:
@@ -204,10 +203,14 @@ def _operand_dtype(*tensors) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _dot_dtype(operand: torch.dtype):
+def _dot_args(operand: torch.dtype) -> dict:
+    """The dots' operand type and precision, as kernel constexprs."""
     # Triton 3.9's interpreter computes tl.dot on bf16 operands wrongly: upcast there (exact,
     # the products of 16-bit values are exact in float32), keep 16-bit dots when compiled.
-    return tl.float32 if INTERPRET else _TL_DTYPE[operand]
+    # float32 inputs use 3xTF32: tensor cores at about float32 accuracy (plain float32 dots
+    # fall back to FMA loops that spill); the precision is ignored for 16-bit operands.
+    return {"DOT_DTYPE": tl.float32 if INTERPRET else _TL_DTYPE[operand],
+            "DOT_PRECISION": "tf32x3" if operand == torch.float32 else "ieee"}
 
 
 def _check(hs, ht, ws, wt):
@@ -222,7 +225,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) 
         return
     _matmul[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
         a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        ACCUMULATE=accumulate, DOT_DTYPE=_dot_dtype(_operand_dtype(a, b)))
+        ACCUMULATE=accumulate, **_dot_args(_operand_dtype(a, b)))
 
 
 def fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi):
@@ -235,12 +238,12 @@ def fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi):
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
     if n_rows == 0:
         return loss, lse_s, lse_t
-    dot_dtype = _dot_dtype(_operand_dtype(hs, ht, ws, wt_slice))
+    dot = _dot_args(_operand_dtype(hs, ht, ws, wt_slice))
     _fused_fwd[lambda meta: (max(1, min(triton.cdiv(n_rows, meta["BLOCK_P"]), MAX_GRID)),)](
         hs, ht, ws[lo:hi], wt_slice, loss if mask is None else mask.contiguous(), loss, lse_s, lse_t,
         n_rows, hi - lo, H, hs.stride(0), ht.stride(0), ws.stride(0), wt_slice.stride(0),
         LOG2E / temperature, float(temperature),
-        HAS_MASK=mask is not None, SHARED_WEIGHT=wt is None, DOT_DTYPE=dot_dtype)
+        HAS_MASK=mask is not None, SHARED_WEIGHT=wt is None, **dot)
     return loss, lse_s, lse_t
 
 
@@ -258,7 +261,7 @@ def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, t
     d_hs = torch.empty(n_rows, H, dtype=hs.dtype, device=hs.device)
     d_ws_slice = torch.empty(n_vocab, H, dtype=torch.float32, device=ws.device) if need_dw else None
     operand = _operand_dtype(hs, ht, ws, wt_slice)
-    dot_dtype = _dot_dtype(operand)
+    dot = _dot_args(operand)
     mask = None if mask is None else mask.contiguous()
     grad_rows, lse_s, lse_t = grad_rows.contiguous(), lse_s.contiguous(), lse_t.contiguous()
     chunk = max(1, min(n_rows, DLOGITS_CHUNK_ELEMENTS // max(n_vocab, 1)))
@@ -272,7 +275,7 @@ def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, t
             lse_s[r0:r1], lse_t[r0:r1], dl, r1 - r0, n_vocab, H,
             hs.stride(0), ht.stride(0), ws.stride(0), wt_slice.stride(0), dl.stride(0),
             LOG2E / temperature, float(temperature),
-            HAS_MASK=mask is not None, SHARED_WEIGHT=wt is None, DOT_DTYPE=dot_dtype)
+            HAS_MASK=mask is not None, SHARED_WEIGHT=wt is None, **dot)
         matmul(dl, ws_slice, d_hs[r0:r1], accumulate=False)
         if need_dw:
             matmul(dl.t(), hs[r0:r1], d_ws_slice, accumulate=r0 > 0)
@@ -284,38 +287,46 @@ def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, t
 
 
 # ----------------------------------------------------------------------------- compile check
-def compile_targets():
+_SIG_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_targets(default_only: bool = False):
     """(name, jit fn, signature, constexprs, num_warps, num_stages) for every kernel, operand
-    dtype and config, for mode_kernels.compile_check."""
+    dtype, variant and autotune config the launchers can pick, for mode_kernels.compile_check
+    (default_only: bf16 and each kernel's first config). Row strides are multiples of 16 in
+    the shapes that matter (H = 4096); unit strides are constants, as Triton specialises them."""
     targets = []
-    for dtype, dot in (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16)):
-        wide = dtype == "fp32"
-        for p, v, h, w, st in _TILE_CONFIGS:
-            if not _k_block_fits(4 if wide else 2, h):
-                continue
-            for shared in (True, False):
-                tiles = {"HAS_MASK": True, "SHARED_WEIGHT": shared, "DOT_DTYPE": dot,
-                         "BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}
-                inputs = {"hs_ptr": f"*{dtype}", "ht_ptr": f"*{dtype}", "ws_ptr": f"*{dtype}",
-                          "wt_ptr": f"*{dtype}", "mask_ptr": "*i1"}
-                fwd_sig = {**inputs, "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
-                           "n_rows": "i32", "n_vocab": "i32", "H": "i32", "stride_hs": "i32", "stride_ht": "i32",
-                           "stride_ws": "i32", "stride_wt": "i32", "scale2": "fp32", "temperature": "fp32"}
-                dl_sig = {**inputs, "grad_rows_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
-                          "dlogits_ptr": f"*{dtype}", "n_rows": "i32", "n_vocab": "i32", "H": "i32",
-                          "stride_hs": "i32", "stride_ht": "i32", "stride_ws": "i32", "stride_wt": "i32",
-                          "stride_dl": "i32", "scale2": "fp32", "temperature": "fp32"}
-                tag = f"{dtype}_p{p}_v{v}_h{h}_w{w}_s{st}{'_shared' if shared else ''}"
-                targets.append((f"fused_kd_kl_fwd_{tag}", _fused_fwd_kernel, fwd_sig, tiles, w, st))
-                targets.append((f"fused_kd_kl_dlogits_{tag}", _fused_dlogits_kernel, dl_sig, tiles, w, st))
-        for m, n, k, w, st in _MATMUL_CONFIGS:
-            if not _k_block_fits(4 if wide else 2, k):
-                continue
-            for out, accumulate in ((dtype, False), ("fp32", True)):  # d hidden, d weight
-                sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{out}", "M": "i32", "N": "i32",
-                       "K": "i32", "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-                       "stride_cm": "i32", "stride_cn": "i32"}
-                consts = {"ACCUMULATE": accumulate, "DOT_DTYPE": dot, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
-                tag = f"{dtype}_m{m}_n{n}_k{k}_w{w}_s{st}{'_acc' if accumulate else ''}"
-                targets.append((f"fused_kd_kl_matmul_{tag}", _matmul_kernel, sig, consts, w, st))
+    for operand in (torch.bfloat16,) if default_only else (torch.bfloat16, torch.float16, torch.float32):
+        dt = _SIG_DTYPE[operand]
+        dot = _dot_args(operand)
+        width = operand.itemsize
+        tiles = [c for c in _TILE_CONFIGS if _k_block_fits(width, c[2])]
+        gemms = [c for c in _MATMUL_CONFIGS if _k_block_fits(width, c[2])]
+        for p, v, h, w, st in tiles[:1] if default_only else tiles:
+            for shared in (False,) if default_only else (False, True):
+                consts = {"HAS_MASK": True, "SHARED_WEIGHT": shared, **dot, "BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}
+                inputs = {"hs_ptr": f"*{dt}", "ht_ptr": f"*{dt}", "ws_ptr": f"*{dt}", "wt_ptr": f"*{dt}",
+                          "mask_ptr": "*i1"}
+                sizes = {"n_rows": "i32", "n_vocab": "i32", "H": "i32", "stride_hs": "i32:16", "stride_ht": "i32:16",
+                         "stride_ws": "i32:16", "stride_wt": "i32:16"}
+                fwd = {**inputs, "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", **sizes,
+                       "scale2": "fp32", "temperature": "fp32"}
+                dlogits = {**inputs, "grad_rows_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
+                           "dlogits_ptr": f"*{dt}", **sizes, "stride_dl": "i32:16", "scale2": "fp32",
+                           "temperature": "fp32"}
+                tag = f"[{dt}{' shared' if shared else ''}] P{p} V{v} H{h} w{w} s{st}"
+                targets.append((f"fwd{tag}", _fused_fwd_kernel, fwd, consts, w, st))
+                targets.append((f"dlogits{tag}", _fused_dlogits_kernel, dlogits, consts, w, st))
+        # d hidden = dl @ W (a row-major, out in hidden's dtype); d weight (+)= dl^T @ hidden
+        # (a transposed, float32 out, written by the first chunk, accumulated by the others).
+        uses = (("d_hidden", "stride_ak", dt, False), ("d_weight", "stride_am", "fp32", False),
+                ("d_weight_acc", "stride_am", "fp32", True))
+        for m, n, k, w, st in gemms[:1] if default_only else gemms:
+            for use, unit, out, accumulate in uses[:1] if default_only else uses:
+                strides = {a: "i32:16" for a in ("stride_am", "stride_ak", "stride_bk", "stride_cm") if a != unit}
+                sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{out}", "M": "i32", "N": "i32", "K": "i32",
+                       **strides}
+                consts = {unit: 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": accumulate, **dot,
+                          "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
+                targets.append((f"matmul[{use} {dt}] M{m} N{n} K{k} w{w} s{st}", _matmul_kernel, sig, consts, w, st))
     return targets

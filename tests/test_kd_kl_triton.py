@@ -1,0 +1,246 @@
+"""Triton KD-KL kernels (logits and fused-linear) against the reference backend.
+
+Runs on CUDA when present, else on CPU under TRITON_INTERPRET=1 (set by conftest.py).
+float32: close to the float32 reference. bfloat16/float16: the foundation rule
+|ours - gold64| <= |naive torch in the same dtype - gold64| + tol, gold = reference in float64.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+import mode_kernels as mk  # noqa: E402
+from mode_kernels.reference import kd_kl as ref  # noqa: E402
+from mode_kernels.triton import fused_linear_kd_kl as tfused  # noqa: E402
+from mode_kernels.triton import kd_kl as tkd  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def special_rows(teacher, mask, lo, hi):
+    """Rows 1-4 get the edge cases: teacher all -inf in the slice except one entry, all finfo.min
+    but one, no finite teacher logit in the slice (dead), masked out."""
+    lowest = torch.finfo(teacher.dtype).min
+    teacher[1, lo:hi] = float("-inf")
+    teacher[1, hi - 1] = 1.5
+    teacher[2, lo:hi] = lowest
+    teacher[2, lo] = -0.5
+    teacher[3, lo:hi] = float("-inf")
+    mask[4] = False
+
+
+def make_logits(rows, vocab, lo, hi, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    # Rows live inside a wider buffer: a row stride that is not the vocab size.
+    student = (torch.randn(rows, vocab + 3, generator=g) * 3)[:, 1:vocab + 1]
+    teacher = (torch.randn(rows, vocab + 5, generator=g) * 3)[:, :vocab]
+    mask = torch.ones(rows, dtype=torch.bool)
+    special_rows(teacher, mask, lo, hi)
+    grad_rows = torch.randn(rows, generator=g)
+    return [x.to(DEVICE) for x in (student.to(dtype), teacher.to(dtype), mask, grad_rows)]
+
+
+def assert_no_worse(ours, naive, gold, tol, what):
+    err = (ours.double() - gold).abs()
+    allowed = (naive.double() - gold).abs() + tol
+    worst = (err - allowed).max().item()
+    assert worst <= 0, f"{what}: error exceeds naive's by {worst:.3g} (max error {err.max().item():.3g})"
+
+
+# ----------------------------------------------------------------------------- kd_kl on logits
+LOGIT_CASES = [  # vocab, (lo, hi), temperature
+    (1, (0, 1), 1.0),
+    (17, (0, 17), 0.5),
+    (17, (3, 11), 2.0),
+    (1000, (100, 900), 4.0),
+    (1000, (0, 1000), 1.0),
+    (8194, (2, 8194), 2.0),
+]
+
+
+@pytest.mark.parametrize("vocab,vocab_range,temperature", LOGIT_CASES)
+def test_kd_kl_float32_matches_reference(vocab, vocab_range, temperature):
+    lo, hi = vocab_range
+    student, teacher, mask, grad_rows = make_logits(7, vocab, lo, hi, torch.float32, seed=vocab + lo)
+    ours = tkd.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
+    gold = ref.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
+    for name, a, b in zip(("loss", "lse_s", "lse_t"), ours, gold):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert ours[0][3] == 0 and ours[0][4] == 0 and ours[1][3] == 0 and ours[2][4] == 0
+    if hi - lo > 1:  # (a one-entry slice has KL 0) the one-entry teacher rows still count
+        assert ours[0][[0, 1, 2, 5, 6]].gt(0).all()
+
+    d_ours = tkd.kd_kl_backward(grad_rows, student, teacher, mask, ours[1], ours[2], temperature, lo, hi)
+    d_gold = ref.kd_kl_backward(grad_rows, student, teacher, mask, gold[1], gold[2], temperature, lo, hi)
+    assert d_ours.shape == student.shape and d_ours.dtype == student.dtype
+    torch.testing.assert_close(d_ours, d_gold, rtol=1e-5, atol=1e-6)
+    assert d_ours[3].eq(0).all() and d_ours[4].eq(0).all()
+    assert d_ours[:, :lo].eq(0).all() and d_ours[:, hi:].eq(0).all()
+
+
+def test_kd_kl_live_row_with_zero_logsumexps():
+    """lse_s = lse_t = 0 is how the forward marks a dead row (teacher all -inf); a live row can
+    have both 0 too (logits normalised to log-probabilities) and must still get its gradient."""
+    student = torch.tensor([[0.4, -0.3, 0.2, -1.0], [0.1, 0.2, 0.3, 0.4]], device=DEVICE)
+    teacher = torch.tensor([[0.3, -0.2, 0.1, -0.5], [float("-inf")] * 4], device=DEVICE)
+    student[0] -= torch.logsumexp(student[0], 0)
+    teacher[0] -= torch.logsumexp(teacher[0], 0)
+    zeros, grad = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
+    d_ours = tkd.kd_kl_backward(grad, student, teacher, None, zeros, zeros, 1.0, 0, 4)
+    d_gold = ref.kd_kl_backward(grad, student, teacher, None, zeros, zeros, 1.0, 0, 4)
+    assert d_ours[0].abs().sum() > 0.1 and d_ours[1].eq(0).all()
+    torch.testing.assert_close(d_ours, d_gold, rtol=1e-5, atol=1e-6)
+
+
+def naive_rows(student, teacher, temperature, lo, hi):
+    """T^2 KL per row, all in the logits' dtype (the naive path of that dtype)."""
+    log_ps = torch.log_softmax(student[:, lo:hi] / temperature, -1)
+    log_pt = torch.log_softmax(teacher[:, lo:hi] / temperature, -1)
+    return temperature ** 2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab,vocab_range,temperature", [(1000, (100, 900), 0.5), (8194, (0, 8194), 4.0)])
+def test_kd_kl_half_no_worse_than_naive(dtype, vocab, vocab_range, temperature):
+    lo, hi = vocab_range
+    g = torch.Generator().manual_seed(7)
+    student, teacher = [(torch.randn(5, vocab, generator=g) * 2).to(dtype).to(DEVICE) for _ in range(2)]
+    mask = torch.tensor([True, True, False, True, True], device=DEVICE)
+    grad_rows = torch.randn(5, generator=g).to(DEVICE)
+    gold = ref.kd_kl_forward(student.double(), teacher.double(), mask, temperature, lo, hi)
+    d_gold = ref.kd_kl_backward(grad_rows.double(), student.double(), teacher.double(), mask, gold[1], gold[2],
+                                temperature, lo, hi)
+    s = student.clone().requires_grad_()
+    naive = torch.where(mask, naive_rows(s, teacher, temperature, lo, hi), 0)
+    (naive * grad_rows.to(dtype)).sum().backward()
+
+    ours = tkd.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
+    d_ours = tkd.kd_kl_backward(grad_rows, student, teacher, mask, ours[1], ours[2], temperature, lo, hi)
+    assert d_ours.dtype == dtype
+    assert_no_worse(ours[0], naive.detach(), gold[0], TOL[dtype], "loss")
+    assert_no_worse(d_ours, s.grad, d_gold, TOL[dtype], "d student")
+
+
+def test_kd_kl_float64_is_refused():
+    x = torch.zeros(2, 3, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="student"):
+        tkd.kd_kl_forward(x, x.float(), None, 1.0, 0, 3)
+    with pytest.raises(ValueError, match="teacher"):
+        tkd.kd_kl_backward(torch.ones(2, device=DEVICE), x.float(), x, None, x[:, 0].float(), x[:, 0].float(),
+                           1.0, 0, 3)
+
+
+# ----------------------------------------------------------------------------- fused linear
+def make_hidden(rows, hidden, vocab, dtype, shared, seed):
+    g = torch.Generator().manual_seed(seed)
+    hs, ht = [torch.randn(rows, hidden, generator=g) for _ in range(2)]
+    ws = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5 * 2
+    wt = None if shared else ws + 0.3 * torch.randn(vocab, hidden, generator=g) / hidden ** 0.5
+    mask = torch.ones(rows, dtype=torch.bool)
+    mask[1] = mask[-1] = False
+    grad_rows = torch.randn(rows, generator=g)
+    move = lambda x: None if x is None else x.to(dtype).to(DEVICE)  # noqa: E731
+    return move(hs), move(ht), move(ws), move(wt), mask.to(DEVICE), grad_rows.to(DEVICE)
+
+
+FUSED_CASES = [  # vocab, hidden, (lo, hi), temperature, teacher weight shared, need_dw
+    (1, 20, (0, 1), 1.0, True, True),
+    (17, 40, (0, 17), 0.5, False, True),
+    (1000, 24, (100, 900), 2.0, True, False),
+    (1000, 33, (0, 1000), 4.0, False, True),
+    (8194, 20, (4, 8194), 1.0, True, True),
+]
+
+
+@pytest.mark.parametrize("vocab,hidden,vocab_range,temperature,shared,need_dw", FUSED_CASES)
+def test_fused_float32_matches_reference(vocab, hidden, vocab_range, temperature, shared, need_dw, monkeypatch):
+    lo, hi = vocab_range
+    rows = 9 if vocab > 1000 else 37
+    hs, ht, ws, wt, mask, grad_rows = make_hidden(rows, hidden, vocab, torch.float32, shared, seed=vocab + hidden)
+    ours = tfused.fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi)
+    gold = ref.fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi)
+    for name, a, b in zip(("loss", "lse_s", "lse_t"), ours, gold):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert ours[0][1] == 0 and ours[1][-1] == 0
+
+    # Several d-logits chunks (the d weight accumulation across chunks), not just one.
+    monkeypatch.setattr(tfused, "DLOGITS_CHUNK_ELEMENTS", 16 * (hi - lo))
+    d_ours = tfused.fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, ours[1], ours[2], temperature,
+                                                lo, hi, need_dw)
+    d_gold = ref.fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, gold[1], gold[2], temperature,
+                                             lo, hi, need_dw)
+    torch.testing.assert_close(d_ours[0], d_gold[0], rtol=1e-5, atol=1e-5)
+    assert d_ours[0][1].eq(0).all()
+    if need_dw:
+        assert d_ours[1].shape == ws.shape and d_ours[1].dtype == ws.dtype
+        torch.testing.assert_close(d_ours[1], d_gold[1], rtol=1e-5, atol=1e-5)
+        assert d_ours[1][:lo].eq(0).all() and d_ours[1][hi:].eq(0).all()
+    else:
+        assert d_ours[1] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared", [True, False])
+def test_fused_half_no_worse_than_naive(dtype, shared):
+    vocab, hidden, lo, hi, temperature = 300, 48, 20, 290, 2.0
+    hs, ht, ws, wt, mask, grad_rows = make_hidden(21, hidden, vocab, dtype, shared, seed=3)
+    wt_or_ws = ws if wt is None else wt
+    gold = ref.fused_linear_kd_kl_forward(hs.double(), ht.double(), ws.double(), None if wt is None else wt.double(),
+                                          mask, temperature, lo, hi)
+    d_gold = ref.fused_linear_kd_kl_backward(grad_rows.double(), hs.double(), ht.double(), ws.double(),
+                                             None if wt is None else wt.double(), mask, gold[1], gold[2],
+                                             temperature, lo, hi, True)
+    h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    teacher = (ht @ wt_or_ws.t()) if wt is not None else (ht @ ws.t())
+    naive = torch.where(mask, naive_rows(h @ w.t(), teacher, temperature, lo, hi), 0)
+    (naive * grad_rows.to(dtype)).sum().backward()
+
+    ours = tfused.fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi)
+    d_hs, d_ws = tfused.fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, ours[1], ours[2], temperature,
+                                                    lo, hi, True)
+    assert d_hs.dtype == dtype and d_ws.dtype == dtype
+    assert_no_worse(ours[0], naive.detach(), gold[0], TOL[dtype], "loss")
+    assert_no_worse(d_hs, h.grad, d_gold[0], TOL[dtype], "d hidden")
+    assert_no_worse(d_ws, w.grad, d_gold[1], TOL[dtype], "d weight")
+
+
+def test_fused_float64_is_refused():
+    x = torch.zeros(2, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="ws"):
+        tfused.fused_linear_kd_kl_forward(x.float(), x.float(), x, None, None, 1.0, 0, 2)
+
+
+# ----------------------------------------------------------------------------- through the public API
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_public_api_triton_matches_torch(reduction):
+    g = torch.Generator().manual_seed(11)
+    student = torch.randn(2, 5, 300, generator=g).to(DEVICE)
+    teacher = torch.randn(2, 5, 300, generator=g).to(DEVICE)
+    mask = torch.rand(2, 5, generator=g).to(DEVICE) > 0.3
+    results = []
+    for backend in ("torch", "triton"):
+        s = student.clone().requires_grad_()
+        loss = mk.kd_kl_loss(s, teacher, temperature=2.0, mask=mask, vocab_range=(10, 290), topk=64,
+                             reduction=reduction, backend=backend)
+        loss.sum().backward()
+        results.append((loss.detach(), s.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+
+    hs, ht = [torch.randn(2, 5, 24, generator=g).to(DEVICE) for _ in range(2)]
+    weight = torch.randn(300, 24, generator=g).to(DEVICE) / 3
+    results = []
+    for backend in ("torch", "triton"):
+        h, w = hs.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = mk.fused_linear_kd_kl_loss(h, ht, w, temperature=0.5, mask=mask, vocab_range=(10, 290),
+                                          reduction=reduction, backend=backend)
+        loss.sum().backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for ours, gold in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, gold, rtol=1e-5, atol=1e-5)
