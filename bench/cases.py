@@ -74,7 +74,7 @@ PROFILES = {
     ("cpu", False): Sizes(((256, 688), (688, 256)), (128, 512, 1024), (0.0, 0.3, 1.0), 64, (8, 16), DIRECTIONS,
                           (1026, 8192), (256, 1024), 256, _cpu_model(2, 256), torch.float32, True,
                           "CPU: shapes scaled down from Anole-7B (K, N, H / 16; V / 8; spans 64), float32"),
-    ("cpu", True): Sizes(((256, 688), (688, 256)), (512,), (0.3,), 64, (8,), ("fwd+bwd",),
+    ("cpu", True): Sizes(((256, 688), (688, 256)), (512,), (0.3,), 64, (8,), DIRECTIONS,
                          (1026, 8192), (1024,), 256, _cpu_model(2, 128), torch.float32, True,
                          "CPU: shapes scaled down from Anole-7B (K, N, H / 16; V / 8; spans 64), float32, "
                          "quick subset"),
@@ -213,7 +213,7 @@ def kd_cases(sizes: Sizes, device) -> Iterator[Case]:
 def train_step_cases(sizes: Sizes, device) -> Iterator[Case]:
     shape = sizes.model
     for impl, label, is_baseline in (("naive", "naive MoDE layers + naive KD", True),
-                                     ("ours", "mode-kernels", False)):
+                                     ("ours", "mode.MoDELinear + fused-linear KD", False)):
         yield Case("training step (adapter grads)", shape.label(), label,
                    lambda impl=impl: training_step(shape, impl, device, sizes.dtype)[0], is_baseline,
                    shape.tokens_per_step)

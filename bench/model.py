@@ -7,13 +7,14 @@ cost that MoDE changes is in the adapted MLPs and the KD loss, and both implemen
 
 One step = CE on a task stream + 0.3 * T^2 KL(teacher || student) on an image-generation stream,
 over the image-code slice of the vocabulary, gradients for the adapters only.
-- "naive": ``bench.baselines.naive_mode_lora`` layers (routing by modality ids in every layer) and
-  ``naive_linear_kd_kl`` (both logits materialised).
-- "ours": ``mk.modality_lora_linear`` with one routing plan per forward, and
-  ``mk.fused_linear_kd_kl_loss``.
+- "naive": ``NaiveMoDELinear`` layers (``bench.baselines.naive_mode_lora``: routing by modality ids in
+  every layer) and ``naive_linear_kd_kl`` (both logits materialised).
+- "ours": ``mode.MoDELinear`` layers (``mk.modality_lora_linear``) given one routing plan per forward,
+  and ``mk.fused_linear_kd_kl_loss``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -63,26 +64,60 @@ def _frozen(*shape, fan_in, device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.randn(*shape, device=device, dtype=dtype) / math.sqrt(fan_in), requires_grad=False)
 
 
-class AdaptedLinear(nn.Module):
-    """A frozen bias-free linear with MoDE experts, run by the naive layer or by mode-kernels."""
+class NaiveMoDELinear(nn.Module):
+    """The baseline layer: ``mode.MoDELinear``'s parameters and interface, run by ``naive_mode_lora``."""
 
-    def __init__(self, k: int, n: int, impl: str, device, dtype):
+    teacher = False  # as mode.MoDELinear: True returns the frozen base output (the KD teacher)
+
+    def __init__(self, base_layer: nn.Linear):
         super().__init__()
-        num_experts = sum(EXPERTS_PER_MODALITY)
-        self.impl = impl
-        self.weight = _frozen(n, k, fan_in=k, device=device, dtype=dtype)
-        self.lora_a = nn.Parameter(torch.randn(num_experts, LORA_RANK, k, device=device, dtype=dtype) / math.sqrt(k))
-        # Small non-zero B (PEFT starts at 0) so every term of the backward does real work.
-        self.lora_b = nn.Parameter(torch.randn(num_experts, n, LORA_RANK, device=device, dtype=dtype) * 1e-3)
-        self.router = nn.Parameter(torch.randn(num_experts, k, device=device, dtype=dtype) / math.sqrt(k))
+        num_experts, k, n = sum(EXPERTS_PER_MODALITY), base_layer.in_features, base_layer.out_features
+        like = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.base_layer = base_layer.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(num_experts, LORA_RANK, k, **like))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, n, LORA_RANK, **like))
+        self.router = nn.Parameter(torch.empty(num_experts, k, **like))
+        self.lora_dropout = nn.Dropout(LORA_DROPOUT)
 
-    def forward(self, x: Tensor, routing, adapters_on: bool) -> Tensor:
-        if not adapters_on:
-            return F.linear(x, self.weight)
-        layer = naive_mode_lora if self.impl == "naive" else mk.modality_lora_linear
-        return layer(x, self.weight, None, routing, self.lora_a, self.lora_b, self.router,
-                     experts_per_modality=EXPERTS_PER_MODALITY, scaling=LORA_SCALING,
-                     lora_input=F.dropout(x, LORA_DROPOUT, self.training))
+    def forward(self, x: Tensor, modality: Tensor) -> Tensor:
+        if self.teacher:
+            return self.base_layer(x)
+        return naive_mode_lora(x, self.base_layer.weight, self.base_layer.bias, modality, self.lora_A, self.lora_B,
+                               self.router, experts_per_modality=EXPERTS_PER_MODALITY, scaling=LORA_SCALING,
+                               lora_input=self.lora_dropout(x))
+
+
+def adapted_linear(k: int, n: int, impl: str, device, dtype) -> nn.Module:
+    """A frozen bias-free k -> n linear with MoDE experts: ``mode.MoDELinear`` (ours) or the naive layer.
+
+    Both get the same random experts; B is small and non-zero (PEFT starts it at 0) so that every
+    term of the backward does real work."""
+    base = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+    if impl == "naive":
+        layer = NaiveMoDELinear(base)
+    else:
+        from mode import MoDELinear
+        layer = MoDELinear(base, rank=LORA_RANK, alpha=LORA_SCALING * LORA_RANK,
+                           experts_per_modality=EXPERTS_PER_MODALITY, dropout=LORA_DROPOUT)
+    with torch.no_grad():
+        layer.base_layer.weight.normal_(0, k ** -0.5)
+        layer.lora_A.normal_(0, k ** -0.5)
+        layer.lora_B.normal_(0, 1e-3)
+        layer.router.normal_(0, k ** -0.5)
+    return layer
+
+
+@contextlib.contextmanager
+def teacher(model: nn.Module):
+    """Adapters off in every MoDE layer (naive or ours) for the block: the frozen teacher."""
+    layers = [m for m in model.modules() if hasattr(m, "teacher") and m is not model]
+    for layer in layers:
+        layer.teacher = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.teacher = False
 
 
 class DecoderLayer(nn.Module):
@@ -92,18 +127,18 @@ class DecoderLayer(nn.Module):
         self.heads = shape.heads
         self.qkv = _frozen(3 * h, h, fan_in=h, device=device, dtype=dtype)
         self.out = _frozen(h, h, fan_in=h, device=device, dtype=dtype)
-        self.gate = AdaptedLinear(h, shape.mlp, impl, device, dtype)
-        self.up = AdaptedLinear(h, shape.mlp, impl, device, dtype)
-        self.down = AdaptedLinear(shape.mlp, h, impl, device, dtype)
+        self.gate = adapted_linear(h, shape.mlp, impl, device, dtype)
+        self.up = adapted_linear(h, shape.mlp, impl, device, dtype)
+        self.down = adapted_linear(shape.mlp, h, impl, device, dtype)
 
-    def forward(self, x: Tensor, routing, adapters_on: bool) -> Tensor:
+    def forward(self, x: Tensor, routing) -> Tensor:
         b, s, h = x.shape
         q, k, v = F.linear(F.rms_norm(x, (h,)), self.qkv).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, h)
         x = x + F.linear(attn, self.out)
         z = F.rms_norm(x, (h,))
-        mlp = F.silu(self.gate(z, routing, adapters_on)) * self.up(z, routing, adapters_on)
-        return x + self.down(mlp, routing, adapters_on)
+        mlp = F.silu(self.gate(z, routing)) * self.up(z, routing)
+        return x + self.down(mlp, routing)
 
 
 class ChameleonShaped(nn.Module):
@@ -114,12 +149,12 @@ class ChameleonShaped(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(shape, impl, device, dtype) for _ in range(shape.layers))
         self.lm_head = _frozen(shape.vocab, shape.hidden, fan_in=shape.hidden, device=device, dtype=dtype)
 
-    def hidden_states(self, ids: Tensor, modality: Tensor, adapters_on: bool) -> Tensor:
+    def hidden_states(self, ids: Tensor, modality: Tensor) -> Tensor:
         # The naive layer routes from the ids in every layer; ours plans once per forward for all layers.
         routing = modality if self.impl == "naive" else mk.plan_routing(modality, len(EXPERTS_PER_MODALITY))
         x = F.embedding(ids, self.embed)
         for layer in self.layers:
-            x = layer(x, routing, adapters_on)
+            x = layer(x, routing)
         return F.rms_norm(x, (x.shape[-1],))
 
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -154,11 +189,11 @@ def training_step(shape: ModelShape, impl: str, device, dtype) -> tuple[Callable
     kd = naive_linear_kd_kl if impl == "naive" else mk.fused_linear_kd_kl_loss
 
     def step():
-        task_hidden = model.hidden_states(task_ids, modality, adapters_on=True)
+        task_hidden = model.hidden_states(task_ids, modality)
         ce = F.cross_entropy(F.linear(task_hidden, model.lm_head).float().flatten(0, 1), labels.flatten())
-        student_hidden = model.hidden_states(gen_ids, modality, adapters_on=True)
-        with torch.no_grad():
-            teacher_hidden = model.hidden_states(gen_ids, modality, adapters_on=False)
+        student_hidden = model.hidden_states(gen_ids, modality)
+        with torch.no_grad(), teacher(model):
+            teacher_hidden = model.hidden_states(gen_ids, modality)
         distill = kd(student_hidden, teacher_hidden, model.lm_head, temperature=KD_TEMPERATURE, vocab_range=(lo, hi))
         return torch.autograd.grad(ce + KD_WEIGHT * distill, params)
 
