@@ -75,7 +75,7 @@ PROFILES = {
                           (1026, 8192), (256, 1024), 256, _cpu_model(2, 256), torch.float32, True,
                           "CPU: shapes scaled down from Anole-7B (K, N, H / 16; V / 8; spans 64), float32"),
     ("cpu", True): Sizes(((256, 688), (688, 256)), (512,), (0.3,), 64, (8,), DIRECTIONS,
-                         (1026, 8192), (1024,), 256, _cpu_model(2, 128), torch.float32, True,
+                         (1026, 8192), (512,), 256, _cpu_model(2, 128), torch.float32, True,
                          "CPU: shapes scaled down from Anole-7B (K, N, H / 16; V / 8; spans 64), float32, "
                          "quick subset"),
 }
