@@ -29,11 +29,13 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, MAX_GRID
-from .kd_kl import (LOG2E, LOG2E_K, check_triton_dtype, kl_finish, kl_grad_tile, load_live_rows,
-                    online_kl_update, unit_stride_rows)
+from .kd_kl import (LOG2E, LOG2E_K, check_triton_dtype, kl_finish, kl_grad_tile, like_with_unit_stride_rows,
+                    load_live_rows, online_kl_update, unit_stride_rows)
 
-# Bound on the entries of one backward d-logits chunk (2^26: 128 MiB in bf16).
+# Bound on the entries of one backward d-logits chunk (2^26: 128 MiB in bf16)...
 DLOGITS_CHUNK_ELEMENTS = 1 << 26
+# and on its positions, so the d-logits grid's second dimension stays far below MAX_GRID.
+MAX_CHUNK_ROWS = 1 << 16
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -253,19 +255,21 @@ def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, t
     Positions are dead when masked out. (The forward also treats a position whose teacher
     logits are all -inf as dead; with finite hidden states and weights that cannot happen.)"""
     _check(hs, ht, ws, wt)
+    d_hs = like_with_unit_stride_rows(hs)
     hs, ht, ws = unit_stride_rows(hs), unit_stride_rows(ht), unit_stride_rows(ws)
     wt_slice = ws[lo:hi] if wt is None else unit_stride_rows(wt)[lo:hi]
     ws_slice = ws[lo:hi]
     n_rows, H = hs.shape
     n_vocab = hi - lo
-    d_hs = torch.empty(n_rows, H, dtype=hs.dtype, device=hs.device)
     d_ws_slice = torch.empty(n_vocab, H, dtype=torch.float32, device=ws.device) if need_dw else None
     operand = _operand_dtype(hs, ht, ws, wt_slice)
     dot = _dot_args(operand)
     mask = None if mask is None else mask.contiguous()
     grad_rows, lse_s, lse_t = grad_rows.contiguous(), lse_s.contiguous(), lse_t.contiguous()
-    chunk = max(1, min(n_rows, DLOGITS_CHUNK_ELEMENTS // max(n_vocab, 1)))
+    chunk = max(1, min(n_rows, MAX_CHUNK_ROWS, DLOGITS_CHUNK_ELEMENTS // max(n_vocab, 1)))
     # 16-bit d logits, like the naive path's, feed the tensor-core GEMMs; float32 inputs keep float32.
+    # (They include grad_rows: with float16 and a mean over many positions the smallest entries
+    # go subnormal, as in the naive float16 path's gradient of the logits.)
     dlogits = torch.empty(chunk, n_vocab, dtype=operand, device=hs.device)
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)

@@ -192,6 +192,13 @@ def unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def like_with_unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """An output like t (the strides the custom op's fake implementation promises, empty_like),
+    unless that layout lacks unit stride along rows."""
+    out = torch.empty_like(t)
+    return out if out.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _grid(meta, n_rows):
     return (max(1, min(triton.cdiv(n_rows, meta["BLOCK_R"]), MAX_GRID)),)
 
@@ -219,9 +226,9 @@ def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, temperature,
     """d loss / d student [P, V] in the student's dtype (zero outside [lo, hi))."""
     check_triton_dtype(student, "student")
     check_triton_dtype(teacher, "teacher")
+    d_student = like_with_unit_stride_rows(student)
     student, teacher = unit_stride_rows(student), unit_stride_rows(teacher)
     n_rows, n_cols = student.shape
-    d_student = torch.empty(n_rows, n_cols, dtype=student.dtype, device=student.device)
     if n_rows == 0 or n_cols == 0:
         return d_student
     mask_arg = lse_s if mask is None else mask.contiguous()
