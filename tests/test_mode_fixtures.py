@@ -6,6 +6,7 @@ begin-of-image 61 (``SPEC``). The Chameleon model uses the real Chameleon/Anole 
 import copy
 import functools
 
+import pytest
 import torch
 
 import mode
@@ -15,6 +16,16 @@ IMAGE_LO, IMAGE_HI, END_IMAGE, BEGIN_IMAGE = 40, 60, 60, 61
 SPEC = mode.ModalitySpec(image_token_ranges=((IMAGE_LO, IMAGE_HI),), begin_image=BEGIN_IMAGE, end_image=END_IMAGE)
 SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead, and on a shared machine a lot of it.
+    Import this fixture into a test module to use it there (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import mode
-from test_mode_fixtures import BEGIN_IMAGE, config, image_modality, image_sequence, randomize_adapters, tiny_model
+from test_mode_fixtures import (BEGIN_IMAGE, config, image_modality, image_sequence, one_thread,  # noqa: F401
+                                randomize_adapters, tiny_model)
 
 
 @pytest.fixture(scope="module")
