@@ -14,7 +14,11 @@ ROW_KEYS = {"op", "shape", "impl", "baseline", "status", "note", "median_ms", "m
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert run.main(["--quick", "--device", "cpu", "--tiny", "--output", str(out)]) == 0
+    threads = torch.get_num_threads()  # bench.run pins CPU threads; the rest of the session keeps its own
+    try:
+        assert run.main(["--quick", "--device", "cpu", "--tiny", "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
 
 
