@@ -15,8 +15,8 @@ Same signatures and semantics as ``mode_kernels.reference.routed_lora``. Four ke
 
 Rows are gathered and scattered through ``plan.order`` inside the kernels (no permuted copy
 of x, dy, y or dx); rank-r intermediates live in plan order. Column j of an intermediate is
-(local expert j // RANK_P, rank index j % RANK_P), RANK_P = next power of two of r, so a
-[rows, BLOCK_R] tile reshapes to [rows, BLOCK_E, RANK_P] for per-expert gating. All grids are
+(local expert j // RANK_P, rank index j % RANK_P), RANK_P = next power of two of r; per-expert
+gates reach the columns through exact float32 dots with a one-hot matrix. All grids are
 1-D (dim 0 may reach 2^31 - 1), so T up to millions of tokens needs no grid splitting.
 """
 from __future__ import annotations
@@ -79,26 +79,26 @@ def _load_expert_cols(ptr, first_expert, num_experts, j, c, c_limit, stride_e, s
 
 
 @triton.jit
-def _shrink_tile(u_ptr, stride_ut, stride_uk, tokens, rows, a_ptr, stride_ae, stride_ar, stride_ak,
-                 router_ptr, stride_re, stride_rk, first_expert, num_experts, K, DOT_FP32: tl.constexpr,
-                 HAS_ROUTER: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h = u A_m^T [BLOCK_M, BLOCK_R] and logits = u R_m^T [BLOCK_M, ROUTER_WIDTH], one pass over u."""
-    dtype = u_ptr.dtype.element_ty
-    j = tl.arange(0, BLOCK_R)[None, :]
+def _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re, stride_rk,
+                  first_expert, num_experts, c0, K, DOT_FP32: tl.constexpr, WITH_LOGITS: tl.constexpr,
+                  RANK: tl.constexpr, RANK_P: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """h = u A_m^T over rank columns [c0, c0 + CHUNK) and, WITH_LOGITS, logits = u R_m^T [BLOCK_M, 16]:
+    one pass over the tile's rows of u."""
+    dtype = u_rows.dtype.element_ty
+    j = c0 + tl.arange(0, CHUNK)[None, :]
     e = tl.arange(0, 16)[None, :]
     # A modality with one expert has gate 1: its router row is never read.
     router_cols = e < tl.where(num_experts > 1, num_experts, 0)
-    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    h = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
     logits = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        u = tl.load(u_ptr + tokens[:, None] * stride_ut + k[None, :] * stride_uk,
-                    mask=rows[:, None] & (k[None, :] < K), other=0.0)
+        u = tl.load(u_rows + k[None, :] * stride_uk, mask=k[None, :] < K, other=0.0)
         a = _load_expert_cols(a_ptr, first_expert, num_experts, j, k[:, None], K, stride_ae, stride_ar,
                               stride_ak, RANK, RANK_P)
         h = _mma(h, u, a, DOT_FP32, dtype)
-        if HAS_ROUTER:
+        if WITH_LOGITS:
             r = tl.load(router_ptr + (first_expert + e) * stride_re + k[:, None] * stride_rk,
                         mask=router_cols & (k[:, None] < K), other=0.0)
             logits = _mma(logits, u, r, DOT_FP32, dtype)
@@ -106,27 +106,32 @@ def _shrink_tile(u_ptr, stride_ut, stride_uk, tokens, rows, a_ptr, stride_ae, st
 
 
 @triton.jit
-def _gates(logits, num_experts, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Float32 softmax over the modality's experts, [BLOCK_M, BLOCK_E] (zero past num_experts)."""
+def _gates(logits, num_experts):
+    """Float32 softmax over the modality's experts, [BLOCK_M, 16] (zero past num_experts)."""
     valid = tl.arange(0, 16)[None, :] < num_experts
     z = tl.where(valid, logits, float("-inf"))
     p = tl.exp(z - tl.max(z, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
-    p = tl.where(num_experts > 1, p, valid.to(tl.float32))
-    # Keep the first BLOCK_E columns: those past num_experts <= BLOCK_E are exactly zero.
-    return tl.sum(tl.reshape(p, (BLOCK_M, 16 // BLOCK_E, BLOCK_E)), axis=1)
+    return tl.where(num_experts > 1, p, valid.to(tl.float32))
 
 
 @triton.jit
-def _scale_experts(t, per_expert, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, RANK_P: tl.constexpr):
-    """t[:, e * RANK_P + i] * per_expert[:, e]."""
-    t3 = tl.reshape(t, (BLOCK_M, BLOCK_E, RANK_P)) * per_expert[:, :, None]
-    return tl.reshape(t3, (BLOCK_M, BLOCK_E * RANK_P))
+def _expert_of_column(c0, CHUNK: tl.constexpr, RANK_P: tl.constexpr):
+    """[16, CHUNK] float32 one-hot: rank column c0 + j belongs to expert (c0 + j) // RANK_P. Exact
+    float32 dots with it spread per-expert values over rank columns and sum rank columns per
+    expert (one nonzero term per output), without reshapes."""
+    e = tl.arange(0, 16)[:, None]
+    j = c0 + tl.arange(0, CHUNK)[None, :]
+    return (j // RANK_P == e).to(tl.float32)
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
+
+# The shrink kernels walk the modality's rank columns in chunks of CHUNK = min(BLOCK_R, 64), one
+# pass over u each, so registers stay bounded at any rank and expert count. The first chunk also
+# computes the router logits; MoDE's layout (4 experts x r 8) is a single chunk.
 
 @triton.jit
 def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak,
@@ -136,18 +141,47 @@ def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, str
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """h' = scaling * g_e * (u A_e^T) for the tile's modality, stored in plan order."""
     BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
+    CHUNK: tl.constexpr = 64 if BLOCK_R > 64 else BLOCK_R
     modality, pos, tokens, rows, empty = _tile_rows(tiles_ptr, order_ptr, tl.program_id(0), SUB_TILES, BLOCK_M)
     if empty:
         return
     first_expert = tl.load(expert_offsets_ptr + modality)
     num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
-    h, logits = _shrink_tile(u_ptr, stride_ut, stride_uk, tokens, rows, a_ptr, stride_ae, stride_ar, stride_ak,
-                             router_ptr, stride_re, stride_rk, first_expert, num_experts, K, DOT_FP32,
-                             HAS_ROUTER, RANK, RANK_P, BLOCK_R, BLOCK_M, BLOCK_K)
-    gates = _gates(logits, num_experts, BLOCK_E, BLOCK_M)
-    hg = _scale_experts(h, gates * scaling, BLOCK_M, BLOCK_E, RANK_P)
-    j = tl.arange(0, BLOCK_R)
-    tl.store(hg_ptr + pos[:, None] * BLOCK_R + j[None, :], hg, mask=rows[:, None])
+    u_rows = u_ptr + tokens[:, None] * stride_ut  # rows past the tile's end read token 0, never stored
+    out_rows = hg_ptr + pos[:, None] * BLOCK_R + tl.arange(0, CHUNK)[None, :]
+    h, logits = _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
+                              stride_rk, first_expert, num_experts, 0, K, DOT_FP32, HAS_ROUTER, RANK, RANK_P,
+                              CHUNK, BLOCK_M, BLOCK_K)
+    gates = _gates(logits, num_experts) * scaling
+    tl.store(out_rows, h * tl.dot(gates, _expert_of_column(0, CHUNK, RANK_P), input_precision="ieee"),
+             mask=rows[:, None])
+    for c0 in range(CHUNK, num_experts * RANK_P, CHUNK):
+        h, _ = _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
+                             stride_rk, first_expert, num_experts, c0, K, DOT_FP32, False, RANK, RANK_P,
+                             CHUNK, BLOCK_M, BLOCK_K)
+        tl.store(out_rows + c0, h * tl.dot(gates, _expert_of_column(c0, CHUNK, RANK_P), input_precision="ieee"),
+                 mask=rows[:, None])
+
+
+@triton.jit
+def _shrink_backward_chunk(h, c0, dy_rows, stride_dyn, b_ptr, stride_be, stride_bn, stride_br, hg_out, dh_out, rows,
+                           first_expert, num_experts, gates, N, scaling, DOT_FP32: tl.constexpr, RANK: tl.constexpr,
+                           RANK_P: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rank columns [c0, c0 + CHUNK) given h there: store h' and dh = scaling g_e (dy B_e); return
+    this chunk's share of dgates_e = scaling h_e . (dy B_e), [BLOCK_M, 16]."""
+    j = c0 + tl.arange(0, CHUNK)
+    z = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        n = n0 + tl.arange(0, BLOCK_K)
+        dy = tl.load(dy_rows + n[None, :] * stride_dyn, mask=n[None, :] < N, other=0.0)
+        b = _load_expert_cols(b_ptr, first_expert, num_experts, j[None, :], n[:, None], N, stride_be, stride_br,
+                              stride_bn, RANK, RANK_P)
+        z = _mma(z, dy, b, DOT_FP32, dy_rows.dtype.element_ty)
+    expert_of_column = _expert_of_column(c0, CHUNK, RANK_P)
+    column_gates = tl.dot(gates * scaling, expert_of_column, input_precision="ieee")
+    tl.store(hg_out + c0, h * column_gates, mask=rows[:, None])
+    tl.store(dh_out + c0, z * column_gates, mask=rows[:, None])
+    return scaling * tl.dot(h * z, tl.trans(expert_of_column), input_precision="ieee")
 
 
 @triton.jit
@@ -160,38 +194,35 @@ def _shrink_backward_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, strid
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per tile: h' (for dB), dh = scaling g_e (dy B_e) (for dA, du) and dlogit (for dR, du).
 
-    dg_e = scaling h_e . (dy B_e); dlogit = g * (dg - sum_e g_e dg_e), the softmax backward.
+    dlogit = g * (dg - sum_e g_e dg_e), the softmax backward, once every chunk has added to dg.
     """
     BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
+    CHUNK: tl.constexpr = 64 if BLOCK_R > 64 else BLOCK_R
     modality, pos, tokens, rows, empty = _tile_rows(tiles_ptr, order_ptr, tl.program_id(0), SUB_TILES, BLOCK_M)
     if empty:
         return
     first_expert = tl.load(expert_offsets_ptr + modality)
     num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
-    h, logits = _shrink_tile(u_ptr, stride_ut, stride_uk, tokens, rows, a_ptr, stride_ae, stride_ar, stride_ak,
-                             router_ptr, stride_re, stride_rk, first_expert, num_experts, K, DOT_FP32,
-                             HAS_ROUTER, RANK, RANK_P, BLOCK_R, BLOCK_M, BLOCK_K)
-    gates = _gates(logits, num_experts, BLOCK_E, BLOCK_M)
-
-    j = tl.arange(0, BLOCK_R)
-    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
-        n = n0 + tl.arange(0, BLOCK_K)
-        dy = tl.load(dy_ptr + tokens[:, None] * stride_dyt + n[None, :] * stride_dyn,
-                     mask=rows[:, None] & (n[None, :] < N), other=0.0)
-        b = _load_expert_cols(b_ptr, first_expert, num_experts, j[None, :], n[:, None], N, stride_be, stride_br,
-                              stride_bn, RANK, RANK_P)
-        z = _mma(z, dy, b, DOT_FP32, dy_ptr.dtype.element_ty)
-
-    out = pos[:, None] * BLOCK_R + j[None, :]
-    tl.store(hg_ptr + out, _scale_experts(h, gates * scaling, BLOCK_M, BLOCK_E, RANK_P), mask=rows[:, None])
-    tl.store(dh_ptr + out, _scale_experts(z, gates * scaling, BLOCK_M, BLOCK_E, RANK_P), mask=rows[:, None])
+    u_rows = u_ptr + tokens[:, None] * stride_ut  # rows past the tile's end read token 0, never stored
+    dy_rows = dy_ptr + tokens[:, None] * stride_dyt
+    out = pos[:, None] * BLOCK_R + tl.arange(0, CHUNK)[None, :]
+    h, logits = _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
+                              stride_rk, first_expert, num_experts, 0, K, DOT_FP32, HAS_ROUTER, RANK, RANK_P,
+                              CHUNK, BLOCK_M, BLOCK_K)
+    gates = _gates(logits, num_experts)
+    dgates = _shrink_backward_chunk(h, 0, dy_rows, stride_dyn, b_ptr, stride_be, stride_bn, stride_br, hg_ptr + out,
+                                    dh_ptr + out, rows, first_expert, num_experts, gates, N, scaling, DOT_FP32, RANK,
+                                    RANK_P, CHUNK, BLOCK_M, BLOCK_K)
+    for c0 in range(CHUNK, num_experts * RANK_P, CHUNK):
+        h, _ = _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
+                             stride_rk, first_expert, num_experts, c0, K, DOT_FP32, False, RANK, RANK_P,
+                             CHUNK, BLOCK_M, BLOCK_K)
+        dgates += _shrink_backward_chunk(h, c0, dy_rows, stride_dyn, b_ptr, stride_be, stride_bn, stride_br,
+                                         hg_ptr + out, dh_ptr + out, rows, first_expert, num_experts, gates, N,
+                                         scaling, DOT_FP32, RANK, RANK_P, CHUNK, BLOCK_M, BLOCK_K)
     if HAS_ROUTER:
-        hz = tl.reshape(h * z, (BLOCK_M, BLOCK_E, RANK_P))
-        dgates = scaling * tl.sum(hz, axis=2)
         dlogit = gates * (dgates - tl.sum(gates * dgates, axis=1)[:, None])
-        e = tl.arange(0, BLOCK_E)
-        tl.store(dlogit_ptr + pos[:, None] * 16 + e[None, :], dlogit, mask=rows[:, None])
+        tl.store(dlogit_ptr + pos[:, None] * 16 + tl.arange(0, 16)[None, :], dlogit, mask=rows[:, None])
 
 
 def _expand_configs():
@@ -230,8 +261,8 @@ def _expand_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, bia
     the modality's stacked B_e^T (forward) or A_e (backward), again by strides.
     """
     BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
-    # The LoRA K loop walks rank columns in chunks no wider than needed.
-    BLOCK_J: tl.constexpr = 64 if BLOCK_R > 64 else BLOCK_R
+    # The LoRA K loop walks rank columns in chunks of at most 32 (few registers beside the accumulator).
+    BLOCK_J: tl.constexpr = 32 if BLOCK_R > 32 else BLOCK_R
     SUB_TILES: tl.constexpr = PLAN_BLOCK_M // BLOCK_M
     dtype = out_ptr.dtype.element_ty
 
@@ -251,13 +282,16 @@ def _expand_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, bia
     first_expert = tl.load(expert_offsets_ptr + modality)
     num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Loads need no row or column masks: rows past the tile's end read token 0 and columns past
+    # OUT wrap around; neither is stored. Fewer predicates, fewer registers.
+    safe_cols = cols % OUT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # LoRA expand first (LoRAFusion's order): a short K loop over the modality's rank columns.
     for j0 in range(0, num_experts * RANK_P, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         lora = tl.load(lora_ptr + pos[:, None] * BLOCK_R + j[None, :], mask=rows[:, None], other=0.0)
-        lw = _load_expert_cols(lw_ptr, first_expert, num_experts, j[:, None], cols[None, :], OUT, stride_lwe,
+        lw = _load_expert_cols(lw_ptr, first_expert, num_experts, j[:, None], safe_cols[None, :], OUT, stride_lwe,
                                stride_lwi, stride_lwo, RANK, RANK_P)
         acc = _mma(acc, lora, lw, DOT_FP32, dtype)
     if HAS_ROUTER:
@@ -266,16 +300,16 @@ def _expand_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, bia
         routed = tl.where(num_experts > 1, num_experts, 0)
         dlogit = tl.load(dlogit_ptr + pos[:, None] * 16 + e[None, :], mask=rows[:, None] & (e[None, :] < routed),
                          other=0.0)
-        router = tl.load(router_ptr + (first_expert + e[:, None]) * stride_re + cols[None, :] * stride_ro,
-                         mask=(e[:, None] < routed) & (cols[None, :] < OUT), other=0.0)
+        router = tl.load(router_ptr + (first_expert + e[:, None]) * stride_re + safe_cols[None, :] * stride_ro,
+                         mask=e[:, None] < routed, other=0.0)
         acc = _mma(acc, dlogit, router, DOT_FP32, dtype)
     if HAS_BASE:
+        a_rows = a_ptr + tokens[:, None] * stride_at
+        w_cols = w_ptr + safe_cols[None, :] * stride_wo
         for k0 in range(0, IN, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + tokens[:, None] * stride_at + k[None, :] * stride_ai,
-                        mask=rows[:, None] & (k[None, :] < IN), other=0.0)
-            w = tl.load(w_ptr + k[:, None] * stride_wi + cols[None, :] * stride_wo,
-                        mask=(k[:, None] < IN) & (cols[None, :] < OUT), other=0.0)
+            a = tl.load(a_rows + k[None, :] * stride_ai, mask=k[None, :] < IN, other=0.0)
+            w = tl.load(w_cols + k[:, None] * stride_wi, mask=k[:, None] < IN, other=0.0)
             acc = _mma(acc, a, w, DOT_FP32, dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < OUT, other=0.0).to(tl.float32)[None, :]
@@ -382,9 +416,8 @@ def _dot_fp32(x: torch.Tensor) -> bool:
 
 
 def _shrink_config(plan_block_m: int, lay: _Layout) -> dict:
-    """Launch meta of the shrink kernels: at most 4096 accumulator floats per 128 threads."""
-    block_m = max(16, min(plan_block_m, 64, 4096 // lay.block_r))
-    return dict(BLOCK_M=block_m, BLOCK_K=32 if INTERPRET else 64, num_warps=4 if block_m * lay.block_r <= 4096 else 8,
+    """Launch meta of the shrink kernels (their accumulators are at most [BLOCK_M, 64])."""
+    return dict(BLOCK_M=min(plan_block_m, 64), BLOCK_K=32 if INTERPRET else 64, num_warps=4,
                 num_stages=1 if INTERPRET else 3)
 
 
