@@ -45,7 +45,8 @@ def device_name(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU {model} ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def _package_version(name: str) -> str:
