@@ -1,0 +1,74 @@
+"""save_adapter / load_adapter: round trip into a fresh model, and clear errors on mismatch."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mode
+from test_mode_fixtures import config, image_sequence, one_thread, randomize_adapters, tiny_model  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = randomize_adapters(mode.apply_mode(tiny_model(), config()))
+    with torch.no_grad():
+        for layer in (m for m in model.modules() if isinstance(m, mode.MoDELinear)):
+            layer.router.normal_()
+    path = tmp_path_factory.mktemp("adapter")
+    mode.save_adapter(model, path)
+    return model, path
+
+
+def test_files_and_keys_per_module_and_expert(saved):
+    model, path = saved
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((path / "adapter_config.json").read_text())["experts_per_modality"] == [4, 1]
+    tensors = load_file(path / "adapter_model.safetensors")
+    layer = model.model.layers[1].mlp.down_proj
+    assert len(tensors) == 6 * (5 + 5 + 1)
+    torch.testing.assert_close(tensors["model.layers.1.mlp.down_proj.lora_A.4"], layer.lora_A[4], rtol=0, atol=0)
+    torch.testing.assert_close(tensors["model.layers.1.mlp.down_proj.lora_B.0"], layer.lora_B[0], rtol=0, atol=0)
+    assert tensors["model.layers.1.mlp.down_proj.router"].shape == (5, 48)
+
+
+def test_load_into_fresh_model_gives_identical_outputs(saved):
+    model, path = saved
+    fresh = mode.apply_mode(tiny_model(), config())
+    ids = image_sequence()
+    assert not torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    mode.load_adapter(fresh, path)
+    assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(rank=4), "rank is 8, the model's MoDE config has 4"),
+    (dict(experts_per_modality=(2, 1)), "experts_per_modality is \\(4, 1\\)"),
+    (dict(alpha=8), "alpha is 16"),
+    (dict(target_modules=("gate_proj", "up_proj")), "'model.layers.0.mlp.down_proj.lora_A.0' matches no MoDE module"),
+    (dict(target_modules=("gate_proj", "up_proj", "down_proj", "q_proj")),
+     "module 'model.layers.0.self_attn.q_proj' of the model has no tensor"),
+])
+def test_mismatched_model_raises_naming_it(saved, overrides, match):
+    _, path = saved
+    with pytest.raises(ValueError, match=match):
+        mode.load_adapter(mode.apply_mode(tiny_model(), config(**overrides)), path)
+
+
+def test_other_shape_raises_naming_the_module(saved):
+    _, path = saved
+    from transformers import LlamaConfig, LlamaForCausalLM
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    # gate_proj's lora_A.0 is [8, 32] in both; its lora_B.0 is the first tensor that differs.
+    with pytest.raises(ValueError, match=r"module 'model.layers.0.mlp.gate_proj': 'model.layers.0.mlp.gate_proj."
+                                         r"lora_B.0' has shape \[48, 8\], the model expects \[40, 8\]"):
+        mode.load_adapter(mode.apply_mode(other, config()), path)
+
+
+def test_not_an_adapter_directory(tmp_path):
+    model = mode.apply_mode(tiny_model(), config())
+    with pytest.raises(FileNotFoundError, match="adapter_config.json: not found"):
+        mode.load_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="has no MoDE layers"):
+        mode.save_adapter(tiny_model(), tmp_path)
