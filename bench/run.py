@@ -83,10 +83,11 @@ def run_case(case: Case, device: torch.device, budget: TimingBudget) -> dict:
     except CaseSkipped as exc:
         row.update(status="skipped", note=str(exc))
     except Exception as exc:  # noqa: BLE001 - one failing case must not end the run; it is recorded
+        first_line = (str(exc).splitlines() or [""])[0][:300]
         if _is_out_of_memory(exc):
-            row.update(status="OOM", note=str(exc).splitlines()[0][:200])
+            row.update(status="OOM", note=first_line)
         else:
-            row.update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            row.update(status="error", note=f"{type(exc).__name__}: {first_line}")
             tqdm.write(f"error in {case.op} | {case.shape} | {case.impl}:\n{traceback.format_exc()}", file=sys.stderr)
     finally:
         # The closure and any exception traceback hold the case's tensors; free them before the next case.
