@@ -162,14 +162,14 @@ def routed_lora_cases(sizes: Sizes, device) -> Iterator[Case]:
 
 
 def _liger_loss(student_hidden, teacher_hidden, weight):
-    try:
-        from liger_kernel.transformers import LigerFusedLinearJSD
-    except ImportError as exc:
-        raise CaseSkipped(f"liger_kernel not importable: {exc}") from exc
     if student_hidden.device.type != "cuda":
         raise CaseSkipped("Liger-Kernel runs on GPUs only")
+    try:
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+    except Exception as exc:  # noqa: BLE001 - any import failure (missing, or built for another torch) skips it
+        raise CaseSkipped(f"liger_kernel not importable: {type(exc).__name__}: {exc}") from exc
     loss = LigerFusedLinearJSD(jsd_beta=0.0, temperature=KD_TEMPERATURE)  # beta 0: forward KL(teacher || student)
-    return lambda: loss(student_hidden, weight, teacher_hidden, weight)
+    return lambda: loss(student_hidden, weight, teacher_hidden, weight, None)  # no shift labels: every position
 
 
 def kd_build(impl: str, positions: int, vocab: int, hidden: int, device, dtype):

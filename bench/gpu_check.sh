@@ -7,6 +7,10 @@
 # Logs, results and summary.txt go to $OUT when set, else bench/results/gpu-check-<UTC date>.
 # The bench results are also copied as <date>-<gpu>.json/.md, the names to commit under bench/results/.
 #
+# Packages the machine lacks travel as wheels: every bench/wheels/*.whl (or $WHEELS/*.whl) is installed
+# with --no-index --no-deps into $DEST/site, put first on PYTHONPATH. Before the call, on this side:
+#   pip download liger-kernel==0.8.5 --no-deps -d bench/wheels     # Liger's fused linear JSD baseline
+#
 # Knobs (environment), mostly to exercise the flow on a machine without a GPU:
 #   BENCH_DEVICE=cpu      run the benchmark on CPU (scaled-down shapes) instead of cuda
 #   BENCH_ARGS="--tiny"   extra arguments for bench.run
@@ -28,6 +32,16 @@ SUMMARY="$DEST/summary.txt"
 BENCH_DEVICE="${BENCH_DEVICE:-cuda}"
 FAILED=0
 
+WHEEL_DIR="${WHEELS:-$REPO/bench/wheels}"
+if compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
+    if "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$DEST/site" "$WHEEL_DIR"/*.whl \
+            > "$DEST/wheels.log" 2>&1; then
+        export PYTHONPATH="$DEST/site:$PYTHONPATH"
+    else
+        echo "installing wheels from $WHEEL_DIR failed (see wheels.log); going on without them"
+    fi
+fi
+
 {
     echo "gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
     echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -35,7 +49,7 @@ FAILED=0
     "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1
     "$PYTHON" -c 'import triton; print("triton", triton.__version__)' 2>&1
     "$PYTHON" -c 'import transformers; print("transformers", transformers.__version__)' 2>&1
-    "$PYTHON" -c 'import liger_kernel; print("liger_kernel importable")' 2>&1 | tail -1
+    "$PYTHON" -c 'import liger_kernel.transformers.fused_linear_jsd; print("liger_kernel importable")' 2>&1 | tail -1
 } > "$DEST/environment.txt" 2>&1
 cat "$DEST/environment.txt"
 echo "steps (name, exit status, seconds, log):" > "$SUMMARY"
