@@ -24,10 +24,15 @@ _EXPORTS = {
     "kd_loss": "kd",
 }
 
+# Submodules reachable as attributes without an explicit import (mode.peft.register(...)).
+_SUBMODULES = ("peft",)
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module 'mode' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -121,6 +121,14 @@ def test_bad_config():
             pass
 
 
+def test_gradient_checkpointing_raises_clearly():
+    model = mode.apply_mode(tiny_model(), config()).train()
+    model.gradient_checkpointing_enable()
+    loss = model(input_ids=image_sequence(), labels=image_sequence()).loss
+    with pytest.raises(ValueError, match="gradient checkpointing .* MoDE does not support"):
+        loss.backward()
+
+
 def test_attention_targets_and_other_expert_counts():
     model = mode.apply_mode(tiny_model(), config(target_modules=("q_proj", "v_proj"), experts_per_modality=(2, 3),
                                                  rank=2))

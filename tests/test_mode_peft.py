@@ -56,6 +56,8 @@ def test_save_pretrained_round_trip(peft_model, tmp_path):
                                        config=mode.peft.register(LoraConfig.from_pretrained(tmp_path)))
     mode.attach_routing(loaded, config())
     assert torch.equal(loaded(input_ids=ids).logits, expected)
+    spec = mode.MoDEConfig(modality=config().modality).modality
+    assert torch.equal(loaded(input_ids=ids, modality_ids=spec.modality_ids(ids)).logits, expected)
     mode.kd_loss(loaded, {"input_ids": ids})  # the PEFT-wrapped model works with the KD loss too
 
 
