@@ -1,0 +1,310 @@
+"""Real checkpoints: load a local Hugging Face model, name its image tokens, evaluate it.
+
+    model = load_model("/ckpt/anole-7b-hf", dtype=torch.bfloat16, device="cuda")
+    spec = modality_spec_for("chameleon", vocab_size(model))      # or "4:8196,begin=8197,end=8196"
+    model = mode.apply_mode(model, mode.MoDEConfig(modality=spec))
+    acc = exact_match_accuracy(model, load_jsonl("gqa_test.jsonl", vocab_size(model)))  # {"gqa": 0.41}
+    generate_images(model, ["prompts/cat.json"], "out/images", spec)                   # tokens (+ PNGs)
+
+Generation calls the decoder and the head weight directly (as ``mode.kd_loss`` does): Chameleon's
+forward sets the logits of image codes to the most negative float, which would forbid drawing.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .jsonl_data import IGNORE_INDEX, JsonlDataset
+from .modality import ModalitySpec
+from .model import decoder_of, hf_model, routed_layers, routing_state
+
+PathLike = Union[str, os.PathLike]
+PRESETS = {"chameleon": ModalitySpec.chameleon, "anole": ModalitySpec.chameleon}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_model(path: PathLike, dtype: Optional[torch.dtype] = None,
+               device: Union[str, torch.device, None] = None) -> nn.Module:
+    """A local Hugging Face checkpoint directory (``save_pretrained`` layout) as a causal LM, in
+    eval mode. Causal-LM architectures load through ``AutoModelForCausalLM``; Chameleon / Anole
+    (converted checkpoints), which transformers files under image-text-to-text, through
+    ``AutoModelForImageTextToText``. Never touches the hub. Raises with the reason when the
+    directory is missing, lacks a config or weights, or its weights do not cover the model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json; expected a Hugging Face checkpoint directory "
+                         "(written by save_pretrained)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}/config.json: not a usable Hugging Face config: {exc}") from None
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        auto_class = AutoModelForCausalLM
+    elif config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        auto_class = AutoModelForImageTextToText
+    else:
+        raise ValueError(f"{path}: model type {config.model_type!r} is neither a causal LM nor an "
+                         "image-text-to-text model in this transformers version")
+    try:
+        model, info = auto_class.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                 output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot load the weights: {exc}") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}; "
+                         "they would be random")
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{path}: {type(model).__name__} has no linear output head")
+    decoder_of(model)  # raises when there is no decoder stack
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the output head: the ids the model can score."""
+    return hf_model(model).get_output_embeddings().weight.shape[0]
+
+
+def modality_spec_for(name_or_args: Union[str, Mapping, ModalitySpec],
+                      vocab_size: Optional[int] = None) -> ModalitySpec:
+    """The ``ModalitySpec`` named by a ``--modality`` value, checked against the vocabulary.
+
+    Accepts a preset name ("chameleon", "anole": image codes 4..8195, begin 8197, end 8196), a
+    string of comma-separated items ``LO:HI`` (an image-code range, HI exclusive), ``begin=ID``
+    and ``end=ID`` (e.g. ``"4:8196,begin=8197,end=8196"``), a dict of ``ModalitySpec`` fields,
+    or a ``ModalitySpec``.
+    """
+    if isinstance(name_or_args, ModalitySpec):
+        spec = name_or_args
+    elif isinstance(name_or_args, Mapping):
+        spec = ModalitySpec(**name_or_args)
+    elif isinstance(name_or_args, str) and name_or_args.lower() in PRESETS:
+        spec = PRESETS[name_or_args.lower()]()
+    elif isinstance(name_or_args, str):
+        spec = _parse_spec(name_or_args)
+    else:
+        raise ValueError(f"modality: expected a preset name, a spec string or a ModalitySpec, got {name_or_args!r}")
+    if vocab_size is not None:
+        ids = [hi - 1 for _, hi in spec.image_token_ranges] + [i for i in (spec.begin_image, spec.end_image) if i is not None]
+        if max(ids) >= vocab_size:
+            raise ValueError(f"modality: the spec {spec} names id {max(ids)}, outside the model's vocabulary of "
+                             f"{vocab_size} ids")
+    return spec
+
+
+def _parse_spec(text: str) -> ModalitySpec:
+    ranges, markers = [], {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            if "=" in item:
+                key, value = item.split("=", 1)
+                if key not in ("begin", "end") or key in markers:
+                    raise ValueError
+                markers[key] = int(value)
+            else:
+                lo, hi = item.split(":")
+                ranges.append((int(lo), int(hi)))
+        except ValueError:
+            raise ValueError(f"modality {text!r}: cannot read {item!r}; expected a preset "
+                             f"({', '.join(PRESETS)}) or items LO:HI, begin=ID, end=ID") from None
+    return ModalitySpec(image_token_ranges=tuple(ranges), begin_image=markers.get("begin"),
+                        end_image=markers.get("end"))
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _cache_of(output):
+    # transformers >= 5.2x returns the cache as `cache`; earlier releases as `past_key_values`.
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+@torch.no_grad()
+def continue_sequences(model: nn.Module, prompts: Tensor, steps: int, choose: Callable[[Tensor], Tensor]) -> Tensor:
+    """Extend equal-length prompts [B, L] by ``steps`` tokens with a KV cache -> new tokens [B, steps].
+
+    ``choose`` maps the float32 next-token logits [B, vocab] to the next tokens [B]. MoDE layers
+    route every new token by its own id (an image code goes to the image expert).
+    """
+    decoder, head = decoder_of(model), hf_model(model).get_output_embeddings()
+    cache_kwarg = "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
+    out = decoder(input_ids=prompts, use_cache=True)
+    tokens = []
+    for step in range(steps):
+        token = choose(head(out.last_hidden_state[:, -1]).float())
+        tokens.append(token)
+        if step + 1 < steps:
+            out = decoder(input_ids=token[:, None], use_cache=True, **{cache_kwarg: _cache_of(out)})
+    return torch.stack(tokens, dim=1)
+
+
+def _same_length_batches(sequences: Sequence[list[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``sequences`` in batches of equal length (no padding, so nothing to mask)."""
+    by_length: dict[int, list[int]] = {}
+    for i, seq in enumerate(sequences):
+        by_length.setdefault(len(seq), []).append(i)
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            yield indices[start:start + batch_size]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def exact_match_accuracy(model: nn.Module, data: JsonlDataset, batch_size: int = 32) -> dict[str, float]:
+    """Exact-match accuracy per task of greedy answers.
+
+    For each record the prompt is ``input_ids`` up to its first scored position and the answer
+    is its scored labels (labels != -100, in order; include the eos in the answer when it must
+    be produced). The model decodes as many tokens greedily; the record is correct when they
+    equal the answer. Returns ``{task: accuracy}`` in the data's task order.
+    """
+    prompts, answers = [], []
+    for record in data.records:
+        scored = (record["labels"] != IGNORE_INDEX).nonzero()
+        prompts.append(record["input_ids"][: int(scored[0])].tolist())
+        answers.append(record["labels"][record["labels"] != IGNORE_INDEX].tolist())
+    correct = [False] * len(data)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _same_length_batches(prompts, batch_size):
+            steps = max(len(answers[i]) for i in batch)
+            ids = torch.tensor([prompts[i] for i in batch], device=_device(model))
+            decoded = continue_sequences(model, ids, steps, lambda logits: logits.argmax(dim=-1)).tolist()
+            for i, tokens in zip(batch, decoded):
+                correct[i] = tokens[: len(answers[i])] == answers[i]
+    finally:
+        model.train(was_training)
+    return {task: sum(c for c, t in zip(correct, data.tasks) if t == task) / data.tasks.count(task)
+            for task in data.task_names()}
+
+
+# ----------------------------------------------------------------------------- image generation
+
+def load_prompt(path: PathLike, vocab_size: int) -> list[int]:
+    """Token ids of a prompt file: ``.json`` (a list of ids, or an object with ``input_ids``) or
+    ``.pt`` (a 1-D integer tensor or a list of ids)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompt file")
+    if path.suffix == ".json":
+        try:
+            ids = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: bad JSON: {exc}") from None
+        if isinstance(ids, dict):
+            ids = ids.get("input_ids")
+    elif path.suffix == ".pt":
+        ids = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(ids, Tensor):
+            ids = ids.tolist() if ids.dim() == 1 and not ids.is_floating_point() else None
+    else:
+        raise ValueError(f"{path}: expected a .json or .pt prompt file")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{path}: expected a non-empty list of token ids (or a 1-D integer tensor)")
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{path}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def image_code_mask(spec: ModalitySpec, vocab: int, device: torch.device) -> Tensor:
+    """bool [vocab]: the ids of image codes (the spec's ranges; markers excluded)."""
+    ids = torch.arange(vocab, device=device)
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    for lo, hi in spec.image_token_ranges:
+        mask |= (ids >= lo) & (ids < hi)
+    return mask
+
+
+def generate_images(model: nn.Module, prompt_files: Sequence[PathLike], out_dir: PathLike,
+                    spec: Optional[ModalitySpec] = None, image_tokens: int = 1024, temperature: float = 1.0,
+                    seed: int = 0, batch_size: int = 8,
+                    decode_fn: Optional[Callable[[Tensor], Tensor]] = None) -> list[dict]:
+    """Draw one image per prompt file and save it under ``out_dir``.
+
+    Each prompt gets the begin-of-image marker appended when the spec has markers and the prompt
+    does not end with it; then ``image_tokens`` codes (Anole: 1024) are sampled at
+    ``temperature`` from the image-code ids only (every other logit masked), seeded.
+    Writes ``<stem>.image_tokens.json`` (``{"prompt": [...], "image_tokens": [...]}``, codes as
+    vocabulary ids) and, when ``decode_fn`` is given, ``<stem>.png``: ``decode_fn`` maps the
+    codes (LongTensor [image_tokens]) to pixels (float [3, H, W] or [H, W] in [0, 1]); it is the
+    checkpoint's VQ decoder with its id mapping. transformers' Chameleon ships the VQ encoder
+    only (``model.model.vqmodel`` has no decoder), so for Chameleon / Anole checkpoints only the
+    tokens are written unless you supply a decoder.
+
+    Returns per prompt ``{"prompt": path, "tokens": path, "png": path or None}``.
+    """
+    if spec is None:
+        if not routed_layers(model):
+            raise ValueError("generate_images: pass spec= (the model has no MoDE config to take it from)")
+        spec = routing_state(model).config.modality
+    stems = [Path(p).name.rsplit(".", 1)[0] for p in prompt_files]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"generate_images: prompt files share a name, their outputs would overwrite each other: {stems}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab, device = vocab_size(model), _device(model)
+    prompts = []
+    for path in prompt_files:
+        ids = load_prompt(path, vocab)
+        if spec.has_markers and ids[-1] != spec.begin_image:
+            ids = ids + [spec.begin_image]
+        prompts.append(ids)
+    allowed = image_code_mask(spec, vocab, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(logits: Tensor) -> Tensor:
+        logits = logits.masked_fill(~allowed, float("-inf")) / temperature
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+
+    results: list[Optional[dict]] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _same_length_batches(prompts, batch_size):
+            ids = torch.tensor([prompts[i] for i in batch], device=device)
+            codes = continue_sequences(model, ids, image_tokens, sample).cpu()
+            for i, row in zip(batch, codes):
+                tokens_path = out_dir / f"{stems[i]}.image_tokens.json"
+                tokens_path.write_text(json.dumps({"prompt": prompts[i], "image_tokens": row.tolist()}) + "\n")
+                png = None
+                if decode_fn is not None:
+                    png = out_dir / f"{stems[i]}.png"
+                    save_png(decode_fn(row), png)
+                results[i] = {"prompt": str(prompt_files[i]), "tokens": str(tokens_path),
+                              "png": None if png is None else str(png)}
+    finally:
+        model.train(was_training)
+    return results
+
+
+def save_png(pixels: Tensor, path: PathLike) -> None:
+    """Save float pixels in [0, 1], [3, H, W] (RGB) or [H, W] (gray), as a PNG."""
+    from PIL import Image
+
+    pixels = pixels.detach().float().cpu()
+    if pixels.dim() == 3 and pixels.shape[0] == 3:
+        pixels = pixels.permute(1, 2, 0)
+    elif pixels.dim() != 2:
+        raise ValueError(f"decode_fn: expected pixels [3, H, W] or [H, W], got {list(pixels.shape)}")
+    Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()).save(path)
