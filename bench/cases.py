@@ -14,11 +14,9 @@ import torch.nn.functional as F
 
 import mode_kernels as mk
 from bench import baselines
-from bench.model import ModelShape, image_span_modality, training_step
+from bench.model import (EXPERTS_PER_MODALITY, KD_TEMPERATURE, LORA_SCALING, ModelShape, image_span_modality,
+                         training_step)
 
-EXPERTS_PER_MODALITY = (4, 1)
-LORA_SCALING = 2.0
-KD_TEMPERATURE = 2.0
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -63,7 +61,8 @@ def _cpu_model(layers: int, seq: int) -> ModelShape:
     return ModelShape(hidden=256, mlp=688, vocab=8192, layers=layers, heads=4, batch=2, seq=seq, image_span=64)
 
 
-# Anole-7B shapes on CUDA; on CPU every dimension scaled down 16x (vocab 8x, spans 1024 -> 64).
+# Anole-7B shapes on CUDA; on CPU K, N, H and tokens scaled down 16x or more (vocab 8x, spans 1024 -> 64).
+_CPU_SHAPES = "CPU: shapes scaled down from Anole-7B (K, N, H, tokens / 16 or more; V / 8; image spans 64), float32"
 PROFILES = {
     ("cuda", False): Sizes(((4096, 11008), (11008, 4096)), (2048, 8192, 16384), (0.0, 0.3, 1.0), 1024, (8, 16),
                            DIRECTIONS, (8194, 65536), (4096, 16384), 4096, _anole_model(4), torch.bfloat16, False,
@@ -73,11 +72,10 @@ PROFILES = {
                           "Anole-7B shapes, bfloat16 (quick subset)"),
     ("cpu", False): Sizes(((256, 688), (688, 256)), (128, 512, 1024), (0.0, 0.3, 1.0), 64, (8, 16), DIRECTIONS,
                           (1026, 8192), (256, 1024), 256, _cpu_model(2, 256), torch.float32, True,
-                          "CPU: shapes scaled down from Anole-7B (K, N, H / 16; V / 8; spans 64), float32"),
+                          _CPU_SHAPES),
     ("cpu", True): Sizes(((256, 688), (688, 256)), (512,), (0.3,), 64, (8,), DIRECTIONS,
                          (1026, 8192), (512,), 256, _cpu_model(2, 128), torch.float32, True,
-                         "CPU: shapes scaled down from Anole-7B (K, N, H / 16; V / 8; spans 64), float32, "
-                         "quick subset"),
+                         _CPU_SHAPES + ", quick subset"),
 }
 
 # For the smoke test of the runner: every case in seconds.
@@ -112,7 +110,7 @@ def _randn(*shape, device, dtype, scale=1.0, grad=False):
 
 
 def routed_lora_build(impl: str, k: int, n: int, tokens: int, share: float, span: int, rank: int,
-                       direction: str, device, dtype):
+                      direction: str, device, dtype):
     def build():
         if impl == "torch grouped_mm":
             reason = baselines.grouped_mm_unavailable_reason(device, dtype)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bench import run
-from bench.cases import Case
+from bench.cases import Case, all_cases, sizes_for
+from bench.model import image_span_modality
 
 ROW_KEYS = {"op", "shape", "impl", "baseline", "status", "note", "median_ms", "min_ms", "max_ms", "peak_mem_mib",
             "tokens_per_s", "ratios", "device_name", "torch", "triton", "date"}
@@ -69,3 +70,29 @@ def test_a_failing_case_is_recorded_not_raised():
 
     row = run.run_case(Case("op", "shape", "impl", build), torch.device("cpu"), run.TINY_BUDGET)
     assert row["status"] == "OOM" and row["median_ms"] is None
+
+
+def test_quick_cuda_profile_covers_the_issue_targets():
+    # Enumerating cases allocates nothing, so the CUDA profile can be checked without a GPU.
+    cases = all_cases(sizes_for(torch.device("cuda"), quick=True), torch.device("cuda"))
+    shapes = {(c.op, c.shape) for c in cases}
+    for k, n in ((4096, 11008), (11008, 4096)):
+        for direction in ("fwd", "bwd", "fwd+bwd"):
+            assert (f"routed LoRA {direction}", f"K={k} N={n} T=8192 img=30% r=8 E=(4,1)") in shapes
+    for vocab in (8194, 65536):
+        assert ("KD loss fwd+bwd (from hidden states)", f"P=16384 V={vocab} H=4096 T=2") in shapes
+    assert sum(c.op.startswith("training step") for c in cases) == 2
+    assert len(cases) <= 50  # with the CUDA tests and the compile check, in 8 minutes
+
+
+@pytest.mark.parametrize("tokens,share,span", [(2048, 0.3, 1024), (8192, 0.3, 1024), (2048, 1.0, 1024),
+                                               (2048, 0.0, 1024), (512, 0.3, 64)])
+def test_image_spans_have_the_share_and_span_length(tokens, share, span):
+    ids = image_span_modality(2, tokens, share, span, "cpu")
+    assert ids.shape == (2, tokens)
+    assert int(ids[0].sum()) == round(share * tokens)
+    assert torch.equal(ids[0], ids[1])
+    if share < 1:  # (all-image sequences are back-to-back spans, one run)
+        edges = torch.diff(ids[0], prepend=ids[0, :1] * 0, append=ids[0, :1] * 0)
+        starts, ends = torch.nonzero(edges == 1).squeeze(1), torch.nonzero(edges == -1).squeeze(1)
+        assert ((ends - starts) <= span).all()
