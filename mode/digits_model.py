@@ -52,7 +52,8 @@ class DigitsModelConfig:
 class PretrainConfig:
     """How the pretrained model is trained; every field is part of the cache key."""
     steps: int = 600
-    batch_size: int = 64  # half understanding ("what digit is this?"), half generation
+    understanding_rows: int = 32  # rows per batch of "<image> what digit is this?" -> digit
+    generation_rows: int = 32  # rows per batch of "draw a <digit>" -> image
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
@@ -106,20 +107,22 @@ def pretrain(vocab: DigitsVocab, data: DigitsData, model_config: DigitsModelConf
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     understanding = digits.task_examples(vocab, digits.DIGIT, data.train_images, data.train_labels)
     generation = digits.generation_examples(vocab, data.train_images, data.train_labels)
-    half = config.batch_size // 2
+    n_u = config.understanding_rows
     bar = tqdm(range(config.steps), desc="pretrain digits", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, config.steps, config.warmup_steps, config.lr)
-        rows_u = rng.integers(len(understanding), size=half)
-        rows_g = rng.integers(len(generation), size=config.batch_size - half)
+        rows_u = rng.integers(len(understanding), size=config.understanding_rows)
+        rows_g = rng.integers(len(generation), size=config.generation_rows)
         batch = digits.collate([understanding[i] for i in rows_u] + [generation[i] for i in rows_g], vocab.pad)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # No attention mask: padding is on the right, so under the causal mask no real token
+        # sees a pad, and pad positions carry no loss; this keeps the fast causal attention path.
+        logits = model(input_ids=batch["input_ids"]).logits
         token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                      ignore_index=digits.IGNORE_INDEX, reduction="none").view(len(batch["labels"]), -1)
         counted = (batch["labels"][:, 1:] != digits.IGNORE_INDEX).float()
-        loss_u = (token_loss[:half].sum() / counted[:half].sum())
-        loss_g = (token_loss[half:].sum() / counted[half:].sum())
+        loss_u = (token_loss[:n_u].sum() / counted[:n_u].sum())
+        loss_g = (token_loss[n_u:].sum() / counted[n_u:].sum())
         loss = loss_u + loss_g
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

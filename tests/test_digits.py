@@ -140,7 +140,7 @@ def test_split_is_fixed_and_stratified():
 # ----------------------------------------------------------------------------- model, cache, evaluation
 
 TINY_MODEL = dm.DigitsModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-TINY_PRETRAIN = dm.PretrainConfig(steps=3, batch_size=8, warmup_steps=1)
+TINY_PRETRAIN = dm.PretrainConfig(steps=3, understanding_rows=4, generation_rows=4, warmup_steps=1)
 
 
 def test_pretraining_cache_is_written_reused_and_corruption_detected(tmp_path):
@@ -153,7 +153,7 @@ def test_pretraining_cache_is_written_reused_and_corruption_detected(tmp_path):
     for name, tensor in first.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[name], tensor, rtol=0, atol=0)
 
-    other = dm.PretrainConfig(steps=4, batch_size=8, warmup_steps=1)
+    other = dm.PretrainConfig(steps=4, understanding_rows=4, generation_rows=4, warmup_steps=1)
     assert dm.cache_key(first.vocab, TINY_MODEL, other) != dm.cache_key(first.vocab, TINY_MODEL, TINY_PRETRAIN)
 
     raw = bytearray(first.cache_path.read_bytes())
@@ -223,3 +223,31 @@ def test_generation_metrics(tiny):
                                     dm.GenerationConfig(samples_per_digit=2))
     assert 0.0 <= result["gen_acc"] <= 1.0
     assert 0.0 < result["image_nll"] < 10.0
+
+
+def test_decoding_works_on_a_mode_model(tiny):
+    """Decoding calls the model with input_ids only, so MoDE layers route every generated token.
+
+    A fresh apply_mode (B = 0) equals its base model: same greedy answers, same seeded samples.
+    The adapters are then perturbed so that routing matters, and sampling must still run.
+    """
+    mode = pytest.importorskip("mode")
+    if not hasattr(mode, "apply_mode"):
+        pytest.skip("mode.apply_mode not on this branch yet")
+    import copy
+
+    vocab, data = tiny.vocab, tiny.data
+    labels = np.array([1, 7])
+    prompts = torch.tensor([digits.understanding_prompt(vocab, digits.DIGIT, x) for x in data.test_images[:4]])
+    base_samples = dm.sample_images(tiny.model, vocab, labels, seed=3)
+    base_answers = dm.greedy_decode(tiny.model, prompts, 3, eos_id=-1)
+    model = copy.deepcopy(tiny.model)
+    config = mode.MoDEConfig(rank=2, alpha=4, dropout=0.0, modality=mode.ModalitySpec(**vocab.modality_spec_args()))
+    mode.apply_mode(model, config)
+    np.testing.assert_array_equal(dm.sample_images(model, vocab, labels, seed=3), base_samples)
+    assert torch.equal(dm.greedy_decode(model, prompts, 3, eos_id=-1), base_answers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    assert dm.sample_images(model, vocab, labels, seed=3).shape == (2, 8, 8)
