@@ -8,9 +8,9 @@ tests/test_baselines.py) so the benchmark compares equal work:
   scatter-add (``index_put`` with accumulate) of the mixture back into the output.
 - ``peft_loop_lora``: PEFT's mixed-batch style. Per modality an index list, ``index_select`` of the
   sub-batch, a Python loop over its adapters, ``index_add`` back.
-- ``grouped_mm_lora``: torch's grouped GEMM (``torch._grouped_mm``): tokens sorted by modality (one
-  permuted copy), shrink and expand as one grouped GEMM each over per-modality stacked experts
-  (padded to the largest expert count), dense masked router softmax.
+- ``grouped_mm_lora``: torch's grouped GEMM (``F.grouped_mm`` / ``torch._grouped_mm``): tokens sorted
+  by modality (one permuted copy), shrink and expand as one grouped GEMM each over per-modality
+  stacked experts (padded to the largest expert count), dense masked router softmax.
 - ``naive_kd_kl`` / ``naive_linear_kd_kl``: both logits materialised, float32 log_softmax of each, KL.
 """
 from __future__ import annotations
@@ -79,18 +79,22 @@ def peft_loop_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality: 
     return y.reshape(*x.shape[:-1], n)
 
 
+# torch's grouped GEMM: public as F.grouped_mm in recent releases, torch._grouped_mm before.
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def grouped_mm_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """Why ``grouped_mm_lora`` cannot run here, or None when it can."""
-    if not hasattr(torch, "_grouped_mm"):
-        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if _grouped_mm is None:
+        return f"torch {torch.__version__} has neither F.grouped_mm nor torch._grouped_mm"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
-            return f"torch._grouped_mm needs sm_80+, this GPU is sm_{major}{minor}"
+            return f"torch's grouped GEMM needs sm_80+, this GPU is sm_{major}{minor}"
         if dtype != torch.bfloat16:
-            return "torch._grouped_mm on CUDA takes bfloat16 only"
+            return "torch's grouped GEMM on CUDA takes bfloat16 only"
     elif dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"torch._grouped_mm takes float32/bfloat16/float16, not {dtype}"
+        return f"torch's grouped GEMM takes float32/bfloat16/float16, not {dtype}"
     return None
 
 
@@ -126,7 +130,7 @@ def grouped_mm_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality:
     ids_sorted = ids[order]
     group_ends = torch.cumsum(torch.bincount(ids, minlength=len(experts)), 0).to(torch.int32)
     u_sorted = us[order]
-    h = torch._grouped_mm(u_sorted, a_grouped, offs=group_ends)                       # [T, slots*r]
+    h = _grouped_mm(u_sorted, a_grouped, offs=group_ends)                             # [T, slots*r]
 
     token_slots = slot_expert[ids_sorted]                                             # [T, slots]
     if router_weight is None:
@@ -139,7 +143,7 @@ def grouped_mm_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality:
         gates = torch.softmax(logits, dim=-1)
         slot_gates = torch.cat([gates, gates.new_zeros(gates.shape[0], 1)], 1).gather(1, token_slots).to(h.dtype)
     h = (h.view(-1, slots, rank) * (slot_gates * scaling).unsqueeze(-1)).reshape(-1, slots * rank)
-    lora_sorted = torch._grouped_mm(h, b_grouped, offs=group_ends)                    # [T, N]
+    lora_sorted = _grouped_mm(h, b_grouped, offs=group_ends)                          # [T, N]
     y = F.linear(xs, weight, bias).index_add(0, order, lora_sorted)
     return y.reshape(*x.shape[:-1], n)
 
