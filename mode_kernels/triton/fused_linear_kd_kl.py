@@ -149,50 +149,54 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
 
 
 # ----------------------------------------------------------------------------- tuning
-# Logit-tile configs (BLOCK_P, BLOCK_V, BLOCK_H, num_warps, num_stages). Two float32 accumulator
-# tiles live in registers; BLOCK_H is halved for 4-byte operands to keep the pipelined shared
-# memory (4 operand tiles per stage) within sm_80's 164 KiB.
-_TILE_CONFIGS = [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3),
-                 (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]
-_MATMUL_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3),
-                   (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)]
+# Configs per dot-operand width in bytes: (block sizes..., num_warps, num_stages). The logit
+# kernels hold two float32 accumulator tiles; float32 operands run 3xTF32, which splits each
+# operand in two, so they take thinner K blocks. All are spill-free on sm_80 and sm_90
+# (python -m mode_kernels.compile_check); bigger tiles spill.
+_TILE_NAMES = ("BLOCK_P", "BLOCK_V", "BLOCK_H")
+_TILE_CONFIGS = {2: [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)],
+                 4: [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2)]}
+_MATMUL_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_MATMUL_CONFIGS = {2: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3)],
+                   4: [(128, 64, 16, 8, 2), (64, 64, 16, 4, 2)]}
 # The interpreter is slow: one small config (still several tiles and H steps on test shapes).
 _INTERPRET_TILE = (32, 128, 32, 4, 1)
 _INTERPRET_MATMUL = (32, 64, 32, 4, 1)
 
 
-def _tile_configs():
-    return [triton.Config({"BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=st)
-            for p, v, h, w, st in ([_INTERPRET_TILE] if INTERPRET else _TILE_CONFIGS)]
+def _config(names, spec):
+    *blocks, warps, stages = spec
+    return triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
 
 
-def _matmul_configs():
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-            for m, n, k, w, st in ([_INTERPRET_MATMUL] if INTERPRET else _MATMUL_CONFIGS)]
+def _autotune_configs(names, table, interpret_spec):
+    specs = [interpret_spec] if INTERPRET else list(dict.fromkeys(s for width in table for s in table[width]))
+    return [_config(names, s) for s in specs]
 
 
-def _k_block_fits(operand_bytes: int, block_k: int) -> bool:
-    return block_k == (32 if operand_bytes == 4 else 64)
-
-
-def _pruner(k_name):
-    """Keep the configs whose K block suits the dot operands' width (constexprs come as kwargs)."""
+def _pruner(names, table):
+    """Keep the configs listed for the dot operands' width (constexprs arrive as kwargs)."""
     def prune(configs, named_args, **kwargs):
         if INTERPRET:
             return configs
-        width = 4 if kwargs["DOT_DTYPE"] == tl.float32 else 2
-        return [c for c in configs if _k_block_fits(width, c.kwargs[k_name])]
+        allowed = table[4 if kwargs["DOT_DTYPE"] == tl.float32 else 2]
+        return [c for c in configs
+                if tuple(c.kwargs[n] for n in names) + (c.num_warps, c.num_stages) in allowed]
     return prune
 
 
-_fused_fwd = triton.autotune(_tile_configs(), key=["n_vocab", "H"],
-                             prune_configs_by={"early_config_prune": _pruner("BLOCK_H")})(_fused_fwd_kernel)
+def _tile_autotune(kernel):
+    return triton.autotune(_autotune_configs(_TILE_NAMES, _TILE_CONFIGS, _INTERPRET_TILE), key=["n_vocab", "H"],
+                           prune_configs_by={"early_config_prune": _pruner(_TILE_NAMES, _TILE_CONFIGS)})(kernel)
+
+
+_fused_fwd = _tile_autotune(_fused_fwd_kernel)
 # The d-logits kernel overwrites its output and is idempotent, so autotuning may rerun it.
-_fused_dlogits = triton.autotune(_tile_configs(), key=["n_vocab", "H"],
-                                 prune_configs_by={"early_config_prune": _pruner("BLOCK_H")})(_fused_dlogits_kernel)
+_fused_dlogits = _tile_autotune(_fused_dlogits_kernel)
 # The accumulating GEMM is not idempotent: autotuning must restore c between trials.
-_matmul = triton.autotune(_matmul_configs(), key=["M", "N", "K"], restore_value=["c_ptr"],
-                          prune_configs_by={"early_config_prune": _pruner("BLOCK_K")})(_matmul_kernel)
+_matmul = triton.autotune(_autotune_configs(_MATMUL_NAMES, _MATMUL_CONFIGS, _INTERPRET_MATMUL), key=["M", "N", "K"],
+                          restore_value=["c_ptr"],
+                          prune_configs_by={"early_config_prune": _pruner(_MATMUL_NAMES, _MATMUL_CONFIGS)})(_matmul_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -303,9 +307,7 @@ def compile_targets(default_only: bool = False):
     for operand in (torch.bfloat16,) if default_only else (torch.bfloat16, torch.float16, torch.float32):
         dt = _SIG_DTYPE[operand]
         dot = _dot_args(operand)
-        width = operand.itemsize
-        tiles = [c for c in _TILE_CONFIGS if _k_block_fits(width, c[2])]
-        gemms = [c for c in _MATMUL_CONFIGS if _k_block_fits(width, c[2])]
+        tiles, gemms = _TILE_CONFIGS[operand.itemsize], _MATMUL_CONFIGS[operand.itemsize]
         for p, v, h, w, st in tiles[:1] if default_only else tiles:
             for shared in (False,) if default_only else (False, True):
                 consts = {"HAS_MASK": True, "SHARED_WEIGHT": shared, **dot, "BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}
