@@ -184,7 +184,7 @@ def _begin_forward(state: RoutingState, input_ids, inputs_embeds, modality_ids, 
         if not isinstance(modality_ids, torch.Tensor):
             raise ValueError(f"modality_ids: expected an integer tensor, got {type(modality_ids).__name__}")
         if shape is not None and tuple(modality_ids.shape) != shape:
-            raise ValueError(f"modality_ids: expected shape {list(shape)} (that of input_ids), "
+            raise ValueError(f"modality_ids: expected shape {list(shape)} (the input's [batch, tokens]), "
                              f"got {list(modality_ids.shape)}")
         ids = modality_ids
     elif derived is not None:
@@ -193,8 +193,8 @@ def _begin_forward(state: RoutingState, input_ids, inputs_embeds, modality_ids, 
         state.missing_reason = (
             "the forward got no input_ids to derive them from (inputs_embeds only); pass modality_ids="
             if input_ids is None else
-            "the KV cache holds earlier tokens but not whether they ended inside an image (it was not filled "
-            "by this model's forward); pass modality_ids=")
+            "the KV cache holds earlier tokens but not whether each row ended inside an image (it was not "
+            "filled by this model's forward, or its batch size changed); pass modality_ids=")
         # Raise before any layer runs (a failing layer would leave a half-updated KV cache),
         # unless every MoDE layer is in teacher mode and needs no routing.
         if not all(layer.teacher for layer in state.layers):
