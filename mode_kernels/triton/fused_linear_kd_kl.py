@@ -260,6 +260,7 @@ def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, t
     logits are all -inf as dead; with finite hidden states and weights that cannot happen.)"""
     _check(hs, ht, ws, wt)
     d_hs = like_with_unit_stride_rows(hs)
+    d_ws = torch.zeros_like(ws) if need_dw else None  # rows outside [lo, hi) get no gradient
     hs, ht, ws = unit_stride_rows(hs), unit_stride_rows(ht), unit_stride_rows(ws)
     wt_slice = ws[lo:hi] if wt is None else unit_stride_rows(wt)[lo:hi]
     ws_slice = ws[lo:hi]
@@ -287,10 +288,8 @@ def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, t
         matmul(dl, ws_slice, d_hs[r0:r1], accumulate=False)
         if need_dw:
             matmul(dl.t(), hs[r0:r1], d_ws_slice, accumulate=r0 > 0)
-    if not need_dw:
-        return d_hs, None
-    d_ws = torch.zeros_like(ws)
-    d_ws[lo:hi] = d_ws_slice.to(ws.dtype)
+    if need_dw:
+        d_ws[lo:hi] = d_ws_slice
     return d_hs, d_ws
 
 
