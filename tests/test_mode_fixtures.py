@@ -68,13 +68,16 @@ def randomize_adapters(model, std: float = 0.2, seed: int = 1):
     return model
 
 
-def image_sequence(batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """[batch, 16]: text, then <boi>, codes and a text id inside the image, <eoi>, text."""
+def image_sequence(batch: int = 2, seed: int = 0, spec: mode.ModalitySpec = SPEC) -> torch.Tensor:
+    """[batch, 16] ids of ``spec``'s vocabulary: text, then <boi>, codes and a text id inside the
+    image, <eoi>, text (text ids lie below the image codes)."""
     gen = torch.Generator().manual_seed(seed)
-    text = lambda n: torch.randint(0, IMAGE_LO, (batch, n), generator=gen)
-    codes = lambda n: torch.randint(IMAGE_LO, IMAGE_HI, (batch, n), generator=gen)
+    (image_lo, image_hi), = spec.image_token_ranges
+    text = lambda n: torch.randint(0, image_lo, (batch, n), generator=gen)
+    codes = lambda n: torch.randint(image_lo, image_hi, (batch, n), generator=gen)
     col = lambda v: torch.full((batch, 1), v)
-    return torch.cat([text(3), col(BEGIN_IMAGE), codes(2), text(2), codes(2), col(END_IMAGE), text(5)], dim=1)
+    return torch.cat([text(3), col(spec.begin_image), codes(2), text(2), codes(2), col(spec.end_image), text(5)],
+                     dim=1)
 
 
 def image_modality(batch: int = 2) -> torch.Tensor:
