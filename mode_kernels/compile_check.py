@@ -4,9 +4,9 @@
 
 Each Triton module in ``mode_kernels/triton/`` that has kernels defines ``compile_targets()``,
 a list of :class:`CompileTarget` (or plain tuples in its field order), one per kernel, variant
-and config its launcher or autotuner can pick. ``--default-only`` (the test suite's run) takes
-``compile_targets(default_only=True)`` where the function has that parameter, and otherwise
-the first target listed for each kernel function. Each is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
+and config its launcher or autotuner can pick. Optional parameters: ``arch`` (the compute
+capability, for configs chosen per GPU family) and ``default_only`` (what ``--default-only``,
+the test suite's run, compiles; without it the first target of each kernel function). Each is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 (ptxas and cuobjdump ship inside the triton wheel) and reported as one row: registers, spilled
 bytes (stack frame + local memory, from ``cuobjdump -res-usage``), shared memory, whether it fits
 the arch's shared memory, and on sm_90 whether the PTX uses wgmma. The exit status is non-zero
@@ -134,12 +134,15 @@ def compile_one(module: str, target: CompileTarget, arch: int) -> Row:
     return Row(module, target.name, arch, registers, spilled, kernel.metadata.shared, wgmma, None)
 
 
-def _targets_of(module, default_only: bool) -> list[CompileTarget]:
-    """The module's targets; with default_only, what its compile_targets(default_only=True) lists,
-    or, if it takes no such argument, the first target of each kernel function."""
-    if "default_only" in inspect.signature(module.compile_targets).parameters:
-        return [CompileTarget(*t) for t in module.compile_targets(default_only=default_only)]
-    targets = [CompileTarget(*t) for t in module.compile_targets()]
+def _targets_of(module, default_only: bool, arch: int) -> list[CompileTarget]:
+    """The module's targets for one arch. compile_targets may take ``default_only`` and ``arch``
+    (configs per GPU family); without ``default_only``, --default-only keeps the first target of
+    each kernel function."""
+    params = inspect.signature(module.compile_targets).parameters
+    kwargs = {"arch": arch} if "arch" in params else {}
+    if "default_only" in params:
+        return [CompileTarget(*t) for t in module.compile_targets(default_only=default_only, **kwargs)]
+    targets = [CompileTarget(*t) for t in module.compile_targets(**kwargs)]
     if not default_only:
         return targets
     firsts = {}
@@ -148,7 +151,7 @@ def _targets_of(module, default_only: bool) -> list[CompileTarget]:
     return list(firsts.values())
 
 
-def collect(default_only: bool) -> list[tuple[str, CompileTarget]]:
+def collect(default_only: bool, arch: int) -> list[tuple[str, CompileTarget]]:
     targets = []
     for name in MODULES:
         try:
@@ -162,7 +165,7 @@ def collect(default_only: bool) -> list[tuple[str, CompileTarget]]:
             print(f"note: {name} has no compile_targets(): skipped")
             continue
         short = name.rsplit(".", 1)[-1]
-        targets += [(short, t) for t in _targets_of(module, default_only)]
+        targets += [(short, t) for t in _targets_of(module, default_only, arch)]
     return targets
 
 
@@ -187,8 +190,8 @@ def main(argv=None) -> int:
         return 2
     rows = []
     print(f"{'arch':<5} {'regs':>4} {'spill':>6} {'shared':>7} {'wgmma':>5}  kernel")
-    for module, target in collect(args.default_only):
-        for arch in args.arch:
+    for arch in args.arch:
+        for module, target in collect(args.default_only, arch):
             rows.append(compile_one(module, target, arch))
             print(_format(rows[-1]), flush=True)
     bad = [r for r in rows if not r.ok]

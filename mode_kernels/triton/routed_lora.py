@@ -16,7 +16,7 @@ Same signatures and semantics as ``mode_kernels.reference.routed_lora``. Four ke
 Rows are gathered and scattered through ``plan.order`` inside the kernels (no permuted copy
 of x, dy, y or dx); rank-r intermediates live in plan order. Column j of an intermediate is
 (local expert j // RANK_P, rank index j % RANK_P), RANK_P = next power of two of r; per-expert
-gates reach the columns through exact float32 dots with a one-hot matrix. All grids are
+gates reach their columns by a register gather (tl.gather). All grids are
 1-D (dim 0 may reach 2^31 - 1), so T up to millions of tokens needs no grid splitting.
 """
 from __future__ import annotations
@@ -116,13 +116,22 @@ def _gates(logits, num_experts):
 
 
 @triton.jit
-def _expert_of_column(c0, CHUNK: tl.constexpr, RANK_P: tl.constexpr):
-    """[16, CHUNK] float32 one-hot: rank column c0 + j belongs to expert (c0 + j) // RANK_P. Exact
-    float32 dots with it spread per-expert values over rank columns and sum rank columns per
-    expert (one nonzero term per output), without reshapes."""
-    e = tl.arange(0, 16)[:, None]
-    j = c0 + tl.arange(0, CHUNK)[None, :]
-    return (j // RANK_P == e).to(tl.float32)
+def _spread(per_expert, c0, CHUNK: tl.constexpr, RANK_P: tl.constexpr):
+    """[BLOCK_M, CHUNK]: per_expert[:, (c0 + j) // RANK_P] for the rank columns c0 + j (a register gather)."""
+    j = c0 + tl.arange(0, CHUNK)
+    index = tl.zeros((per_expert.shape[0], CHUNK), dtype=tl.int32) + (j // RANK_P)[None, :]
+    return tl.gather(per_expert, index, 1)
+
+
+@triton.jit
+def _collect(per_column, c0, CHUNK: tl.constexpr, RANK_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[BLOCK_M, 16]: per expert e, the sum of per_column over e's rank columns in [c0, c0 + CHUNK)."""
+    EXPERTS: tl.constexpr = CHUNK // RANK_P
+    sums = tl.sum(tl.reshape(per_column, (BLOCK_M, EXPERTS, RANK_P)), axis=2)
+    local = tl.arange(0, 16) - c0 // RANK_P
+    inside = (local >= 0) & (local < EXPERTS)
+    index = tl.zeros((BLOCK_M, 16), dtype=tl.int32) + tl.where(inside, local, 0)[None, :]
+    return tl.where(inside[None, :], tl.gather(sums, index, 1), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,14 +162,12 @@ def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, str
                               stride_rk, first_expert, num_experts, 0, K, DOT_FP32, HAS_ROUTER, RANK, RANK_P,
                               CHUNK, BLOCK_M, BLOCK_K)
     gates = _gates(logits, num_experts) * scaling
-    tl.store(out_rows, h * tl.dot(gates, _expert_of_column(0, CHUNK, RANK_P), input_precision="ieee"),
-             mask=rows[:, None])
+    tl.store(out_rows, h * _spread(gates, 0, CHUNK, RANK_P), mask=rows[:, None])
     for c0 in range(CHUNK, num_experts * RANK_P, CHUNK):
         h, _ = _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
                              stride_rk, first_expert, num_experts, c0, K, DOT_FP32, False, RANK, RANK_P,
                              CHUNK, BLOCK_M, BLOCK_K)
-        tl.store(out_rows + c0, h * tl.dot(gates, _expert_of_column(c0, CHUNK, RANK_P), input_precision="ieee"),
-                 mask=rows[:, None])
+        tl.store(out_rows + c0, h * _spread(gates, c0, CHUNK, RANK_P), mask=rows[:, None])
 
 
 @triton.jit
@@ -177,11 +184,10 @@ def _shrink_backward_chunk(h, c0, dy_rows, stride_dyn, b_ptr, stride_be, stride_
         b = _load_expert_cols(b_ptr, first_expert, num_experts, j[None, :], n[:, None], N, stride_be, stride_br,
                               stride_bn, RANK, RANK_P)
         z = _mma(z, dy, b, DOT_FP32, dy_rows.dtype.element_ty)
-    expert_of_column = _expert_of_column(c0, CHUNK, RANK_P)
-    column_gates = tl.dot(gates * scaling, expert_of_column, input_precision="ieee")
+    column_gates = _spread(gates * scaling, c0, CHUNK, RANK_P)
     tl.store(hg_out + c0, h * column_gates, mask=rows[:, None])
     tl.store(dh_out + c0, z * column_gates, mask=rows[:, None])
-    return scaling * tl.dot(h * z, tl.trans(expert_of_column), input_precision="ieee")
+    return scaling * _collect(h * z, c0, CHUNK, RANK_P, BLOCK_M)
 
 
 @triton.jit
@@ -225,29 +231,51 @@ def _shrink_backward_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, strid
         tl.store(dlogit_ptr + pos[:, None] * 16 + tl.arange(0, 16)[None, :], dlogit, mask=rows[:, None])
 
 
-def _expand_configs():
+# Fused GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per GPU family, each free of
+# register spills for every expert layout (python -m mode_kernels.compile_check --arch 80 90).
+_TILES = {
+    90: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
+    80: [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
+}
+_INTERPRET_TILES = [(16, 32, 32, 4, 1)]  # the interpreter is slow: one small config, no autotuning
+
+
+def _tile_config(bm, bn, bk, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=num_warps,
+                         num_stages=num_stages)
+
+
+_EXPAND_CONFIGS = {family: [_tile_config(*t) for t in tiles] for family, tiles in _TILES.items()}
+_INTERPRET_CONFIGS = [_tile_config(*t) for t in _INTERPRET_TILES]
+
+
+def _family(arch: int) -> int:
+    return 90 if arch >= 90 else 80
+
+
+def _expand_configs(arch: int, plan_block_m: int):
+    """The configs the autotuner tries on this arch: its family's, with BLOCK_M dividing the plan's tiles."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    # Hopper favours 128x128/128x256 tiles with deep pipelines, Ampere 128x128/64x128 with 3-4 stages.
-    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-              (64, 64, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
-
-
-def _fit_plan_block(configs, named_args, **kwargs):
-    """Keep the configs whose BLOCK_M divides the plan's tiles (both are powers of two)."""
-    plan_block = {**named_args, **kwargs}["PLAN_BLOCK_M"]
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= plan_block]
+        return _INTERPRET_CONFIGS
+    configs = _EXPAND_CONFIGS[_family(arch)]
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= plan_block_m]
     if fitting:
         return fitting
     smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"])
-    return [triton.Config({**smallest.kwargs, "BLOCK_M": plan_block}, num_warps=smallest.num_warps,
+    return [triton.Config({**smallest.kwargs, "BLOCK_M": plan_block_m}, num_warps=smallest.num_warps,
                           num_stages=smallest.num_stages)]
 
 
-@triton.autotune(configs=_expand_configs(), key=["IN", "OUT", "RANK", "BLOCK_E", "PLAN_BLOCK_M"],
-                 prune_configs_by={"early_config_prune": _fit_plan_block})
+def _prune_expand_configs(configs, named_args, **kwargs):
+    if INTERPRET:
+        return configs
+    major, minor = torch.cuda.get_device_capability()
+    return _expand_configs(10 * major + minor, {**named_args, **kwargs}["PLAN_BLOCK_M"])
+
+
+@triton.autotune(configs=_INTERPRET_CONFIGS if INTERPRET else _EXPAND_CONFIGS[90] + _EXPAND_CONFIGS[80],
+                 key=["IN", "OUT", "RANK", "BLOCK_E", "PLAN_BLOCK_M"],
+                 prune_configs_by={"early_config_prune": _prune_expand_configs})
 @triton.jit
 def _expand_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, bias_ptr,
                    lora_ptr, lw_ptr, stride_lwe, stride_lwi, stride_lwo, dlogit_ptr, router_ptr, stride_re, stride_ro,
@@ -415,9 +443,9 @@ def _dot_fp32(x: torch.Tensor) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
 
-def _shrink_config(plan_block_m: int, lay: _Layout) -> dict:
-    """Launch meta of the shrink kernels (their accumulators are at most [BLOCK_M, 64])."""
-    return dict(BLOCK_M=min(plan_block_m, 64), BLOCK_K=32 if INTERPRET else 64, num_warps=4,
+def _shrink_config(plan_block_m: int) -> dict:
+    """Launch meta of the shrink kernels: 64-row tiles, accumulators of at most [64, 64] over 8 warps."""
+    return dict(BLOCK_M=min(plan_block_m, 64), BLOCK_K=32 if INTERPRET else 64, num_warps=8,
                 num_stages=1 if INTERPRET else 3)
 
 
@@ -429,7 +457,7 @@ def _weights_args(lay, lora_a, router_weight):
 def _launch_shrink(u, lora_a, router_weight, plan, lay, scaling, expert_offsets, grad_y=None, lora_b=None):
     """Forward: h' [T, BLOCK_R]. Backward (grad_y given): (h', dh [T, BLOCK_R], dlogit [T, 16])."""
     T, K = u.shape
-    meta = _shrink_config(plan.block_m, lay)
+    meta = _shrink_config(plan.block_m)
     sub_tiles = plan.block_m // meta["BLOCK_M"]
     grid = (plan.tiles.shape[0] * sub_tiles,)
     common = dict(DOT_FP32=_dot_fp32(u), HAS_ROUTER=lay.has_router, RANK=lay.rank, RANK_P=lay.rank_p,
@@ -613,49 +641,53 @@ def _compile_target(name, kernel, dtype, unit_strides, constexprs, num_warps, nu
     return CompileTarget(name, fn, signature, constexprs, num_warps, num_stages)
 
 
-def compile_targets(default_only: bool = False):
-    """Every kernel, variant and config the launchers and the autotuner can pick, for the
-    MoDE expert layout (experts (4, 1), r = 8) and, unless default_only, other layouts and dtypes."""
-    layouts = [((4, 1), 8)] if default_only else [((4, 1), 8), ((4, 1), 64), ((16,), 16), ((1, 1), 4)]
-    dtypes = ["bf16"] if default_only else ["bf16", "fp16", "fp32"]
-    expand_configs = _expand_configs()[:1] if default_only else _expand_configs()
+def compile_targets(default_only: bool = False, arch: int = 90):
+    """Every kernel, variant and config the launchers and the autotuner can pick on ``arch``: for
+    bf16 every expert layout below with every fused-GEMM config; fp16 (same code as bf16) and
+    float32 (exact products, the slow correctness path) for the MoDE layout. default_only: the
+    MoDE layout (experts (4, 1), r 8) in bf16 with the first fused-GEMM config."""
+    configs = _expand_configs(arch, DEFAULT_PLAN_BLOCK_M)
+    if default_only:
+        plans = [("bf16", (4, 1), 8, configs[:1])]
+    else:
+        plans = [("bf16", layout, rank, configs) for layout, rank in (((4, 1), 8), ((4, 1), 64), ((16,), 16), ((1, 1), 4))]
+        plans += [("fp16", (4, 1), 8, configs[:1]), ("fp32", (4, 1), 8, configs[-1:])]
     targets = []
-    for dtype in dtypes:
-        dot_fp32 = dtype == "fp32"
-        for experts, rank in layouts:
-            lay = _Layout(experts, rank, True)
-            tag = f"{dtype} E{experts} r{rank}"
-            layout = dict(DOT_FP32=dot_fp32, HAS_ROUTER=lay.has_router, RANK=rank, RANK_P=lay.rank_p,
-                          BLOCK_E=lay.block_e)
-            meta = _shrink_config(DEFAULT_PLAN_BLOCK_M, lay)
-            launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-            shrink = dict(layout, SUB_TILES=DEFAULT_PLAN_BLOCK_M // meta["BLOCK_M"], **meta)
-            targets.append(_compile_target(f"shrink[{tag}]", _shrink_kernel, dtype,
-                                           ("stride_uk", "stride_ak", "stride_rk"), shrink, **launch))
-            targets.append(_compile_target(f"shrink_backward[{tag}]", _shrink_backward_kernel, dtype,
-                                           ("stride_uk", "stride_ak", "stride_rk", "stride_dyn", "stride_br"),
-                                           shrink, **launch))
-            meta = _grouped_outer_config(lay)
-            launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-            for has_router in {False, lay.has_router}:
-                targets.append(_compile_target(
-                    f"grouped_outer[{tag}{' router' if has_router else ''}]", _grouped_outer_kernel, dtype,
-                    ("stride_rc",), dict(DOT_FP32=dot_fp32, HAS_ROUTER=has_router, RANK_P=lay.rank_p,
-                                         BLOCK_E=lay.block_e, **meta), **launch,
-                    pointer_types=dict(out_ptr="*fp32")))
-            # The GEMM-sized kernel: every autotune config for the MoDE layout, the first one for the others.
-            for config in (expand_configs if (experts, rank) == layouts[0] else expand_configs[:1]):
-                tiles = " ".join(f"{k}{v}" for k, v in config.kwargs.items())
-                launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-                expand = dict(layout, PLAN_BLOCK_M=DEFAULT_PLAN_BLOCK_M, **config.kwargs)
-                # y = x W^T + b + h' B^T: W^T, B^T read along their rows' contiguous K / rank.
-                targets.append(_compile_target(
-                    f"expand[forward {tag}] {tiles} w{config.num_warps} s{config.num_stages}", _expand_kernel, dtype,
-                    ("stride_ai", "stride_wi", "stride_lwi", "stride_oo"),
-                    dict(expand, HAS_BASE=True, HAS_BIAS=True, HAS_ROUTER=False), **launch))
-                # dx = dy W + dh A + dlogit R.
-                targets.append(_compile_target(
-                    f"expand[dx {tag}] {tiles} w{config.num_warps} s{config.num_stages}", _expand_kernel, dtype,
-                    ("stride_ai", "stride_wo", "stride_lwo", "stride_ro", "stride_oo"),
-                    dict(expand, HAS_BASE=True, HAS_BIAS=False), **launch))
+    for dtype, experts, rank, expand_configs in plans:
+        lay = _Layout(experts, rank, True)
+        tag = f"{dtype} E{experts} r{rank}"
+        layout = dict(DOT_FP32=dtype == "fp32", HAS_ROUTER=lay.has_router, RANK=rank, RANK_P=lay.rank_p,
+                      BLOCK_E=lay.block_e)
+        meta = _shrink_config(DEFAULT_PLAN_BLOCK_M)
+        launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+        shrink = dict(layout, SUB_TILES=DEFAULT_PLAN_BLOCK_M // meta["BLOCK_M"], **meta)
+        targets.append(_compile_target(f"shrink[{tag}]", _shrink_kernel, dtype,
+                                       ("stride_uk", "stride_ak", "stride_rk"), shrink, **launch))
+        targets.append(_compile_target(f"shrink_backward[{tag}]", _shrink_backward_kernel, dtype,
+                                       ("stride_uk", "stride_ak", "stride_rk", "stride_dyn", "stride_br"),
+                                       shrink, **launch))
+        meta = _grouped_outer_config(lay)
+        launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+        for has_router in sorted({False, lay.has_router}):
+            targets.append(_compile_target(
+                f"grouped_outer[{tag}{' router' if has_router else ''}]", _grouped_outer_kernel, dtype,
+                ("stride_rc",), dict(DOT_FP32=layout["DOT_FP32"], HAS_ROUTER=has_router, RANK_P=lay.rank_p,
+                                     BLOCK_E=lay.block_e, **meta), **launch, pointer_types=dict(out_ptr="*fp32")))
+        for i, config in enumerate(expand_configs):
+            tiles = " ".join(f"{k}{v}" for k, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
+            launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+            expand = dict(layout, PLAN_BLOCK_M=DEFAULT_PLAN_BLOCK_M, **config.kwargs)
+            # y = x W^T + b + h' B^T: W^T and B^T are read along W's rows (K) and B's rank.
+            targets.append(_compile_target(f"expand[forward {tag}] {tiles}", _expand_kernel, dtype,
+                                           ("stride_ai", "stride_wi", "stride_lwi", "stride_oo"),
+                                           dict(expand, HAS_BASE=True, HAS_BIAS=True, HAS_ROUTER=False), **launch))
+            # dx = dy W + dh A + dlogit R.
+            targets.append(_compile_target(f"expand[dx {tag}] {tiles}", _expand_kernel, dtype,
+                                           ("stride_ai", "stride_wo", "stride_lwo", "stride_ro", "stride_oo"),
+                                           dict(expand, HAS_BASE=True, HAS_BIAS=False), **launch))
+            if i == 0:  # d lora_input = dh A + dlogit R (no base GEMM)
+                targets.append(_compile_target(f"expand[d_lora_input {tag}] {tiles}", _expand_kernel, dtype,
+                                               ("stride_ai", "stride_wi", "stride_wo", "stride_lwo", "stride_ro",
+                                                "stride_oo"), dict(expand, HAS_BASE=False, HAS_BIAS=False),
+                                               **launch))
     return targets
