@@ -20,6 +20,7 @@ import torch
 import mode
 from mode import distributed
 from mode.kd import IGNORE_INDEX, kd_positions
+from mode.probe import conflict_cosines
 from test_mode_fixtures import VOCAB, config, image_sequence, randomize_adapters, tiny_model
 
 STEPS = 3
@@ -68,6 +69,13 @@ def adapters(model) -> dict:
     return {k: v.detach().float().clone() for k, v in distributed.unwrap(model).named_parameters() if v.requires_grad}
 
 
+def probe_batches():
+    """A task batch scoring the text tokens and a generation batch, sharded to this rank."""
+    ids = image_sequence(GLOBAL_BATCH, seed=7)
+    task = {"input_ids": ids, "labels": torch.where(ids < 40, ids, IGNORE_INDEX)}
+    return distributed.shard_batch(task), distributed.shard_batch({"input_ids": image_sequence(GLOBAL_BATCH, seed=8)})
+
+
 @torch.no_grad()
 def teacher_gap(model, base) -> float:
     """Max |teacher logits of the wrapped model - base model logits| on an image sequence."""
@@ -82,9 +90,10 @@ def run_ddp(out_dir: Path) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = [training_step(model, optimizer, batch) for batch in global_batches()]
     gap = teacher_gap(model, tiny_model("llama"))
+    cosines = conflict_cosines(model, *probe_batches())
     if distributed.is_main():
         torch.save(adapters(model), out_dir / "ddp_adapters.pt")
-        distributed.atomic_write_json(out_dir / "ddp.json", {"losses": losses, "teacher_gap": gap,
+        distributed.atomic_write_json(out_dir / "ddp.json", {"losses": losses, "teacher_gap": gap, "cosines": cosines,
                                                              "wrapped": type(model).__name__})
 
 
@@ -146,6 +155,11 @@ def test_ddp_two_processes_equal_one_process(two_process_run):
     assert max((one[k] - initial[k]).abs().max() for k in one) > 1e-3  # training moved the adapters
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-5, msg=k)
+    # The probe under DDP averages the ranks' gradients: the cosines of the global batch.
+    one_cosines = conflict_cosines(model, *probe_batches())
+    assert report["cosines"].keys() == one_cosines.keys()
+    for group, value in one_cosines.items():
+        assert report["cosines"][group] == pytest.approx(value, abs=1e-4), group
 
 
 def test_teacher_mode_under_wrappers_is_the_base_model(two_process_run):
