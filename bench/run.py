@@ -128,6 +128,33 @@ def _format_number(value: Optional[float], digits: int = 3) -> str:
     return f"{value:.{digits}g}" if value < 100 else f"{value:.0f}"
 
 
+def summary_table(rows: list[dict]) -> list[str]:
+    """Forward + backward rows (and training steps) with time and memory over the group's naive path:
+    the table README shows."""
+    lines = ["| op | shape | implementation | median ms | peak MiB | time / naive | memory / naive |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    previous_group = None
+    for row in rows:
+        if row["status"] != "ok" or not ("fwd+bwd" in row["op"] or row["op"].startswith("training step")):
+            continue
+        naive = next((impl for impl in row["ratios"] if impl.startswith("naive")), None)
+        if row["impl"].startswith("naive"):
+            time_ratio = memory_ratio = "1.00x"
+        elif naive is not None:
+            ratio = row["ratios"][naive]
+            time_ratio = f"{ratio['time']:.2f}x"
+            memory_ratio = "" if ratio["memory"] is None else f"{ratio['memory']:.2f}x"
+        else:
+            time_ratio = memory_ratio = ""
+        group = (row["op"], row["shape"])
+        op, shape = group if group != previous_group else ("", "")
+        previous_group = group
+        cells = [op, shape, row["impl"], _format_number(row["median_ms"]), _format_number(row["peak_mem_mib"]),
+                 time_ratio, memory_ratio]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# mode-kernels benchmark: {meta['device_name']}, {meta['date']}", ""]
     lines.append(f"torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}, {meta['shapes']}.")
@@ -138,7 +165,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append("Times: `triton.testing.do_bench` (L2 flushed); peak memory: `torch.cuda.max_memory_allocated` "
                      "above what was allocated before the case.")
     lines += ["", "Ratios are this row's time (and peak memory) over the named baseline's, same op and shape, "
-              "same run: below 1 is faster (smaller).", "",
+              "same run: below 1 is faster (smaller).", "", "## Summary: forward + backward against the naive path",
+              "", *summary_table(rows), "", "## Every case", "",
               "| op | shape | implementation | median ms | min ms | max ms | peak MiB | vs baselines | note |",
               "|---|---|---|---:|---:|---:|---:|---|---|"]
     # The table shows ours against every baseline, and each other baseline against the group's first
@@ -172,12 +200,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for --device cpu (default 1: on a shared machine more threads spin-wait "
                              "on each other and timings explode)")
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="only rewrite the markdown of an earlier results.json (next to it) and print it")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and timing budget (smoke test)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        table = markdown(results["meta"], results["rows"])
+        args.render.with_suffix(".md").write_text(table)
+        print(table)
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)

@@ -57,11 +57,25 @@ def test_rows_carry_times_memory_and_ratios_to_baselines(results):
     assert all(r["tokens_per_s"] > 0 for r in step)
 
 
-def test_markdown_has_one_row_per_case_and_says_cpu_shapes_are_scaled_down(results):
+def _table_rows(markdown_section):
+    return [line for line in markdown_section.splitlines() if line.startswith("| ") and not line.startswith("| op ")]
+
+
+def test_markdown_has_a_summary_and_one_row_per_case_and_says_cpu_shapes_are_scaled_down(results):
     data, md = results
     assert "scaled-down shapes" in md
-    table_rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| op ")]
-    assert len(table_rows) == len(data["rows"])
+    summary, every_case = md.split("## Every case")
+    assert len(_table_rows(every_case)) == len(data["rows"])
+    fwd_bwd_ok = [r for r in data["rows"] if r["status"] == "ok" and "fwd+bwd" in r["op"]]
+    assert len(_table_rows(summary)) == len(fwd_bwd_ok) + 2  # and the two training steps
+
+
+def test_render_rewrites_the_markdown_of_a_results_file(results, tmp_path, capsys):
+    data, md = results
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps(data))
+    assert run.main(["--render", str(saved)]) == 0
+    assert (tmp_path / "results.md").read_text() == md
 
 
 def test_a_failing_case_is_recorded_not_raised():
