@@ -1,11 +1,12 @@
 """Triton KD loss T^2 * KL(teacher || student) on logits, forward and backward.
 
 Forward: one pass over the vocab slice [lo, hi) in chunks. Per row it keeps an online
-(running max, rescaled sum) logsumexp of the student and of the teacher, and the running sum
-of p_t * (t - s); at the end
-    KL = sum_v p_t (t - s) - lse_t + lse_s        (logits already divided by T)
+(running max, rescaled sum) logsumexp of the student and of the teacher, and the running
+p_t-weighted mean of (t - s); at the end
+    KL = E_pt[t - s] - lse_t + lse_s        (logits already divided by T)
 and the loss is T^2 * KL. Only the two logsumexps per row are saved for the backward, which
-recomputes d student = T * (p_s - p_t) * grad chunk by chunk.
+recomputes d student = T * (p_s - p_t) * grad chunk by chunk. The slice is read in place
+(column masks on the input rows, any row stride): no copies.
 
 All softmax math is float32 in base-2 units (x * log2(e) / T) so it runs on exp2/log2; the
 saved logsumexps are natural-log, as the reference's. The online-statistics helpers below are
@@ -86,10 +87,11 @@ def load_live_rows(mask_ptr, rows, n_rows, HAS_MASK: tl.constexpr):
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _kd_kl_fwd_kernel(student_ptr, teacher_ptr, mask_ptr, loss_ptr, lse_s_ptr, lse_t_ptr,
-                      n_rows, n_cols, stride_s, stride_t, scale2, temperature,
+                      n_rows, n_cols, lo, stride_s, stride_t, scale2, temperature,
                       HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """Each program owns blocks of BLOCK_R rows (grid-strided, P may exceed the grid limit) and
-    sweeps the vocab slice in BLOCK_V chunks. student_ptr/teacher_ptr point at column lo."""
+    sweeps the vocab slice [lo, lo + n_cols) in BLOCK_V chunks. Pointers are at column 0 and
+    the chunks are aligned to BLOCK_V, so loads stay vectorised for any lo (MoDE's is 4)."""
     for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_R), tl.num_programs(0)):
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         live = load_live_rows(mask_ptr, rows, n_rows, HAS_MASK)
@@ -100,9 +102,9 @@ def _kd_kl_fwd_kernel(student_ptr, teacher_ptr, mask_ptr, loss_ptr, lse_s_ptr, l
         l_s = tl.zeros([BLOCK_R], tl.float32)
         l_t = tl.zeros([BLOCK_R], tl.float32)
         cross = tl.zeros([BLOCK_R], tl.float32)
-        for c0 in range(0, n_cols, BLOCK_V):
+        for c0 in range(lo // BLOCK_V * BLOCK_V, lo + n_cols, BLOCK_V):
             cols = c0 + tl.arange(0, BLOCK_V)
-            ld = live[:, None] & (cols < n_cols)[None, :]
+            ld = live[:, None] & ((cols >= lo) & (cols < lo + n_cols))[None, :]
             s = tl.load(s_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32) * scale2
             t = tl.load(t_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32) * scale2
             m_s, l_s, m_t, l_t, cross = online_kl_update(s, t, m_s, l_s, m_t, l_t, cross)
@@ -136,9 +138,9 @@ def _kd_kl_bwd_kernel(grad_rows_ptr, student_ptr, teacher_ptr, mask_ptr, lse_s_p
         alive = live & ~ambiguous
         if tl.sum(ambiguous.to(tl.int32)) > 0:
             t_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-            for c0 in range(lo, hi, BLOCK_V):
+            for c0 in range(lo // BLOCK_V * BLOCK_V, hi, BLOCK_V):
                 cols = c0 + tl.arange(0, BLOCK_V)
-                ld = ambiguous[:, None] & (cols < hi)[None, :]
+                ld = ambiguous[:, None] & ((cols >= lo) & (cols < hi))[None, :]
                 t = tl.load(t_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32)
                 t_max = tl.maximum(t_max, tl.max(t, axis=1))
             alive = alive | (ambiguous & (t_max > float("-inf")))
@@ -214,10 +216,9 @@ def kd_kl_forward(student, teacher, mask, temperature, lo, hi):
     if n_rows == 0:
         return loss, lse_s, lse_t
     mask_arg = loss if mask is None else mask.contiguous()
-    # Slicing [lo, hi) is a pointer offset: the views share the inputs' storage.
     _kd_kl_fwd[lambda meta: _grid(meta, n_rows)](
-        student[:, lo:hi], teacher[:, lo:hi], mask_arg, loss, lse_s, lse_t,
-        n_rows, hi - lo, student.stride(0), teacher.stride(0), LOG2E / temperature, float(temperature),
+        student, teacher, mask_arg, loss, lse_s, lse_t,
+        n_rows, hi - lo, lo, student.stride(0), teacher.stride(0), LOG2E / temperature, float(temperature),
         HAS_MASK=mask is not None)
     return loss, lse_s, lse_t
 
@@ -252,7 +253,7 @@ def compile_targets(default_only: bool = False):
                 consts = {"HAS_MASK": has_mask, "BLOCK_R": r, "BLOCK_V": v}
                 rows = {"student_ptr": f"*{dtype}", "teacher_ptr": f"*{dtype}", "mask_ptr": "*i1"}
                 fwd = {**rows, "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "n_rows": "i32",
-                       "n_cols": "i32", "stride_s": "i32:16", "stride_t": "i32:16", "scale2": "fp32",
+                       "n_cols": "i32", "lo": "i32", "stride_s": "i32:16", "stride_t": "i32:16", "scale2": "fp32",
                        "temperature": "fp32"}
                 bwd = {"grad_rows_ptr": "*fp32", **rows, "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
                        "d_student_ptr": f"*{dtype}", "n_rows": "i32", "n_cols": "i32", "lo": "i32", "hi": "i32",
