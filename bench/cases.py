@@ -124,7 +124,7 @@ def routed_lora_build(impl: str, k: int, n: int, tokens: int, share: float, span
         lora_a = _randn(num_experts, rank, k, device=device, dtype=dtype, scale=k ** -0.5, grad=True)
         lora_b = _randn(num_experts, n, rank, device=device, dtype=dtype, scale=1e-2, grad=True)
         router = _randn(num_experts, k, device=device, dtype=dtype, scale=k ** -0.5, grad=True)
-        if impl == "base linear (floor)":
+        if impl == FLOOR:
             return _timed_closure(lambda: F.linear(x, weight), [x], direction)
         layer, routing = {
             "naive MoDE layer": (baselines.naive_mode_lora, modality),
@@ -140,7 +140,8 @@ def routed_lora_build(impl: str, k: int, n: int, tokens: int, share: float, span
     return build
 
 
-ROUTED_LORA_IMPLS = (("base linear (floor)", True), ("naive MoDE layer", True), ("PEFT loop", True),
+FLOOR = "base linear (floor)"
+ROUTED_LORA_IMPLS = ((FLOOR, True), ("naive MoDE layer", True), ("PEFT loop", True),
                      ("torch grouped_mm", True), ("ours", False))
 
 

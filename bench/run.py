@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from bench.cases import Case, CaseSkipped, Sizes, all_cases, sizes_for
+from bench.cases import FLOOR, Case, CaseSkipped, Sizes, all_cases, sizes_for
 from bench.timing import TimingBudget, measure
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest"
@@ -129,10 +129,10 @@ def _format_number(value: Optional[float], digits: int = 3) -> str:
 
 
 def summary_table(rows: list[dict]) -> list[str]:
-    """Forward + backward rows (and training steps) with time and memory over the group's naive path:
-    the table README shows."""
-    lines = ["| op | shape | implementation | median ms | peak MiB | time / naive | memory / naive |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    """Forward + backward rows (and training steps) with time and memory over the group's naive path,
+    and time over the frozen base linear where there is one: the table README shows."""
+    lines = ["| op | shape | implementation | median ms | peak MiB | time / naive | memory / naive | time / floor |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     previous_group = None
     for row in rows:
         if row["status"] != "ok" or not ("fwd+bwd" in row["op"] or row["op"].startswith("training step")):
@@ -146,11 +146,12 @@ def summary_table(rows: list[dict]) -> list[str]:
             memory_ratio = "" if ratio["memory"] is None else f"{ratio['memory']:.2f}x"
         else:
             time_ratio = memory_ratio = ""
+        floor = row["ratios"].get(FLOOR)
         group = (row["op"], row["shape"])
         op, shape = group if group != previous_group else ("", "")
         previous_group = group
         cells = [op, shape, row["impl"], _format_number(row["median_ms"]), _format_number(row["peak_mem_mib"]),
-                 time_ratio, memory_ratio]
+                 time_ratio, memory_ratio, "" if floor is None else f"{floor['time']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
