@@ -9,12 +9,15 @@ Negative: the task step makes generation worse (the inter-modal forgetting MoDE'
 Groups:
     "text_experts"  MoDE: the rows (lora_A, lora_B, router) of the text modality's experts
     "image_expert"  MoDE: the rows of the image modality's expert(s)
-    "shared"        adapters not split by modality: a routed layer with one modality, or any
-                    other trainable parameter (plain LoRA, MoE-LoRA through PEFT)
+    "shared"        adapters not split by modality: every adapter of a method that routes all
+                    tokens alike (``shared=True``: the trainer's lora / moelora), a routed layer
+                    with one modality, or any other trainable parameter (plain PEFT LoRA)
     "total"         every trainable parameter
 A group that one of the two losses does not reach (zero gradient) has cosine 0.0, not NaN: its
 update cannot change the other loss to first order (the interference term is exactly 0), and 0
 keeps metrics.json plain JSON. E.g. the image expert of a task batch holding no image token.
+A group that neither loss reaches (an idle expert, such as the image expert of a method that
+routes every token as text) is left out.
 
     cos = conflict_cosines(model, task_batch, generation_batch)   # {"text_experts": -0.12, ...}
     plot_conflict({"mode": history_mode, "lora": history_lora}, "conflict.png")
@@ -40,8 +43,9 @@ SHARED, TOTAL = "shared", "total"
 Groups = dict[str, list[tuple[nn.Parameter, Optional[slice]]]]
 
 
-def adapter_groups(model: nn.Module) -> Groups:
-    """Every trainable parameter of ``model`` in its probe group (``TOTAL`` excluded)."""
+def adapter_groups(model: nn.Module, shared: bool = False) -> Groups:
+    """Every trainable parameter of ``model`` in its probe group (``TOTAL`` excluded); with
+    ``shared`` all of them in ``SHARED``."""
     groups: Groups = {}
     in_routed = set()
     for _, layer in routed_layers(model):
@@ -50,7 +54,7 @@ def adapter_groups(model: nn.Module) -> Groups:
             if not param.requires_grad:
                 continue
             in_routed.add(id(param))
-            if len(experts) == 1 or param.shape[0] != sum(experts):
+            if shared or len(experts) == 1 or param.shape[0] != sum(experts):
                 groups.setdefault(SHARED, []).append((param, None))
                 continue
             start = 0
@@ -99,13 +103,15 @@ def generation_loss(model: nn.Module, batch: Mapping[str, Tensor], spec: Modalit
 
 
 def conflict_cosines(model: nn.Module, task_batch: Mapping[str, Tensor], generation_batch: Mapping[str, Tensor],
-                     spec: Optional[ModalitySpec] = None) -> dict[str, float]:
+                     spec: Optional[ModalitySpec] = None, shared: bool = False) -> dict[str, float]:
     """Cosine between the task-loss and generation-loss gradients, per group and in total.
 
     ``model``: with MoDE layers (``mode.apply_mode``), PEFT adapters, or any trainable
     parameters; a DDP-wrapped model is probed through its module, with gradients averaged over
     ranks (the cosine of the global batch). ``spec`` tells image tokens from text; default: the
     model's MoDE config. Batches: ``input_ids`` [B, T], optional ``attention_mask``, ``labels``.
+    ``shared``: one group for all adapters, for methods without a modality split (the
+    generation loss still scores the image tokens by ``spec``, which then must be the real one).
 
     Leaves the model as it was: gradients come from ``torch.autograd.grad`` (``.grad`` buffers
     untouched), the passes run in eval mode (no dropout, so the training random stream is not
@@ -120,7 +126,7 @@ def conflict_cosines(model: nn.Module, task_batch: Mapping[str, Tensor], generat
             raise ValueError("conflict_cosines: the model has no MoDE layers to take the modality spec from; "
                              "pass spec= (which token ids are image tokens)")
         spec = routing_state(model).config.modality
-    groups = adapter_groups(model)
+    groups = adapter_groups(model, shared)
     params = list(dict.fromkeys(p for members in groups.values() for p, _ in members))
     training = {m: m.training for m in model.modules()}
     model.eval()
@@ -135,7 +141,7 @@ def conflict_cosines(model: nn.Module, task_batch: Mapping[str, Tensor], generat
             module.training = was_training
     task_grad, gen_grad = grads
 
-    def cosine(members) -> float:
+    def cosine(members) -> Optional[float]:
         dot = task_sq = gen_sq = 0.0
         for param, rows in members:
             a, b = task_grad[id(param)], gen_grad[id(param)]
@@ -144,11 +150,13 @@ def conflict_cosines(model: nn.Module, task_batch: Mapping[str, Tensor], generat
             dot += float((a * b).sum())
             task_sq += float((a * a).sum())
             gen_sq += float((b * b).sum())
+        if task_sq == 0.0 and gen_sq == 0.0:
+            return None  # neither loss reaches the group
         return 0.0 if task_sq == 0.0 or gen_sq == 0.0 else dot / math.sqrt(task_sq * gen_sq)
 
     cosines = {name: cosine(members) for name, members in groups.items()}
     cosines[TOTAL] = cosine([(p, None) for p in params])
-    return cosines
+    return {name: value for name, value in cosines.items() if value is not None}
 
 
 def plot_conflict(history: Mapping[str, Sequence[Mapping[str, float]]], path: Union[str, os.PathLike],

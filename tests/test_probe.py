@@ -74,6 +74,22 @@ def test_groups_of_mode_layers(model):
     assert len(groups["text_experts"]) == 2 * 3 * 3  # 2 layers x 3 projections x (lora_A, lora_B, router)
 
 
+def test_text_only_routing_as_the_trainer_builds_lora():
+    """lora / moelora in mode.train: a spec matching no token routes everything as text; the
+    idle image expert is left out, and shared=True names the one group "shared"."""
+    no_image = mode.ModalitySpec(image_token_ranges=((64, 65),))
+    torch.manual_seed(0)
+    lora = randomize_adapters(mode.apply_mode(tiny_model("llama"), config(modality=no_image,
+                                                                          experts_per_modality=(1, 1))))
+    ids = image_sequence(2)
+    task, generation = {"input_ids": ids, "labels": torch.where(ids < 40, ids, IGNORE_INDEX)}, {"input_ids": ids}
+    cos = conflict_cosines(lora, task, generation, spec=SPEC)
+    assert set(cos) == {"text_experts", "total"}
+    shared = conflict_cosines(lora, task, generation, spec=SPEC, shared=True)
+    assert set(shared) == {"shared", "total"}
+    assert shared["shared"] == pytest.approx(cos["text_experts"]) == pytest.approx(cos["total"])
+
+
 def test_plain_peft_lora_is_one_shared_group():
     from peft import LoraConfig, get_peft_model
 
