@@ -61,6 +61,7 @@ def training_step(model, optimizer, batch) -> float:
     loss = ce + 0.3 * kd
     optimizer.zero_grad()
     loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)  # DTensor grads under FSDP2
     optimizer.step()
     return loss.item()
 
