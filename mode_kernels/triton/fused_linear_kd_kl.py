@@ -155,7 +155,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
 # (python -m mode_kernels.compile_check); bigger tiles spill.
 _TILE_NAMES = ("BLOCK_P", "BLOCK_V", "BLOCK_H")
 _TILE_CONFIGS = {2: [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)],
-                 4: [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2)]}
+                 4: [(64, 64, 16, 8, 2)]}
 _MATMUL_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 _MATMUL_CONFIGS = {2: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3)],
                    4: [(128, 64, 16, 8, 2), (64, 64, 16, 4, 2)]}
