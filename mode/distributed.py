@@ -270,26 +270,34 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     barrier()
 
 
-def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
-    """Load a ``save_checkpoint`` directory into ``model`` (and ``optimizer``), resharding to
-    this run's world size and wrapper; every rank must call it. Returns the saved ``extra``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
-
+def checkpoint_extra(path: PathLike) -> dict:
+    """The ``extra`` of a ``save_checkpoint`` directory, without loading tensors (e.g. to know
+    whether it holds optimizer state before building the optimizer)."""
     path = Path(path)
     if not (path / EXTRA_STATE_NAME).is_file() or not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint written by mode.distributed.save_checkpoint")
+    return json.loads((path / EXTRA_STATE_NAME).read_text())
+
+
+def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    """Load a ``save_checkpoint`` directory into ``model`` (and ``optimizer``: the checkpoint must
+    have been saved with one), resharding to this run's world size and wrapper; every rank must
+    call it. Returns the saved ``extra``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    extra = checkpoint_extra(path)
     state = _checkpoint_state(model, optimizer)  # the layout (and, for a fresh optimizer, zero state) to fill
     # DCP fails on any adapter or optimizer entry the checkpoint lacks; the frozen base is
     # deliberately absent, hence strict=False when handing the state back to the model.
-    dcp.load(state, checkpoint_id=str(path), no_dist=not is_distributed())
+    dcp.load(state, checkpoint_id=str(Path(path)), no_dist=not is_distributed())
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=options)
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=options)
-    return json.loads((path / EXTRA_STATE_NAME).read_text())
+    return extra
 
 
 # ----------------------------------------------------------------------------- small files

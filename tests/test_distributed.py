@@ -197,6 +197,23 @@ def test_checkpoint_refuses_incomplete_directory(tmp_path):
         distributed.load_checkpoint(tmp_path / "ckpt", build_model())
 
 
+def test_single_process_checkpoint_round_trip(tmp_path):
+    model = build_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    training_step(model, optimizer, global_batches()[0])
+    distributed.save_checkpoint(tmp_path / "ckpt", model, extra={"step": 1})  # adapters only
+    distributed.save_checkpoint(tmp_path / "ckpt", model, optimizer, extra={"step": 2})  # replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert distributed.checkpoint_extra(tmp_path / "ckpt") == {"step": 2}
+    fresh = build_model()
+    fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    assert distributed.load_checkpoint(tmp_path / "ckpt", fresh, fresh_optimizer) == {"step": 2}
+    for k, v in adapters(model).items():
+        assert torch.equal(adapters(fresh)[k], v), k
+    param, fresh_param = (next(p for p in m.parameters() if p.requires_grad) for m in (model, fresh))
+    assert torch.equal(fresh_optimizer.state[fresh_param]["exp_avg"], optimizer.state[param]["exp_avg"])
+
+
 def test_single_process_helpers(tmp_path):
     assert not distributed.init() and distributed.rank() == 0 and distributed.world_size() == 1
     assert distributed.is_main()
