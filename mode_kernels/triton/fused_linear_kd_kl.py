@@ -75,7 +75,8 @@ def logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
 def _fused_fwd_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, loss_ptr, lse_s_ptr, lse_t_ptr,
                       n_rows, n_vocab, H, stride_hs, stride_ht, stride_ws, stride_wt, scale2, temperature,
                       HAS_MASK: tl.constexpr, SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Each program owns blocks of BLOCK_P positions (grid-strided) and sweeps the vocab slice
     (ws_ptr/wt_ptr point at row lo) in BLOCK_V tiles."""
     for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_P), tl.num_programs(0)):
@@ -105,7 +106,8 @@ def _fused_dlogits_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, grad_rows_pt
                           dlogits_ptr, n_rows, n_vocab, H, stride_hs, stride_ht, stride_ws, stride_wt, stride_dl,
                           scale2, temperature,
                           HAS_MASK: tl.constexpr, SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """One (vocab tile, position block) of d logits = T (p_s - p_t) grad, recomputed from the
     saved logsumexps. Grid: (vocab tiles, position blocks of the chunk)."""
     vocab = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -194,9 +196,10 @@ _fused_fwd = _tile_autotune(_fused_fwd_kernel)
 # The d-logits kernel overwrites its output and is idempotent, so autotuning may rerun it.
 _fused_dlogits = _tile_autotune(_fused_dlogits_kernel)
 # The accumulating GEMM is not idempotent: autotuning must restore c between trials.
-_matmul = triton.autotune(_autotune_configs(_MATMUL_NAMES, _MATMUL_CONFIGS, _INTERPRET_MATMUL), key=["M", "N", "K"],
-                          restore_value=["c_ptr"],
-                          prune_configs_by={"early_config_prune": _pruner(_MATMUL_NAMES, _MATMUL_CONFIGS)})(_matmul_kernel)
+_matmul = triton.autotune(_autotune_configs(_MATMUL_NAMES, _MATMUL_CONFIGS, _INTERPRET_MATMUL),
+                          key=["M", "N", "K"], restore_value=["c_ptr"],
+                          prune_configs_by={"early_config_prune": _pruner(_MATMUL_NAMES, _MATMUL_CONFIGS)})(
+    _matmul_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -275,7 +278,8 @@ def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, t
     # 16-bit d logits, like the naive path's, feed the tensor-core GEMMs; float32 inputs keep float32.
     # (They include grad_rows: with float16 and a mean over many positions the smallest entries
     # go subnormal, as in the naive float16 path's gradient of the logits.)
-    dlogits = torch.empty(chunk, n_vocab, dtype=operand, device=hs.device)
+    # Rows padded to 16 entries keep the GEMMs' loads of d logits aligned for any slice width.
+    dlogits = torch.empty(chunk, triton.cdiv(n_vocab, 16) * 16, dtype=operand, device=hs.device)[:, :n_vocab]
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
         dl = dlogits[: r1 - r0]
@@ -300,8 +304,9 @@ _SIG_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 def compile_targets(default_only: bool = False):
     """(name, jit fn, signature, constexprs, num_warps, num_stages) for every kernel, operand
     dtype, variant and autotune config the launchers can pick, for mode_kernels.compile_check
-    (default_only: bf16 and each kernel's first config). Row strides are multiples of 16 in
-    the shapes that matter (H = 4096); unit strides are constants, as Triton specialises them."""
+    (default_only: bf16 and each kernel's first config). H and the row strides are multiples
+    of 16 in the shapes that matter (H = 4096), vocab sizes need not be (MoDE's slice is 8194);
+    unit strides are constants, as Triton specialises them."""
     targets = []
     for operand in (torch.bfloat16,) if default_only else (torch.bfloat16, torch.float16, torch.float32):
         dt = _SIG_DTYPE[operand]
@@ -312,8 +317,8 @@ def compile_targets(default_only: bool = False):
                 consts = {"HAS_MASK": True, "SHARED_WEIGHT": shared, **dot, "BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}
                 inputs = {"hs_ptr": f"*{dt}", "ht_ptr": f"*{dt}", "ws_ptr": f"*{dt}", "wt_ptr": f"*{dt}",
                           "mask_ptr": "*i1"}
-                sizes = {"n_rows": "i32", "n_vocab": "i32", "H": "i32", "stride_hs": "i32:16", "stride_ht": "i32:16",
-                         "stride_ws": "i32:16", "stride_wt": "i32:16"}
+                sizes = {"n_rows": "i32", "n_vocab": "i32", "H": "i32:16", "stride_hs": "i32:16",
+                         "stride_ht": "i32:16", "stride_ws": "i32:16", "stride_wt": "i32:16"}
                 fwd = {**inputs, "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", **sizes,
                        "scale2": "fp32", "temperature": "fp32"}
                 dlogits = {**inputs, "grad_rows_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
@@ -329,8 +334,8 @@ def compile_targets(default_only: bool = False):
         for m, n, k, w, st in gemms[:1] if default_only else gemms:
             for use, unit, out, accumulate in uses[:1] if default_only else uses:
                 strides = {a: "i32:16" for a in ("stride_am", "stride_ak", "stride_bk", "stride_cm") if a != unit}
-                sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{out}", "M": "i32", "N": "i32", "K": "i32",
-                       **strides}
+                sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{out}", "M": "i32", "N": "i32:16",
+                       "K": "i32", **strides}
                 consts = {unit: 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": accumulate, **dot,
                           "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
                 targets.append((f"matmul[{use} {dt}] M{m} N{n} K{k} w{w} s{st}", _matmul_kernel, sig, consts, w, st))
