@@ -9,7 +9,8 @@ Fields:
     input_ids     list of ints in [0, vocab_size): the whole sequence, prompt and answer.
     labels        list of ints, same length as input_ids, aligned with them as Hugging Face causal
                   LMs take labels (the model shifts them): the token to score at each position, or
-                  -100 where nothing is scored. At least one position must be scored.
+                  -100 where nothing is scored. At least one position must be scored, and not
+                  position 0 (nothing precedes it).
     answer_start  int in [1, len(input_ids)): instead of labels; the tokens from there on are the
                   answer (scored), the ones before are the prompt (not scored).
     task          optional string: the task the record belongs to, so that one file can hold
@@ -105,6 +106,9 @@ def parse_record(obj, vocab_size: int, default_task: str, max_length: Optional[i
                              f"[0, {vocab_size})")
         if all(v == IGNORE_INDEX for v in labels):
             raise ValueError(f"labels: every position is {IGNORE_INDEX}, nothing is scored")
+        if labels[0] != IGNORE_INDEX:
+            raise ValueError(f"labels[0] must be {IGNORE_INDEX}: the first token has no earlier token to be "
+                             "predicted from (the prompt needs at least one token)")
     else:
         start = obj["answer_start"]
         if not isinstance(start, int) or isinstance(start, bool):
