@@ -237,6 +237,8 @@ _TILES = {
     90: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
     80: [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
 }
+# Float32 inputs take exact products on CUDA cores (no tensor cores): small tiles.
+_FP32_TILES = [(64, 64, 32, 4, 3)]
 _INTERPRET_TILES = [(16, 32, 32, 4, 1)]  # the interpreter is slow: one small config, no autotuning
 
 
@@ -246,6 +248,7 @@ def _tile_config(bm, bn, bk, num_warps, num_stages):
 
 
 _EXPAND_CONFIGS = {family: [_tile_config(*t) for t in tiles] for family, tiles in _TILES.items()}
+_FP32_CONFIGS = [_tile_config(*t) for t in _FP32_TILES]
 _INTERPRET_CONFIGS = [_tile_config(*t) for t in _INTERPRET_TILES]
 
 
@@ -253,11 +256,11 @@ def _family(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
-def _expand_configs(arch: int, plan_block_m: int):
-    """The configs the autotuner tries on this arch: its family's, with BLOCK_M dividing the plan's tiles."""
+def _expand_configs(arch: int, plan_block_m: int, dot_fp32: bool = False):
+    """The configs the autotuner tries: the GPU family's (or float32's), BLOCK_M dividing the plan's tiles."""
     if INTERPRET:
         return _INTERPRET_CONFIGS
-    configs = _EXPAND_CONFIGS[_family(arch)]
+    configs = _FP32_CONFIGS if dot_fp32 else _EXPAND_CONFIGS[_family(arch)]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= plan_block_m]
     if fitting:
         return fitting
@@ -269,11 +272,12 @@ def _expand_configs(arch: int, plan_block_m: int):
 def _prune_expand_configs(configs, named_args, **kwargs):
     if INTERPRET:
         return configs
+    args = {**named_args, **kwargs}
     major, minor = torch.cuda.get_device_capability()
-    return _expand_configs(10 * major + minor, {**named_args, **kwargs}["PLAN_BLOCK_M"])
+    return _expand_configs(10 * major + minor, args["PLAN_BLOCK_M"], args["DOT_FP32"])
 
 
-@triton.autotune(configs=_INTERPRET_CONFIGS if INTERPRET else _EXPAND_CONFIGS[90] + _EXPAND_CONFIGS[80],
+@triton.autotune(configs=_INTERPRET_CONFIGS if INTERPRET else _EXPAND_CONFIGS[90] + _EXPAND_CONFIGS[80] + _FP32_CONFIGS,
                  key=["IN", "OUT", "RANK", "BLOCK_E", "PLAN_BLOCK_M"],
                  prune_configs_by={"early_config_prune": _prune_expand_configs})
 @triton.jit
@@ -443,9 +447,9 @@ def _dot_fp32(x: torch.Tensor) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
 
-def _shrink_config(plan_block_m: int) -> dict:
+def _shrink_config(plan_block_m: int, dot_fp32: bool) -> dict:
     """Launch meta of the shrink kernels: 64-row tiles, accumulators of at most [64, 64] over 8 warps."""
-    return dict(BLOCK_M=min(plan_block_m, 64), BLOCK_K=32 if INTERPRET else 64, num_warps=8,
+    return dict(BLOCK_M=min(plan_block_m, 64), BLOCK_K=32 if INTERPRET or dot_fp32 else 64, num_warps=8,
                 num_stages=1 if INTERPRET else 3)
 
 
@@ -457,7 +461,7 @@ def _weights_args(lay, lora_a, router_weight):
 def _launch_shrink(u, lora_a, router_weight, plan, lay, scaling, expert_offsets, grad_y=None, lora_b=None):
     """Forward: h' [T, BLOCK_R]. Backward (grad_y given): (h', dh [T, BLOCK_R], dlogit [T, 16])."""
     T, K = u.shape
-    meta = _shrink_config(plan.block_m)
+    meta = _shrink_config(plan.block_m, _dot_fp32(u))
     sub_tiles = plan.block_m // meta["BLOCK_M"]
     grid = (plan.tiles.shape[0] * sub_tiles,)
     common = dict(DOT_FP32=_dot_fp32(u), HAS_ROUTER=lay.has_router, RANK=lay.rank, RANK_P=lay.rank_p,
@@ -651,14 +655,15 @@ def compile_targets(default_only: bool = False, arch: int = 90):
         plans = [("bf16", (4, 1), 8, configs[:1])]
     else:
         plans = [("bf16", layout, rank, configs) for layout, rank in (((4, 1), 8), ((4, 1), 64), ((16,), 16), ((1, 1), 4))]
-        plans += [("fp16", (4, 1), 8, configs[:1]), ("fp32", (4, 1), 8, configs[-1:])]
+        plans += [("fp16", (4, 1), 8, configs[:1]),
+                  ("fp32", (4, 1), 8, _expand_configs(arch, DEFAULT_PLAN_BLOCK_M, dot_fp32=True))]
     targets = []
     for dtype, experts, rank, expand_configs in plans:
         lay = _Layout(experts, rank, True)
         tag = f"{dtype} E{experts} r{rank}"
         layout = dict(DOT_FP32=dtype == "fp32", HAS_ROUTER=lay.has_router, RANK=rank, RANK_P=lay.rank_p,
                       BLOCK_E=lay.block_e)
-        meta = _shrink_config(DEFAULT_PLAN_BLOCK_M)
+        meta = _shrink_config(DEFAULT_PLAN_BLOCK_M, dtype == "fp32")
         launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
         shrink = dict(layout, SUB_TILES=DEFAULT_PLAN_BLOCK_M // meta["BLOCK_M"], **meta)
         targets.append(_compile_target(f"shrink[{tag}]", _shrink_kernel, dtype,
