@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one call to make on a lent GPU machine (repo copied, not installed; no network), in <= 8 minutes:
 #   1. the test suite with CUDA present (conftest sets TRITON_INTERPRET=1 only without nvidia-smi),
-#   2. the Triton compile check for sm_90,
+#   2. the Triton compile check for sm_90, each kernel's default config (every autotune config takes
+#      minutes, and needs no GPU: run it on any machine; COMPILE_ARGS="" runs it here too),
 #   3. python -m bench.run --quick --device cuda.
 # Each step has its own timeout; a failed step is recorded and the later steps still run.
 # Logs, results and summary.txt go to $OUT when set, else bench/results/gpu-check-<UTC date>.
@@ -15,7 +16,7 @@
 #   BENCH_DEVICE=cpu      run the benchmark on CPU (scaled-down shapes) instead of cuda
 #   BENCH_ARGS="--tiny"   extra arguments for bench.run
 #   TESTS="tests/x.py"    what pytest runs (default: tests/)
-#   COMPILE_ARCH="90"     archs for the compile check; COMPILE_ARGS extra arguments (e.g. --default-only)
+#   COMPILE_ARCH="90"     archs for the compile check; COMPILE_ARGS its other arguments (default --default-only)
 #   TESTS_TIMEOUT, COMPILE_TIMEOUT, BENCH_TIMEOUT   seconds per step (default 200, 60, 190)
 #   PYTHON                interpreter (default python3)
 set -u
@@ -72,7 +73,7 @@ run_step() {
 # shellcheck disable=SC2086  # TESTS, COMPILE_*, BENCH_ARGS are word lists on purpose
 run_step tests "${TESTS_TIMEOUT:-200}" "$PYTHON" -m pytest -q -ra -p no:cacheprovider --durations=10 ${TESTS:-tests/}
 # shellcheck disable=SC2086
-run_step compile_check "${COMPILE_TIMEOUT:-60}" "$PYTHON" -m mode_kernels.compile_check --arch ${COMPILE_ARCH:-90} ${COMPILE_ARGS:-}
+run_step compile_check "${COMPILE_TIMEOUT:-60}" "$PYTHON" -m mode_kernels.compile_check --arch ${COMPILE_ARCH:-90} ${COMPILE_ARGS---default-only}
 # shellcheck disable=SC2086
 run_step bench "${BENCH_TIMEOUT:-190}" "$PYTHON" -m bench.run --quick --device "$BENCH_DEVICE" --output "$DEST/bench" ${BENCH_ARGS:-}
 
