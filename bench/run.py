@@ -13,6 +13,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import sys
 import traceback
@@ -105,6 +106,7 @@ def add_ratios(rows: list[dict]) -> None:
     for group in groups.values():
         references = [r for r in group if r["baseline"] and r["status"] == "ok"]
         for row in group:
+            row["ratios"] = {}
             if row["status"] != "ok":
                 continue
             for ref in references:
@@ -159,6 +161,8 @@ def summary_table(rows: list[dict]) -> list[str]:
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# mode-kernels benchmark: {meta['device_name']}, {meta['date']}", ""]
     lines.append(f"torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}, {meta['shapes']}.")
+    if len(rows) < meta.get("cases_planned", len(rows)):
+        lines.append(f"**Incomplete run: {len(rows)} of {meta['cases_planned']} cases measured.**")
     if meta["device"] == "cpu":
         lines.append("**CPU run at scaled-down shapes**: timings on a shared CPU are noisy and say nothing about "
                      "GPU speed; peak memory is the torch CPU allocator's, from the profiler.")
@@ -189,6 +193,19 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                  _format_number(row["peak_mem_mib"]), _format_ratios(ratios), note.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_results(output: Path, meta: dict, rows: list[dict]) -> str:
+    """Compute the ratios, write results.json and results.md under ``output``; return the markdown."""
+    add_ratios(rows)
+    output.mkdir(parents=True, exist_ok=True)
+    table = markdown(meta, rows)
+    for name, text in (("results.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"),
+                       ("results.md", table)):
+        partial = output / f".{name}.partial"
+        partial.write_text(text)
+        os.replace(partial, output / name)  # atomic: a run killed mid-write leaves the previous file whole
+    return table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -226,17 +243,14 @@ def main(argv=None) -> int:
     cases = all_cases(sizes, device)
     if args.filter:
         cases = [c for c in cases if args.filter.lower() in f"{c.op} {c.shape} {c.impl}".lower()]
-    meta = environment(device, sizes, args.quick)
+    meta = {**environment(device, sizes, args.quick), "cases_planned": len(cases)}
     rows = []
+    table = write_results(args.output, meta, rows)
     for case in tqdm(cases, desc="bench", unit="case", dynamic_ncols=True):
         rows.append({**run_case(case, device, budget),
                      **{key: meta[key] for key in ("device_name", "torch", "triton", "date")}})
-    add_ratios(rows)
-
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    table = markdown(meta, rows)
-    (args.output / "results.md").write_text(table)
+        # Written after every case, so a run stopped by a timeout keeps what it measured.
+        table = write_results(args.output, meta, rows)
     print(table)
     print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}")
     failed = [r for r in rows if r["status"] == "error"]

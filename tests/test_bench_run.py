@@ -27,6 +27,7 @@ def test_every_op_and_baseline_is_measured(results):
     data, _ = results
     assert data["meta"]["device"] == "cpu" and data["meta"]["scaled_down"] is True
     rows = data["rows"]
+    assert len(rows) == data["meta"]["cases_planned"]
     for row in rows:
         assert ROW_KEYS <= row.keys()
     ok = {(r["op"].split()[0], r["impl"]) for r in rows if r["status"] == "ok"}
