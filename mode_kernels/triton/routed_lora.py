@@ -514,10 +514,13 @@ def _num_splits(num_tokens: int) -> int:
     return max(1, min(MAX_SPLITS, num_tokens // TOKENS_PER_SPLIT))
 
 
-def _grouped_outer_config(lay: _Layout) -> dict:
-    """Launch meta of the reduction kernel: a [BLOCK_R, BLOCK_C] accumulator of <= 4096 floats per 128 threads."""
+def _grouped_outer_config(lay: _Layout, dot_fp32: bool) -> dict:
+    """Launch meta of the reduction kernel: a [BLOCK_R, BLOCK_C] accumulator of <= 4096 floats per 128
+    threads; float32 inputs (exact products on CUDA cores) take small tiles."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_C=32, num_warps=4, num_stages=1)
+    if dot_fp32:
+        return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=2)
     block_c = max(16, min(128, 4096 // lay.block_r))
     return dict(BLOCK_M=64, BLOCK_C=block_c, num_warps=4 if lay.block_r * block_c <= 4096 else 8, num_stages=3)
 
@@ -527,7 +530,7 @@ def _launch_grouped_outer(left, dlogit, right, plan, lay, expert_offsets):
     [E, RANK_P, C]; with dlogit also [E, C] for the router. Split over tokens, then summed."""
     T, C = right.shape
     splits = _num_splits(T)
-    meta = _grouped_outer_config(lay)
+    meta = _grouped_outer_config(lay, _dot_fp32(right))
     col_blocks = triton.cdiv(C, meta["BLOCK_C"])
     partial = torch.empty(splits, lay.num_experts * lay.rank_p, C, device=right.device, dtype=torch.float32)
     router_partial = None
@@ -671,7 +674,7 @@ def compile_targets(default_only: bool = False, arch: int = 90):
         targets.append(_compile_target(f"shrink_backward[{tag}]", _shrink_backward_kernel, dtype,
                                        ("stride_uk", "stride_ak", "stride_rk", "stride_dyn", "stride_br"),
                                        shrink, **launch))
-        meta = _grouped_outer_config(lay)
+        meta = _grouped_outer_config(lay, dtype == "fp32")
         launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
         for has_router in sorted({False, lay.has_router}):
             targets.append(_compile_target(
