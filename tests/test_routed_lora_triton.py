@@ -106,6 +106,7 @@ CASES = {
     "all_tokens_single_expert_modality": (20, 18, 20, 4, (3, 1), dict(ids=[1] * 20)),
     "rank_64_plan_block_64": (22, 16, 24, 64, (4, 1), dict(block_m=64)),
     "rank_32_sixteen_experts": (19, 16, 16, 32, (16,), {}),
+    "rank_6_not_a_power_of_two": (17, 16, 20, 6, (2, 1), {}),
 }
 
 
@@ -191,6 +192,9 @@ def test_bad_inputs_raise():
     f = cast(t, torch.float32)
     with pytest.raises(ValueError, match="router_weight"):
         tri.routed_lora_forward(*args({**f, "router_weight": None}), (4, 1), 2.0)
+    with pytest.raises(ValueError, match="rank"):
+        wide = cast(make_case(8, 16, 16, 65, (4, 1))[0], torch.float32)
+        tri.routed_lora_forward(*args(wide), (4, 1), 2.0)
     with pytest.raises(ValueError, match="experts_per_modality"):
         big = cast(make_case(8, 16, 16, 8, (17,))[0], torch.float32)
         tri.routed_lora_forward(*args(big)[:4], plan_routing(torch.zeros(8, dtype=torch.int64), 1), *args(big)[5:],

@@ -4,7 +4,9 @@ Same signatures and semantics as ``mode_kernels.reference.routed_lora``. Four ke
 
 * ``_shrink_kernel`` (forward): per plan tile (one modality), h = u A_m^T for that modality's
   experts only and the router logits u R_m^T in one K loop, then float32 softmax gates and
-  scaling in the epilogue: h' [plan rows, BLOCK_R] float32.
+  scaling in the epilogue: h' [plan rows, BLOCK_R] float32. Rank columns go in chunks of at
+  most 64 (one pass over u each; MoDE's 4 experts x r 8 is one chunk), so registers stay
+  bounded up to 16 experts x r 64.
 * ``_expand_kernel``: out = a Wt + b + h' L_m (+ dlogit R_m), the base GEMM and the LoRA terms
   in one tile loop and one float32 accumulator, written once. Forward: a = x, Wt = W^T,
   L_m = B_m^T. Backward: a = dy, Wt = W, L_m = A_m, plus the router term.
@@ -30,8 +32,11 @@ import triton.language as tl
 from ..routing import DEFAULT_BLOCK_M as DEFAULT_PLAN_BLOCK_M, RoutingPlan
 from ._common import INTERPRET
 
-# Logits are held 16 wide: the narrowest operand tl.dot accepts. Up to 16 experts per modality.
+# Logits are held 16 wide (the literal 16 in the kernels): the narrowest operand tl.dot accepts.
+# Up to 16 experts per modality.
 ROUTER_WIDTH = 16
+# Kernels walk rank columns in chunks of up to 64, each holding whole experts.
+MAX_RANK = 64
 # Token splits of the dA/dB/dR reductions: enough programs to fill a GPU, bounded partials.
 MAX_SPLITS = 32
 TOKENS_PER_SPLIT = 1024
@@ -385,7 +390,8 @@ def _grouped_outer_kernel(left_ptr, dlogit_ptr, right_ptr, stride_rt, stride_rc,
         tokens = tl.load(order_ptr + pos, mask=rows, other=0)
         right = tl.load(right_ptr + tokens[:, None] * stride_rt + cols[None, :] * stride_rc,
                         mask=rows[:, None] & (cols[None, :] < C), other=0.0)
-        left = tl.load(left_ptr + pos[:, None] * BLOCK_R + j[None, :], mask=rows[:, None], other=0.0)
+        left = tl.load(left_ptr + pos[:, None] * BLOCK_R + j[None, :],
+                       mask=rows[:, None] & (j[None, :] < num_experts * RANK_P), other=0.0)
         acc = _mma(acc, tl.trans(left), right, DOT_FP32, dtype)
         if HAS_ROUTER:
             dlogit = tl.load(dlogit_ptr + pos[:, None] * 16 + e[None, :],
@@ -414,6 +420,8 @@ class _Layout:
     """Compile-time shape of the experts: rank, padded rank, experts per tile, router or not."""
 
     def __init__(self, experts_per_modality, rank: int, router_given: bool):
+        if not 1 <= rank <= MAX_RANK:
+            raise ValueError(f"lora_a: rank must be in [1, {MAX_RANK}] for the Triton backend, got {rank}")
         self.rank = rank
         self.rank_p = _next_pow2(rank)
         most = max(experts_per_modality)
