@@ -35,8 +35,8 @@ from ._common import INTERPRET
 # Logits are held 16 wide (the literal 16 in the kernels): the narrowest operand tl.dot accepts.
 # Up to 16 experts per modality.
 ROUTER_WIDTH = 16
-# Kernels walk rank columns in chunks of up to 64, each holding whole experts.
-MAX_RANK = 64
+# The shrink kernels walk rank columns in chunks of up to SHRINK_CHUNK, each holding whole experts.
+SHRINK_CHUNK = MAX_RANK = 64
 # Token splits of the dA/dB/dR reductions: enough programs to fill a GPU, bounded partials.
 MAX_SPLITS = 32
 TOKENS_PER_SPLIT = 1024
@@ -390,8 +390,7 @@ def _grouped_outer_kernel(left_ptr, dlogit_ptr, right_ptr, stride_rt, stride_rc,
         tokens = tl.load(order_ptr + pos, mask=rows, other=0)
         right = tl.load(right_ptr + tokens[:, None] * stride_rt + cols[None, :] * stride_rc,
                         mask=rows[:, None] & (cols[None, :] < C), other=0.0)
-        left = tl.load(left_ptr + pos[:, None] * BLOCK_R + j[None, :],
-                       mask=rows[:, None] & (j[None, :] < num_experts * RANK_P), other=0.0)
+        left = tl.load(left_ptr + pos[:, None] * BLOCK_R + j[None, :], mask=rows[:, None], other=0.0)
         acc = _mma(acc, tl.trans(left), right, DOT_FP32, dtype)
         if HAS_ROUTER:
             dlogit = tl.load(dlogit_ptr + pos[:, None] * 16 + e[None, :],
@@ -474,13 +473,16 @@ def _launch_shrink(u, lora_a, router_weight, plan, lay, scaling, expert_offsets,
     grid = (plan.tiles.shape[0] * sub_tiles,)
     common = dict(DOT_FP32=_dot_fp32(u), HAS_ROUTER=lay.has_router, RANK=lay.rank, RANK_P=lay.rank_p,
                   BLOCK_E=lay.block_e, SUB_TILES=sub_tiles, **meta)
-    hg = torch.empty(T, lay.block_r, device=u.device, dtype=torch.float32)
+    # With several column chunks, a modality with fewer experts leaves columns unwritten: zero them
+    # (the reduction kernel reads whole rows). One chunk writes every column.
+    alloc = torch.zeros if lay.block_r > SHRINK_CHUNK else torch.empty
+    hg = alloc(T, lay.block_r, device=u.device, dtype=torch.float32)
     weights = _weights_args(lay, lora_a, router_weight)
     if grad_y is None:
         _shrink_kernel[grid](u, *u.stride(), *weights, hg, plan.order, plan.tiles, expert_offsets, K,
                              float(scaling), **common)
         return hg
-    dh = torch.empty_like(hg)
+    dh = alloc(T, lay.block_r, device=u.device, dtype=torch.float32)
     dlogit = torch.empty(T, ROUTER_WIDTH, device=u.device, dtype=torch.float32) if lay.has_router else hg
     N = grad_y.shape[1]
     _shrink_backward_kernel[grid](u, *u.stride(), *weights, grad_y, *grad_y.stride(), lora_b, *lora_b.stride(),
