@@ -174,13 +174,14 @@ def plot_conflict(history: Mapping[str, Sequence[Mapping[str, float]]], path: Un
               if any(g in entry for entries in history.values() for entry in entries)]
     if not groups:
         raise ValueError("plot_conflict: the history holds no probe entry")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.5), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
-        for method, entries in history.items():
+        for index, (method, entries) in enumerate(history.items()):  # one color per method in every panel
             points = [(e["step"], e[group]) for e in entries if group in e]
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, marker=".", label=method)
+                ax.plot(steps, values, marker=".", label=method, color=colors[index % len(colors)])
         ax.axhline(0.0, color="gray", linewidth=0.8)
         ax.set_title(group)
         ax.set_xlabel("step")
