@@ -33,7 +33,7 @@ MODULES = (
 )
 
 # Shared memory per block an opt-in kernel may use, bytes.
-MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+MAX_SHARED = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 class CompileTarget(NamedTuple):
