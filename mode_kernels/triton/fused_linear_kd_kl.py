@@ -156,7 +156,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
 # operand in two, so they take thinner K blocks. All are spill-free on sm_80 and sm_90
 # (python -m mode_kernels.compile_check); bigger tiles spill.
 _TILE_NAMES = ("BLOCK_P", "BLOCK_V", "BLOCK_H")
-_TILE_CONFIGS = {2: [(64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 2)],
+_TILE_CONFIGS = {2: [(64, 128, 32, 8, 3), (64, 64, 64, 8, 3)],
                  4: [(64, 64, 16, 8, 2)]}
 _MATMUL_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 _MATMUL_CONFIGS = {2: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3)],
