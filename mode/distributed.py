@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -258,7 +259,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
     barrier()
-    dcp.save(_checkpoint_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not is_distributed())
+    _dcp(dcp.save, _checkpoint_state(model, optimizer), tmp)
     if is_main():
         (tmp / EXTRA_STATE_NAME).write_text(json.dumps(extra or {}, indent=1) + "\n")
         old = path.with_name(f".{path.name}.old")
@@ -268,6 +269,13 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def _dcp(save_or_load, state: dict, path: PathLike) -> None:
+    with warnings.catch_warnings():
+        # One process is intended when not distributed; DCP warns about it even when told so.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        save_or_load(state, checkpoint_id=str(path), no_dist=not is_distributed())
 
 
 def checkpoint_extra(path: PathLike) -> dict:
@@ -290,7 +298,7 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     state = _checkpoint_state(model, optimizer)  # the layout (and, for a fresh optimizer, zero state) to fill
     # DCP fails on any adapter or optimizer entry the checkpoint lacks; the frozen base is
     # deliberately absent, hence strict=False when handing the state back to the model.
-    dcp.load(state, checkpoint_id=str(Path(path)), no_dist=not is_distributed())
+    _dcp(dcp.load, state, path)
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=options)
