@@ -46,6 +46,7 @@ class DigitsModelConfig:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     max_position_embeddings: int = 96  # longest sample is 78 tokens
+    tie_word_embeddings: bool = False
 
 
 @dataclass
@@ -75,7 +76,7 @@ def build_model(vocab: DigitsVocab, config: DigitsModelConfig):
         num_key_value_heads=config.num_attention_heads,
         max_position_embeddings=config.max_position_embeddings,
         pad_token_id=vocab.pad, bos_token_id=vocab.bos, eos_token_id=vocab.eos,
-        tie_word_embeddings=False,
+        tie_word_embeddings=config.tie_word_embeddings,
     )
     return LlamaForCausalLM(llama_config)
 

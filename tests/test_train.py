@@ -1,0 +1,157 @@
+"""mode.train: metrics, a smoke run's files and schema, resume after a real kill, bad input."""
+import json
+from dataclasses import asdict
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mode import train
+
+REPO = Path(__file__).resolve().parents[1]
+# a few steps of everything: checks plumbing and files, not accuracy
+SMOKE_ARGS = ["--pretrain-steps", "2", "--steps-per-task", "4", "--eval-size", "8", "--gen-samples", "1",
+              "--checkpoint-every", "2", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pretrained"))
+
+
+def _cli(output, cache_dir, *extra):
+    return [sys.executable, "-m", "mode.train", "--output", str(output), "--cache-dir", cache_dir, *SMOKE_ARGS, *extra]
+
+
+def _run_cli(output, cache_dir, *extra):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(_cli(output, cache_dir, *extra), capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_average_accuracy_and_backward_transfer_on_a_hand_made_matrix():
+    acc = [[0.9, 0.1, 0.0],
+           [0.7, 0.8, 0.2],
+           [0.5, 0.6, 0.9]]
+    assert train.average_accuracy(acc) == pytest.approx((0.5 + 0.6 + 0.9) / 3)
+    assert train.backward_transfer(acc) == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
+    assert train.backward_transfer([[0.4]]) == 0.0
+
+
+def test_trainable_params_count_only_reachable_adapters():
+    from mode import digits_model as dm
+
+    vocab = dm.DigitsVocab()
+    pretrained = dm.Pretrained(dm.build_model(vocab, dm.DigitsModelConfig()), vocab, None, dm.DigitsModelConfig(),
+                               dm.PretrainConfig(), Path("."), False, 0.0)
+    base = pretrained.model.state_dict()
+    config = train.TrainConfig()
+    counts = {}
+    for name, method in train.METHODS.items():
+        counts[name] = train.trainable_params(train.lora_model(base, pretrained, method, config, "cpu"), method)
+    h, m, layers, r = 128, 344, 2, config.rank
+    lora_per_layer = r * (h + m) * 2 + r * (m + h)  # gate, up: h -> m; down: m -> h
+    assert counts["lora"] == layers * lora_per_layer
+    routers = layers * 4 * (h + h + m)
+    assert counts["moelora"] == layers * 4 * lora_per_layer + routers
+    assert counts["mode"] == counts["mode-nokd"] == counts["moelora"] + layers * lora_per_layer
+
+
+def test_smoke_run_writes_metrics_tables_and_plots(tmp_path, cache_dir):
+    done = _run_cli(tmp_path, cache_dir, "--methods", "mode,lora")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "## Comparison" in done.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["benchmark"] == "digits"
+    assert metrics["tasks"] == ["parity", "greater_than_four", "plus_one", "ink_half"]
+    assert set(metrics["pretrained"]) == {"gen_acc", "image_nll"}
+    assert list(metrics["methods"]) == ["mode", "lora"]
+    for m in metrics["methods"].values():
+        assert set(m) == {"acc_matrix", "avg_acc", "bwt", "gen_acc", "gen_retention", "image_nll",
+                          "train_seconds", "trainable_params"}
+        assert len(m["acc_matrix"]) == 4 and all(len(row) == 4 for row in m["acc_matrix"])
+        assert len(m["gen_acc"]) == len(m["image_nll"]) == 4
+        assert isinstance(m["trainable_params"], int) and m["train_seconds"] > 0
+        assert m["avg_acc"] == pytest.approx(train.average_accuracy(m["acc_matrix"]))
+    results = (tmp_path / "results.md").read_text()
+    assert "| mode |" in results and "| lora |" in results
+    for png in ("acc_matrix_mode.png", "acc_matrix_lora.png", "gen_acc.png", "generated_digits.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _checkpoint_mid_task(path):
+    """The checkpoint's in-progress position, if it is inside a task of the first method."""
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception:  # not written yet
+        return None
+    current = state.get("current")
+    return current if current and current["step"] > 0 and not state["done"] else None
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache_dir):
+    methods = ("--methods", "mode,lora")
+    reference = _run_cli(tmp_path / "reference", cache_dir, *methods)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    output = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(_cli(output, cache_dir, *methods), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    killed_at = None
+    while process.poll() is None and time.monotonic() < deadline:
+        killed_at = _checkpoint_mid_task(output / "checkpoint.pt")
+        if killed_at is not None:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait(timeout=60)
+    assert killed_at is not None, "the run ended before a mid-task checkpoint was seen"
+    assert process.returncode == -signal.SIGKILL
+    assert not (output / "metrics.json").exists()
+
+    resumed = _run_cli(output, cache_dir, *methods, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def without_timing(path):
+        metrics = json.loads(path.read_text())
+        for m in metrics["methods"].values():
+            m.pop("train_seconds")
+        return metrics
+
+    assert without_timing(output / "metrics.json") == without_timing(tmp_path / "reference" / "metrics.json")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--methods", "mode,adapterx", "unknown method"),
+    ("--benchmark", "mnist", "unknown benchmark"),
+])
+def test_unknown_method_or_benchmark_is_a_clear_error(tmp_path, cache_dir, flag, value, message):
+    done = _run_cli(tmp_path / "out", cache_dir, flag, value)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, cache_dir):
+    config = train.TrainConfig(methods=("lora",))
+    (tmp_path / "config.json").write_text(json.dumps(asdict(config)))
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage, not a checkpoint")
+    with pytest.raises(train.RunError, match="corrupt checkpoint"):
+        train.run(config, tmp_path, resume=True, cache_dir=cache_dir, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"garbage, not a checkpoint"
+
+
+def test_output_of_another_run_is_refused_and_kept(tmp_path, cache_dir):
+    other = json.dumps(asdict(train.TrainConfig(seed=123)))
+    (tmp_path / "config.json").write_text(other)
+    (tmp_path / "metrics.json").write_text("{}")
+    done = _run_cli(tmp_path, cache_dir, "--methods", "lora")
+    assert done.returncode == 2 and "holds another run" in done.stderr
+    assert (tmp_path / "config.json").read_text() == other
+    assert (tmp_path / "metrics.json").read_text() == "{}"
