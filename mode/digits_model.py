@@ -170,7 +170,8 @@ def _write_cache(path: Path, model: torch.nn.Module, key: str, train_seconds: fl
     """safetensors file with a digest of its tensors, written to a temp file then renamed."""
     from safetensors.torch import save_file
 
-    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    # clones: tied weights (lm_head = embed_tokens) share storage, which safetensors refuses
+    tensors = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
     metadata = {"cache_key": key, "sha256": _tensors_digest(tensors), "train_seconds": repr(train_seconds)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

@@ -78,7 +78,7 @@ class TrainConfig:
     dropout: float = 0.05
     kd_lambda: float = 0.3
     kd_temperature: float = 2.0
-    eval_size: int = 200  # test images per task evaluation
+    eval_size: int = 200  # test images per evaluation (tasks and image NLL)
     gen_samples_per_digit: int = 20
     gen_temperature: float = dm.GenerationConfig.temperature
     pretrain_steps: int = dm.PretrainConfig.steps
@@ -203,14 +203,20 @@ def train_step(model, optimizer, task_examples, generation_examples, pad_id, met
 
 
 def evaluate(model, pretrained: dm.Pretrained, classifier, config: TrainConfig, progress: bool) -> dict:
-    """Accuracy on every continual task and generation quality; also returns sampled images."""
-    data, vocab = pretrained.data, pretrained.vocab
-    images, labels = data.test_images[: config.eval_size], data.test_labels[: config.eval_size]
-    accs = [dm.task_accuracy(model, vocab, task, images, labels, progress=progress) for task in digits.CONTINUAL_TASKS]
-    gen_config = dm.GenerationConfig(config.gen_samples_per_digit, config.gen_temperature, config.seed)
-    gen = dm.evaluate_generation(model, vocab, data, classifier, gen_config, progress=progress)
-    samples = dm.sample_images(model, vocab, np.arange(10), config.gen_temperature, config.seed)
-    return {"accs": accs, **gen, "samples": samples}
+    """Accuracy on every continual task and generation quality, on the first eval_size test images."""
+    vocab, test = pretrained.vocab, eval_split(pretrained.data, config)
+    accs = [dm.task_accuracy(model, vocab, task, test.test_images, test.test_labels, progress=progress)
+            for task in digits.CONTINUAL_TASKS]
+    return {"accs": accs, **dm.evaluate_generation(model, vocab, test, classifier, generation_config(config), progress)}
+
+
+def eval_split(data: digits.DigitsData, config: TrainConfig) -> digits.DigitsData:
+    """The data with only the first eval_size test images (evaluation runs after every task)."""
+    return replace(data, test_images=data.test_images[: config.eval_size], test_labels=data.test_labels[: config.eval_size])
+
+
+def generation_config(config: TrainConfig) -> dm.GenerationConfig:
+    return dm.GenerationConfig(config.gen_samples_per_digit, config.gen_temperature, config.seed)
 
 
 def run_method(name: str, pretrained, base_state, classifier, config: TrainConfig, device, checkpoint_path: Path,
@@ -265,7 +271,8 @@ def run_method(name: str, pretrained, base_state, classifier, config: TrainConfi
         "image_nll": [r["image_nll"] for r in results],
         "train_seconds": current["train_seconds"],
         "trainable_params": trainable_params(model, method),
-        "samples": results[-1]["samples"],
+        # one "draw a d" per digit after the last task, for the plot
+        "samples": dm.sample_images(model, vocab, np.arange(10), config.gen_temperature, config.seed),
     }
     state["current"] = None
     save_checkpoint(checkpoint_path, state)
@@ -376,11 +383,10 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     classifier = dm.fit_digit_classifier(pretrained.data)
     if state is None:
         model = pretrained.model.to(device)
-        gen = dm.evaluate_generation(model, pretrained.vocab, pretrained.data, classifier,
-                                     dm.GenerationConfig(config.gen_samples_per_digit, config.gen_temperature,
-                                                         config.seed), progress=progress)
-        digit_acc = dm.task_accuracy(model, pretrained.vocab, digits.DIGIT, pretrained.data.test_images,
-                                     pretrained.data.test_labels, progress=progress)
+        test = eval_split(pretrained.data, config)
+        gen = dm.evaluate_generation(model, pretrained.vocab, test, classifier, generation_config(config), progress)
+        digit_acc = dm.task_accuracy(model, pretrained.vocab, digits.DIGIT, test.test_images, test.test_labels,
+                                     progress=progress)
         state = {"config": asdict(config), "pretrained": {**gen, "digit_acc": digit_acc}, "done": {}, "current": None}
         save_checkpoint(checkpoint_path, state)
     for name in config.methods:
@@ -406,7 +412,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
     p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--eval-size", type=int, default=defaults.eval_size, help="test images per task evaluation")
+    p.add_argument("--eval-size", type=int, default=defaults.eval_size, help="test images per evaluation")
     p.add_argument("--gen-samples", type=int, default=defaults.gen_samples_per_digit, help="sampled images per digit")
     p.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps)
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)

@@ -61,11 +61,18 @@ def test_trainable_params_count_only_reachable_adapters():
     assert counts["mode"] == counts["mode-nokd"] == counts["moelora"] + layers * lora_per_layer
 
 
-def test_smoke_run_writes_metrics_tables_and_plots(tmp_path, cache_dir):
-    done = _run_cli(tmp_path, cache_dir, "--methods", "mode,lora")
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir):
+    """An uninterrupted smoke run of mode and lora: its output directory."""
+    output = tmp_path_factory.mktemp("reference")
+    done = _run_cli(output, cache_dir, "--methods", "mode,lora")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "## Comparison" in done.stdout
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    return output
+
+
+def test_smoke_run_writes_metrics_tables_and_plots(reference_run):
+    metrics = json.loads((reference_run / "metrics.json").read_text())
     assert metrics["benchmark"] == "digits"
     assert metrics["tasks"] == ["parity", "greater_than_four", "plus_one", "ink_half"]
     assert set(metrics["pretrained"]) == {"gen_acc", "image_nll"}
@@ -77,10 +84,10 @@ def test_smoke_run_writes_metrics_tables_and_plots(tmp_path, cache_dir):
         assert len(m["gen_acc"]) == len(m["image_nll"]) == 4
         assert isinstance(m["trainable_params"], int) and m["train_seconds"] > 0
         assert m["avg_acc"] == pytest.approx(train.average_accuracy(m["acc_matrix"]))
-    results = (tmp_path / "results.md").read_text()
+    results = (reference_run / "results.md").read_text()
     assert "| mode |" in results and "| lora |" in results
     for png in ("acc_matrix_mode.png", "acc_matrix_lora.png", "gen_acc.png", "generated_digits.png"):
-        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (reference_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _checkpoint_mid_task(path):
@@ -93,11 +100,8 @@ def _checkpoint_mid_task(path):
     return current if current and current["step"] > 0 and not state["done"] else None
 
 
-def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache_dir):
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache_dir, reference_run):
     methods = ("--methods", "mode,lora")
-    reference = _run_cli(tmp_path / "reference", cache_dir, *methods)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
     output = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(_cli(output, cache_dir, *methods), env=env,
@@ -124,7 +128,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache_dir):
             m.pop("train_seconds")
         return metrics
 
-    assert without_timing(output / "metrics.json") == without_timing(tmp_path / "reference" / "metrics.json")
+    assert without_timing(output / "metrics.json") == without_timing(reference_run / "metrics.json")
 
 
 @pytest.mark.parametrize("flag, value, message", [
