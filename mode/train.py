@@ -262,12 +262,13 @@ def run_method(name: str, pretrained, base_state, classifier, config: TrainConfi
         save_checkpoint(checkpoint_path, state | {"current": current})
     results = current["results"]
     acc_matrix = [r["accs"] for r in results]
+    pretrained_gen_acc = state["pretrained"]["gen_acc"]
     state["done"][name] = {
         "acc_matrix": acc_matrix,
         "avg_acc": average_accuracy(acc_matrix),
         "bwt": backward_transfer(acc_matrix),
         "gen_acc": [r["gen_acc"] for r in results],
-        "gen_retention": results[-1]["gen_acc"] / state["pretrained"]["gen_acc"] if state["pretrained"]["gen_acc"] else 0.0,
+        "gen_retention": results[-1]["gen_acc"] / pretrained_gen_acc if pretrained_gen_acc else 0.0,
         "image_nll": [r["image_nll"] for r in results],
         "train_seconds": current["train_seconds"],
         "trainable_params": trainable_params(model, method),
