@@ -102,10 +102,7 @@ def pretrain(vocab: DigitsVocab, data: DigitsData, model_config: DigitsModelConf
     rng = np.random.default_rng(config.seed)
     model = build_model(vocab, model_config)
     model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     understanding = digits.task_examples(vocab, digits.DIGIT, data.train_images, data.train_labels)
     generation = digits.generation_examples(vocab, data.train_images, data.train_labels)
     n_u = config.understanding_rows
