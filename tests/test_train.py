@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from mode import train
+from mode import distributed, train
 
 REPO = Path(__file__).resolve().parents[1]
 # a few steps of everything: checks plumbing and files, not accuracy
@@ -90,11 +89,18 @@ def test_smoke_run_writes_metrics_tables_and_plots(reference_run):
         assert (reference_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _without_timing(path):
+    metrics = json.loads(path.read_text())
+    for m in metrics["methods"].values():
+        m.pop("train_seconds")
+    return metrics
+
+
 def _checkpoint_mid_task(path):
     """The checkpoint's in-progress position, if it is inside a task of the first method."""
     try:
-        state = torch.load(path, weights_only=False)
-    except Exception:  # not written yet
+        state = distributed.checkpoint_extra(path)
+    except (OSError, ValueError):  # not written yet, or being replaced
         return None
     current = state.get("current")
     return current if current and current["step"] > 0 and not state["done"] else None
@@ -109,7 +115,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache_dir, reference_r
     deadline = time.monotonic() + 600
     killed_at = None
     while process.poll() is None and time.monotonic() < deadline:
-        killed_at = _checkpoint_mid_task(output / "checkpoint.pt")
+        killed_at = _checkpoint_mid_task(output / "checkpoint")
         if killed_at is not None:
             process.send_signal(signal.SIGKILL)
             break
@@ -121,14 +127,25 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache_dir, reference_r
 
     resumed = _run_cli(output, cache_dir, *methods, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _without_timing(output / "metrics.json") == _without_timing(reference_run / "metrics.json")
 
-    def without_timing(path):
-        metrics = json.loads(path.read_text())
-        for m in metrics["methods"].values():
-            m.pop("train_seconds")
-        return metrics
 
-    assert without_timing(output / "metrics.json") == without_timing(reference_run / "metrics.json")
+def test_conflict_probe_is_logged_and_plotted_and_changes_no_result(tmp_path, cache_dir, reference_run):
+    config, _ = train.parse_args(["--output", str(tmp_path), "--cache-dir", cache_dir, *SMOKE_ARGS,
+                                  "--methods", "mode,lora", "--probe-conflict", "2"])
+    train.run(config, tmp_path, cache_dir=cache_dir, progress=False)
+    metrics = _without_timing(tmp_path / "metrics.json")
+    conflict = {name: m.pop("conflict") for name, m in metrics["methods"].items()}
+    assert metrics == _without_timing(reference_run / "metrics.json")  # the probe changes no training result
+    groups = {"mode": {"text_experts", "image_expert", "total"}, "lora": {"shared", "total"}}
+    for name, entries in conflict.items():
+        # every 2 of the 4 steps of each task
+        assert [(e["step"], e["task"]) for e in entries] == [(4 * t + s, task) for t, task in enumerate(metrics["tasks"])
+                                                            for s in (0, 2)]
+        for entry in entries:
+            assert set(entry) == {"step", "task"} | groups[name]
+            assert all(-1.0 <= entry[g] <= 1.0 for g in groups[name])
+    assert (tmp_path / "conflict.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -142,13 +159,19 @@ def test_unknown_method_or_benchmark_is_a_clear_error(tmp_path, cache_dir, flag,
     assert not (tmp_path / "out" / "config.json").exists()
 
 
-def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, cache_dir):
+@pytest.mark.parametrize("files", [
+    {"trainer_state.json": b"garbage, not a checkpoint"},  # no DCP metadata: an incomplete save
+    {"trainer_state.json": b"garbage, not a checkpoint", ".metadata": b"garbage"},
+])
+def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, cache_dir, files):
     config = train.TrainConfig(methods=("lora",))
     (tmp_path / "config.json").write_text(json.dumps(asdict(config)))
-    (tmp_path / "checkpoint.pt").write_bytes(b"garbage, not a checkpoint")
+    (tmp_path / "checkpoint").mkdir()
+    for name, content in files.items():
+        (tmp_path / "checkpoint" / name).write_bytes(content)
     with pytest.raises(train.RunError, match="corrupt checkpoint"):
         train.run(config, tmp_path, resume=True, cache_dir=cache_dir, progress=False)
-    assert (tmp_path / "checkpoint.pt").read_bytes() == b"garbage, not a checkpoint"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()} == files
 
 
 def test_output_of_another_run_is_refused_and_kept(tmp_path, cache_dir):
