@@ -328,7 +328,9 @@ class CheckpointWorkload:
         self.tasks = [tasks.task(name).records for name in self.task_names]
         missing = [name for name in self.task_names if name not in evals.tasks]
         if missing:
-            raise RunError(f"--eval-data has no record of the task(s) {missing}")
+            raise RunError(f"--eval-data has no record of the task(s) {missing} (its tasks: {evals.task_names()}); "
+                           "a record's task is its \"task\" field, else its file's name: name held-out files "
+                           "like the task files (test/gqa.jsonl for gqa.jsonl)")
         # the first eval_size records of each training task
         held_out = [i for name in self.task_names for i in [j for j, t in enumerate(evals.tasks) if t == name][
             : config.eval_size]]

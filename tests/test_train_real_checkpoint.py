@@ -1,0 +1,134 @@
+"""mode.train --model: tiny random Llama and Chameleon checkpoints (save_pretrained to tmp dirs)
+with tiny JSONL task, evaluation and generation files; bad records; refused flag combinations."""
+import json
+import random
+
+import pytest
+
+from mode import train
+from test_mode_fixtures import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, one_thread, tiny_model  # noqa: F401
+
+LLAMA_MODALITY = f"{IMAGE_LO}:{IMAGE_HI},begin={BEGIN_IMAGE},end={END_IMAGE}"
+TINY = ["--steps-per-task", "2", "--batch-size", "4", "--eval-size", "4", "--checkpoint-every", "1",
+        "--image-tokens", "3", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    tiny_model("llama").save_pretrained(path)
+    return path
+
+
+def image_question(rng, text_ids, code_ids, begin, end, answer):
+    """A record: text, an image (begin marker, codes, end marker), a question, the answer (scored)."""
+    prompt = [rng.choice(text_ids)] + [begin] + [rng.choice(code_ids) for _ in range(4)] + [end] + \
+        [rng.choice(text_ids) for _ in range(2)]
+    return {"input_ids": prompt + answer, "answer_start": len(prompt)}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def llama_files(directory, bad_line=None):
+    """Two task files, their held-out files, a generation stream and a prompt file, in the tiny
+    Llama vocabulary (text ids below 40). `bad_line`: a line written as line 3 of task a."""
+    rng = random.Random(0)
+    text, codes = list(range(1, IMAGE_LO)), list(range(IMAGE_LO, IMAGE_HI))
+    files = {}
+    for split in ("train", "test"):
+        for task, answer in (("a", [7, 2]), ("b", [9])):
+            records = [image_question(rng, text, codes, BEGIN_IMAGE, END_IMAGE, answer) for _ in range(5)]
+            lines = [json.dumps(r) for r in records]
+            if split == "train" and task == "a" and bad_line is not None:
+                lines.insert(2, bad_line)
+            (directory / split).mkdir(exist_ok=True)
+            path = directory / split / f"{task}.jsonl"  # held-out files named like the task files
+            path.write_text("\n".join(lines) + "\n")
+            files.setdefault(split, []).append(str(path))
+    generation = [{"input_ids": [3, 4, BEGIN_IMAGE] + [rng.choice(codes) for _ in range(6)] + [END_IMAGE],
+                   "answer_start": 3} for _ in range(6)]
+    files["gen"] = str(write_jsonl(directory / "generation.jsonl", generation))
+    (directory / "cat.json").write_text(json.dumps([3, 4, 5]))
+    files["prompt"] = str(directory / "cat.json")
+    return files
+
+
+def llama_args(output, model_dir, files, *extra):
+    return ["--output", str(output), "--model", str(model_dir), "--modality", LLAMA_MODALITY,
+            "--data", ",".join(files["train"]), "--eval-data", ",".join(files["test"]), "--gen-data", files["gen"],
+            *TINY, *extra]
+
+
+def run(argv):
+    config, args = train.parse_args(argv)
+    return train.run(config, args.output, device="cpu", progress=False)
+
+
+def test_llama_run_scores_every_task_file_and_draws_the_prompts(tmp_path, llama_dir):
+    files = llama_files(tmp_path)
+    output = tmp_path / "out"
+    metrics = run(llama_args(output, llama_dir, files, "--methods", "mode,lora", "--gen-prompts", files["prompt"]))
+    assert metrics["tasks"] == ["a", "b"]  # one task per file, in file order
+    assert metrics["pretrained"]["gen_acc"] is None and metrics["pretrained"]["image_nll"] > 0
+    for name, m in metrics["methods"].items():
+        assert len(m["acc_matrix"]) == 2 and all(len(row) == 2 for row in m["acc_matrix"])
+        assert all(0.0 <= a <= 1.0 for row in m["acc_matrix"] for a in row)
+        assert m["gen_acc"] == [None, None] and m["gen_retention"] is None
+        assert len(m["image_nll"]) == 2 and all(nll > 0 for nll in m["image_nll"])
+        drawn = json.loads((output / "images" / name / "cat.image_tokens.json").read_text())
+        assert drawn["prompt"] == [3, 4, 5, BEGIN_IMAGE]
+        assert len(drawn["image_tokens"]) == 3 and all(IMAGE_LO <= t < IMAGE_HI for t in drawn["image_tokens"])
+        assert m["images"][0]["png"] is None  # no VQ decoder
+    assert json.loads((output / "metrics.json").read_text()) == metrics
+    assert "| mode |" in (output / "results.md").read_text()
+    assert (output / "image_nll.png").exists() and not (output / "gen_acc.png").exists()
+
+
+def test_chameleon_run(tmp_path):
+    model_dir = tmp_path / "chameleon"
+    tiny_model("chameleon").save_pretrained(model_dir)
+    rng = random.Random(1)
+    text, codes = [1, 2, 3, 8198, 8199], list(range(4, 8196))
+    records = [{**image_question(rng, text, codes, 8197, 8196, [8198, 2]), "task": task}
+               for task in ("vqa", "caption") for _ in range(3)]
+    generation = [{"input_ids": [1, 8197] + [rng.choice(codes) for _ in range(5)] + [8196], "answer_start": 2}
+                  for _ in range(4)]
+    data, gen = write_jsonl(tmp_path / "tasks.jsonl", records), write_jsonl(tmp_path / "gen.jsonl", generation)
+    metrics = run(["--output", str(tmp_path / "out"), "--model", str(model_dir), "--modality", "chameleon",
+                   "--data", str(data), "--gen-data", str(gen), "--methods", "mode", *TINY])
+    assert metrics["tasks"] == ["vqa", "caption"]  # tasks by the "task" field, in first-record order
+    assert len(metrics["methods"]["mode"]["acc_matrix"]) == 2
+
+
+BAD_LINE = json.dumps({"input_ids": [1, 2, 999], "answer_start": 1})  # 999: outside the vocabulary of 64
+
+
+def test_bad_record_is_refused_with_its_file_and_line(tmp_path, llama_dir):
+    files = llama_files(tmp_path, bad_line=BAD_LINE)
+    output = tmp_path / "out"
+    with pytest.raises(train.RunError, match=r"a\.jsonl:3: input_ids\[2\] = 999 is outside the vocabulary"):
+        run(llama_args(output, llama_dir, files, "--methods", "lora"))
+    assert not (output / "config.json").exists()
+
+
+def test_bad_record_is_skipped_with_a_warning(tmp_path, llama_dir):
+    files = llama_files(tmp_path, bad_line=BAD_LINE)
+    with pytest.warns(UserWarning, match=r"(?s)skipped 1 bad record.*a\.jsonl:3"):
+        metrics = run(llama_args(tmp_path / "out", llama_dir, files, "--methods", "lora", "--on-bad-record", "skip"))
+    assert metrics["tasks"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "M", "--benchmark", "digits"], "--model and --benchmark exclude each other"),
+    (["--fsdp", "--probe-conflict", "5"], "--fsdp and --probe-conflict exclude each other"),
+    (["--model", "M", "--data", "a.jsonl"], "give --gen-data"),
+    (["--model", "M"], "--model needs --data"),
+    (["--data", "a.jsonl"], "--data need(s) --model"),
+])
+def test_inconsistent_flags_are_refused(tmp_path, capsys, extra, message):
+    assert train.main(["--output", str(tmp_path / "out"), "--methods", "mode", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
