@@ -3,7 +3,7 @@
     python -m mode.train --benchmark digits --methods mode,lora --output runs/digits
     python -m mode.train --model /ckpt/anole-7b-hf --modality chameleon --data a.jsonl,b.jsonl \\
         --eval-data a_test.jsonl,b_test.jsonl --gen-data generation.jsonl --output runs/anole
-    torchrun --nproc_per_node=8 -m mode.train ...        # DDP; --fsdp: FSDP2, bf16 base
+    torchrun --nproc_per_node=8 -m mode.train ...        # DDP; --fsdp: FSDP2 (bf16 base on GPUs)
 
 For each method, starting from the same pretrained model, train the tasks in order; after each
 task evaluate every task (exact match) and image generation. Model and tasks come from
@@ -170,9 +170,11 @@ def load_progress(path: Path, config: TrainConfig) -> dict:
 
 
 def load_adapters(path: Path, model, optimizer=None) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     try:
         distributed.load_checkpoint(path, model, optimizer)
-    except Exception as err:  # DCP raises several types for damaged shards
+    except (Exception, CheckpointException) as err:  # DCP raises several types for damaged shards
         raise RunError(f"corrupt checkpoint {path} ({type(err).__name__}: {err}); delete it to start over") from err
 
 
@@ -199,9 +201,12 @@ def lora_model(base_state: dict, pretrained: dm.Pretrained, method: Method, conf
     return adapt(model, method, config, spec, len(vocab), vocab.image_code_range).to(device)
 
 
-def wrap(model, config: TrainConfig):
-    """DDP, or FSDP2 with --fsdp (in one process: the model itself, bf16 base with --fsdp)."""
-    return distributed.wrap_fsdp2(model) if config.fsdp else distributed.wrap_ddp(model)
+def wrap(model, config: TrainConfig, device: torch.device):
+    """DDP, or FSDP2 with --fsdp (in one process: the model itself)."""
+    if not config.fsdp:
+        return distributed.wrap_ddp(model)
+    # bf16 halves the base's memory and all-gathers on GPUs; CPUs compute it slower than float32
+    return distributed.wrap_fsdp2(model, base_dtype=torch.bfloat16 if device.type == "cuda" else None)
 
 
 def trainable_params(model, method: Method) -> int:
@@ -464,11 +469,11 @@ def run_method(name: str, workload, config: TrainConfig, device, output: Path, s
     """Train the tasks of one method in order, continuing from `state["current"]` if it is this method."""
     method = METHODS[name]
     checkpoint_path = output / "checkpoint"
-    model = wrap(workload.build(method), config)
+    model = wrap(workload.build(method), config, device)
     params = [p for p in model.parameters() if p.requires_grad]
     if state["pretrained"] is None:
         # Fresh adapters (lora_B = 0) leave the model's function as it is: this is the pretrained
-        # model, as this run computes (with --fsdp its base in bf16).
+        # model, as this run computes it (with --fsdp on GPUs its base in bf16).
         state["pretrained"] = workload.evaluate_pretrained(distributed.unwrap(model))
     current = state["current"]
     if current is not None and current["method"] == name:
@@ -712,7 +717,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--image-tokens", type=int, default=defaults.image_tokens, help="codes per image of --gen-prompts")
     p.add_argument("--on-bad-record", choices=("skip", "refuse"), default=defaults.on_bad_record,
                    help="bad JSONL records (listed with file:line): stop before training, or drop them")
-    p.add_argument("--fsdp", action="store_true", help="FSDP2 per decoder layer, bf16 base, fp32 adapters")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 per decoder layer; frozen base in bf16 on GPUs, adapters in fp32")
     p.add_argument("--probe-conflict", type=int, default=defaults.probe_conflict, metavar="EVERY",
                    help="gradient-conflict probe every EVERY steps (0: off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

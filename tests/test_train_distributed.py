@@ -1,0 +1,124 @@
+"""mode.train under torchrun: 2 gloo processes on CPU give the results of one process; --fsdp
+runs resume from their DCP checkpoint (in one process, and on another number of processes)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mode import distributed, train
+from test_mode_fixtures import one_thread  # noqa: F401  (in-process runs: one thread, as the torchrun processes)
+
+REPO = Path(__file__).resolve().parents[1]
+# a few steps of one method: checks plumbing and equality, not accuracy
+ARGS = ["--methods", "mode", "--pretrain-steps", "2", "--steps-per-task", "3", "--batch-size", "4",
+        "--eval-size", "8", "--gen-samples", "1", "--checkpoint-every", "2", "--dropout", "0",
+        "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pretrained"))
+
+
+def argv(output, cache_dir, *extra):
+    return ["--output", str(output), "--cache-dir", cache_dir, *ARGS, *extra]
+
+
+def run_in_process(args):
+    config, parsed = train.parse_args(args)
+    return train.run(config, parsed.output, resume=parsed.resume, device="cpu", cache_dir=parsed.cache_dir,
+                     progress=False)
+
+
+def torchrun(args):
+    """`mode.train` in 2 processes (gloo); the repository root first on the path, as pytest has it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mode.train",
+           *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+def assert_same_results(metrics, reference, rel):
+    assert metrics["pretrained"] == pytest.approx(reference["pretrained"], rel=rel)
+    assert metrics["methods"].keys() == reference["methods"].keys()
+    for name, m in metrics["methods"].items():
+        ref = reference["methods"][name]
+        assert m["acc_matrix"] == ref["acc_matrix"], name
+        assert m["gen_acc"] == ref["gen_acc"], name
+        assert m["image_nll"] == pytest.approx(ref["image_nll"], rel=rel), name
+
+
+def test_two_processes_give_the_results_of_one(tmp_path, cache_dir):
+    # a fresh pretrained cache: rank 0 pretrains, rank 1 reads its file
+    done = torchrun(argv(tmp_path / "two", cache_dir))
+    assert done.stdout.count("## Comparison") == 1  # rank 0 alone prints the results
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    one = run_in_process(argv(tmp_path / "one", cache_dir))
+    assert_same_results(two, one, rel=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, cache_dir):
+    """An uninterrupted one-process --fsdp run, and one interrupted inside task 1 (after its
+    mid-task checkpoint at step 2): their output directories."""
+    root = tmp_path_factory.mktemp("fsdp")
+    run_in_process(argv(root / "whole", cache_dir, "--fsdp"))
+    real_step, calls = train.train_step, []
+
+    def interrupted_step(*args, **kwargs):
+        if len(calls) == 5:  # task 1, step 2
+            raise Interrupted
+        calls.append(None)
+        return real_step(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "train_step", interrupted_step)
+        with pytest.raises(Interrupted):
+            run_in_process(argv(root / "interrupted", cache_dir, "--fsdp"))
+    current = distributed.checkpoint_extra(root / "interrupted" / "checkpoint")["current"]
+    assert (current["task"], current["step"]) == (1, 2)
+    return root / "whole", root / "interrupted"
+
+
+def resumable_copy(interrupted, output):
+    shutil.copytree(interrupted, output)
+    return output
+
+
+def test_fsdp_run_resumes_to_the_same_metrics(tmp_path, cache_dir, fsdp_runs):
+    whole, interrupted = fsdp_runs
+    resumed = run_in_process(argv(resumable_copy(interrupted, tmp_path / "resumed"), cache_dir, "--fsdp", "--resume"))
+    assert_same_results(resumed, json.loads((whole / "metrics.json").read_text()), rel=0)
+
+
+def test_fsdp_checkpoint_resumes_on_two_processes(tmp_path, cache_dir, fsdp_runs):
+    whole, interrupted = fsdp_runs
+    output = resumable_copy(interrupted, tmp_path / "resumed")
+    torchrun(argv(output, cache_dir, "--fsdp", "--resume"))
+    resumed = json.loads((output / "metrics.json").read_text())
+    reference = json.loads((whole / "metrics.json").read_text())
+    # the 2-process steps reduce gradients in another order, and the base runs in bf16: close, not equal
+    for name, m in resumed["methods"].items():
+        assert len(m["acc_matrix"]) == 4
+        assert m["image_nll"] == pytest.approx(reference["methods"][name]["image_nll"], abs=0.05)
+
+
+def test_damaged_checkpoint_shard_is_refused_and_kept(tmp_path, cache_dir, fsdp_runs):
+    output = resumable_copy(fsdp_runs[1], tmp_path / "damaged")
+    shard = next((output / "checkpoint").glob("*.distcp"))
+    shard.write_bytes(b"garbage")
+    with pytest.raises(train.RunError, match="corrupt checkpoint"):
+        run_in_process(argv(output, cache_dir, "--fsdp", "--resume"))
+    assert shard.read_bytes() == b"garbage"
