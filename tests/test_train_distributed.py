@@ -107,12 +107,9 @@ def test_fsdp_checkpoint_resumes_on_two_processes(tmp_path, cache_dir, fsdp_runs
     whole, interrupted = fsdp_runs
     output = resumable_copy(interrupted, tmp_path / "resumed")
     torchrun(argv(output, cache_dir, "--fsdp", "--resume"))
-    resumed = json.loads((output / "metrics.json").read_text())
-    reference = json.loads((whole / "metrics.json").read_text())
-    # the 2-process steps reduce gradients in another order, and the base runs in bf16: close, not equal
-    for name, m in resumed["methods"].items():
-        assert len(m["acc_matrix"]) == 4
-        assert m["image_nll"] == pytest.approx(reference["methods"][name]["image_nll"], abs=0.05)
+    # the same global batches, gradients reduced over 2 processes: equal up to float rounding
+    assert_same_results(json.loads((output / "metrics.json").read_text()),
+                        json.loads((whole / "metrics.json").read_text()), rel=1e-5)
 
 
 def test_damaged_checkpoint_shard_is_refused_and_kept(tmp_path, cache_dir, fsdp_runs):
