@@ -313,16 +313,16 @@ class CheckpointWorkload:
             vocab = self.vocab_size = checkpoints.vocab_size(self._unused_base)
             self.spec = checkpoints.modality_spec_for(config.modality, vocab)
             max_length = getattr(self._unused_base.config, "max_position_embeddings", None)
+
+            def read(files: str) -> jsonl_data.JsonlDataset:
+                return jsonl_data.load_jsonl(files.split(","), vocab, on_error=config.on_bad_record,
+                                             max_length=max_length)
+
             with warnings.catch_warnings():
                 if not distributed.is_main():
                     warnings.simplefilter("ignore")  # the skipped-records report once, from rank 0
-
-                def read(files: str):
-                    return jsonl_data.load_jsonl(files.split(","), vocab, on_error=config.on_bad_record,
-                                                 max_length=max_length)
-
                 tasks = read(config.data)
-                evals = read(config.eval_data or config.data)
+                evals = read(config.eval_data) if config.eval_data else tasks
                 self.generation_rows = read(config.gen_data).records if config.gen_data else None
             for path in config.gen_prompts:
                 checkpoints.load_prompt(path, vocab)  # bad prompt files fail now, not after training
@@ -331,16 +331,17 @@ class CheckpointWorkload:
         self.pad_id = getattr(self._unused_base.config, "pad_token_id", None) or 0
         self.task_names = tasks.task_names()
         self.tasks = [tasks.task(name).records for name in self.task_names]
-        missing = [name for name in self.task_names if name not in evals.tasks]
+        # the first eval_size held-out records of each training task
+        held_out = {name: [i for i, task in enumerate(evals.tasks) if task == name][: config.eval_size]
+                    for name in self.task_names}
+        missing = [name for name, rows in held_out.items() if not rows]
         if missing:
             raise RunError(f"--eval-data has no record of the task(s) {missing} (its tasks: {evals.task_names()}); "
                            "a record's task is its \"task\" field, else its file's name: name held-out files "
                            "like the task files (test/gqa.jsonl for gqa.jsonl)")
-        # the first eval_size records of each training task
-        held_out = [i for name in self.task_names for i in [j for j, t in enumerate(evals.tasks) if t == name][
-            : config.eval_size]]
-        self.evals = jsonl_data.JsonlDataset([evals.records[i] for i in held_out], [evals.tasks[i] for i in held_out],
-                                             [evals.sources[i] for i in held_out])
+        keep = [i for rows in held_out.values() for i in rows]
+        self.evals = jsonl_data.JsonlDataset([evals.records[i] for i in keep], [evals.tasks[i] for i in keep],
+                                             [evals.sources[i] for i in keep])
 
     def _load(self):
         dtype = torch.bfloat16 if self.device.type == "cuda" else None

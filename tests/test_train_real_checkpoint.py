@@ -132,3 +132,10 @@ def test_inconsistent_flags_are_refused(tmp_path, capsys, extra, message):
     assert train.main(["--output", str(tmp_path / "out"), "--methods", "mode", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_files_must_name_the_training_tasks(tmp_path, llama_dir):
+    files = llama_files(tmp_path)
+    files["test"] = [files["gen"]]  # its records belong to the task "generation"
+    with pytest.raises(train.RunError, match=r"--eval-data has no record of the task\(s\) \['a', 'b'\]"):
+        run(llama_args(tmp_path / "out", llama_dir, files, "--methods", "lora"))
