@@ -13,7 +13,8 @@ task evaluate every task (exact match) and image generation. Model and tasks com
     --model PATH        a local Hugging Face checkpoint (`mode.checkpoints`; --modality names its
                         image tokens) and pre-tokenized JSON Lines (`mode.jsonl_data`): tasks
                         from --data (a task per file or per "task" field), exact match on
-                        --eval-data (default --data), image_nll on the first --eval-size records
+                        --eval-data (default --data; held-out tasks matched by name, so
+                        test/gqa.jsonl for gqa.jsonl), image_nll on the first --eval-size records
                         of --gen-data (the generation stream MoDE distils on); after the last task
                         one image per --gen-prompts file (codes; a PNG needs a VQ decoder, which
                         transformers' Chameleon lacks). Bad records: --on-bad-record refuse|skip.
@@ -163,7 +164,7 @@ def load_progress(path: Path, config: TrainConfig) -> dict:
         if not isinstance(state, dict) or "config" not in state or "done" not in state:
             raise ValueError("not a mode.train checkpoint")
     except (OSError, ValueError) as err:
-        raise RunError(f"corrupt checkpoint {path} ({type(err).__name__}: {err}); delete it to start over") from err
+        raise corrupt_checkpoint(path, err) from err
     if state["config"] != config_dict(config):
         raise RunError(f"checkpoint {path} was written by a run with another config")
     return state
@@ -175,7 +176,11 @@ def load_adapters(path: Path, model, optimizer=None) -> None:
     try:
         distributed.load_checkpoint(path, model, optimizer)
     except (Exception, CheckpointException) as err:  # DCP raises several types for damaged shards
-        raise RunError(f"corrupt checkpoint {path} ({type(err).__name__}: {err}); delete it to start over") from err
+        raise corrupt_checkpoint(path, err) from err
+
+
+def corrupt_checkpoint(path: Path, err: BaseException) -> RunError:
+    return RunError(f"corrupt checkpoint {path} ({type(err).__name__}: {err}); delete it to start over")
 
 
 # ----------------------------------------------------------------------------- models
@@ -711,7 +716,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--modality", default=defaults.modality,
                    help="image tokens of --model: chameleon|anole|'LO:HI,begin=ID,end=ID'")
     p.add_argument("--data", help="comma-separated task JSONL files (tasks in file order, then first-record order)")
-    p.add_argument("--eval-data", help="comma-separated held-out JSONL files scored by exact match (default: --data)")
+    p.add_argument("--eval-data", help="comma-separated held-out JSONL files scored by exact match, tasks matched "
+                                       "by name: test/gqa.jsonl for gqa.jsonl (default: --data)")
     p.add_argument("--gen-data", help="comma-separated JSONL generation stream for KD (caption + image codes, "
                                       "image part scored)")
     p.add_argument("--gen-prompts", nargs="*", default=[], help="prompt token files (.json/.pt) drawn after the last task")
