@@ -4,7 +4,7 @@ Real data: scikit-learn's bundled `load_digits` (1797 handwritten 8x8 digits, gr
 0..16; no download). One tiny unified vocabulary holds text words and image codes, so a
 single decoder both answers questions about an image and draws one:
 
-    understanding:  bos <boi> c_0 .. c_63 <eoi> what digit is this ? sep  ->  seven eos
+    understanding:  bos what digit is this ? <boi> c_0 .. c_63 <eoi> sep  ->  seven eos
     generation:     bos draw a seven sep <boi>                            ->  c_0 .. c_63 <eoi> eos
 
 An image is 64 codes, one per pixel in row-major order, code = IMAGE_CODE_BASE + gray level.
@@ -12,8 +12,11 @@ The codes form one contiguous id range and the markers sit right after it, which
 `mode.ModalitySpec` needs to tell image tokens from text tokens by id alone
 (see `DigitsVocab.modality_spec_args`).
 
-Pretraining teaches the `DIGIT` task and generation; the continual tasks (`CONTINUAL_TASKS`,
-understanding only, in this fixed order) each ask something else about the same images.
+    text:           bos seven is odd eos
+
+Pretraining teaches the `DIGIT` task, generation and the text facts; the continual tasks
+(`CONTINUAL_TASKS`, understanding only, in this fixed order) each ask something else about the
+same images and answer with one of those facts ("is this digit even or odd ?" -> seven is odd).
 The pretrained model and the evaluation functions are in `mode.digits_model`.
 """
 from __future__ import annotations
@@ -37,8 +40,7 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>")
 WORDS = DIGIT_NAMES + (
     "what", "digit", "is", "this", "?", "draw", "a",
-    "even", "or", "odd", "greater", "than", "yes", "no", "plus",
-    "which", "half", "has", "more", "ink", "top", "bottom",
+    "even", "or", "odd", "greater", "than", "not", "plus", "times",
 )
 
 
@@ -139,24 +141,33 @@ def _digit_name(image, label):
     return (DIGIT_NAMES[label],)
 
 
+def _spelled(number: int) -> tuple[str, ...]:
+    # numbers past nine are spelled digit by digit: 14 -> "one four"
+    return tuple(DIGIT_NAMES[int(ch)] for ch in str(number))
+
+
+# The continual tasks answer with a sentence that starts with the digit's name and states a
+# fact about it ("seven is odd"). Pretraining teaches the same sentences as text
+# (`text_facts`), as a pretrained language model knows them, so a task teaches a new question
+# format over the image, not new words or facts. With bare one-word answers ("odd") adapters on
+# the MLPs stayed near chance in 60 steps: mapping the digit to its parity inside a
+# 2-layer model is a new computation, while naming the digit and continuing a known sentence
+# are pretrained ones.
 def _parity(image, label):
-    return ("even",) if label % 2 == 0 else ("odd",)
+    return (DIGIT_NAMES[label], "is", "even" if label % 2 == 0 else "odd")
 
 
 def _greater_than_four(image, label):
-    return ("yes",) if label > 4 else ("no",)
+    verdict = ("is",) if label > 4 else ("is", "not")
+    return (DIGIT_NAMES[label],) + verdict + ("greater", "than", "four")
 
 
 def _plus_one(image, label):
-    # nine plus one is spelled digit by digit: "one zero" (a two-token answer)
-    return tuple(DIGIT_NAMES[int(ch)] for ch in str(label + 1))
+    return (DIGIT_NAMES[label], "plus", "one", "is") + _spelled(label + 1)
 
 
-def _ink_half(image, label):
-    # ties (rare) count as "top"
-    top = int(np.asarray(image)[: IMAGE_SIDE // 2].sum())
-    bottom = int(np.asarray(image)[IMAGE_SIDE // 2:].sum())
-    return ("top",) if top >= bottom else ("bottom",)
+def _times_two(image, label):
+    return (DIGIT_NAMES[label], "times", "two", "is") + _spelled(2 * label)
 
 
 DIGIT = Task("digit", ("what", "digit", "is", "this", "?"), _digit_name)
@@ -164,10 +175,15 @@ CONTINUAL_TASKS = (
     Task("parity", ("is", "this", "digit", "even", "or", "odd", "?"), _parity),
     Task("greater_than_four", ("is", "this", "digit", "greater", "than", "four", "?"), _greater_than_four),
     Task("plus_one", ("what", "is", "this", "digit", "plus", "one", "?"), _plus_one),
-    Task("ink_half", ("which", "half", "has", "more", "ink", "?"), _ink_half),
+    Task("times_two", ("what", "is", "this", "digit", "times", "two", "?"), _times_two),
 )
 TASKS = {task.name: task for task in (DIGIT,) + CONTINUAL_TASKS}
-MAX_ANSWER_TOKENS = 3  # longest answer ("one zero") + eos
+MAX_ANSWER_TOKENS = 7  # longest answer ("nine times two is one eight") + eos
+
+
+def text_facts() -> list[tuple[str, ...]]:
+    """The text-only sentences of pretraining: every continual answer, for every digit."""
+    return [task.answer(None, digit) for task in CONTINUAL_TASKS for digit in range(10)]
 
 
 # ----------------------------------------------------------------------------- examples
@@ -180,7 +196,9 @@ class Example:
 
 
 def understanding_prompt(vocab: DigitsVocab, task: Task, image: np.ndarray) -> list[int]:
-    return [vocab.bos] + vocab.encode_image(image) + vocab.encode_words(task.question) + [vocab.sep]
+    # The question comes first, so the positions that read the image and answer end every prompt
+    # in the same way (<eoi> sep): what pretraining learnt there carries over to new questions.
+    return [vocab.bos] + vocab.encode_words(task.question) + vocab.encode_image(image) + [vocab.sep]
 
 
 def understanding_example(vocab: DigitsVocab, task: Task, image: np.ndarray, label: int) -> Example:
@@ -195,6 +213,11 @@ def generation_prompt(vocab: DigitsVocab, digit: int) -> list[int]:
 def generation_example(vocab: DigitsVocab, image: np.ndarray, label: int) -> Example:
     return Example(generation_prompt(vocab, int(label)),
                    vocab.image_to_codes(image) + [vocab.end_image, vocab.eos])
+
+
+def text_example(vocab: DigitsVocab, words: Sequence[str]) -> Example:
+    """A text-only sentence, scored on every token after bos."""
+    return Example([vocab.bos], vocab.encode_words(words) + [vocab.eos])
 
 
 def task_examples(vocab: DigitsVocab, task: Task, images: np.ndarray, labels: np.ndarray) -> list[Example]:

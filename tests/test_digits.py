@@ -78,21 +78,20 @@ def _hand_made_digit(top_ink, bottom_ink):
     return image
 
 
-def test_task_answers_on_hand_made_images():
-    top_heavy, bottom_heavy, even = _hand_made_digit(16, 1), _hand_made_digit(0, 9), _hand_made_digit(5, 5)
+def test_task_answers():
+    image = _hand_made_digit(16, 1)  # answers depend on the label only
     answers = {task.name: task.answer for task in (digits.DIGIT,) + digits.CONTINUAL_TASKS}
-    assert answers["digit"](top_heavy, 7) == ("seven",)
-    assert answers["parity"](top_heavy, 7) == ("odd",)
-    assert answers["parity"](top_heavy, 0) == ("even",)
-    assert answers["greater_than_four"](top_heavy, 4) == ("no",)
-    assert answers["greater_than_four"](top_heavy, 5) == ("yes",)
-    assert answers["plus_one"](top_heavy, 3) == ("four",)
-    assert answers["plus_one"](top_heavy, 9) == ("one", "zero")
-    assert answers["ink_half"](top_heavy, 1) == ("top",)
-    assert answers["ink_half"](bottom_heavy, 1) == ("bottom",)
-    assert answers["ink_half"](even, 1) == ("top",)  # ties count as top
-    assert len(digits.CONTINUAL_TASKS) >= 4
-    assert [t.name for t in digits.CONTINUAL_TASKS] == ["parity", "greater_than_four", "plus_one", "ink_half"]
+    assert answers["digit"](image, 7) == ("seven",)
+    assert answers["parity"](image, 7) == ("seven", "is", "odd")
+    assert answers["parity"](image, 0) == ("zero", "is", "even")
+    assert answers["greater_than_four"](image, 4) == ("four", "is", "not", "greater", "than", "four")
+    assert answers["greater_than_four"](image, 5) == ("five", "is", "greater", "than", "four")
+    assert answers["plus_one"](image, 3) == ("three", "plus", "one", "is", "four")
+    assert answers["plus_one"](image, 9) == ("nine", "plus", "one", "is", "one", "zero")
+    assert answers["times_two"](image, 4) == ("four", "times", "two", "is", "eight")
+    assert answers["times_two"](image, 7) == ("seven", "times", "two", "is", "one", "four")
+    assert [t.name for t in digits.CONTINUAL_TASKS] == ["parity", "greater_than_four", "plus_one", "times_two"]
+    assert len({t.question for t in digits.CONTINUAL_TASKS + (digits.DIGIT,)}) == 5  # every task asks its own question
 
 
 def test_every_answer_word_is_in_the_vocabulary(vocab):
@@ -104,12 +103,22 @@ def test_every_answer_word_is_in_the_vocabulary(vocab):
             assert example.target[-1] == vocab.eos
 
 
+def test_text_facts_are_every_continual_answer(vocab):
+    facts = digits.text_facts()
+    answers = {task.answer(None, d) for task in digits.CONTINUAL_TASKS for d in range(10)}
+    assert len(facts) == 40 and set(facts) == answers
+    assert ("seven", "is", "odd") in facts and ("nine", "times", "two", "is", "one", "eight") in facts
+    example = digits.text_example(vocab, ("two", "is", "even"))
+    assert example.prompt == [vocab.bos] and vocab.decode(example.target) == ["two", "is", "even", "<eos>"]
+
+
 def test_examples_layout(vocab):
     image = _hand_made_digit(3, 4)
     u = digits.understanding_example(vocab, digits.CONTINUAL_TASKS[0], image, 6)
-    assert u.prompt[:2] == [vocab.bos, vocab.begin_image] and u.prompt[66] == vocab.end_image
-    assert vocab.decode(u.prompt[67:]) == list(digits.CONTINUAL_TASKS[0].question) + ["<sep>"]
-    assert vocab.decode(u.target) == ["even", "<eos>"]
+    question = list(digits.CONTINUAL_TASKS[0].question)
+    assert u.prompt[0] == vocab.bos and vocab.decode(u.prompt[1:1 + len(question)]) == question
+    assert u.prompt[1 + len(question):] == vocab.encode_image(image) + [vocab.sep]
+    assert vocab.decode(u.target) == ["six", "is", "even", "<eos>"]
     g = digits.generation_example(vocab, image, 6)
     assert vocab.decode(g.prompt) == ["<bos>", "draw", "a", "six", "<sep>", "<boi>"]
     assert g.target[:64] == vocab.image_to_codes(image) and g.target[64:] == [vocab.end_image, vocab.eos]
@@ -124,7 +133,7 @@ def test_collate_pads_and_masks_the_prompt(vocab):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, length)
     n_prompt = len(examples[0].prompt)
     assert (batch["labels"][0, :n_prompt] == digits.IGNORE_INDEX).all()
-    assert batch["labels"][0, n_prompt:].tolist() == vocab.encode_words(["one", "zero"]) + [vocab.eos]
+    assert batch["labels"][0, n_prompt:].tolist() == vocab.encode_words(["nine", "plus", "one", "is", "one", "zero"]) + [vocab.eos]
     assert batch["labels"][1].tolist() == [-100, -100, 6, vocab.eos] + [-100] * (length - 4)
     assert batch["input_ids"][1, 4:].eq(vocab.pad).all() and batch["attention_mask"][1].sum() == 4
 
@@ -139,7 +148,7 @@ def test_split_is_fixed_and_stratified():
 # ----------------------------------------------------------------------------- model, cache, evaluation
 
 TINY_MODEL = dm.DigitsModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-TINY_PRETRAIN = dm.PretrainConfig(steps=3, understanding_rows=4, generation_rows=4, warmup_steps=1)
+TINY_PRETRAIN = dm.PretrainConfig(steps=3, understanding_rows=4, generation_rows=4, text_rows=2, warmup_steps=1)
 
 
 def test_pretraining_cache_is_written_reused_and_corruption_detected(tmp_path):
@@ -152,7 +161,7 @@ def test_pretraining_cache_is_written_reused_and_corruption_detected(tmp_path):
     for name, tensor in first.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[name], tensor, rtol=0, atol=0)
 
-    other = dm.PretrainConfig(steps=4, understanding_rows=4, generation_rows=4, warmup_steps=1)
+    other = dm.PretrainConfig(steps=4, understanding_rows=4, generation_rows=4, text_rows=2, warmup_steps=1)
     assert dm.cache_key(first.vocab, TINY_MODEL, other) != dm.cache_key(first.vocab, TINY_MODEL, TINY_PRETRAIN)
 
     raw = bytearray(first.cache_path.read_bytes())
