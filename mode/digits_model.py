@@ -51,7 +51,7 @@ class DigitsModelConfig:
 @dataclass
 class PretrainConfig:
     """How the pretrained model is trained; every field is part of the cache key."""
-    steps: int = 800
+    steps: int = 700
     # Generation is learnt more slowly than naming the digit, so it gets more rows per batch.
     understanding_rows: int = 24  # rows per batch of "<image> what digit is this?" -> digit
     generation_rows: int = 40  # rows per batch of "draw a <digit>" -> image
