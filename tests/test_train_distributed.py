@@ -1,8 +1,5 @@
-"""mode.train under torchrun: 2 gloo processes on CPU give the results of one process; an
-interrupted --fsdp run resumes from its DCP checkpoint to the same results.
-
-Resuming on another number of processes is left to tests/test_distributed.py (a 2-process FSDP2
-checkpoint loaded by one process): a second 2-process launch here would cost about 40 s of CI."""
+"""mode.train under torchrun: 2 gloo processes on CPU give the results of one process; --fsdp
+runs resume from their DCP checkpoint (in one process, and on another number of processes)."""
 import json
 import os
 import shutil
@@ -104,6 +101,15 @@ def test_fsdp_run_resumes_to_the_same_metrics(tmp_path, cache_dir, fsdp_runs):
     whole, interrupted = fsdp_runs
     resumed = run_in_process(argv(resumable_copy(interrupted, tmp_path / "resumed"), cache_dir, "--fsdp", "--resume"))
     assert_same_results(resumed, json.loads((whole / "metrics.json").read_text()), rel=0)
+
+
+def test_fsdp_checkpoint_resumes_on_two_processes(tmp_path, cache_dir, fsdp_runs):
+    whole, interrupted = fsdp_runs
+    output = resumable_copy(interrupted, tmp_path / "resumed")
+    torchrun(argv(output, cache_dir, "--fsdp", "--resume"))
+    # the same global batches, gradients reduced over 2 processes: equal up to float rounding
+    assert_same_results(json.loads((output / "metrics.json").read_text()),
+                        json.loads((whole / "metrics.json").read_text()), rel=1e-5)
 
 
 def test_damaged_checkpoint_shard_is_refused_and_kept(tmp_path, cache_dir, fsdp_runs):
