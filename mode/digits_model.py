@@ -2,7 +2,8 @@
 
 A tiny random-init Llama (`LlamaForCausalLM`) is trained on CPU on both modalities of
 `mode.digits`: naming the digit in an image (understanding) and drawing a digit from
-"draw a <digit>" (generation). `load_or_pretrain` caches the weights on disk under a hash of
+"draw a <digit>" (generation), plus the text-only facts the continual tasks answer with
+("seven is odd"). `load_or_pretrain` caches the weights on disk under a hash of
 (vocabulary, model config, pretraining config), so later runs skip pretraining.
 
 Evaluation, all batched with a KV cache and calling the model with `input_ids` only (so it
@@ -51,9 +52,10 @@ class DigitsModelConfig:
 @dataclass
 class PretrainConfig:
     """How the pretrained model is trained; every field is part of the cache key."""
+    # 700 steps: digit naming 0.845, gen_acc 0.85 (measured); 600 steps gave gen_acc 0.45-0.6.
     steps: int = 700
     # Generation is learnt more slowly than naming the digit, so it gets more rows per batch.
-    understanding_rows: int = 24  # rows per batch of "<image> what digit is this?" -> digit
+    understanding_rows: int = 24  # rows per batch of "what digit is this ? <image>" -> digit
     generation_rows: int = 40  # rows per batch of "draw a <digit>" -> image
     text_rows: int = 8  # rows per batch of text-only sentences (`digits.text_facts`)
     lr: float = 3e-3
