@@ -52,7 +52,7 @@ class DigitsModelConfig:
 @dataclass
 class PretrainConfig:
     """How the pretrained model is trained; every field is part of the cache key."""
-    # 700 steps: digit naming 0.845, gen_acc 0.85 (measured); 600 steps gave gen_acc 0.45-0.6.
+    # 700 steps: digit naming 0.845, gen_acc 0.85 (measured); two 600-step runs gave gen_acc 0.45-0.68.
     steps: int = 700
     # Generation is learnt more slowly than naming the digit, so it gets more rows per batch.
     understanding_rows: int = 24  # rows per batch of "what digit is this ? <image>" -> digit
