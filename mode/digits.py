@@ -148,11 +148,12 @@ def _spelled(number: int) -> tuple[str, ...]:
 
 # The continual tasks answer with a sentence that starts with the digit's name and states a
 # fact about it ("seven is odd"). Pretraining teaches the same sentences as text
-# (`text_facts`), as a pretrained language model knows them, so a task teaches a new question
-# format over the image, not new words or facts. With bare one-word answers ("odd") adapters on
-# the MLPs stayed near chance in 60 steps: mapping the digit to its parity inside a
-# 2-layer model is a new computation, while naming the digit and continuing a known sentence
-# are pretrained ones.
+# (`text_facts`), so the answer words are pretraining targets and a task teaches a new
+# question about the image, not new words. Measured before this design: with one-word answers
+# ("odd") never seen in pretraining and the question after the image, LoRA on the MLPs stayed
+# near chance (0.47-0.62 on parity in 60-150 steps) although a linear probe of the hidden state
+# read parity at 0.85; with these sentences and the question first it learns each task to
+# 0.42-0.78 in 60 steps.
 def _parity(image, label):
     return (DIGIT_NAMES[label], "is", "even" if label % 2 == 0 else "odd")
 
