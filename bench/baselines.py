@@ -1,7 +1,7 @@
 """Naive baselines, written from the method's description: what a user would run without mode-kernels.
 
 They compute the same values as ``mk.modality_lora_linear`` and ``mk.kd_kl_loss`` (checked in
-tests/test_baselines.py) so the benchmark compares equal work:
+tests/bench/test_baselines.py) so the benchmark compares equal work:
 
 - ``naive_mode_lora``: MoDE's official layer style. Base ``F.linear``, then per modality a boolean-mask
   gather of its tokens, one LoRA per expert (two small GEMMs each), float32 router softmax, and a
@@ -15,7 +15,7 @@ tests/test_baselines.py) so the benchmark compares equal work:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ def _modality_experts(experts_per_modality: Sequence[int]) -> list[range]:
     return ranges
 
 
-def _expert_mixture(u_m: Tensor, lora_a: Tensor, lora_b: Tensor, router_weight: Optional[Tensor],
+def _expert_mixture(u_m: Tensor, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
                     experts: range, scaling: float) -> Tensor:
     """scaling * sum_e g_e B_e A_e u for one modality's gathered tokens, one expert at a time."""
     gates = None
@@ -50,9 +50,9 @@ def _expert_mixture(u_m: Tensor, lora_a: Tensor, lora_b: Tensor, router_weight: 
     return mixture
 
 
-def naive_mode_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality: Tensor, lora_a: Tensor,
-                    lora_b: Tensor, router_weight: Optional[Tensor] = None, *, experts_per_modality: Sequence[int],
-                    scaling: float, lora_input: Optional[Tensor] = None) -> Tensor:
+def naive_mode_lora(x: Tensor, weight: Tensor, bias: Tensor | None, modality: Tensor, lora_a: Tensor,
+                    lora_b: Tensor, router_weight: Tensor | None = None, *, experts_per_modality: Sequence[int],
+                    scaling: float, lora_input: Tensor | None = None) -> Tensor:
     """MoDE-official-style routed LoRA: boolean-mask gathers and scatter-adds, one expert at a time."""
     u = x if lora_input is None else lora_input
     y = F.linear(x, weight, bias)
@@ -63,9 +63,9 @@ def naive_mode_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality:
     return y
 
 
-def peft_loop_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality: Tensor, lora_a: Tensor,
-                   lora_b: Tensor, router_weight: Optional[Tensor] = None, *, experts_per_modality: Sequence[int],
-                   scaling: float, lora_input: Optional[Tensor] = None) -> Tensor:
+def peft_loop_lora(x: Tensor, weight: Tensor, bias: Tensor | None, modality: Tensor, lora_a: Tensor,
+                   lora_b: Tensor, router_weight: Tensor | None = None, *, experts_per_modality: Sequence[int],
+                   scaling: float, lora_input: Tensor | None = None) -> Tensor:
     """PEFT-mixed-batch-style routed LoRA: per-modality index lists, index_select, adapter loop, index_add."""
     k, n = x.shape[-1], weight.shape[0]
     xs = x.reshape(-1, k)
@@ -83,7 +83,7 @@ def peft_loop_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality: 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def grouped_mm_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+def grouped_mm_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``grouped_mm_lora`` cannot run here, or None when it can."""
     if _grouped_mm is None:
         return f"torch {torch.__version__} has neither F.grouped_mm nor torch._grouped_mm"
@@ -98,9 +98,9 @@ def grouped_mm_unavailable_reason(device: torch.device, dtype: torch.dtype) -> O
     return None
 
 
-def grouped_mm_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality: Tensor, lora_a: Tensor,
-                    lora_b: Tensor, router_weight: Optional[Tensor] = None, *, experts_per_modality: Sequence[int],
-                    scaling: float, lora_input: Optional[Tensor] = None) -> Tensor:
+def grouped_mm_lora(x: Tensor, weight: Tensor, bias: Tensor | None, modality: Tensor, lora_a: Tensor,
+                    lora_b: Tensor, router_weight: Tensor | None = None, *, experts_per_modality: Sequence[int],
+                    scaling: float, lora_input: Tensor | None = None) -> Tensor:
     """Routed LoRA with torch's grouped GEMM, one group per modality.
 
     Each modality's experts are stacked side by side ([K, slots * r] and [slots * r, N], slots = the
@@ -149,7 +149,7 @@ def grouped_mm_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality:
 
 
 def naive_kd_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
-                mask: Optional[Tensor] = None, vocab_range: Optional[tuple[int, int]] = None,
+                mask: Tensor | None = None, vocab_range: tuple[int, int] | None = None,
                 reduction: str = "mean") -> Tensor:
     """T^2 KL(teacher || student) the plain way: float32 log_softmax of both full logits, then KL."""
     if vocab_range is not None:
@@ -169,7 +169,7 @@ def naive_kd_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: 
 
 
 def naive_linear_kd_kl(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor, *,
-                       teacher_weight: Optional[Tensor] = None, **kd_options) -> Tensor:
+                       teacher_weight: Tensor | None = None, **kd_options) -> Tensor:
     """``naive_kd_kl`` on the logits of both output projections, materialised in full."""
     with torch.no_grad():
         teacher_logits = F.linear(teacher_hidden, weight if teacher_weight is None else teacher_weight)

@@ -6,16 +6,23 @@ baselines measured in the same run.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 import mode_kernels as mk
 from bench import baselines
-from bench.model import (EXPERTS_PER_MODALITY, KD_TEMPERATURE, LORA_SCALING, ModelShape, image_span_modality,
-                         training_step)
+from bench.model import (
+    EXPERTS_PER_MODALITY,
+    KD_TEMPERATURE,
+    LORA_SCALING,
+    ModelShape,
+    image_span_modality,
+    training_step,
+)
 
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 
@@ -31,7 +38,7 @@ class Case:
     impl: str
     build: Callable[[], Callable[[], object]]
     is_baseline: bool = False
-    tokens: Optional[int] = None   # tokens per call, for tokens/s
+    tokens: int | None = None   # tokens per call, for tokens/s
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,8 @@ def _timed_closure(forward: Callable[[], torch.Tensor], params: list[torch.Tenso
     out = forward()
     grad_out = torch.randn_like(out) if out.dim() else None
     if direction == "bwd":
-        return lambda: torch.autograd.grad(out, params, grad_out, retain_graph=True)
-    del out
+        return functools.partial(torch.autograd.grad, out, params, grad_out, retain_graph=True)
+    del out  # "fwd+bwd" builds a fresh graph each call; this one would only hold memory
     return lambda: torch.autograd.grad(forward(), params, grad_out)
 
 

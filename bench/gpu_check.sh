@@ -73,7 +73,7 @@ run_step() {
 # shellcheck disable=SC2086  # TESTS, COMPILE_*, BENCH_ARGS are word lists on purpose
 run_step tests "${TESTS_TIMEOUT:-200}" "$PYTHON" -m pytest -q -ra -p no:cacheprovider --durations=10 ${TESTS:-tests/}
 # shellcheck disable=SC2086
-run_step compile_check "${COMPILE_TIMEOUT:-60}" "$PYTHON" -m mode_kernels.compile_check --arch ${COMPILE_ARCH:-90} ${COMPILE_ARGS---default-only}
+run_step compile_check "${COMPILE_TIMEOUT:-60}" "$PYTHON" -m mode_kernels.tools.compile_check --arch ${COMPILE_ARCH:-90} ${COMPILE_ARGS---default-only}
 # shellcheck disable=SC2086
 run_step bench "${BENCH_TIMEOUT:-190}" "$PYTHON" -m bench.run --quick --device "$BENCH_DEVICE" --output "$DEST/bench" ${BENCH_ARGS:-}
 

@@ -19,7 +19,6 @@ import sys
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -124,7 +123,7 @@ def _format_ratios(ratios: dict) -> str:
     return "; ".join(parts)
 
 
-def _format_number(value: Optional[float], digits: int = 3) -> str:
+def _format_number(value: float | None, digits: int = 3) -> str:
     if value is None:
         return ""
     return f"{value:.{digits}g}" if value < 100 else f"{value:.0f}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import nn
@@ -44,7 +43,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the MoDE adapters of ``model`` (built by ``mode.apply_mode``) to the directory ``path``
     (created if needed; the two adapter files in it are replaced, as PEFT's save_pretrained does)."""
     from safetensors.torch import save_file
@@ -57,7 +56,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     (path / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, **config.to_dict()}, indent=2) + "\n")
 
 
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load adapters written by ``save_adapter`` into ``model`` (already ``apply_mode``d with the same
     config). Raises ValueError naming the first setting, module or key that does not match."""
     from safetensors.torch import load_file

@@ -14,8 +14,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +31,8 @@ PRESETS = {"chameleon": ModalitySpec.chameleon, "anole": ModalitySpec.chameleon}
 
 # ----------------------------------------------------------------------------- loading
 
-def load_model(path: PathLike, dtype: Optional[torch.dtype] = None,
-               device: Union[str, torch.device, None] = None) -> nn.Module:
+def load_model(path: PathLike, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None) -> nn.Module:
     """A local Hugging Face checkpoint directory (``save_pretrained`` layout) as a causal LM, in
     eval mode. Causal-LM architectures load through ``AutoModelForCausalLM``; Chameleon / Anole
     (converted checkpoints), which transformers files under image-text-to-text, through
@@ -39,8 +40,10 @@ def load_model(path: PathLike, dtype: Optional[torch.dtype] = None,
     directory is missing, lacks a config or weights, or its weights do not cover the model.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     path = Path(path)
     if not path.is_dir():
@@ -82,8 +85,8 @@ def vocab_size(model: nn.Module) -> int:
     return hf_model(model).get_output_embeddings().weight.shape[0]
 
 
-def modality_spec_for(name_or_args: Union[str, Mapping, ModalitySpec],
-                      vocab_size: Optional[int] = None) -> ModalitySpec:
+def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
+                      vocab_size: int | None = None) -> ModalitySpec:
     """The ``ModalitySpec`` named by a ``--modality`` value, checked against the vocabulary.
 
     Accepts a preset name ("chameleon", "anole": image codes 4..8195, begin 8197, end 8196), a
@@ -237,9 +240,9 @@ def image_code_mask(spec: ModalitySpec, vocab: int, device: torch.device) -> Ten
 
 
 def generate_images(model: nn.Module, prompt_files: Sequence[PathLike], out_dir: PathLike,
-                    spec: Optional[ModalitySpec] = None, image_tokens: int = 1024, temperature: float = 1.0,
+                    spec: ModalitySpec | None = None, image_tokens: int = 1024, temperature: float = 1.0,
                     seed: int = 0, batch_size: int = 8,
-                    decode_fn: Optional[Callable[[Tensor], Tensor]] = None) -> list[dict]:
+                    decode_fn: Callable[[Tensor], Tensor] | None = None) -> list[dict]:
     """Draw one image per prompt file and save it under ``out_dir``.
 
     Each prompt gets the begin-of-image marker appended when the spec has markers and the prompt
@@ -277,7 +280,7 @@ def generate_images(model: nn.Module, prompt_files: Sequence[PathLike], out_dir:
         logits = logits.masked_fill(~allowed, float("-inf")) / temperature
         return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
-    results: list[Optional[dict]] = [None] * len(prompts)
+    results: list[dict | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
     try:

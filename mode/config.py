@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from .modality import NUM_MODALITIES, ModalitySpec
 
@@ -31,7 +30,7 @@ class MoDEConfig:
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     modality: ModalitySpec = field(default_factory=ModalitySpec.chameleon)
     kd_temperature: float = 2.0
-    kd_vocab_range: Optional[tuple[int, int]] = None
+    kd_vocab_range: tuple[int, int] | None = None
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -74,7 +73,7 @@ class MoDEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MoDEConfig":
+    def from_dict(cls, data: dict) -> MoDEConfig:
         data = dict(data)
         spec = dict(data.pop("modality"))
         spec["image_token_ranges"] = tuple(tuple(r) for r in spec["image_token_ranges"])

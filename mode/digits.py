@@ -21,8 +21,8 @@ The pretrained model and the evaluation functions are in `mode.digits_model`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -30,8 +30,9 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Union
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,7 @@ EXTRA_STATE_NAME = "trainer_state.json"  # non-tensor state written next to the 
 
 # ----------------------------------------------------------------------------- process group
 
-def init(backend: Optional[str] = None) -> bool:
+def init(backend: str | None = None) -> bool:
     """Join torchrun's process group when launched by torchrun (``RANK``/``WORLD_SIZE`` set);
     else do nothing. Backend: nccl when CUDA is available, gloo otherwise. On CUDA each rank
     uses the GPU ``LOCAL_RANK``. Returns whether this is a distributed run.
@@ -107,7 +108,7 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- data
 
-def shard_rows(rows: int, rank_: Optional[int] = None, world: Optional[int] = None) -> slice:
+def shard_rows(rows: int, rank_: int | None = None, world: int | None = None) -> slice:
     """This rank's contiguous slice of ``rows`` rows of a global batch (rows as in
     ``torch.tensor_split``: the first ``rows % world`` ranks take one extra row)."""
     rank_ = rank() if rank_ is None else rank_
@@ -120,7 +121,7 @@ def shard_rows(rows: int, rank_: Optional[int] = None, world: Optional[int] = No
     return slice(start, start + base + (rank_ < extra))
 
 
-def shard_batch(batch: Mapping[str, Any], rank_: Optional[int] = None, world: Optional[int] = None) -> dict:
+def shard_batch(batch: Mapping[str, Any], rank_: int | None = None, world: int | None = None) -> dict:
     """This rank's rows (dim 0) of every tensor of a global batch; other entries are kept.
 
     Deterministic: every rank builds the same global batch (same seed, same data order) and
@@ -136,7 +137,7 @@ def shard_batch(batch: Mapping[str, Any], rank_: Optional[int] = None, world: Op
     return {k: v[part] if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def global_mean(local_sum: Tensor, local_count: Union[int, Tensor]) -> Tensor:
+def global_mean(local_sum: Tensor, local_count: int | Tensor) -> Tensor:
     """The rank-local loss whose DDP gradient average is the gradient of the global mean.
 
     ``local_sum``: the sum of per-target losses on this rank's rows; ``local_count``: the number
@@ -187,7 +188,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def wrap_fsdp2(model: nn.Module, base_dtype: Optional[torch.dtype] = torch.bfloat16,
+def wrap_fsdp2(model: nn.Module, base_dtype: torch.dtype | None = torch.bfloat16,
                reshard_after_forward: bool = True) -> nn.Module:
     """Shard ``model`` in place with FSDP2: ``fully_shard`` on every decoder layer. Returns the
     model (its decoder layers are now ``FSDPModule``s).
@@ -229,8 +230,8 @@ def wrap_fsdp2(model: nn.Module, base_dtype: Optional[torch.dtype] = torch.bfloa
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _checkpoint_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, get_model_state_dict
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     # Adapters only: the frozen base is the pretrained checkpoint, never rewritten.
     options = StateDictOptions(ignore_frozen_params=True)
@@ -240,8 +241,8 @@ def _checkpoint_state(model: nn.Module, optimizer: Optional[torch.optim.Optimize
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    extra: Optional[dict] = None) -> None:
+def save_checkpoint(path: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    extra: dict | None = None) -> None:
     """Save adapters (+ optimizer state, + JSON-serialisable ``extra`` such as the step or the
     scheduler state) to the directory ``path`` with DCP; every rank must call it.
 
@@ -287,7 +288,7 @@ def checkpoint_extra(path: PathLike) -> dict:
     return json.loads((path / EXTRA_STATE_NAME).read_text())
 
 
-def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+def load_checkpoint(path: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load a ``save_checkpoint`` directory into ``model`` (and ``optimizer``: the checkpoint must
     have been saved with one), resharding to this run's world size and wrapper; every rank must
     call it. Returns the saved ``extra``."""

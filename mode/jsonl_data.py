@@ -31,9 +31,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -61,7 +61,7 @@ class JsonlDataset:
         """Task names in the order of their first record."""
         return list(dict.fromkeys(self.tasks))
 
-    def task(self, name: str) -> "JsonlDataset":
+    def task(self, name: str) -> JsonlDataset:
         """The records of one task."""
         if name not in self.tasks:
             raise KeyError(f"no task {name!r}; the data has {self.task_names()}")
@@ -76,7 +76,7 @@ def _int_list(value, name: str) -> list[int]:
     return value
 
 
-def parse_record(obj, vocab_size: int, default_task: str, max_length: Optional[int] = None
+def parse_record(obj, vocab_size: int, default_task: str, max_length: int | None = None
                  ) -> tuple[dict[str, Tensor], str]:
     """One decoded JSON value -> (record tensors, task name); ValueError with the reason if bad."""
     if not isinstance(obj, dict):
@@ -125,8 +125,8 @@ def parse_record(obj, vocab_size: int, default_task: str, max_length: Optional[i
             "labels": torch.tensor(labels, dtype=torch.long)}, task
 
 
-def load_jsonl(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], vocab_size: int,
-               on_error: str = "refuse", max_length: Optional[int] = None) -> JsonlDataset:
+def load_jsonl(paths: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int,
+               on_error: str = "refuse", max_length: int | None = None) -> JsonlDataset:
     """Read and validate one or more JSON Lines files (in order) into a ``JsonlDataset``.
 
     ``vocab_size``: the model's vocabulary (ids must lie in [0, vocab_size)); ``max_length``:

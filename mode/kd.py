@@ -7,7 +7,7 @@ to the most negative float) is bypassed.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +31,8 @@ def kd_positions(batch: Mapping[str, Tensor]) -> Tensor:
     return torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
 
 
-def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: Optional[float] = None,
-            vocab_range: Optional[tuple[int, int]] = None, reduction: str = "mean",
+def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float | None = None,
+            vocab_range: tuple[int, int] | None = None, reduction: str = "mean",
             backend: str = "auto") -> Tensor:
     """T^2 * KL(teacher || student) of the next-token distributions over a vocabulary slice.
 

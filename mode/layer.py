@@ -7,7 +7,6 @@ call, so no per-expert Python loop or boolean-mask gather happens here.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -32,10 +31,10 @@ class RoutingState:
     def __init__(self, config, layers):
         self.config = config
         self.layers = layers
-        self.plan: Optional[mk.RoutingPlan] = None
+        self.plan: mk.RoutingPlan | None = None
         self.missing_reason = "it was called outside a forward of the model it was attached to"
         self.depth = 0  # nesting of hooked forwards: the model's forward calls its decoder's
-        self.pending_inside_image: Optional[Tensor] = None
+        self.pending_inside_image: Tensor | None = None
 
 
 def init_experts(lora_a: Tensor, lora_b: Tensor, router: Tensor) -> None:
@@ -56,12 +55,12 @@ class ModalityRoutedLayer:
     layer's output, computing no adapter at all.
     """
 
-    routing: Optional[RoutingState] = None
+    routing: RoutingState | None = None
     module_name: str = "MoDE layer"
     teacher: bool = False
     experts_per_modality: tuple[int, ...]
 
-    def _modality(self, modality) -> Union[Tensor, mk.RoutingPlan]:
+    def _modality(self, modality) -> Tensor | mk.RoutingPlan:
         if modality is not None:
             return modality
         if self.routing is None:
@@ -126,7 +125,7 @@ class MoDELinear(ModalityRoutedLayer, nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def forward(self, x: Tensor, modality: Union[Tensor, mk.RoutingPlan, None] = None) -> Tensor:
+    def forward(self, x: Tensor, modality: Tensor | mk.RoutingPlan | None = None) -> Tensor:
         """``modality``: ids of shape x.shape[:-1] or a routing plan; None takes the plan the
         model's forward set up (``mode.apply_mode``)."""
         if self.teacher:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -21,8 +20,8 @@ class ModalitySpec:
     """
 
     image_token_ranges: tuple[tuple[int, int], ...] = ()
-    begin_image: Optional[int] = None
-    end_image: Optional[int] = None
+    begin_image: int | None = None
+    end_image: int | None = None
 
     def __post_init__(self):
         try:
@@ -42,7 +41,7 @@ class ModalitySpec:
             raise ValueError("ModalitySpec: give image_token_ranges or begin/end markers, else every token is text")
 
     @classmethod
-    def chameleon(cls) -> "ModalitySpec":
+    def chameleon(cls) -> ModalitySpec:
         """Chameleon / Anole: image codes 4..8195, begin-of-image 8197, end-of-image 8196."""
         return cls(image_token_ranges=((4, 8196),), begin_image=8197, end_image=8196)
 
@@ -51,7 +50,7 @@ class ModalitySpec:
         """Whether a token's modality can depend on earlier tokens (inside begin..end)."""
         return self.begin_image is not None
 
-    def modality_ids(self, input_ids: torch.Tensor, inside_image: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def modality_ids(self, input_ids: torch.Tensor, inside_image: torch.Tensor | None = None) -> torch.Tensor:
         """Modality ids (int64, 0 text / 1 image) of ``input_ids`` [..., T], on their device.
 
         ``inside_image`` (bool [...]) says whether each row's earlier tokens, not in this tensor,
@@ -59,7 +58,7 @@ class ModalitySpec:
         """
         return self.modality_ids_and_state(input_ids, inside_image)[0]
 
-    def modality_ids_and_state(self, input_ids: torch.Tensor, inside_image: Optional[torch.Tensor] = None
+    def modality_ids_and_state(self, input_ids: torch.Tensor, inside_image: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(modality_ids, inside_image_after)``: the ids, and per row whether the sequence ends
         inside an image (to continue with the next tokens of the same rows).

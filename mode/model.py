@@ -13,8 +13,8 @@ without this state, so it is exact only while the beams of a row agree on being 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

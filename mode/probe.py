@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ MODALITY_GROUPS = ("text_experts", "image_expert")  # group of the experts of mo
 SHARED, TOTAL = "shared", "total"
 
 # (parameter, rows of its leading expert dimension or None for the whole tensor) per group
-Groups = dict[str, list[tuple[nn.Parameter, Optional[slice]]]]
+Groups = dict[str, list[tuple[nn.Parameter, slice | None]]]
 
 
 def adapter_groups(model: nn.Module, shared: bool = False) -> Groups:
@@ -103,7 +103,7 @@ def generation_loss(model: nn.Module, batch: Mapping[str, Tensor], spec: Modalit
 
 
 def conflict_cosines(model: nn.Module, task_batch: Mapping[str, Tensor], generation_batch: Mapping[str, Tensor],
-                     spec: Optional[ModalitySpec] = None, shared: bool = False) -> dict[str, float]:
+                     spec: ModalitySpec | None = None, shared: bool = False) -> dict[str, float]:
     """Cosine between the task-loss and generation-loss gradients, per group and in total.
 
     ``model``: with MoDE layers (``mode.apply_mode``), PEFT adapters, or any trainable
@@ -141,7 +141,7 @@ def conflict_cosines(model: nn.Module, task_batch: Mapping[str, Tensor], generat
             module.training = was_training
     task_grad, gen_grad = grads
 
-    def cosine(members) -> Optional[float]:
+    def cosine(members) -> float | None:
         dot = task_sq = gen_sq = 0.0
         for param, rows in members:
             a, b = task_grad[id(param)], gen_grad[id(param)]
@@ -159,7 +159,7 @@ def conflict_cosines(model: nn.Module, task_batch: Mapping[str, Tensor], generat
     return {name: value for name, value in cosines.items() if value is not None}
 
 
-def plot_conflict(history: Mapping[str, Sequence[Mapping[str, float]]], path: Union[str, os.PathLike],
+def plot_conflict(history: Mapping[str, Sequence[Mapping[str, float]]], path: str | os.PathLike,
                   title: str = "Gradient conflict: cosine(task gradient, generation gradient)") -> None:
     """Plot cosine vs training step, one panel per group, one line per method.
 

@@ -62,7 +62,6 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -96,7 +95,7 @@ METHODS = {
 @dataclass
 class TrainConfig:
     """Everything that determines the results of a run (stored in DIR/config.json)."""
-    benchmark: Optional[str] = "digits"  # None with `model`
+    benchmark: str | None = "digits"  # None with `model`
     methods: tuple[str, ...] = ("mode", "lora")
     seed: int = 0
     steps_per_task: int = 60
@@ -116,11 +115,11 @@ class TrainConfig:
     gen_temperature: float = dm.GenerationConfig.temperature
     pretrain_steps: int = dm.PretrainConfig.steps
     checkpoint_every: int = 20
-    model: Optional[str] = None  # a local Hugging Face checkpoint instead of the benchmark
+    model: str | None = None  # a local Hugging Face checkpoint instead of the benchmark
     modality: str = "chameleon"  # its image tokens (mode.checkpoints.modality_spec_for)
-    data: Optional[str] = None  # comma-separated task JSONL files
-    eval_data: Optional[str] = None  # comma-separated JSONL files scored by exact match (default: data)
-    gen_data: Optional[str] = None  # comma-separated JSONL files of the generation stream
+    data: str | None = None  # comma-separated task JSONL files
+    eval_data: str | None = None  # comma-separated JSONL files scored by exact match (default: data)
+    gen_data: str | None = None  # comma-separated JSONL files of the generation stream
     gen_prompts: tuple[str, ...] = ()  # prompt token files drawn after the last task
     image_tokens: int = 1024  # codes per drawn image
     on_bad_record: str = "refuse"
@@ -186,7 +185,7 @@ def corrupt_checkpoint(path: Path, err: BaseException) -> RunError:
 # ----------------------------------------------------------------------------- models
 
 def adapt(model, method: Method, config: TrainConfig, spec: mode.ModalitySpec, vocab_size: int,
-          kd_vocab_range: Optional[tuple[int, int]] = None):
+          kd_vocab_range: tuple[int, int] | None = None):
     """`model` with the method's adapters (their init draws from torch's global generator)."""
     if not method.split_modality:
         spec = mode.ModalitySpec(image_token_ranges=((vocab_size, vocab_size + 1),))  # matches no token
@@ -364,7 +363,7 @@ class CheckpointWorkload:
         return adapt(model, method, self.config, self.spec, self.vocab_size)
 
     @torch.no_grad()
-    def image_nll(self, model) -> Optional[float]:
+    def image_nll(self, model) -> float | None:
         """Mean NLL per scored image token of the first eval_size generation-stream records."""
         if self.generation_rows is None:
             return None
@@ -533,7 +532,7 @@ def run_method(name: str, workload, config: TrainConfig, device, output: Path, s
     distributed.save_checkpoint(checkpoint_path, model, extra=state)
 
 
-def retention(gen_acc: Optional[float], pretrained_gen_acc: Optional[float]) -> Optional[float]:
+def retention(gen_acc: float | None, pretrained_gen_acc: float | None) -> float | None:
     """gen_acc after the last task relative to the pretrained model's (None without gen_acc)."""
     if gen_acc is None:
         return None
@@ -551,7 +550,7 @@ def metrics_json(state: dict, workload) -> dict:
     }
 
 
-def _number(value: Optional[float], spec: str) -> str:
+def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 

@@ -1,19 +1,23 @@
 """fused_linear_kd_kl_loss: the KD loss of two output projections without materialising logits."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from .. import backends
-from .._validation import (check_float, check_mask, check_reduction, check_same_device, check_temperature,
-                           check_vocab_range)
+from .._validation import (
+    check_float,
+    check_mask,
+    check_reduction,
+    check_same_device,
+    check_temperature,
+    check_vocab_range,
+)
 from .kd_kl import loss_dtype, reduce_rows
 
 
 @torch.library.custom_op("mode_kernels::fused_linear_kd_kl", mutates_args=())
-def _fused_linear_kd_kl(hs: Tensor, ht: Tensor, ws: Tensor, wt: Optional[Tensor], mask: Optional[Tensor],
+def _fused_linear_kd_kl(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
                         temperature: float, lo: int, hi: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.implementation(backend, "fused_linear_kd_kl")
     return impl.fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi)
@@ -26,8 +30,8 @@ def _(hs, ht, ws, wt, mask, temperature, lo, hi, backend):
 
 
 @torch.library.custom_op("mode_kernels::fused_linear_kd_kl_backward", mutates_args=())
-def _fused_linear_kd_kl_backward(grad_rows: Tensor, hs: Tensor, ht: Tensor, ws: Tensor, wt: Optional[Tensor],
-                                 mask: Optional[Tensor], lse_s: Tensor, lse_t: Tensor, temperature: float, lo: int,
+def _fused_linear_kd_kl_backward(grad_rows: Tensor, hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None,
+                                 mask: Tensor | None, lse_s: Tensor, lse_t: Tensor, temperature: float, lo: int,
                                  hi: int, backend: str, need_dw: bool) -> tuple[Tensor, Tensor]:
     impl = backends.implementation(backend, "fused_linear_kd_kl")
     d_hs, d_ws = impl.fused_linear_kd_kl_backward(grad_rows.contiguous(), hs, ht, ws, wt, mask, lse_s, lse_t,
@@ -58,8 +62,8 @@ _fused_linear_kd_kl.register_autograd(_backward, setup_context=_setup)
 
 
 def fused_linear_kd_kl_loss(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor, *,
-                            teacher_weight: Optional[Tensor] = None, temperature: float = 1.0,
-                            mask: Optional[Tensor] = None, vocab_range: Optional[tuple[int, int]] = None,
+                            teacher_weight: Tensor | None = None, temperature: float = 1.0,
+                            mask: Tensor | None = None, vocab_range: tuple[int, int] | None = None,
                             reduction: str = "mean", backend: str = "auto") -> Tensor:
     """``kd_kl_loss(student_hidden @ weight.T, teacher_hidden @ (teacher_weight or weight).T, ...)``
     computed without ever holding the [positions, V] logits.
@@ -82,7 +86,8 @@ def fused_linear_kd_kl_loss(student_hidden: Tensor, teacher_hidden: Tensor, weig
                          f"got {list(teacher_hidden.shape)}")
     hidden = student_hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != hidden:
-        raise ValueError(f"weight: expected shape [V, {hidden}] (H = student_hidden.shape[-1]), got {list(weight.shape)}")
+        raise ValueError(f"weight: expected shape [V, {hidden}] (H = student_hidden.shape[-1]), "
+                         f"got {list(weight.shape)}")
     if teacher_weight is not None:
         check_float(teacher_weight, "teacher_weight")
         if teacher_weight.shape != weight.shape:

@@ -5,18 +5,22 @@ backward; masking and the reduction are plain (differentiable, sync-free) torch 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from .. import backends
-from .._validation import (check_float, check_mask, check_reduction, check_same_device, check_temperature,
-                           check_vocab_range)
+from .._validation import (
+    check_float,
+    check_mask,
+    check_reduction,
+    check_same_device,
+    check_temperature,
+    check_vocab_range,
+)
 
 
 @torch.library.custom_op("mode_kernels::kd_kl", mutates_args=())
-def _kd_kl(student: Tensor, teacher: Tensor, mask: Optional[Tensor], temperature: float, lo: int, hi: int,
+def _kd_kl(student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, lo: int, hi: int,
            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.implementation(backend, "kd_kl")
     return impl.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
@@ -29,7 +33,7 @@ def _(student, teacher, mask, temperature, lo, hi, backend):
 
 
 @torch.library.custom_op("mode_kernels::kd_kl_backward", mutates_args=())
-def _kd_kl_backward(grad_rows: Tensor, student: Tensor, teacher: Tensor, mask: Optional[Tensor], lse_s: Tensor,
+def _kd_kl_backward(grad_rows: Tensor, student: Tensor, teacher: Tensor, mask: Tensor | None, lse_s: Tensor,
                     lse_t: Tensor, temperature: float, lo: int, hi: int, backend: str) -> Tensor:
     impl = backends.implementation(backend, "kd_kl")
     return impl.kd_kl_backward(grad_rows.contiguous(), student, teacher, mask, lse_s, lse_t, temperature, lo, hi)
@@ -61,7 +65,7 @@ def loss_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def reduce_rows(loss_rows: Tensor, mask: Optional[Tensor], reduction: str, lead_shape: tuple) -> Tensor:
+def reduce_rows(loss_rows: Tensor, mask: Tensor | None, reduction: str, lead_shape: tuple) -> Tensor:
     """Apply a mask and a reduction to per-row losses, with no host sync."""
     if mask is not None:
         loss_rows = torch.where(mask, loss_rows, torch.zeros_like(loss_rows))
@@ -76,8 +80,8 @@ def reduce_rows(loss_rows: Tensor, mask: Optional[Tensor], reduction: str, lead_
 
 
 def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
-               mask: Optional[Tensor] = None, vocab_range: Optional[tuple[int, int]] = None,
-               topk: Optional[int] = None, reduction: str = "mean", backend: str = "auto") -> Tensor:
+               mask: Tensor | None = None, vocab_range: tuple[int, int] | None = None,
+               topk: int | None = None, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """Knowledge-distillation loss T^2 * KL(p_teacher || p_student), p = softmax(logits / T).
 
     Args:

@@ -8,7 +8,7 @@ A routing plan travels into the ops as its tensors.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -26,9 +26,9 @@ def _plan(order, offsets, tiles, num_modalities, block_m) -> RoutingPlan:
 
 
 @torch.library.custom_op("mode_kernels::routed_lora", mutates_args=())
-def _routed_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_input: Optional[Tensor],
+def _routed_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_input: Tensor | None,
                  order: Tensor, offsets: Tensor, tiles: Tensor, block_m: int,
-                 lora_a: Tensor, lora_b: Tensor, router_weight: Optional[Tensor],
+                 lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
                  experts_per_modality: list[int], scaling: float, backend: str) -> Tensor:
     impl = backends.implementation(backend, "routed_lora")
     plan = _plan(order, offsets, tiles, len(experts_per_modality), block_m)
@@ -43,9 +43,9 @@ def _(x, weight, bias, lora_input, order, offsets, tiles, block_m, lora_a, lora_
 
 
 @torch.library.custom_op("mode_kernels::routed_lora_backward", mutates_args=())
-def _routed_lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                          lora_input: Optional[Tensor], order: Tensor, offsets: Tensor, tiles: Tensor,
-                          block_m: int, lora_a: Tensor, lora_b: Tensor, router_weight: Optional[Tensor],
+def _routed_lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
+                          lora_input: Tensor | None, order: Tensor, offsets: Tensor, tiles: Tensor,
+                          block_m: int, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
                           experts_per_modality: list[int], scaling: float, backend: str,
                           needs: list[bool]) -> list[Tensor]:
     impl = backends.implementation(backend, "routed_lora")
@@ -96,9 +96,9 @@ def _check_experts(experts_per_modality) -> tuple[int, ...]:
     return epm
 
 
-def modality_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality: Union[Tensor, RoutingPlan],
-                         lora_a: Tensor, lora_b: Tensor, router_weight: Optional[Tensor] = None, *,
-                         experts_per_modality: Sequence[int], scaling: float, lora_input: Optional[Tensor] = None,
+def modality_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, modality: Tensor | RoutingPlan,
+                         lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None = None, *,
+                         experts_per_modality: Sequence[int], scaling: float, lora_input: Tensor | None = None,
                          backend: str = "auto") -> Tensor:
     """A frozen linear with each token routed by its modality to that modality's LoRA experts.
 

@@ -77,7 +77,10 @@ def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora
         a_m = lora_a[e0:e1].reshape(n_exp * rank, -1).to(acc)
         b_m = lora_b[e0:e1].permute(1, 0, 2).reshape(num_out, n_exp * rank).to(acc)
         h = (um @ a_m.t()).view(-1, n_exp, rank)
-        gates = torch.softmax(um @ router_weight[e0:e1].to(acc).t(), dim=-1) if n_exp > 1 else torch.ones_like(h[..., 0])
+        if n_exp > 1:
+            gates = torch.softmax(um @ router_weight[e0:e1].to(acc).t(), dim=-1)
+        else:
+            gates = torch.ones_like(h[..., 0])
         d_hg = (dym @ b_m).view(-1, n_exp, rank)                 # d(gated, scaled h)
         dh = d_hg * gates.unsqueeze(-1) * scaling
         if need_b:

@@ -29,8 +29,17 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, MAX_GRID
-from .kd_kl import (LOG2E, LOG2E_K, check_triton_dtype, kl_finish, kl_grad_tile, like_with_unit_stride_rows,
-                    load_live_rows, online_kl_update, unit_stride_rows)
+from .kd_kl import (
+    LOG2E,
+    LOG2E_K,
+    check_triton_dtype,
+    kl_finish,
+    kl_grad_tile,
+    like_with_unit_stride_rows,
+    load_live_rows,
+    online_kl_update,
+    unit_stride_rows,
+)
 
 # Bound on the entries of one backward d-logits chunk (2^26: 128 MiB in bf16)...
 DLOGITS_CHUNK_ELEMENTS = 1 << 26
@@ -154,7 +163,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
 # Configs per dot-operand width in bytes: (block sizes..., num_warps, num_stages). The logit
 # kernels hold two float32 accumulator tiles; float32 operands run 3xTF32, which splits each
 # operand in two, so they take thinner K blocks. All are spill-free on sm_80 and sm_90
-# (python -m mode_kernels.compile_check); bigger tiles spill.
+# (python -m mode_kernels.tools.compile_check); bigger tiles spill.
 _TILE_NAMES = ("BLOCK_P", "BLOCK_V", "BLOCK_H")
 _TILE_CONFIGS = {2: [(64, 128, 32, 8, 3), (64, 64, 64, 8, 3)],
                  4: [(64, 64, 16, 8, 2)]}
@@ -283,7 +292,12 @@ def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, t
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
         dl = dlogits[: r1 - r0]
-        _fused_dlogits[lambda meta: (triton.cdiv(n_vocab, meta["BLOCK_V"]), triton.cdiv(r1 - r0, meta["BLOCK_P"]))](
+        rows = r1 - r0
+
+        def grid(meta, rows=rows):
+            return triton.cdiv(n_vocab, meta["BLOCK_V"]), triton.cdiv(rows, meta["BLOCK_P"])
+
+        _fused_dlogits[grid](
             hs[r0:r1], ht[r0:r1], ws_slice, wt_slice, lse_s if mask is None else mask[r0:r1], grad_rows[r0:r1],
             lse_s[r0:r1], lse_t[r0:r1], dl, r1 - r0, n_vocab, H,
             hs.stride(0), ht.stride(0), ws.stride(0), wt_slice.stride(0), dl.stride(0),
@@ -295,48 +309,3 @@ def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, t
     if need_dw:
         d_ws[lo:hi] = d_ws_slice
     return d_hs, d_ws
-
-
-# ----------------------------------------------------------------------------- compile check
-_SIG_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def compile_targets(default_only: bool = False):
-    """(name, jit fn, signature, constexprs, num_warps, num_stages) for every kernel, operand
-    dtype, variant and autotune config the launchers can pick, for mode_kernels.compile_check
-    (default_only: bf16 and each kernel's first config). H and the row strides are multiples
-    of 16 in the shapes that matter (H = 4096), vocab sizes need not be (MoDE's slice is 8194);
-    unit strides are constants, as Triton specialises them."""
-    targets = []
-    for operand in (torch.bfloat16,) if default_only else (torch.bfloat16, torch.float16, torch.float32):
-        dt = _SIG_DTYPE[operand]
-        dot = _dot_args(operand)
-        tiles, gemms = _TILE_CONFIGS[operand.itemsize], _MATMUL_CONFIGS[operand.itemsize]
-        for p, v, h, w, st in tiles[:1] if default_only else tiles:
-            for shared in (False,) if default_only else (False, True):
-                consts = {"HAS_MASK": True, "SHARED_WEIGHT": shared, **dot, "BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}
-                inputs = {"hs_ptr": f"*{dt}", "ht_ptr": f"*{dt}", "ws_ptr": f"*{dt}", "wt_ptr": f"*{dt}",
-                          "mask_ptr": "*i1"}
-                sizes = {"n_rows": "i32", "n_vocab": "i32", "H": "i32:16", "stride_hs": "i32:16",
-                         "stride_ht": "i32:16", "stride_ws": "i32:16", "stride_wt": "i32:16"}
-                fwd = {**inputs, "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", **sizes,
-                       "scale2": "fp32", "temperature": "fp32"}
-                dlogits = {**inputs, "grad_rows_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
-                           "dlogits_ptr": f"*{dt}", **sizes, "stride_dl": "i32:16", "scale2": "fp32",
-                           "temperature": "fp32"}
-                tag = f"[{dt}{' shared' if shared else ''}] P{p} V{v} H{h} w{w} s{st}"
-                targets.append((f"fwd{tag}", _fused_fwd_kernel, fwd, consts, w, st))
-                targets.append((f"dlogits{tag}", _fused_dlogits_kernel, dlogits, consts, w, st))
-        # d hidden = dl @ W (a row-major, out in hidden's dtype); d weight (+)= dl^T @ hidden
-        # (a transposed, float32 out, written by the first chunk, accumulated by the others).
-        uses = (("d_hidden", "stride_ak", dt, False), ("d_weight", "stride_am", "fp32", False),
-                ("d_weight_acc", "stride_am", "fp32", True))
-        for m, n, k, w, st in gemms[:1] if default_only else gemms:
-            for use, unit, out, accumulate in uses[:1] if default_only else uses:
-                strides = {a: "i32:16" for a in ("stride_am", "stride_ak", "stride_bk", "stride_cm") if a != unit}
-                sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{out}", "M": "i32", "N": "i32:16",
-                       "K": "i32", **strides}
-                consts = {unit: 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": accumulate, **dot,
-                          "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
-                targets.append((f"matmul[{use} {dt}] M{m} N{n} K{k} w{w} s{st}", _matmul_kernel, sig, consts, w, st))
-    return targets

@@ -3,10 +3,9 @@ import copy
 
 import pytest
 import torch
+from tiny_models import BEGIN_IMAGE, SPEC, config, image_modality, image_sequence, randomize_adapters, tiny_model
 
 import mode
-from test_mode_fixtures import (BEGIN_IMAGE, SPEC, config, image_modality, image_sequence, one_thread,  # noqa: F401
-                                randomize_adapters, tiny_model)
 
 
 @pytest.fixture(scope="module")

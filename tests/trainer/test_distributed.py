@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import config, image_sequence, randomize_adapters, tiny_model
 
 import mode
 from mode import distributed
 from mode.kd import IGNORE_INDEX, kd_positions
 from mode.probe import conflict_cosines
-from test_mode_fixtures import VOCAB, config, image_sequence, randomize_adapters, tiny_model
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -111,8 +111,8 @@ def run_fsdp(out_dir: Path) -> None:
     model_state, optimizer_state = get_state_dict(model, optimizer, options=full)
     if distributed.is_main():
         torch.save({"model": model_state, "optimizer": optimizer_state["state"]}, out_dir / "fsdp_full.pt")
-        distributed.atomic_write_json(out_dir / "fsdp.json", {"losses": losses, "teacher_gap": gap,
-                                                              "wrapped": type(distributed.decoder_layers(model)[0]).__name__})
+        wrapped = type(distributed.decoder_layers(model)[0]).__name__
+        distributed.atomic_write_json(out_dir / "fsdp.json", {"losses": losses, "teacher_gap": gap, "wrapped": wrapped})
 
 
 def main(out_dir: str) -> None:
@@ -130,11 +130,11 @@ def main(out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
-    # The repository root first on the path, as pytest has it (an editable install made before
+    # The repository root and tests/ (tiny_models) first on the path, as pytest has it (an editable install made before
     # `mode/` existed does not map it).
-    root = str(Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), str(root / "tests"), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -2,10 +2,10 @@
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import config, image_sequence, randomize_adapters, tiny_model
 
 import mode
 import mode.peft
-from test_mode_fixtures import config, image_sequence, one_thread, randomize_adapters, tiny_model  # noqa: F401
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 

@@ -1,9 +1,9 @@
 """modality_lora_linear on the torch backend: values, gradients, edge cases, dtypes."""
 import pytest
 import torch
+from naive import routed_lora as naive_routed_lora
 
 import mode_kernels as mk
-from naive import routed_lora as naive_routed_lora
 
 F64 = torch.float64
 
@@ -88,7 +88,8 @@ def test_gradients_match_naive_autograd():
     u = torch.randn(3, 17, 21, dtype=F64)
     grads = {}
     for which in ("ours", "naive"):
-        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items() if k != "modality" and v is not None}
+        leaves = {k: v.detach().clone().requires_grad_(True)
+                  for k, v in inp.items() if k != "modality" and v is not None}
         uu = u.clone().requires_grad_(True)
         d = dict(inp, **leaves)
         y = call(d, epm, lora_input=uu) if which == "ours" else gold(d, epm, lora_input=uu)

@@ -7,7 +7,7 @@ import torch
 
 from mode import digits
 from mode import digits_model as dm
-from mode.digits import DIGIT_NAMES, DigitsVocab
+from mode.digits import DigitsVocab
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,8 @@ def test_collate_pads_and_masks_the_prompt(vocab):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, length)
     n_prompt = len(examples[0].prompt)
     assert (batch["labels"][0, :n_prompt] == digits.IGNORE_INDEX).all()
-    assert batch["labels"][0, n_prompt:].tolist() == vocab.encode_words(["nine", "plus", "one", "is", "one", "zero"]) + [vocab.eos]
+    answer = vocab.encode_words(["nine", "plus", "one", "is", "one", "zero"]) + [vocab.eos]
+    assert batch["labels"][0, n_prompt:].tolist() == answer
     assert batch["labels"][1].tolist() == [-100, -100, 6, vocab.eos] + [-100] * (length - 4)
     assert batch["input_ids"][1, 4:].eq(vocab.pad).all() and batch["attention_mask"][1].sum() == 4
 
@@ -205,7 +206,8 @@ def test_task_accuracy_scores_exact_match(tiny, monkeypatch):
     vocab, data = tiny.vocab, tiny.data
     images, labels = data.test_images[:6], data.test_labels[:6]
     # replace decoding by the right answers for even rows and a wrong one for odd rows
-    targets = [digits.understanding_example(vocab, digits.CONTINUAL_TASKS[2], x, y).target for x, y in zip(images, labels)]
+    task = digits.CONTINUAL_TASKS[2]
+    targets = [digits.understanding_example(vocab, task, x, y).target for x, y in zip(images, labels)]
 
     def fake_decode(model, prompts, max_new_tokens, eos_id):
         rows = [t + [eos_id] * (max_new_tokens - len(t)) if i % 2 == 0 else [vocab.sep] * max_new_tokens

@@ -1,11 +1,10 @@
 """kd_loss: value against dense logits, masks from labels, gradients, defaults, Chameleon's logit mask."""
 import pytest
 import torch
+from tiny_models import IMAGE_HI, IMAGE_LO, config, image_sequence, randomize_adapters, tiny_model
 
 import mode
 from mode.kd import kd_positions
-from test_mode_fixtures import (IMAGE_HI, IMAGE_LO, config, image_sequence, one_thread,  # noqa: F401
-                                randomize_adapters, tiny_model)
 
 
 def _naive_kd(model, batch, temperature, lo, hi):

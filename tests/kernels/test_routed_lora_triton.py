@@ -12,10 +12,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from naive import routed_lora as naive_routed_lora  # noqa: E402
+
 import mode_kernels as mk  # noqa: E402
 from mode_kernels.reference import routed_lora as reference  # noqa: E402
 from mode_kernels.routing import plan_routing  # noqa: E402
-from naive import routed_lora as naive_routed_lora  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
@@ -160,7 +161,8 @@ def test_non_contiguous_inputs():
     check_fp32(run(tri, f, plan, dy.t().contiguous().t(), (2, 3)), gold)
 
 
-@pytest.mark.parametrize("needs", [(True,) + (False,) * 6, (False,) * 5 + (True, False), (False, False, True, True) + (False,) * 3])
+@pytest.mark.parametrize("needs", [(True,) + (False,) * 6, (False,) * 5 + (True, False),
+                                   (False, False, True, True) + (False,) * 3])
 def test_only_requested_gradients(needs):
     t, _, plan, dy = make_case(24, 16, 18, 8, (4, 1))
     ours = run(tri, cast(t, torch.float32), plan, dy, (4, 1), needs)
@@ -186,7 +188,8 @@ def test_public_api_triton_backend_matches_torch_backend():
 
 def test_bad_inputs_raise():
     t, _, plan, _ = make_case(8, 16, 16, 8, (4, 1))
-    args = lambda d: (d["x"], d["weight"], d["bias"], None, plan, d["lora_a"], d["lora_b"], d["router_weight"])
+    def args(d):
+        return d["x"], d["weight"], d["bias"], None, plan, d["lora_a"], d["lora_b"], d["router_weight"]
     with pytest.raises(ValueError, match="x: float64"):
         tri.routed_lora_forward(*args(t), (4, 1), 2.0)
     f = cast(t, torch.float32)

@@ -1,10 +1,10 @@
 """kd_kl_loss and fused_linear_kd_kl_loss on the torch backend against naive dense formulas."""
 import pytest
 import torch
+from naive import kd_kl as naive_kd
 
 import mode_kernels as mk
 from mode_kernels.reference import kd_kl as reference_kd
-from naive import kd_kl as naive_kd
 
 F64 = torch.float64
 
@@ -43,7 +43,8 @@ def test_kd_vocab_range_and_topk(vocab_range, topk):
 
 
 @pytest.mark.parametrize("dtype,masked", [(F64, float("-inf")), (torch.float32, torch.finfo(torch.float32).min),
-                                          (F64, torch.finfo(F64).min), (torch.bfloat16, torch.finfo(torch.bfloat16).min)])
+                                          (F64, torch.finfo(F64).min),
+                                          (torch.bfloat16, torch.finfo(torch.bfloat16).min)])
 def test_kd_masked_teacher_logits(dtype, masked):
     s, t = logits((4, 33), 5, dtype=dtype), logits((4, 33), 6, dtype=dtype)
     t[0, 5:] = masked              # some entries masked
@@ -64,7 +65,8 @@ def test_kd_masked_teacher_logits(dtype, masked):
 
 
 def test_kd_mask_edge_cases():
-    s, t = logits((3, 9), 7, 500.0, torch.float32), logits((3, 9), 8, 3.0, torch.float32)  # huge masked rows stay finite
+    # huge masked rows stay finite
+    s, t = logits((3, 9), 7, 500.0, torch.float32), logits((3, 9), 8, 3.0, torch.float32)
     s.requires_grad_(True)
     mk.kd_kl_loss(s, t, mask=torch.tensor([True, False, False])).backward()
     assert torch.isfinite(s.grad).all() and s.grad[1:].abs().max() == 0 and s.grad[0].abs().max() > 0

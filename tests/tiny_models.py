@@ -6,7 +6,6 @@ begin-of-image 61 (``SPEC``). The Chameleon model uses the real Chameleon/Anole 
 import copy
 import functools
 
-import pytest
 import torch
 
 import mode
@@ -18,17 +17,7 @@ SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atte
              num_key_value_heads=2, max_position_embeddings=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and on a shared machine a lot of it.
-    Import this fixture into a test module to use it there (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(kind: str):
     torch.manual_seed(0)
     if kind == "llama":
@@ -73,10 +62,17 @@ def image_sequence(batch: int = 2, seed: int = 0, spec: mode.ModalitySpec = SPEC
     image, <eoi>, text (text ids lie below the image codes)."""
     gen = torch.Generator().manual_seed(seed)
     (image_lo, image_hi), = spec.image_token_ranges
-    text = lambda n: torch.randint(0, image_lo, (batch, n), generator=gen)
-    codes = lambda n: torch.randint(image_lo, image_hi, (batch, n), generator=gen)
-    col = lambda v: torch.full((batch, 1), v)
-    return torch.cat([text(3), col(spec.begin_image), codes(2), text(2), codes(2), col(spec.end_image), text(5)],
+
+    def text(n):
+        return torch.randint(0, image_lo, (batch, n), generator=gen)
+
+    def codes(n):
+        return torch.randint(image_lo, image_hi, (batch, n), generator=gen)
+
+    def marker(v):
+        return torch.full((batch, 1), v)
+
+    return torch.cat([text(3), marker(spec.begin_image), codes(2), text(2), codes(2), marker(spec.end_image), text(5)],
                      dim=1)
 
 

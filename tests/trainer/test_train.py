@@ -1,19 +1,18 @@
 """mode.train: metrics, a smoke run's files and schema, resume after a real kill, bad input."""
 import json
-from dataclasses import asdict
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from mode import digits, distributed, train
-from test_mode_fixtures import one_thread  # noqa: F401  (in-process runs: one thread, as the CLI runs)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # a few steps of everything: checks plumbing and files, not accuracy
 SMOKE_ARGS = ["--pretrain-steps", "2", "--steps-per-task", "4", "--eval-size", "8", "--gen-samples", "1",
               "--checkpoint-every", "2", "--no-progress", "--device", "cpu"]
@@ -144,8 +143,8 @@ def test_conflict_probe_is_logged_and_plotted_and_changes_no_result(tmp_path, ca
     groups = {"mode": {"text_experts", "image_expert", "total"}, "lora": {"shared", "total"}}
     for name, entries in conflict.items():
         # every 2 of the 4 steps per task
-        assert [(e["step"], e["task"]) for e in entries] == [(4 * t + s, task) for t, task in enumerate(metrics["tasks"])
-                                                            for s in (0, 2)]
+        expected = [(4 * t + s, task) for t, task in enumerate(metrics["tasks"]) for s in (0, 2)]
+        assert [(e["step"], e["task"]) for e in entries] == expected
         for entry in entries:
             assert set(entry) == {"step", "task"} | groups[name]
             assert all(-1.0 <= entry[g] <= 1.0 for g in groups[name])

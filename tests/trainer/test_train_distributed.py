@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from mode import distributed, train
-from test_mode_fixtures import one_thread  # noqa: F401  (in-process runs: one thread, as the torchrun processes)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # a few steps of one method: checks plumbing and equality, not accuracy
 ARGS = ["--methods", "mode", "--pretrain-steps", "2", "--steps-per-task", "3", "--batch-size", "4",
         "--eval-size", "8", "--gen-samples", "1", "--checkpoint-every", "2", "--dropout", "0",

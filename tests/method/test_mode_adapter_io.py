@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import config, image_sequence, randomize_adapters, tiny_model
 
 import mode
-from test_mode_fixtures import config, image_sequence, one_thread, randomize_adapters, tiny_model  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,11 @@
 trainable parameters, bad input, and a short training run."""
 import pytest
 import torch
+from tiny_models import IMAGE_LO, config, image_modality, image_sequence, randomize_adapters, tiny_model
 
 import mode
 import mode_kernels as mk
 from mode.layer import MoDELinear
-from test_mode_fixtures import (IMAGE_LO, config, image_modality, image_sequence, one_thread,  # noqa: F401
-                                randomize_adapters, tiny_model)
 
 KINDS = ["llama", "qwen2", "chameleon"]
 ADAPTER_PARAMS = ("lora_A", "lora_B", "router")

@@ -4,9 +4,7 @@ from pathlib import Path
 
 import torch
 
-from test_mode_fixtures import one_thread  # noqa: F401
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "mode_layer.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "mode_layer.md"
 
 
 def test_readme_example_runs_a_training_step():

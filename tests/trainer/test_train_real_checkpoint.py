@@ -4,9 +4,9 @@ import json
 import random
 
 import pytest
+from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, tiny_model
 
 from mode import train
-from test_mode_fixtures import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, one_thread, tiny_model  # noqa: F401
 
 LLAMA_MODALITY = f"{IMAGE_LO}:{IMAGE_HI},begin={BEGIN_IMAGE},end={END_IMAGE}"
 TINY = ["--steps-per-task", "2", "--batch-size", "4", "--eval-size", "4", "--checkpoint-every", "1",

@@ -7,14 +7,15 @@ import pytest
 
 pytest.importorskip("triton")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_default_configs_compile_for_sm90_without_spills():
     # A fresh process without TRITON_INTERPRET: the interpreter would replace the compiled kernels.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-m", "mode_kernels.compile_check", "--arch", "90", "--default-only"],
+    cmd = [sys.executable, "-m", "mode_kernels.tools.compile_check", "--arch", "90", "--default-only"]
+    result = subprocess.run(cmd,
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("sm90")]

@@ -3,12 +3,18 @@ import json
 
 import pytest
 import torch
+from tiny_models import BEGIN_IMAGE, SPEC, VOCAB, config, image_sequence, randomize_adapters, tiny_model
 
 import mode
-from mode.checkpoints import (exact_match_accuracy, generate_images, load_model, load_prompt, modality_spec_for,
-                              vocab_size)
+from mode.checkpoints import (
+    exact_match_accuracy,
+    generate_images,
+    load_model,
+    load_prompt,
+    modality_spec_for,
+    vocab_size,
+)
 from mode.jsonl_data import IGNORE_INDEX, JsonlDataset
-from test_mode_fixtures import BEGIN_IMAGE, SPEC, VOCAB, config, image_sequence, randomize_adapters, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +136,11 @@ def test_generation_routes_codes_to_the_image_expert():
     model = randomize_adapters(mode.apply_mode(tiny_model("llama"), config()))
     prompt = torch.tensor([[1, 2, 3, BEGIN_IMAGE]])
     allowed = image_code_mask(SPEC, VOCAB, prompt.device)
-    codes = continue_sequences(model, prompt, 4, lambda l: l.masked_fill(~allowed, float("-inf")).argmax(-1))[0]
+
+    def pick(logits):
+        return logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+
+    codes = continue_sequences(model, prompt, 4, pick)[0]
     seq = prompt[0].tolist()
     with torch.no_grad():
         for _ in range(4):

@@ -1,12 +1,13 @@
 """Compile every Triton kernel of the package for NVIDIA GPUs, on any machine (no GPU needed).
 
-    python -m mode_kernels.compile_check --arch 80 90 [--default-only]
+    python -m mode_kernels.tools.compile_check --arch 80 90 [--default-only]
 
 Each Triton module in ``mode_kernels/triton/`` that has kernels defines ``compile_targets()``,
 a list of :class:`CompileTarget` (or plain tuples in its field order), one per kernel, variant
 and config its launcher or autotuner can pick. Optional parameters: ``arch`` (the compute
 capability, for configs chosen per GPU family) and ``default_only`` (what ``--default-only``,
-the test suite's run, compiles; without it the first target of each kernel function). Each is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
+the test suite's run, compiles; without it the first target of each kernel function). Each is
+compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 (ptxas and cuobjdump ship inside the triton wheel) and reported as one row: registers, spilled
 bytes (stack frame + local memory, from ``cuobjdump -res-usage``), shared memory, whether it fits
 the arch's shared memory, and on sm_90 whether the PTX uses wgmma. The exit status is non-zero
@@ -27,9 +28,9 @@ from typing import Any, NamedTuple
 
 # Modules scanned for compile_targets(); one that does not exist (yet) is skipped with a note.
 MODULES = (
-    "mode_kernels.triton.routed_lora",
-    "mode_kernels.triton.kd_kl",
-    "mode_kernels.triton.fused_linear_kd_kl",
+    "mode_kernels.tools.targets.routed_lora",
+    "mode_kernels.tools.targets.kd_kl",
+    "mode_kernels.tools.targets.fused_linear_kd_kl",
 )
 
 # Shared memory per block an opt-in kernel may use, bytes.
@@ -179,11 +180,12 @@ def _format(row: Row) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mode_kernels.compile_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mode_kernels.tools.compile_check",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--default-only", action="store_true", help="only each kernel's default config")
     args = parser.parse_args(argv)
-    from .triton._common import INTERPRET
+    from ..triton._common import INTERPRET
 
     if INTERPRET:
         print("error: unset TRITON_INTERPRET: the interpreter replaces the kernels the check compiles")

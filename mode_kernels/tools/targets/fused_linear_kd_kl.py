@@ -1,0 +1,57 @@
+"""Compile targets of the fused-linear KD-KL kernels (``mode_kernels/triton/fused_linear_kd_kl.py``),
+for ``compile_check``."""
+from __future__ import annotations
+
+import torch
+
+from ...triton.fused_linear_kd_kl import (
+    _MATMUL_CONFIGS,
+    _TILE_CONFIGS,
+    _dot_args,
+    _fused_dlogits_kernel,
+    _fused_fwd_kernel,
+    _matmul_kernel,
+)
+
+_SIG_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_targets(default_only: bool = False):
+    """(name, jit fn, signature, constexprs, num_warps, num_stages) for every kernel, operand
+    dtype, variant and autotune config the launchers can pick, for mode_kernels.tools.compile_check
+    (default_only: bf16 and each kernel's first config). H and the row strides are multiples
+    of 16 in the shapes that matter (H = 4096), vocab sizes need not be (MoDE's slice is 8194);
+    unit strides are constants, as Triton specialises them."""
+    targets = []
+    for operand in (torch.bfloat16,) if default_only else (torch.bfloat16, torch.float16, torch.float32):
+        dt = _SIG_DTYPE[operand]
+        dot = _dot_args(operand)
+        tiles, gemms = _TILE_CONFIGS[operand.itemsize], _MATMUL_CONFIGS[operand.itemsize]
+        for p, v, h, w, st in tiles[:1] if default_only else tiles:
+            for shared in (False,) if default_only else (False, True):
+                consts = {"HAS_MASK": True, "SHARED_WEIGHT": shared, **dot, "BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}
+                inputs = {"hs_ptr": f"*{dt}", "ht_ptr": f"*{dt}", "ws_ptr": f"*{dt}", "wt_ptr": f"*{dt}",
+                          "mask_ptr": "*i1"}
+                sizes = {"n_rows": "i32", "n_vocab": "i32", "H": "i32:16", "stride_hs": "i32:16",
+                         "stride_ht": "i32:16", "stride_ws": "i32:16", "stride_wt": "i32:16"}
+                fwd = {**inputs, "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", **sizes,
+                       "scale2": "fp32", "temperature": "fp32"}
+                dlogits = {**inputs, "grad_rows_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
+                           "dlogits_ptr": f"*{dt}", **sizes, "stride_dl": "i32:16", "scale2": "fp32",
+                           "temperature": "fp32"}
+                tag = f"[{dt}{' shared' if shared else ''}] P{p} V{v} H{h} w{w} s{st}"
+                targets.append((f"fwd{tag}", _fused_fwd_kernel, fwd, consts, w, st))
+                targets.append((f"dlogits{tag}", _fused_dlogits_kernel, dlogits, consts, w, st))
+        # d hidden = dl @ W (a row-major, out in hidden's dtype); d weight (+)= dl^T @ hidden
+        # (a transposed, float32 out, written by the first chunk, accumulated by the others).
+        uses = (("d_hidden", "stride_ak", dt, False), ("d_weight", "stride_am", "fp32", False),
+                ("d_weight_acc", "stride_am", "fp32", True))
+        for m, n, k, w, st in gemms[:1] if default_only else gemms:
+            for use, unit, out, accumulate in uses[:1] if default_only else uses:
+                strides = {a: "i32:16" for a in ("stride_am", "stride_ak", "stride_bk", "stride_cm") if a != unit}
+                sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{out}", "M": "i32", "N": "i32:16",
+                       "K": "i32", **strides}
+                consts = {unit: 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": accumulate, **dot,
+                          "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
+                targets.append((f"matmul[{use} {dt}] M{m} N{n} K{k} w{w} s{st}", _matmul_kernel, sig, consts, w, st))
+    return targets
