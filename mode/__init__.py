@@ -5,8 +5,9 @@
     model = mode.apply_mode(hf_model, cfg)          # in place; only adapters are trainable
     loss = out_ce + 0.3 * mode.kd_loss(model, generation_batch)
 
-Submodules load on first use, so ``import mode`` stays cheap (the benchmark and trainer modules,
-``mode.digits`` and ``mode.train``, are never imported from here).
+Submodules load on first use, so ``import mode`` stays cheap. The method lives here; the experiment
+harness apart from it: the trainer in ``mode.train`` and what it trains on in ``mode.workloads``
+(the ``[train]`` extra: scikit-learn, matplotlib, PyYAML), never imported from here.
 """
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 import mode_kernels as mk
 
-from .model import decoder_of, hf_model, routing_state, teacher_mode
-
-IGNORE_INDEX = -100  # Hugging Face label of positions without a target
+from .constants import IGNORE_INDEX
+from .hf.models import decoder_of, hf_model
+from .model import routing_state, teacher_mode
 
 
 def kd_positions(batch: Mapping[str, Tensor]) -> Tensor:

@@ -67,7 +67,9 @@ class ModalitySpec:
         before it is a begin marker, or, with no marker so far in this chunk, when the row was
         inside an image before the chunk.
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        integer = isinstance(input_ids, torch.Tensor) and not input_ids.dtype.is_floating_point \
+            and input_ids.dtype != torch.bool
+        if not integer:
             raise ValueError(f"input_ids: expected an integer tensor, got "
                              f"{input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
         if input_ids.dim() < 1:

@@ -22,6 +22,7 @@ from torch import nn
 import mode_kernels as mk
 
 from .config import MoDEConfig
+from .hf.models import cache_in, decoder_of, hf_model
 from .layer import ModalityRoutedLayer, MoDELinear, RoutingState
 
 # Attribute of a KV cache object: bool [B], whether each row's cached tokens end inside an image.
@@ -32,23 +33,6 @@ _HOOKS_ATTR = "_mode_routing_hooks"
 def routed_layers(model: nn.Module) -> list[tuple[str, ModalityRoutedLayer]]:
     """(name, layer) of every MoDE layer in ``model``."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ModalityRoutedLayer)]
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a PEFT wrapper, or ``model`` itself."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The decoder stack that returns final hidden states (``model.model`` of a CausalLM)."""
-    host = hf_model(model)
-    get_decoder = getattr(host, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    if not isinstance(decoder, nn.Module):
-        raise ValueError(f"{type(host).__name__} has no decoder (get_decoder()); MoDE needs a Hugging Face "
-                         "decoder model such as LlamaForCausalLM")
-    return decoder
 
 
 def apply_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
@@ -110,16 +94,10 @@ def attach_routing(model: nn.Module, config: MoDEConfig) -> nn.Module:
 
 def routing_state(model: nn.Module) -> RoutingState:
     """The routing state shared by ``model``'s MoDE layers."""
-    for name, layer in routed_layers(model):
+    for _, layer in routed_layers(model):
         if layer.routing is not None:
             return layer.routing
     raise ValueError(f"{type(model).__name__} has no MoDE layers attached to routing; use mode.apply_mode")
-
-
-def _find_cache(kwargs: dict):
-    # transformers >= 5.2x names it `cache`; earlier releases `past_key_values`.
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _pre_hook(state: RoutingState):
@@ -130,7 +108,7 @@ def _pre_hook(state: RoutingState):
             return args, kwargs
         try:
             _begin_forward(state, kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds"),
-                           modality_ids, _find_cache(kwargs))
+                           modality_ids, cache_in(kwargs))
         except BaseException:
             state.depth -= 1
             raise

@@ -1,6 +1,7 @@
 """MoDELinear on its own: init, the routed formula, dropout on the adapters only, teacher, merge."""
 import math
 
+import naive
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,20 +22,11 @@ def _layer(dropout=0.0, bias=True, seed=0):
 
 
 def _naive(layer, x, modality, u=None):
-    """y = W x + b + scaling * sum_e g_e B_e A_e u, dense per token, float64."""
-    u = x if u is None else u
-    w, b = layer.base_layer.weight.double(), layer.base_layer.bias
-    a, bb, r = layer.lora_A.double(), layer.lora_B.double(), layer.router.double()
-    xs, us, ms = x.reshape(-1, K).double(), u.reshape(-1, K).double(), modality.reshape(-1)
-    out = []
-    for xt, ut, m in zip(xs, us, ms.tolist()):
-        experts = range(0, EPM[0]) if m == 0 else range(EPM[0], sum(EPM))
-        gates = torch.softmax(torch.stack([r[e] @ ut for e in experts]), 0) if len(experts) > 1 else [1.0]
-        y = w @ xt + (0 if b is None else b.double())
-        for g, e in zip(gates, experts):
-            y = y + layer.scaling * g * (bb[e] @ (a[e] @ ut))
-        out.append(y)
-    return torch.stack(out).reshape(*x.shape[:-1], N)
+    """The layer's output from the gold formula (tests/naive.py), in float64."""
+    bias = layer.base_layer.bias
+    return naive.routed_lora(x.double(), layer.base_layer.weight.double(), None if bias is None else bias.double(),
+                             modality, layer.lora_A.double(), layer.lora_B.double(), layer.router.double(), EPM,
+                             layer.scaling, None if u is None else u.double())
 
 
 def test_init_like_peft_and_fresh_layer_equals_base():

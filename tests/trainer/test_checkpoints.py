@@ -1,4 +1,5 @@
-"""mode.checkpoints on tiny random Llama and Chameleon checkpoints written with save_pretrained (no hub)."""
+"""mode.workloads.hf_checkpoint.loading on tiny random Llama and Chameleon checkpoints written with
+save_pretrained (no hub)."""
 import json
 
 import pytest
@@ -6,7 +7,9 @@ import torch
 from tiny_models import BEGIN_IMAGE, SPEC, VOCAB, config, image_sequence, randomize_adapters, tiny_model
 
 import mode
-from mode.checkpoints import (
+from mode.constants import IGNORE_INDEX
+from mode.workloads.hf_checkpoint.data import JsonlDataset
+from mode.workloads.hf_checkpoint.loading import (
     exact_match_accuracy,
     generate_images,
     load_model,
@@ -14,7 +17,6 @@ from mode.checkpoints import (
     modality_spec_for,
     vocab_size,
 )
-from mode.jsonl_data import IGNORE_INDEX, JsonlDataset
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +132,8 @@ def test_generate_images_tokens_and_png(tmp_path, chameleon_dir):
 
 def test_generation_routes_codes_to_the_image_expert():
     """With greedy choice restricted to image codes, the cached generation equals full forwards."""
-    from mode.checkpoints import continue_sequences, image_code_mask
+    from mode.hf.models import continue_sequences
+    from mode.workloads.hf_checkpoint.loading import image_code_mask
 
     torch.manual_seed(0)
     model = randomize_adapters(mode.apply_mode(tiny_model("llama"), config()))

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from mode import digits
-from mode import digits_model as dm
-from mode.digits import DigitsVocab
+from mode.workloads.digits import data as digits
+from mode.workloads.digits import model as dm
+from mode.workloads.digits.data import DigitsVocab
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from mode.jsonl_data import IGNORE_INDEX, collate, load_jsonl
+from mode.constants import IGNORE_INDEX
+from mode.workloads.hf_checkpoint.data import collate, load_jsonl
 
 VOCAB = 50
 

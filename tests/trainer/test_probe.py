@@ -1,11 +1,12 @@
-"""mode.probe: cosine between task and generation gradients per adapter group."""
+"""mode.train.probe: cosine between task and generation gradients per adapter group."""
 import pytest
 import torch
 from tiny_models import IMAGE_HI, IMAGE_LO, SPEC, config, image_sequence, randomize_adapters, tiny_model
 
 import mode
-from mode.kd import IGNORE_INDEX
-from mode.probe import adapter_groups, conflict_cosines, plot_conflict
+from mode.constants import IGNORE_INDEX
+from mode.train import probe
+from mode.train.probe import adapter_groups, conflict_cosines, plot_conflict
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def test_disjoint_modalities_do_not_interfere(model):
     assert cos == {"text_experts": 0.0, "image_expert": 0.0, "total": 0.0}
 
     lora_b = model.model.layers[0].mlp.up_proj.lora_B
-    task_grad = torch.autograd.grad(mode.probe.task_loss(model, task_batch), [lora_b])[0]
+    task_grad = torch.autograd.grad(probe.task_loss(model, task_batch), [lora_b])[0]
     assert task_grad[-1].abs().max() == 0 and task_grad[:-1].abs().max() > 0  # image expert row: no task gradient
 
 

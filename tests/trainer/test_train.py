@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mode import digits, distributed, train
+from mode.train import checkpointing, cli, loop, methods
+from mode.train.config import RunError, TrainConfig
+from mode.train.metrics import average_accuracy, backward_transfer
+from mode.workloads.digits import data as digits
 
 REPO = Path(__file__).resolve().parents[2]
 # a few steps of everything: checks plumbing and files, not accuracy
@@ -38,22 +41,23 @@ def test_average_accuracy_and_backward_transfer_on_a_hand_made_matrix():
     acc = [[0.9, 0.1, 0.0],
            [0.7, 0.8, 0.2],
            [0.5, 0.6, 0.9]]
-    assert train.average_accuracy(acc) == pytest.approx((0.5 + 0.6 + 0.9) / 3)
-    assert train.backward_transfer(acc) == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
-    assert train.backward_transfer([[0.4]]) == 0.0
+    assert average_accuracy(acc) == pytest.approx((0.5 + 0.6 + 0.9) / 3)
+    assert backward_transfer(acc) == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
+    assert backward_transfer([[0.4]]) == 0.0
 
 
 def test_trainable_params_count_only_reachable_adapters():
-    from mode import digits_model as dm
+    from mode.modality import ModalitySpec
+    from mode.workloads.digits import model as dm
 
     vocab = dm.DigitsVocab()
-    pretrained = dm.Pretrained(dm.build_model(vocab, dm.DigitsModelConfig()), vocab, None, dm.DigitsModelConfig(),
-                               dm.PretrainConfig(), Path("."), False, 0.0)
-    base = pretrained.model.state_dict()
-    config = train.TrainConfig()
+    spec = ModalitySpec(**vocab.modality_spec_args())
+    config = TrainConfig()
     counts = {}
-    for name, method in train.METHODS.items():
-        counts[name] = train.trainable_params(train.lora_model(base, pretrained, method, config, "cpu"), method)
+    for name, method in methods.METHODS.items():
+        model = methods.apply_method(dm.build_model(vocab, dm.DigitsModelConfig()), method, config, spec,
+                                     len(vocab), vocab.image_code_range)
+        counts[name] = methods.trainable_params(model, method)
     h, m, layers, r = 128, 344, 2, config.rank
     lora_per_layer = r * (h + m) * 2 + r * (m + h)  # gate, up: h -> m; down: m -> h
     assert counts["lora"] == layers * lora_per_layer
@@ -85,7 +89,7 @@ def test_smoke_run_writes_metrics_tables_and_plots(reference_run):
         assert len(m["acc_matrix"]) == len(tasks) and all(len(row) == len(tasks) for row in m["acc_matrix"])
         assert len(m["gen_acc"]) == len(m["image_nll"]) == len(tasks)
         assert isinstance(m["trainable_params"], int) and m["train_seconds"] > 0
-        assert m["avg_acc"] == pytest.approx(train.average_accuracy(m["acc_matrix"]))
+        assert m["avg_acc"] == pytest.approx(average_accuracy(m["acc_matrix"]))
     results = (reference_run / "results.md").read_text()
     assert "| mode |" in results and "| lora |" in results
     for png in ("acc_matrix_mode.png", "acc_matrix_lora.png", "gen_acc.png", "generated_digits.png"):
@@ -102,7 +106,7 @@ def _without_timing(path):
 def _checkpoint_mid_task(path):
     """The checkpoint's in-progress position, if it is inside a task of the first method."""
     try:
-        state = distributed.checkpoint_extra(path)
+        state = checkpointing.checkpoint_extra(path)
     except (OSError, ValueError):  # not written yet, or being replaced
         return None
     current = state.get("current")
@@ -134,9 +138,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache_dir, reference_r
 
 
 def test_conflict_probe_is_logged_and_plotted_and_changes_no_result(tmp_path, cache_dir, reference_run):
-    config, _ = train.parse_args(["--output", str(tmp_path), "--cache-dir", cache_dir, *SMOKE_ARGS,
+    config, _ = cli.parse_args(["--output", str(tmp_path), "--cache-dir", cache_dir, *SMOKE_ARGS,
                                   "--methods", "mode,lora", "--probe-conflict", "2"])
-    train.run(config, tmp_path, cache_dir=cache_dir, progress=False)
+    loop.run(config, tmp_path, cache_dir=cache_dir, progress=False)
     metrics = _without_timing(tmp_path / "metrics.json")
     conflict = {name: m.pop("conflict") for name, m in metrics["methods"].items()}
     assert metrics == _without_timing(reference_run / "metrics.json")  # the probe changes no training result
@@ -167,18 +171,18 @@ def test_unknown_method_or_benchmark_is_a_clear_error(tmp_path, cache_dir, flag,
     {"trainer_state.json": b"garbage, not a checkpoint", ".metadata": b"garbage"},
 ])
 def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, cache_dir, files):
-    config = train.TrainConfig(methods=("lora",))
+    config = TrainConfig(methods=("lora",))
     (tmp_path / "config.json").write_text(json.dumps(asdict(config)))
     (tmp_path / "checkpoint").mkdir()
     for name, content in files.items():
         (tmp_path / "checkpoint" / name).write_bytes(content)
-    with pytest.raises(train.RunError, match="corrupt checkpoint"):
-        train.run(config, tmp_path, resume=True, cache_dir=cache_dir, progress=False)
+    with pytest.raises(RunError, match="corrupt checkpoint"):
+        loop.run(config, tmp_path, resume=True, cache_dir=cache_dir, progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()} == files
 
 
 def test_output_of_another_run_is_refused_and_kept(tmp_path, cache_dir):
-    other = json.dumps(asdict(train.TrainConfig(seed=123)))
+    other = json.dumps(asdict(TrainConfig(seed=123)))
     (tmp_path / "config.json").write_text(other)
     (tmp_path / "metrics.json").write_text("{}")
     done = _run_cli(tmp_path, cache_dir, "--methods", "lora")

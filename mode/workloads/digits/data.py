@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ...constants import IGNORE_INDEX
+
 IMAGE_SIDE = 8
 IMAGE_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 GRAY_LEVELS = 17  # load_digits pixels are integers 0..16
-IGNORE_INDEX = -100  # label of tokens that carry no loss (Hugging Face convention)
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

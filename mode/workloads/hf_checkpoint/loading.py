@@ -11,21 +11,21 @@ forward sets the logits of image codes to the most negative float, which would f
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import Tensor, nn
 
-from .jsonl_data import IGNORE_INDEX, JsonlDataset
-from .modality import ModalitySpec
-from .model import decoder_of, hf_model, routed_layers, routing_state
+from ...constants import IGNORE_INDEX
+from ...hf.models import continue_sequences, decoder_of, hf_model, model_device
+from ...modality import ModalitySpec
+from ...model import routed_layers, routing_state
+from .data import JsonlDataset
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 PRESETS = {"chameleon": ModalitySpec.chameleon, "anole": ModalitySpec.chameleon}
 
 
@@ -105,7 +105,8 @@ def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
     else:
         raise ValueError(f"modality: expected a preset name, a spec string or a ModalitySpec, got {name_or_args!r}")
     if vocab_size is not None:
-        ids = [hi - 1 for _, hi in spec.image_token_ranges] + [i for i in (spec.begin_image, spec.end_image) if i is not None]
+        markers = [i for i in (spec.begin_image, spec.end_image) if i is not None]
+        ids = [hi - 1 for _, hi in spec.image_token_ranges] + markers
         if max(ids) >= vocab_size:
             raise ValueError(f"modality: the spec {spec} names id {max(ids)}, outside the model's vocabulary of "
                              f"{vocab_size} ids")
@@ -133,31 +134,6 @@ def _parse_spec(text: str) -> ModalitySpec:
 
 # ----------------------------------------------------------------------------- decoding
 
-def _cache_of(output):
-    # transformers >= 5.2x returns the cache as `cache`; earlier releases as `past_key_values`.
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-@torch.no_grad()
-def continue_sequences(model: nn.Module, prompts: Tensor, steps: int, choose: Callable[[Tensor], Tensor]) -> Tensor:
-    """Extend equal-length prompts [B, L] by ``steps`` tokens with a KV cache -> new tokens [B, steps].
-
-    ``choose`` maps the float32 next-token logits [B, vocab] to the next tokens [B]. MoDE layers
-    route every new token by its own id (an image code goes to the image expert).
-    """
-    decoder, head = decoder_of(model), hf_model(model).get_output_embeddings()
-    cache_kwarg = "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
-    out = decoder(input_ids=prompts, use_cache=True)
-    tokens = []
-    for step in range(steps):
-        token = choose(head(out.last_hidden_state[:, -1]).float())
-        tokens.append(token)
-        if step + 1 < steps:
-            out = decoder(input_ids=token[:, None], use_cache=True, **{cache_kwarg: _cache_of(out)})
-    return torch.stack(tokens, dim=1)
-
-
 def _same_length_batches(sequences: Sequence[list[int]], batch_size: int) -> Iterator[list[int]]:
     """Indices of ``sequences`` in batches of equal length (no padding, so nothing to mask)."""
     by_length: dict[int, list[int]] = {}
@@ -166,10 +142,6 @@ def _same_length_batches(sequences: Sequence[list[int]], batch_size: int) -> Ite
     for indices in by_length.values():
         for start in range(0, len(indices), batch_size):
             yield indices[start:start + batch_size]
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def exact_match_accuracy(model: nn.Module, data: JsonlDataset, batch_size: int = 32) -> dict[str, float]:
@@ -191,7 +163,7 @@ def exact_match_accuracy(model: nn.Module, data: JsonlDataset, batch_size: int =
     try:
         for batch in _same_length_batches(prompts, batch_size):
             steps = max(len(answers[i]) for i in batch)
-            ids = torch.tensor([prompts[i] for i in batch], device=_device(model))
+            ids = torch.tensor([prompts[i] for i in batch], device=model_device(model))
             decoded = continue_sequences(model, ids, steps, lambda logits: logits.argmax(dim=-1)).tolist()
             for i, tokens in zip(batch, decoded):
                 correct[i] = tokens[: len(answers[i])] == answers[i]
@@ -263,10 +235,11 @@ def generate_images(model: nn.Module, prompt_files: Sequence[PathLike], out_dir:
         spec = routing_state(model).config.modality
     stems = [Path(p).name.rsplit(".", 1)[0] for p in prompt_files]
     if len(set(stems)) != len(stems):
-        raise ValueError(f"generate_images: prompt files share a name, their outputs would overwrite each other: {stems}")
+        raise ValueError(f"generate_images: prompt files share a name, their outputs would overwrite each other: "
+                         f"{stems}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab, device = vocab_size(model), _device(model)
+    vocab, device = vocab_size(model), model_device(model)
     prompts = []
     for path in prompt_files:
         ids = load_prompt(path, vocab)

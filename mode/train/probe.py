@@ -31,10 +31,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..constants import IGNORE_INDEX
+from ..hf.models import decoder_of, hf_model
+from ..modality import IMAGE, ModalitySpec
+from ..model import routed_layers, routing_state
 from . import distributed
-from .kd import IGNORE_INDEX
-from .modality import IMAGE, ModalitySpec
-from .model import decoder_of, hf_model, routed_layers, routing_state
 
 MODALITY_GROUPS = ("text_experts", "image_expert")  # group of the experts of modality 0, 1
 SHARED, TOTAL = "shared", "total"
@@ -141,7 +142,7 @@ def conflict_cosines(model: nn.Module, task_batch: Mapping[str, Tensor], generat
             module.training = was_training
     task_grad, gen_grad = grads
 
-    def cosine(members) -> float | None:
+    def cosine(members: Sequence[str]) -> float | None:
         dot = task_sq = gen_sq = 0.0
         for param, rows in members:
             a, b = task_grad[id(param)], gen_grad[id(param)]

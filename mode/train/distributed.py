@@ -1,5 +1,5 @@
 """Running the trainer under ``torchrun``: process group, data sharding, DDP / FSDP2 wrapping,
-resumable checkpoints with ``torch.distributed.checkpoint`` (DCP), rank-0-only small files.
+rank-0-only small files (resumable checkpoints: ``mode.train.checkpointing``).
 
 Every helper also works in a single process (not under torchrun): rank 0 of a world of 1, no
 process group, wrappers return the model unchanged, so the trainer needs no second code path.
@@ -8,7 +8,6 @@ process group, wrappers return the model unchanged, so the trainer needs no seco
     model = distributed.wrap_ddp(model)                # or wrap_fsdp2(model) for --fsdp
     local = distributed.shard_batch(global_batch)      # this rank's rows of the global batch
     loss = distributed.global_mean(ce_sum, n_targets)  # mean over the *global* batch, see below
-    distributed.save_checkpoint(dir, model, optimizer, extra={"step": step})
     if distributed.is_main(): ...                      # metrics, plots, logs
     distributed.atomic_write_json(path, metrics)       # rank 0 writes, temp file + rename
 
@@ -28,18 +27,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-PathLike = Union[str, os.PathLike]
-EXTRA_STATE_NAME = "trainer_state.json"  # non-tensor state written next to the DCP shards
+from ..hf.models import decoder_of
+
+PathLike = str | os.PathLike
 
 
 # ----------------------------------------------------------------------------- process group
@@ -137,6 +135,10 @@ def shard_batch(batch: Mapping[str, Any], rank_: int | None = None, world: int |
     return {k: v[part] if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+def to_device(batch: Mapping[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def global_mean(local_sum: Tensor, local_count: int | Tensor) -> Tensor:
     """The rank-local loss whose DDP gradient average is the gradient of the global mean.
 
@@ -180,8 +182,6 @@ def wrap_ddp(model: nn.Module, find_unused_parameters: bool = False) -> nn.Modul
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Hugging Face causal LM (``get_decoder().layers``)."""
-    from .model import decoder_of
-
     layers = getattr(decoder_of(unwrap(model)), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(f"{type(model).__name__}: its decoder has no `layers` ModuleList to shard")
@@ -226,87 +226,6 @@ def wrap_fsdp2(model: nn.Module, base_dtype: torch.dtype | None = torch.bfloat16
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
     return model
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-    # Adapters only: the frozen base is the pretrained checkpoint, never rewritten.
-    options = StateDictOptions(ignore_frozen_params=True)
-    if optimizer is None:
-        return {"model": get_model_state_dict(model, options=options)}
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    return {"model": model_state, "optimizer": optimizer_state}
-
-
-def save_checkpoint(path: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict | None = None) -> None:
-    """Save adapters (+ optimizer state, + JSON-serialisable ``extra`` such as the step or the
-    scheduler state) to the directory ``path`` with DCP; every rank must call it.
-
-    DCP stores each tensor by its fully qualified name with its global shape, so the checkpoint
-    loads into any world size and either wrapper (or none). Atomic: the shards go to a
-    temporary sibling directory that rank 0 renames to ``path`` once every rank has written, so
-    an interrupted save leaves the previous checkpoint intact. Needs a file system shared by
-    all ranks (as DCP does).
-    """
-    import torch.distributed.checkpoint as dcp
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-    barrier()
-    _dcp(dcp.save, _checkpoint_state(model, optimizer), tmp)
-    if is_main():
-        (tmp / EXTRA_STATE_NAME).write_text(json.dumps(extra or {}, indent=1) + "\n")
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def _dcp(save_or_load, state: dict, path: PathLike) -> None:
-    with warnings.catch_warnings():
-        # One process is intended when not distributed; DCP warns about it even when told so.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        save_or_load(state, checkpoint_id=str(path), no_dist=not is_distributed())
-
-
-def checkpoint_extra(path: PathLike) -> dict:
-    """The ``extra`` of a ``save_checkpoint`` directory, without loading tensors (e.g. to know
-    whether it holds optimizer state before building the optimizer)."""
-    path = Path(path)
-    if not (path / EXTRA_STATE_NAME).is_file() or not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint written by mode.distributed.save_checkpoint")
-    return json.loads((path / EXTRA_STATE_NAME).read_text())
-
-
-def load_checkpoint(path: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load a ``save_checkpoint`` directory into ``model`` (and ``optimizer``: the checkpoint must
-    have been saved with one), resharding to this run's world size and wrapper; every rank must
-    call it. Returns the saved ``extra``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
-
-    extra = checkpoint_extra(path)
-    state = _checkpoint_state(model, optimizer)  # the layout (and, for a fresh optimizer, zero state) to fill
-    # DCP fails on any adapter or optimizer entry the checkpoint lacks; the frozen base is
-    # deliberately absent, hence strict=False when handing the state back to the model.
-    _dcp(dcp.load, state, path)
-    options = StateDictOptions(ignore_frozen_params=True, strict=False)
-    if optimizer is None:
-        set_model_state_dict(model, state["model"], options=options)
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=options)
-    return extra
 
 
 # ----------------------------------------------------------------------------- small files

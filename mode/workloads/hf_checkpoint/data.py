@@ -3,7 +3,8 @@
 One JSON object per line, token ids already produced by the model's tokenizer:
 
     {"task": "scienceqa", "input_ids": [0, 8197, 4, 917, 8196, 3923, 1160, 23], "answer_start": 6}
-    {"task": "scienceqa", "input_ids": [0, 8197, 4, 917, 8196, 3923, 1160, 23], "labels": [-100, -100, -100, -100, -100, -100, 1160, 23]}
+    {"task": "scienceqa", "input_ids": [0, 8197, 4, 917, 8196, 3923, 1160, 23],
+     "labels": [-100, -100, -100, -100, -100, -100, 1160, 23]}
 
 Fields:
     input_ids     list of ints in [0, vocab_size): the whole sequence, prompt and answer.
@@ -38,7 +39,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100  # label of positions without a target (Hugging Face convention)
+from ...constants import IGNORE_INDEX
+
 REPORTED_ERRORS = 10  # bad records listed in a message; the rest are counted
 
 
@@ -76,7 +78,7 @@ def _int_list(value, name: str) -> list[int]:
     return value
 
 
-def parse_record(obj, vocab_size: int, default_task: str, max_length: int | None = None
+def parse_record(obj: object, vocab_size: int, default_task: str, max_length: int | None = None
                  ) -> tuple[dict[str, Tensor], str]:
     """One decoded JSON value -> (record tensors, task name); ValueError with the reason if bad."""
     if not isinstance(obj, dict):

@@ -20,21 +20,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from mode import digits
-from mode.digits import DigitsData, DigitsVocab, Task
+from ...hf.models import continue_sequences, model_device
+from ...train.schedule import cosine_lr
+from . import data as digits
+from .data import DigitsData, DigitsVocab, Task
 
 CACHE_FORMAT = 3  # bump when the meaning of cached weights changes
 
@@ -66,7 +69,7 @@ class PretrainConfig:
     split_seed: int = 0  # the train/test split of load_digits
 
 
-def build_model(vocab: DigitsVocab, config: DigitsModelConfig):
+def build_model(vocab: DigitsVocab, config: DigitsModelConfig) -> nn.Module:
     """A randomly initialised LlamaForCausalLM over the digits vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -86,15 +89,7 @@ def build_model(vocab: DigitsVocab, config: DigitsModelConfig):
 
 # ----------------------------------------------------------------------------- pretraining
 
-def cosine_lr(step: int, total_steps: int, warmup_steps: int, lr: float) -> float:
-    """Linear warmup then cosine decay to zero."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def mean_token_loss(model, examples, pad_id: int) -> torch.Tensor:
+def mean_token_loss(model: nn.Module, examples: Sequence[digits.Example], pad_id: int) -> torch.Tensor:
     """Mean next-token cross-entropy over the target tokens of a batch of examples."""
     batch = digits.collate(examples, pad_id)
     # No attention mask: padding is on the right, so under the causal mask no real token
@@ -105,7 +100,7 @@ def mean_token_loss(model, examples, pad_id: int) -> torch.Tensor:
 
 
 def pretrain(vocab: DigitsVocab, data: DigitsData, model_config: DigitsModelConfig,
-             config: PretrainConfig, progress: bool = True):
+             config: PretrainConfig, progress: bool = True) -> nn.Module:
     """Train a fresh model on understanding (the digit task), generation and the text facts;
     returns it in eval mode.
 
@@ -239,31 +234,13 @@ def load_or_pretrain(model_config: DigitsModelConfig | None = None, pretrain_con
 
 # ----------------------------------------------------------------------------- decoding
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
-def greedy_decode(model, prompts: torch.Tensor, max_new_tokens: int, eos_id: int) -> torch.Tensor:
+def greedy_decode(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, eos_id: int) -> torch.Tensor:
     """Greedy continuation of equal-length prompts [B, L] with a KV cache -> new tokens [B, T].
 
     Rows that emitted eos keep emitting eos; decoding stops early once every row has.
     """
-    device = _device(model)
-    next_input = prompts.to(device)
-    past, generated = None, []
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        out = model(input_ids=next_input, cache=past, use_cache=True)
-        past = out.cache
-        token = out.logits[:, -1].argmax(dim=-1)
-        token = torch.where(done, torch.full_like(token, eos_id), token)
-        generated.append(token)
-        done |= token == eos_id
-        if bool(done.all()):
-            break
-        next_input = token[:, None]
-    return torch.stack(generated, dim=1).cpu()
+    return continue_sequences(model, prompts, max_new_tokens, lambda logits: logits.argmax(dim=-1), eos_id).cpu()
 
 
 def _batches(n: int, batch_size: int):
@@ -271,7 +248,7 @@ def _batches(n: int, batch_size: int):
         yield slice(start, min(n, start + batch_size))
 
 
-def task_accuracy(model, vocab: DigitsVocab, task: Task, images: np.ndarray, labels: np.ndarray,
+def task_accuracy(model: nn.Module, vocab: DigitsVocab, task: Task, images: np.ndarray, labels: np.ndarray,
                   batch_size: int = 512, progress: bool = False) -> float:
     """Exact-match accuracy of the greedy answer (answer words followed by eos)."""
     was_training = model.training
@@ -289,7 +266,7 @@ def task_accuracy(model, vocab: DigitsVocab, task: Task, images: np.ndarray, lab
 
 
 @torch.no_grad()
-def sample_images(model, vocab: DigitsVocab, digit_labels: np.ndarray, temperature: float = 1.0,
+def sample_images(model: nn.Module, vocab: DigitsVocab, digit_labels: np.ndarray, temperature: float = 1.0,
                   seed: int = 0, batch_size: int = 512) -> np.ndarray:
     """Draw one image per entry of `digit_labels` from "draw a <digit>" -> int64 [N, 8, 8].
 
@@ -298,32 +275,31 @@ def sample_images(model, vocab: DigitsVocab, digit_labels: np.ndarray, temperatu
     """
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     lo, hi = vocab.image_code_range
     generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw_code(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits[:, lo:hi] / temperature, dim=-1)
+        return lo + torch.multinomial(probs, 1, generator=generator)[:, 0]
+
     images = []
     for rows in _batches(len(digit_labels), batch_size):
-        next_input = torch.tensor([digits.generation_prompt(vocab, int(d)) for d in digit_labels[rows]], device=device)
-        past, codes = None, []
-        for _ in range(digits.IMAGE_PIXELS):
-            out = model(input_ids=next_input, cache=past, use_cache=True)
-            past = out.cache
-            probs = torch.softmax(out.logits[:, -1, lo:hi].float() / temperature, dim=-1)
-            code = lo + torch.multinomial(probs, 1, generator=generator)
-            codes.append(code)
-            next_input = code
-        images.append((torch.cat(codes, dim=1) - lo).view(-1, digits.IMAGE_SIDE, digits.IMAGE_SIDE).cpu())
+        prompts = torch.tensor([digits.generation_prompt(vocab, int(d)) for d in digit_labels[rows]])
+        codes = continue_sequences(model, prompts, digits.IMAGE_PIXELS, draw_code)
+        images.append((codes - lo).view(-1, digits.IMAGE_SIDE, digits.IMAGE_SIDE).cpu())
     model.train(was_training)
     return torch.cat(images).numpy()
 
 
 @torch.no_grad()
-def image_nll(model, vocab: DigitsVocab, images: np.ndarray, labels: np.ndarray, batch_size: int = 512) -> float:
+def image_nll(model: nn.Module, vocab: DigitsVocab, images: np.ndarray, labels: np.ndarray,
+              batch_size: int = 512) -> float:
     """Mean NLL (nats per image code, softmax over the full vocabulary) of the 64 codes of each
     image given "draw a <its digit>"."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     prompt_len = len(digits.generation_prompt(vocab, 0))
     total, count = 0.0, 0
     for rows in _batches(len(images), batch_size):
@@ -352,7 +328,7 @@ class DigitClassifier:
 def fit_digit_classifier(data: DigitsData) -> DigitClassifier:
     from sklearn.svm import SVC
 
-    def flat(x):
+    def flat(x: np.ndarray) -> np.ndarray:
         return x.reshape(len(x), -1) / (digits.GRAY_LEVELS - 1)
 
     svc = SVC(gamma="scale").fit(flat(data.train_images), data.train_labels)
@@ -366,7 +342,7 @@ class GenerationConfig:
     seed: int = 0
 
 
-def evaluate_generation(model, vocab: DigitsVocab, data: DigitsData, classifier: DigitClassifier,
+def evaluate_generation(model: nn.Module, vocab: DigitsVocab, data: DigitsData, classifier: DigitClassifier,
                         config: GenerationConfig | None = None, progress: bool = False) -> dict:
     """gen_acc (share of sampled images classified as the prompted digit) and image_nll."""
     config = config or GenerationConfig()

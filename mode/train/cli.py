@@ -1,0 +1,145 @@
+"""``mode-train`` / ``python -m mode.train``: continual fine-tuning of a unified multimodal model on a
+sequence of understanding tasks, every method from the same pretrained model.
+
+    mode-train --benchmark digits --methods mode,lora --output runs/digits
+    mode-train --model /ckpt/anole-7b-hf --modality chameleon --data a.jsonl,b.jsonl \\
+        --eval-data a_test.jsonl,b_test.jsonl --gen-data generation.jsonl --output runs/anole
+    mode-train --config run.yaml --lr 1e-4        # a JSON or YAML file of config fields; flags override it
+    torchrun --nproc_per_node=8 -m mode.train ... # DDP; --fsdp: FSDP2 (bf16 base on GPUs)
+
+Every field of ``mode.train.config.TrainConfig`` is a flag (``--steps-per-task`` for
+``steps_per_task``), with its default shown by ``--help``.
+
+Writes to the output directory (under torchrun: rank 0 only):
+    config.json    the run's TrainConfig
+    metrics.json   acc matrix, avg_acc, bwt, gen_acc / image_nll after each task, per method
+                   (and the gradient-conflict cosines with --probe-conflict)
+    results.md     a table per method and a comparison table
+    *.png          accuracy matrices, generation quality after each task, generated digits
+                   (digits), conflict.png (--probe-conflict)
+    images/        --gen-prompts: images/METHOD/PROMPT.image_tokens.json
+    checkpoint/    the latest state, a torch.distributed.checkpoint directory (after each task
+                   and every --checkpoint-every steps); --resume continues from it with any
+                   number of processes; resuming is exact (each step's batch and dropout draws
+                   are seeded by (seed, task, step))
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed
+from .config import RunError, TrainConfig
+
+# Fields given as one comma-separated string on the command line (a list in a config file).
+_COMMA_SEPARATED = ("methods",)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, default: Any) -> None:
+    options = dict(field.metadata)
+    help_text = options.pop("help", "")
+    if isinstance(default, bool):
+        parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=default,
+                            help=help_text, **options)
+        return
+    if field.name in _COMMA_SEPARATED:
+        default = default if isinstance(default, str) else ",".join(default)
+        parser.add_argument(_flag(field.name), default=default, help=help_text,
+                            type=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
+                            **options)
+        return
+    if isinstance(field.default, tuple):  # nargs="*" in the field's metadata
+        parser.add_argument(_flag(field.name), default=list(default), help=help_text, **options)
+        return
+    kind = type(field.default) if field.default is not None else str
+    parser.add_argument(_flag(field.name), type=kind, default=default, help=help_text, **options)
+
+
+def read_config_file(path: Path) -> dict:
+    """The TrainConfig fields of a JSON or YAML file (by extension), checked by name."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RunError(f"--config {path}: {err.strerror or err}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as err:  # a parse error of either format is a bad file, with its message
+        raise RunError(f"--config {path}: not valid {path.suffix[1:] or 'JSON'}: {err}") from None
+    if not isinstance(values, dict):
+        raise RunError(f"--config {path}: expected a mapping of config fields, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RunError(f"--config {path}: unknown field(s) {unknown}; known: {', '.join(sorted(known))}")
+    return values
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mode-train", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", required=True, type=Path, help="directory for metrics, tables, plots, checkpoint")
+    parser.add_argument("--config", type=Path, help="JSON or YAML file of config fields (flags override it)")
+    config_flags = parser.add_argument_group("run config (TrainConfig; stored in DIR/config.json)")
+    for field in dataclasses.fields(TrainConfig):
+        _add_field(config_flags, field, defaults[field.name])
+    other = parser.add_argument_group("where it runs (not part of the config)")
+    other.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="without torchrun (under torchrun: each process's GPU, else the CPU)")
+    other.add_argument("--cache-dir", default=None,
+                       help="pretrained-model cache (default $MODE_CACHE_DIR or ~/.cache/mode-kernels)")
+    other.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
+    other.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """The run's TrainConfig (defaults < --config file < flags) and the remaining options."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    config_file = pre.parse_known_args(argv)[0].config
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
+    from_file = read_config_file(config_file) if config_file is not None else {}
+    # The default benchmark applies only without --model (resolved after parsing).
+    defaults["benchmark"] = None
+    defaults.update(from_file)
+    args = build_parser(defaults).parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["benchmark"] is None and values["model"] is None:
+        values["benchmark"] = TrainConfig.benchmark
+    for name in ("methods", "gen_prompts"):
+        value = values[name]
+        values[name] = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+    return TrainConfig(**values), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .loop import run
+
+    try:
+        config, args = parse_args(argv)
+        metrics = run(config, args.output, resume=args.resume, device=args.device, cache_dir=args.cache_dir,
+                      progress=not args.no_progress)
+        if distributed.is_main():
+            print((args.output / "results.md").read_text())
+    except RunError as err:
+        print(f"mode-train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+    return 0 if metrics else 1

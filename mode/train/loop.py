@@ -1,0 +1,214 @@
+"""The training loop: for each method, from the same pretrained model, train the tasks in order
+and evaluate every task and image generation after each (``run``); resumable at any step."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..constants import IGNORE_INDEX
+from ..kd import kd_loss, kd_positions
+from ..workloads import Workload
+from . import distributed, probe
+from .checkpointing import load_adapters, load_progress, save_checkpoint
+from .config import RunError, TrainConfig, check_config, config_dict
+from .methods import METHODS, Method, trainable_params
+from .metrics import average_accuracy, backward_transfer, metrics_json, retention
+from .report import results_markdown, write_plots
+from .schedule import cosine_lr
+
+
+def wrap(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
+    """DDP, or FSDP2 with --fsdp (in one process: the model itself)."""
+    if not config.fsdp:
+        return distributed.wrap_ddp(model)
+    # bf16 halves the base's memory and all-gathers on GPUs; CPUs compute it slower than float32
+    return distributed.wrap_fsdp2(model, base_dtype=torch.bfloat16 if device.type == "cuda" else None)
+
+
+def step_seed(config: TrainConfig, task_index: int, step: int) -> list[int]:
+    return [config.seed, task_index, step]
+
+
+def draw_batch(rng: np.random.Generator, rows: list, collate: Callable[[list], dict], config: TrainConfig,
+               device: torch.device) -> dict:
+    """This process's share of a global batch of batch_size rows drawn by `rng` (the same draw
+    on every process)."""
+    picked = rng.integers(len(rows), size=config.batch_size)
+    return distributed.to_device(distributed.shard_batch(collate([rows[i] for i in picked])), device)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload, task_rows: list,
+               method: Method, config: TrainConfig, task_index: int, step: int, device: torch.device) -> float:
+    """One optimizer step (grad_accum micro-batches); data and dropout seeded by (seed, task, step)."""
+    rng = np.random.default_rng(step_seed(config, task_index, step))
+    torch.manual_seed(int(rng.integers(2**62)))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for micro in range(config.grad_accum):
+        last = micro + 1 == config.grad_accum
+        # DDP: all-reduce the gradients once, in the last micro-batch's backward
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+            batch = draw_batch(rng, task_rows, workload.collate, config, device)
+            # right padding under a causal mask: no attention mask needed (pads carry no loss)
+            with autocast:
+                out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+                # HF's loss is the mean over this process's targets; global_mean turns it into this
+                # process's part of the global batch's mean, which DDP's gradient average then gives
+                targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                loss = distributed.global_mean(out.loss * targets, targets)
+                if method.kd:
+                    kd_batch = draw_batch(rng, workload.generation_rows, workload.collate, config, device)
+                    # the teacher pass needs the Hugging Face model, not the DDP wrapper
+                    kd_sum = kd_loss(distributed.unwrap(model), kd_batch, reduction="sum")
+                    loss = loss + config.kd_lambda * distributed.global_mean(kd_sum, kd_positions(kd_batch).sum())
+            (loss / config.grad_accum).backward()
+        total += loss.item() / config.grad_accum
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
+    optimizer.step()
+    return total
+
+
+def probe_step(model: nn.Module, workload: Workload, method: Method, config: TrainConfig, task_rows: list,
+               task_index: int, step: int, device: torch.device) -> dict:
+    """The gradient-conflict cosines of this step, on batches from a stream of their own (the
+    training draws stay as they are)."""
+    rng = np.random.default_rng(step_seed(config, task_index, step) + [1])
+    task_batch = draw_batch(rng, task_rows, workload.collate, config, device)
+    generation_batch = draw_batch(rng, workload.generation_rows, workload.collate, config, device)
+    # The real image spec: a text-only method's own spec matches no token.
+    cosines = probe.conflict_cosines(model, task_batch, generation_batch, spec=workload.spec,
+                                     shared=not method.split_modality)
+    return {"step": task_index * config.steps_per_task + step, "task": workload.task_names[task_index], **cosines}
+
+
+def train_task(model: nn.Module, workload: Workload, method: Method, name: str, config: TrainConfig,
+               task_index: int, current: dict, state: dict, checkpoint_path: Path, device: torch.device,
+               progress: bool) -> None:
+    """Train task ``task_index`` from step ``current["step"]``, checkpointing every checkpoint_every steps."""
+    rows = workload.task_rows(task_index)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if current["step"]:
+        load_adapters(checkpoint_path, model, optimizer)  # saved mid-task: adapters and this task's optimizer
+    warmup = max(1, int(config.warmup_fraction * config.steps_per_task))
+    model.train()
+    bar = tqdm(range(current["step"], config.steps_per_task), desc=f"{name} {workload.task_names[task_index]}",
+               disable=not progress, initial=current["step"], total=config.steps_per_task)
+    for step in bar:
+        if config.probe_conflict and step % config.probe_conflict == 0:
+            current.setdefault("conflict", []).append(
+                probe_step(model, workload, method, config, rows, task_index, step, device))
+        start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, config.steps_per_task, warmup, config.lr)
+        loss = train_step(model, optimizer, workload, rows, method, config, task_index, step, device)
+        current["train_seconds"] += time.perf_counter() - start
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps_per_task:
+            current["step"] = step + 1
+            save_checkpoint(checkpoint_path, model, optimizer, extra=state | {"current": current})
+
+
+def method_results(model: nn.Module, workload: Workload, method: Method, name: str, current: dict, state: dict,
+                   output: Path) -> dict:
+    """What metrics.json keeps of a finished method."""
+    results = current["results"]
+    acc_matrix = [r["accs"] for r in results]
+    return {
+        "acc_matrix": acc_matrix,
+        "avg_acc": average_accuracy(acc_matrix),
+        "bwt": backward_transfer(acc_matrix),
+        "gen_acc": [r["gen_acc"] for r in results],
+        "gen_retention": retention(results[-1]["gen_acc"], state["pretrained"]["gen_acc"]),
+        "image_nll": [r["image_nll"] for r in results],
+        "train_seconds": current["train_seconds"],
+        "trainable_params": trainable_params(model, method),
+        **({"conflict": current["conflict"]} if "conflict" in current else {}),
+        **workload.finish(distributed.unwrap(model), name, output),
+    }
+
+
+def run_method(name: str, workload: Workload, config: TrainConfig, device: torch.device, output: Path, state: dict,
+               progress: bool) -> None:
+    """Train the tasks of one method in order, continuing from `state["current"]` if it is this method."""
+    method = METHODS[name]
+    checkpoint_path = output / "checkpoint"
+    model = wrap(workload.build(method), config, device)
+    if state["pretrained"] is None:
+        # Fresh adapters (lora_B = 0) leave the model's function as it is: this is the pretrained
+        # model, as this run computes it (with --fsdp on GPUs its base in bf16).
+        state["pretrained"] = workload.evaluate_pretrained(distributed.unwrap(model))
+    current = state["current"]
+    if current is not None and current["method"] == name:
+        if current["step"] == 0:
+            load_adapters(checkpoint_path, model)  # saved at a task boundary: adapters only
+    else:
+        current = {"method": name, "task": 0, "step": 0, "results": [], "train_seconds": 0.0}
+    for task_index in range(current["task"], len(workload.task_names)):
+        train_task(model, workload, method, name, config, task_index, current, state, checkpoint_path, device,
+                   progress)
+        current["results"].append(workload.evaluate(distributed.unwrap(model)))
+        current.update(task=task_index + 1, step=0)
+        save_checkpoint(checkpoint_path, model, extra=state | {"current": current})
+    state["done"][name] = method_results(model, workload, method, name, current, state, output)
+    state["current"] = None
+    save_checkpoint(checkpoint_path, model, extra=state)
+
+
+def load_workload(config: TrainConfig, device: torch.device, cache_dir: str | Path | None,
+                  progress: bool) -> Workload:
+    if config.model is not None:
+        from ..workloads.hf_checkpoint.workload import CheckpointWorkload
+
+        return CheckpointWorkload(config, device)
+    from ..workloads.digits.workload import DigitsWorkload
+
+    return DigitsWorkload(config, device, cache_dir, progress)
+
+
+def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "cpu",
+        cache_dir: str | Path | None = None,
+        progress: bool = True) -> dict:
+    """Run every method of `config`, write the results to `output` (rank 0), and return metrics.json's content.
+
+    Under torchrun every process calls it; it joins the process group (`mode.train.distributed.init`).
+    """
+    distributed.init()
+    check_config(config)
+    if distributed.is_distributed():
+        device = distributed.device()  # this process's GPU, or the CPU under gloo
+    device = torch.device(device)
+    progress = progress and distributed.is_main()
+    output.mkdir(parents=True, exist_ok=True)
+    config_path, checkpoint_path = output / "config.json", output / "checkpoint"
+    config_json = json.dumps(asdict(config), indent=2, sort_keys=True)
+    # every process checks (read-only, same answer), so all refuse together
+    if config_path.exists() and json.loads(config_path.read_text()) != json.loads(config_json):
+        raise RunError(f"{output} holds another run (its config.json differs); choose another --output")
+    state = load_progress(checkpoint_path, config) if resume and checkpoint_path.exists() else None
+    workload = load_workload(config, device, cache_dir, progress)
+    distributed.atomic_write_text(config_path, config_json)
+    if state is None:
+        state = {"config": config_dict(config), "pretrained": None, "done": {}, "current": None}
+    for name in config.methods:
+        if name not in state["done"]:
+            run_method(name, workload, config, device, output, state, progress)
+
+    metrics = metrics_json(state, workload.name, workload.task_names)
+    distributed.atomic_write_json(output / "metrics.json", metrics)
+    summary = workload.summary(state["pretrained"])
+    distributed.atomic_write_text(output / "results.md", results_markdown(metrics, summary))
+    if distributed.is_main():
+        write_plots(output, state, metrics)
+    return metrics

@@ -1,0 +1,93 @@
+"""The digits benchmark as a trainer workload: the cached pretrained model and four continual tasks."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...modality import ModalitySpec
+from ...train import distributed
+from ...train.config import TrainConfig
+from ...train.methods import Method, apply_method
+from . import data as digits
+from . import model as digits_model
+
+
+class DigitsWorkload:
+    """The digits benchmark: the pretrained digits model (cached) and the continual digit tasks."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, cache_dir: str | Path | None, progress: bool):
+        def load() -> digits_model.Pretrained:
+            pretrain_config = replace(digits_model.PretrainConfig(), steps=config.pretrain_steps)
+            return digits_model.load_or_pretrain(pretrain_config=pretrain_config, cache_dir=cache_dir,
+                                                 progress=progress)
+
+        # Rank 0 pretrains (or reads the cache) first; the others then read its cache file
+        # instead of pretraining too and racing on it.
+        if distributed.is_main():
+            self.pretrained = load()
+        distributed.barrier()
+        if not distributed.is_main():
+            self.pretrained = load()
+        self.config, self.device, self.progress = config, device, progress
+        vocab, data = self.pretrained.vocab, self.pretrained.data
+        self.base_state = {k: v.clone() for k, v in self.pretrained.model.state_dict().items()}
+        self.name = config.benchmark
+        self.task_names = [task.name for task in digits.CONTINUAL_TASKS]
+        self.spec = ModalitySpec(**vocab.modality_spec_args())
+        self.generation_rows = digits.generation_examples(vocab, data.train_images, data.train_labels)
+        self.classifier = digits_model.fit_digit_classifier(data)
+        # evaluation runs after every task: the first eval_size test images only
+        self.test = replace(data, test_images=data.test_images[: config.eval_size],
+                            test_labels=data.test_labels[: config.eval_size])
+
+    def task_rows(self, index: int) -> list[digits.Example]:
+        data = self.pretrained.data
+        return digits.task_examples(self.pretrained.vocab, digits.CONTINUAL_TASKS[index], data.train_images,
+                                    data.train_labels)
+
+    def collate(self, rows: list[digits.Example]) -> dict[str, torch.Tensor]:
+        return digits.collate(rows, self.pretrained.vocab.pad)
+
+    def build(self, method: Method) -> nn.Module:
+        """A fresh copy of the pretrained digits model with the method's adapters."""
+        vocab = self.pretrained.vocab
+        torch.manual_seed(self.config.seed)  # the adapters' init (after build_model's draws)
+        model = digits_model.build_model(vocab, self.pretrained.model_config)
+        model.load_state_dict(self.base_state)
+        model = apply_method(model, method, self.config, self.spec, len(vocab), vocab.image_code_range)
+        return model.to(self.device)
+
+    def _accuracy(self, model: nn.Module, task: digits.Task) -> float:
+        return digits_model.task_accuracy(model, self.pretrained.vocab, task, self.test.test_images,
+                                          self.test.test_labels, progress=self.progress)
+
+    def _generation(self, model: nn.Module) -> dict:
+        generation = digits_model.GenerationConfig(self.config.gen_samples, self.config.gen_temperature,
+                                                   self.config.seed)
+        return digits_model.evaluate_generation(model, self.pretrained.vocab, self.test, self.classifier,
+                                                generation, self.progress)
+
+    def _samples(self, model: nn.Module) -> list:
+        """One "draw a d" per digit, for the plot."""
+        return digits_model.sample_images(model, self.pretrained.vocab, np.arange(10), self.config.gen_temperature,
+                                          self.config.seed).tolist()
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """Accuracy on every continual task and generation quality, on the first eval_size test images."""
+        return {"accs": [self._accuracy(model, task) for task in digits.CONTINUAL_TASKS], **self._generation(model)}
+
+    def evaluate_pretrained(self, model: nn.Module) -> dict:
+        return {**self._generation(model), "digit_acc": self._accuracy(model, digits.DIGIT),
+                "classifier_acc": self.classifier.test_accuracy, "samples": self._samples(model)}
+
+    def summary(self, pretrained: dict) -> str:
+        return (f"Pretrained model: gen_acc {pretrained['gen_acc']:.3f}, image NLL {pretrained['image_nll']:.4f} "
+                f"nats/code; understanding (digit) acc {pretrained['digit_acc']:.3f}; judge classifier test acc "
+                f"{pretrained['classifier_acc']:.3f}.")
+
+    def finish(self, model: nn.Module, method_name: str, output: Path) -> dict:
+        return {"samples": self._samples(model)}

@@ -1,0 +1,117 @@
+"""A local Hugging Face checkpoint (--model) with pre-tokenized JSONL tasks (--data) as a trainer workload."""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...modality import IMAGE
+from ...train import distributed, probe
+from ...train.config import RunError, TrainConfig
+from ...train.methods import Method, apply_method
+from . import loading
+from .data import JsonlDataset, collate, load_jsonl
+
+
+class CheckpointWorkload:
+    """A local Hugging Face checkpoint (--model) and pre-tokenized JSONL tasks (--data)."""
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        self.config, self.device, self.name = config, device, config.model
+        try:
+            # loaded once here and handed to the first method, which would otherwise load it again
+            self._base_for_next_method = self._load()
+            vocab = self.vocab_size = loading.vocab_size(self._base_for_next_method)
+            self.spec = loading.modality_spec_for(config.modality, vocab)
+            max_length = getattr(self._base_for_next_method.config, "max_position_embeddings", None)
+
+            def read(files: str) -> JsonlDataset:
+                return load_jsonl(files.split(","), vocab, on_error=config.on_bad_record, max_length=max_length)
+
+            with warnings.catch_warnings():
+                if not distributed.is_main():
+                    warnings.simplefilter("ignore")  # the skipped-records report once, from rank 0
+                tasks = read(config.data)
+                evals = read(config.eval_data) if config.eval_data else tasks
+                self.generation_rows = read(config.gen_data).records if config.gen_data else None
+            for path in config.gen_prompts:
+                loading.load_prompt(path, vocab)  # bad prompt files fail now, not after training
+        except (OSError, ValueError) as err:
+            raise RunError(str(err)) from err
+        self.pad_id = getattr(self._base_for_next_method.config, "pad_token_id", None) or 0
+        self.task_names = tasks.task_names()
+        self.tasks = [tasks.task(name).records for name in self.task_names]
+        self.evals = self._held_out(evals)
+
+    def _held_out(self, evals: JsonlDataset) -> JsonlDataset:
+        """The first eval_size held-out records of each training task."""
+        held_out = {name: [i for i, task in enumerate(evals.tasks) if task == name][: self.config.eval_size]
+                    for name in self.task_names}
+        missing = [name for name, rows in held_out.items() if not rows]
+        if missing:
+            raise RunError(f"--eval-data has no record of the task(s) {missing} (its tasks: {evals.task_names()}); "
+                           "a record's task is its \"task\" field, else its file's name: name held-out files "
+                           "like the task files (test/gqa.jsonl for gqa.jsonl)")
+        keep = [i for rows in held_out.values() for i in rows]
+        return JsonlDataset([evals.records[i] for i in keep], [evals.tasks[i] for i in keep],
+                            [evals.sources[i] for i in keep])
+
+    def _load(self) -> nn.Module:
+        dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        return loading.load_model(self.config.model, dtype=dtype, device=self.device)
+
+    def task_rows(self, index: int) -> list:
+        return self.tasks[index]
+
+    def collate(self, rows: list) -> dict[str, torch.Tensor]:
+        return collate(rows, self.pad_id)
+
+    def build(self, method: Method) -> nn.Module:
+        model, self._base_for_next_method = self._base_for_next_method or self._load(), None
+        torch.manual_seed(self.config.seed)  # the adapters' init
+        return apply_method(model, method, self.config, self.spec, self.vocab_size)
+
+    @torch.no_grad()
+    def image_nll(self, model: nn.Module) -> float | None:
+        """Mean NLL per scored image token of the first eval_size generation-stream records."""
+        if self.generation_rows is None:
+            return None
+        rows = self.generation_rows[: self.config.eval_size]
+        total, count = 0.0, 0
+        for start in range(0, len(rows), self.config.batch_size):
+            batch = distributed.to_device(self.collate(rows[start:start + self.config.batch_size]), self.device)
+            n = int(((self.spec.modality_ids(batch["input_ids"]) == IMAGE) & probe.scored(batch))[:, 1:].sum())
+            if n:
+                total += probe.generation_loss(model, batch, self.spec).item() * n
+                count += n
+        if not count:
+            raise RunError(f"--gen-data: its first {len(rows)} records score no image token of --modality "
+                           f"{self.config.modality}")
+        return total / count
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """Exact match per task on the held-out records, and image_nll (gen_acc is digits' only)."""
+        accs = loading.exact_match_accuracy(model, self.evals, batch_size=self.config.batch_size)
+        return {"accs": [accs[name] for name in self.task_names], "gen_acc": None, "image_nll": self.image_nll(model)}
+
+    def evaluate_pretrained(self, model: nn.Module) -> dict:
+        return {"gen_acc": None, "image_nll": self.image_nll(model)}
+
+    def summary(self, pretrained: dict) -> str:
+        nll = pretrained["image_nll"]
+        return "Pretrained model: " + ("no --gen-data." if nll is None else f"image NLL {nll:.4f} nats/code.")
+
+    def finish(self, model: nn.Module, method_name: str, output: Path) -> dict:
+        if not self.config.gen_prompts:
+            return {}
+        with tempfile.TemporaryDirectory() as scratch:
+            # every process draws (FSDP2 forwards are collectives); rank 0 keeps the files
+            out_dir = output / "images" / method_name if distributed.is_main() else Path(scratch)
+            images = loading.generate_images(model, self.config.gen_prompts, out_dir, self.spec,
+                                             image_tokens=self.config.image_tokens,
+                                             temperature=self.config.gen_temperature, seed=self.config.seed,
+                                             batch_size=self.config.batch_size)
+        return {"images": images}
