@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mode import distributed, train
+from mode.train import checkpointing, cli, loop
+from mode.train.config import RunError
 
 REPO = Path(__file__).resolve().parents[2]
 # a few steps of one method: checks plumbing and equality, not accuracy
@@ -28,8 +29,8 @@ def argv(output, cache_dir, *extra):
 
 
 def run_in_process(args):
-    config, parsed = train.parse_args(args)
-    return train.run(config, parsed.output, resume=parsed.resume, device="cpu", cache_dir=parsed.cache_dir,
+    config, parsed = cli.parse_args(args)
+    return loop.run(config, parsed.output, resume=parsed.resume, device="cpu", cache_dir=parsed.cache_dir,
                      progress=False)
 
 
@@ -74,7 +75,7 @@ def fsdp_runs(tmp_path_factory, cache_dir):
     mid-task checkpoint at step 2): their output directories."""
     root = tmp_path_factory.mktemp("fsdp")
     run_in_process(argv(root / "whole", cache_dir, "--fsdp"))
-    real_step, calls = train.train_step, []
+    real_step, calls = loop.train_step, []
 
     def interrupted_step(*args, **kwargs):
         if len(calls) == 5:  # task 1, step 2
@@ -83,10 +84,10 @@ def fsdp_runs(tmp_path_factory, cache_dir):
         return real_step(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "train_step", interrupted_step)
+        patch.setattr(loop, "train_step", interrupted_step)
         with pytest.raises(Interrupted):
             run_in_process(argv(root / "interrupted", cache_dir, "--fsdp"))
-    current = distributed.checkpoint_extra(root / "interrupted" / "checkpoint")["current"]
+    current = checkpointing.checkpoint_extra(root / "interrupted" / "checkpoint")["current"]
     assert (current["task"], current["step"]) == (1, 2)
     return root / "whole", root / "interrupted"
 
@@ -115,6 +116,6 @@ def test_damaged_checkpoint_shard_is_refused_and_kept(tmp_path, cache_dir, fsdp_
     output = resumable_copy(fsdp_runs[1], tmp_path / "damaged")
     shard = next((output / "checkpoint").glob("*.distcp"))
     shard.write_bytes(b"garbage")
-    with pytest.raises(train.RunError, match="corrupt checkpoint"):
+    with pytest.raises(RunError, match="corrupt checkpoint"):
         run_in_process(argv(output, cache_dir, "--fsdp", "--resume"))
     assert shard.read_bytes() == b"garbage"

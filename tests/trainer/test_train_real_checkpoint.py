@@ -6,7 +6,8 @@ import random
 import pytest
 from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, tiny_model
 
-from mode import train
+from mode.train import cli, loop
+from mode.train.config import RunError
 
 LLAMA_MODALITY = f"{IMAGE_LO}:{IMAGE_HI},begin={BEGIN_IMAGE},end={END_IMAGE}"
 TINY = ["--steps-per-task", "2", "--batch-size", "4", "--eval-size", "4", "--checkpoint-every", "1",
@@ -63,8 +64,8 @@ def llama_args(output, model_dir, files, *extra):
 
 
 def run(argv):
-    config, args = train.parse_args(argv)
-    return train.run(config, args.output, device="cpu", progress=False)
+    config, args = cli.parse_args(argv)
+    return loop.run(config, args.output, device="cpu", progress=False)
 
 
 def test_llama_run_scores_every_task_file_and_draws_the_prompts(tmp_path, llama_dir):
@@ -109,7 +110,7 @@ BAD_LINE = json.dumps({"input_ids": [1, 2, 999], "answer_start": 1})  # 999: out
 def test_bad_record_is_refused_with_its_file_and_line(tmp_path, llama_dir):
     files = llama_files(tmp_path, bad_line=BAD_LINE)
     output = tmp_path / "out"
-    with pytest.raises(train.RunError, match=r"a\.jsonl:3: input_ids\[2\] = 999 is outside the vocabulary"):
+    with pytest.raises(RunError, match=r"a\.jsonl:3: input_ids\[2\] = 999 is outside the vocabulary"):
         run(llama_args(output, llama_dir, files, "--methods", "lora"))
     assert not (output / "config.json").exists()
 
@@ -129,7 +130,7 @@ def test_bad_record_is_skipped_with_a_warning(tmp_path, llama_dir):
     (["--data", "a.jsonl"], "--data need(s) --model"),
 ])
 def test_inconsistent_flags_are_refused(tmp_path, capsys, extra, message):
-    assert train.main(["--output", str(tmp_path / "out"), "--methods", "mode", *extra]) == 2
+    assert cli.main(["--output", str(tmp_path / "out"), "--methods", "mode", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -137,5 +138,5 @@ def test_inconsistent_flags_are_refused(tmp_path, capsys, extra, message):
 def test_held_out_files_must_name_the_training_tasks(tmp_path, llama_dir):
     files = llama_files(tmp_path)
     files["test"] = [files["gen"]]  # its records belong to the task "generation"
-    with pytest.raises(train.RunError, match=r"--eval-data has no record of the task\(s\) \['a', 'b'\]"):
+    with pytest.raises(RunError, match=r"--eval-data has no record of the task\(s\) \['a', 'b'\]"):
         run(llama_args(tmp_path / "out", llama_dir, files, "--methods", "lora"))
