@@ -61,7 +61,8 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, defaul
     if isinstance(field.default, tuple):  # nargs="*" in the field's metadata
         parser.add_argument(_flag(field.name), default=list(default), help=help_text, **options)
         return
-    kind = type(field.default) if field.default is not None else str
+    # the annotation names the type ("float | None"); None defaults are resolved by the config
+    kind = {"int": int, "float": float}.get(str(field.type).split(" |")[0], str)
     parser.add_argument(_flag(field.name), type=kind, default=default, help=help_text, **options)
 
 

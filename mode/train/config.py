@@ -10,6 +10,8 @@ from .distributed import world_size
 from .methods import METHODS
 
 BENCHMARKS = ("digits",)
+DIGITS_LR = 3e-3  # the digits benchmark's tiny model learns each task in 60 steps at this rate
+PAPER_LR = 1e-4  # the paper's optimizer for Anole-7B: AdamW, cosine, 10% warmup
 
 
 class RunError(Exception):
@@ -32,7 +34,9 @@ class TrainConfig:
     steps_per_task: int = field(default=60, metadata=field_metadata("optimizer steps per task"))
     batch_size: int = field(default=16, metadata=field_metadata("rows per micro-batch, over all processes"))
     grad_accum: int = field(default=1, metadata=field_metadata("micro-batches per optimizer step"))
-    lr: float = field(default=3e-3, metadata=field_metadata("peak learning rate (AdamW, cosine schedule)"))
+    lr: float | None = field(default=None, metadata=field_metadata(
+        "peak learning rate (AdamW, cosine schedule, warmup_fraction of each task's steps); default: "
+        f"{DIGITS_LR} on digits, {PAPER_LR} with --model (the paper's)"))
     warmup_fraction: float = field(default=0.1, metadata=field_metadata("share of each task's steps warming up"))
     weight_decay: float = field(default=0.0, metadata=field_metadata("AdamW weight decay on the adapters"))
     grad_clip: float = field(default=10.0, metadata=field_metadata("gradient-norm clip"))
@@ -71,6 +75,13 @@ class TrainConfig:
         "FSDP2 per decoder layer; frozen base in bf16 on GPUs, adapters in fp32"))
     probe_conflict: int = field(default=0, metadata=field_metadata(
         "gradient-conflict probe every this many steps (0: off)", metavar="EVERY"))
+    report_to: str = field(default="none", metadata=field_metadata(
+        "also log each step's losses and each evaluation to DIR/tensorboard", choices=("none", "tensorboard")))
+
+
+    def __post_init__(self):
+        if self.lr is None:
+            self.lr = PAPER_LR if self.model is not None else DIGITS_LR
 
 
 def config_dict(config: TrainConfig) -> dict:
@@ -101,6 +112,10 @@ def check_config(config: TrainConfig) -> None:
                  if value]
         if given:
             raise RunError(f"{', '.join(given)} need(s) --model (the digits benchmark brings its own data)")
+    for name in ("steps_per_task", "batch_size", "grad_accum", "eval_size", "rank", "checkpoint_every",
+                 "image_tokens", "gen_samples"):
+        if getattr(config, name) < 1:
+            raise RunError(f"--{name.replace('_', '-')} {getattr(config, name)}: expected an integer >= 1")
     if config.fsdp and config.probe_conflict:
         raise RunError("--fsdp and --probe-conflict exclude each other: the probe needs unsharded gradients")
     if config.probe_conflict < 0:

@@ -22,7 +22,7 @@ from .checkpointing import load_adapters, load_progress, save_checkpoint
 from .config import RunError, TrainConfig, check_config, config_dict
 from .methods import METHODS, Method, trainable_params
 from .metrics import average_accuracy, backward_transfer, metrics_json, retention
-from .report import results_markdown, write_plots
+from .report import LossBoard, results_markdown, write_plots
 from .schedule import cosine_lr
 
 
@@ -47,13 +47,15 @@ def draw_batch(rng: np.random.Generator, rows: list, collate: Callable[[list], d
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload, task_rows: list,
-               method: Method, config: TrainConfig, task_index: int, step: int, device: torch.device) -> float:
-    """One optimizer step (grad_accum micro-batches); data and dropout seeded by (seed, task, step)."""
+               method: Method, config: TrainConfig, task_index: int, step: int, device: torch.device) -> dict:
+    """One optimizer step (grad_accum micro-batches); data and dropout seeded by (seed, task, step).
+    Returns the step's losses, means over its global batch: ``ce`` (the task's cross-entropy), ``kd``
+    (the distillation term before kd_lambda; None without KD) and ``loss`` (what was minimised)."""
     rng = np.random.default_rng(step_seed(config, task_index, step))
     torch.manual_seed(int(rng.integers(2**62)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    losses = {"loss": 0.0, "ce": 0.0, "kd": 0.0 if method.kd else None}
     for micro in range(config.grad_accum):
         last = micro + 1 == config.grad_accum
         # DDP: all-reduce the gradients once, in the last micro-batch's backward
@@ -66,17 +68,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
                 # HF's loss is the mean over this process's targets; global_mean turns it into this
                 # process's part of the global batch's mean, which DDP's gradient average then gives
                 targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-                loss = distributed.global_mean(out.loss * targets, targets)
+                ce = loss = distributed.global_mean(out.loss * targets, targets)
                 if method.kd:
                     kd_batch = draw_batch(rng, workload.generation_rows, workload.collate, config, device)
                     # the teacher pass needs the Hugging Face model, not the DDP wrapper
                     kd_sum = kd_loss(distributed.unwrap(model), kd_batch, reduction="sum")
-                    loss = loss + config.kd_lambda * distributed.global_mean(kd_sum, kd_positions(kd_batch).sum())
+                    kd = distributed.global_mean(kd_sum, kd_positions(kd_batch).sum())
+                    loss = loss + config.kd_lambda * kd
+                    losses["kd"] += distributed.all_reduce_mean(kd.detach().clone()).item() / config.grad_accum
             (loss / config.grad_accum).backward()
-        total += loss.item() / config.grad_accum
+        losses["loss"] += distributed.all_reduce_mean(loss.detach().clone()).item() / config.grad_accum
+        losses["ce"] += distributed.all_reduce_mean(ce.detach().clone()).item() / config.grad_accum
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
     optimizer.step()
-    return total
+    return losses
 
 
 def probe_step(model: nn.Module, workload: Workload, method: Method, config: TrainConfig, task_rows: list,
@@ -94,8 +99,9 @@ def probe_step(model: nn.Module, workload: Workload, method: Method, config: Tra
 
 def train_task(model: nn.Module, workload: Workload, method: Method, name: str, config: TrainConfig,
                task_index: int, current: dict, state: dict, checkpoint_path: Path, device: torch.device,
-               progress: bool) -> None:
-    """Train task ``task_index`` from step ``current["step"]``, checkpointing every checkpoint_every steps."""
+               progress: bool, board: LossBoard) -> None:
+    """Train task ``task_index`` from step ``current["step"]``, checkpointing every checkpoint_every steps;
+    each step's losses go to ``current["loss_history"]`` (kept in the checkpoint) and ``board``."""
     rows = workload.task_rows(task_index)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -112,9 +118,12 @@ def train_task(model: nn.Module, workload: Workload, method: Method, name: str, 
         start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, config.steps_per_task, warmup, config.lr)
-        loss = train_step(model, optimizer, workload, rows, method, config, task_index, step, device)
+        losses = train_step(model, optimizer, workload, rows, method, config, task_index, step, device)
         current["train_seconds"] += time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss:.3f}")
+        for key in ("ce", "kd"):
+            current["loss_history"][key].append(losses[key])
+        board.add_losses(name, task_index * config.steps_per_task + step, losses)
+        bar.set_postfix(loss=f"{losses['loss']:.3f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps_per_task:
             current["step"] = step + 1
             save_checkpoint(checkpoint_path, model, optimizer, extra=state | {"current": current})
@@ -133,6 +142,7 @@ def method_results(model: nn.Module, workload: Workload, method: Method, name: s
         "gen_retention": retention(results[-1]["gen_acc"], state["pretrained"]["gen_acc"]),
         "image_nll": [r["image_nll"] for r in results],
         "train_seconds": current["train_seconds"],
+        "loss_history": current["loss_history"],
         "trainable_params": trainable_params(model, method),
         **({"conflict": current["conflict"]} if "conflict" in current else {}),
         **workload.finish(distributed.unwrap(model), name, output),
@@ -140,7 +150,7 @@ def method_results(model: nn.Module, workload: Workload, method: Method, name: s
 
 
 def run_method(name: str, workload: Workload, config: TrainConfig, device: torch.device, output: Path, state: dict,
-               progress: bool) -> None:
+               progress: bool, board: LossBoard) -> None:
     """Train the tasks of one method in order, continuing from `state["current"]` if it is this method."""
     method = METHODS[name]
     checkpoint_path = output / "checkpoint"
@@ -154,11 +164,14 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
         if current["step"] == 0:
             load_adapters(checkpoint_path, model)  # saved at a task boundary: adapters only
     else:
-        current = {"method": name, "task": 0, "step": 0, "results": [], "train_seconds": 0.0}
+        current = {"method": name, "task": 0, "step": 0, "results": [], "train_seconds": 0.0,
+                   "loss_history": {"ce": [], "kd": []}}
     for task_index in range(current["task"], len(workload.task_names)):
         train_task(model, workload, method, name, config, task_index, current, state, checkpoint_path, device,
-                   progress)
+                   progress, board)
         current["results"].append(workload.evaluate(distributed.unwrap(model)))
+        board.add_evaluation(name, (task_index + 1) * config.steps_per_task, workload.task_names,
+                             current["results"][-1])
         current.update(task=task_index + 1, step=0)
         save_checkpoint(checkpoint_path, model, extra=state | {"current": current})
     state["done"][name] = method_results(model, workload, method, name, current, state, output)
@@ -189,8 +202,9 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     if distributed.is_distributed():
         device = distributed.device()  # this process's GPU, or the CPU under gloo
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
     progress = progress and distributed.is_main()
-    output.mkdir(parents=True, exist_ok=True)
     config_path, checkpoint_path = output / "config.json", output / "checkpoint"
     config_json = json.dumps(asdict(config), indent=2, sort_keys=True)
     # every process checks (read-only, same answer), so all refuse together
@@ -201,9 +215,10 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     distributed.atomic_write_text(config_path, config_json)
     if state is None:
         state = {"config": config_dict(config), "pretrained": None, "done": {}, "current": None}
-    for name in config.methods:
-        if name not in state["done"]:
-            run_method(name, workload, config, device, output, state, progress)
+    with LossBoard(output if config.report_to == "tensorboard" and distributed.is_main() else None) as board:
+        for name in config.methods:
+            if name not in state["done"]:
+                run_method(name, workload, config, device, output, state, progress, board)
 
     metrics = metrics_json(state, workload.name, workload.task_names)
     distributed.atomic_write_json(output / "metrics.json", metrics)

@@ -92,13 +92,76 @@ def plot_generated_digits(output: Path, rows: dict[str, list]) -> None:
     plt.close(fig)
 
 
+def plot_losses(output: Path, metrics: dict) -> None:
+    """loss.png: each method's task cross-entropy (solid) and KD term (dashed) per step, tasks marked."""
+    histories = {name: m["loss_history"] for name, m in metrics["methods"].items() if "loss_history" in m}
+    if not histories:
+        return
+    plt, tasks = _pyplot(), metrics["tasks"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    steps = 0
+    for index, (name, history) in enumerate(histories.items()):
+        color = f"C{index}"
+        steps = max(steps, len(history["ce"]))
+        ax.plot(history["ce"], color=color, label=f"{name} CE")
+        if any(v is not None for v in history["kd"]):
+            ax.plot(history["kd"], color=color, linestyle="--", label=f"{name} KD")
+    per_task = steps // max(len(tasks), 1)
+    for t in range(1, len(tasks)):
+        ax.axvline(t * per_task, color="gray", linewidth=0.5)
+    ax.set_xticks([t * per_task + per_task / 2 for t in range(len(tasks))], tasks)
+    ax.set_ylabel("loss (nats)")
+    ax.set_title("training losses per step")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(output / "loss.png")
+    plt.close(fig)
+
+
 def write_plots(output: Path, state: dict, metrics: dict) -> None:
     from .probe import plot_conflict
 
     plot_acc_matrices(output, metrics)
     plot_generation_curves(output, metrics)
+    plot_losses(output, metrics)
     models = {"pretrained": state["pretrained"], **state["done"]}
     plot_generated_digits(output, {name: m["samples"] for name, m in models.items() if "samples" in m})
     conflict = {name: m["conflict"] for name, m in metrics["methods"].items() if "conflict" in m}
     if conflict:
         plot_conflict(conflict, output / "conflict.png")
+
+
+class LossBoard:
+    """``--report-to tensorboard``: each step's losses and each evaluation as TensorBoard scalars in
+    DIR/tensorboard (a context manager; does nothing without a directory)."""
+
+    def __init__(self, output: Path | None):
+        self.writer = None
+        if output is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") \
+                    from err
+            self.writer = SummaryWriter(str(output / "tensorboard"))
+
+    def add_losses(self, method: str, step: int, losses: dict) -> None:
+        if self.writer is not None:
+            for key, value in losses.items():
+                if value is not None:
+                    self.writer.add_scalar(f"{method}/{key}", value, step)
+
+    def add_evaluation(self, method: str, step: int, task_names: list[str], results: dict) -> None:
+        if self.writer is not None:
+            for task, acc in zip(task_names, results["accs"]):
+                self.writer.add_scalar(f"{method}/acc/{task}", acc, step)
+            for key in ("gen_acc", "image_nll"):
+                if results.get(key) is not None:
+                    self.writer.add_scalar(f"{method}/{key}", results[key], step)
+
+    def __enter__(self) -> LossBoard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()

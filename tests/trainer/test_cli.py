@@ -34,8 +34,10 @@ def test_flags_reach_every_kind_of_field():
     assert config.gen_prompts == ("a.json", "b.json") and config.on_bad_record == "skip"
 
 
-def test_model_replaces_the_default_benchmark():
+def test_model_replaces_the_default_benchmark_and_takes_the_papers_learning_rate():
     assert _parse("--model", "ckpt", "--data", "a.jsonl").benchmark is None
+    assert _parse("--model", "ckpt").lr == 1e-4 and _parse().lr == 3e-3
+    assert _parse("--model", "ckpt", "--lr", "3e-3").lr == 3e-3
     assert _parse("--model", "ckpt", "--benchmark", "digits").benchmark == "digits"  # refused later, explicitly
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from mode.train import checkpointing, cli, loop, methods
 from mode.train.config import RunError, TrainConfig
@@ -85,14 +86,19 @@ def test_smoke_run_writes_metrics_tables_and_plots(reference_run):
     assert list(metrics["methods"]) == ["mode", "lora"]
     for m in metrics["methods"].values():
         assert set(m) == {"acc_matrix", "avg_acc", "bwt", "gen_acc", "gen_retention", "image_nll",
-                          "train_seconds", "trainable_params"}
+                          "train_seconds", "trainable_params", "loss_history"}
+        history = m["loss_history"]
+        assert len(history["ce"]) == len(history["kd"]) == 4 * len(tasks)  # --steps-per-task 4
+        assert all(isinstance(v, float) and v > 0 for v in history["ce"])
         assert len(m["acc_matrix"]) == len(tasks) and all(len(row) == len(tasks) for row in m["acc_matrix"])
         assert len(m["gen_acc"]) == len(m["image_nll"]) == len(tasks)
         assert isinstance(m["trainable_params"], int) and m["train_seconds"] > 0
         assert m["avg_acc"] == pytest.approx(average_accuracy(m["acc_matrix"]))
     results = (reference_run / "results.md").read_text()
     assert "| mode |" in results and "| lora |" in results
-    for png in ("acc_matrix_mode.png", "acc_matrix_lora.png", "gen_acc.png", "generated_digits.png"):
+    kd = {name: m["loss_history"]["kd"] for name, m in metrics["methods"].items()}
+    assert all(isinstance(v, float) and v >= 0 for v in kd["mode"]) and set(kd["lora"]) == {None}
+    for png in ("acc_matrix_mode.png", "acc_matrix_lora.png", "gen_acc.png", "generated_digits.png", "loss.png"):
         assert (reference_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -158,12 +164,33 @@ def test_conflict_probe_is_logged_and_plotted_and_changes_no_result(tmp_path, ca
 @pytest.mark.parametrize("flag, value, message", [
     ("--methods", "mode,adapterx", "unknown method"),
     ("--benchmark", "mnist", "unknown benchmark"),
+    ("--eval-size", "0", "--eval-size 0: expected an integer >= 1"),
+    ("--grad-accum", "0", "--grad-accum 0: expected an integer >= 1"),
+    ("--device", "cuda", "CUDA is not available"),
 ])
-def test_unknown_method_or_benchmark_is_a_clear_error(tmp_path, cache_dir, flag, value, message):
+def test_bad_settings_are_clear_errors_that_leave_no_output_directory(tmp_path, cache_dir, flag, value, message):
+    if flag == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     done = _run_cli(tmp_path / "out", cache_dir, flag, value)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "out" / "config.json").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_loss_board_writes_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mode.train.report import LossBoard
+
+    with LossBoard(tmp_path) as board:
+        board.add_losses("mode", 0, {"loss": 1.5, "ce": 1.25, "kd": 0.75})
+        board.add_losses("lora", 0, {"loss": 2.0, "ce": 2.0, "kd": None})
+        board.add_evaluation("mode", 4, ["parity"], {"accs": [0.5], "gen_acc": 0.8, "image_nll": None})
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars == {"mode/loss": [1.5], "mode/ce": [1.25], "mode/kd": [0.75], "lora/loss": [2.0],
+                       "lora/ce": [2.0], "mode/acc/parity": [0.5], "mode/gen_acc": [pytest.approx(0.8)]}
 
 
 @pytest.mark.parametrize("files", [
