@@ -80,6 +80,7 @@ def apply_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
         layer = MoDELinear(module, rank=config.rank, alpha=config.alpha,
                            experts_per_modality=config.experts_per_modality, dropout=config.dropout,
                            autocast_adapter_dtype=config.autocast_adapter_dtype)
+        layer.train(module.training)  # a model in eval mode keeps the adapters' dropout off
         setattr(model.get_submodule(parent_name), child, layer)
     attach_routing(model, config)
     return model

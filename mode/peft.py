@@ -95,8 +95,8 @@ class MoDEPeftConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MODE_PEFT_TYPE
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)  # as LoraConfig; saved as a list
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = list(self.target_modules)  # a list, saved in the given order
         if self.init_lora_weights not in (True, False):
             raise ValueError(f"init_lora_weights: expected True (B = 0, the PEFT default) or False (B random too), "
                              f"got {self.init_lora_weights!r}")
@@ -115,7 +115,7 @@ class MoDEPeftConfig(PeftConfig):
         targets = self.target_modules
         return MoDEConfig(rank=self.r, alpha=self.lora_alpha, experts_per_modality=self.experts_per_modality,
                           dropout=self.lora_dropout,
-                          target_modules=(targets,) if isinstance(targets, str) else tuple(sorted(targets or ())),
+                          target_modules=(targets,) if isinstance(targets, str) else tuple(targets or ()),
                           modality=self.modality(), kd_temperature=self.kd_temperature,
                           kd_vocab_range=self.kd_vocab_range, autocast_adapter_dtype=autocast_adapter_dtype)
 
