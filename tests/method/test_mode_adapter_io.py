@@ -75,8 +75,9 @@ def test_other_shape_raises_naming_the_module(saved):
     other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
     # gate_proj's mode_A is [5, 8, 32] in both; its mode_B is the first tensor that differs.
-    with pytest.raises(ValueError, match=r"module 'model.layers.0.mlp.gate_proj': 'base_model.model.model.layers.0."
-                                         r"mlp.gate_proj.mode_B' has shape \[5, 48, 8\], the model expects \[5, 40, 8\]"):
+    with pytest.raises(ValueError, match=r"module 'model.layers.0.mlp.gate_proj': 'base_model.model.model.layers."
+                                         r"0.mlp.gate_proj.mode_B' has shape \[5, 48, 8\], the model expects "
+                                         r"\[5, 40, 8\]"):
         mode.load_adapter(mode.apply_mode(other, config()), path)
 
 

@@ -87,7 +87,8 @@ def test_train_save_pretrained_from_pretrained_identical(kind, tmp_path):
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "MODE" and saved["experts_per_modality"] == [4, 1]
-    assert saved["begin_image"] == spec.begin_image and saved["image_token_ranges"] == [list(spec.image_token_ranges[0])]
+    assert saved["begin_image"] == spec.begin_image
+    assert saved["image_token_ranges"] == [list(spec.image_token_ranges[0])]
 
     loaded = PeftModel.from_pretrained(tiny_model(kind), tmp_path)
     assert torch.equal(loaded(input_ids=ids).logits, expected)
@@ -122,7 +123,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 assert "mode" not in sys.modules
 base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2))
-for load in (lambda: PeftModel.from_pretrained(base, {str(tmp_path)!r}), lambda: LoraConfig.from_pretrained({str(tmp_path)!r})):
+path = {str(tmp_path)!r}
+for load in (lambda: PeftModel.from_pretrained(base, path), lambda: LoraConfig.from_pretrained(path)):
     try:
         load()
     except KeyError as exc:
