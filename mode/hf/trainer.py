@@ -19,7 +19,6 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
@@ -46,7 +45,8 @@ class MoDETrainer(Trainer):
             takes ``topk``); None: the whole image-code slice.
 
     Generation batches have ``per_device_train_batch_size`` rows, drawn in an order seeded by
-    ``args.seed`` and the process index, cycling over ``gen_dataset``. The mean KD value since the
+    ``args.seed`` and the process index, cycling over ``gen_dataset``; a resumed run continues the
+    stream where the interrupted one was. The mean KD value since the
     last log is logged as ``kd_loss``.
     """
 
@@ -104,11 +104,19 @@ class MoDETrainer(Trainer):
         return next(self._gen_batches)
 
     def _cycle_gen_batches(self) -> Iterator[dict]:
+        # Reshuffled each pass; a resumed run skips the batches its steps so far drew (one per
+        # micro-batch), so that it continues the stream where the interrupted run was.
         generator = torch.Generator().manual_seed(self.args.seed + self.args.process_index)
-        loader = DataLoader(self.gen_dataset, batch_size=self.args.per_device_train_batch_size, shuffle=True,
-                            generator=generator, collate_fn=self.gen_data_collator or self.data_collator)
+        collate = self.gen_data_collator or self.data_collator
+        size, rows = len(self.gen_dataset), self.args.per_device_train_batch_size
+        skip = self.state.global_step * self.args.gradient_accumulation_steps
         while True:
-            yield from loader
+            order = torch.randperm(size, generator=generator).tolist()
+            for start in range(0, size, rows):
+                if skip:
+                    skip -= 1
+                    continue
+                yield collate([self.gen_dataset[i] for i in order[start:start + rows]])
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._kd_values and "loss" in logs:  # a training log: the KD mean since the last one

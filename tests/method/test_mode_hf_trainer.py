@@ -133,3 +133,24 @@ def test_bad_arguments_raise(tmp_path):
     if not mode.hf.trainer.KD_TAKES_TOPK:
         with pytest.raises(ValueError, match="kd_topk: this version of mode.kd_loss has no topk"):
             mode.hf.MoDETrainer(model=_model("apply_mode"), args=args, kd_topk=256)
+
+
+@pytest.mark.parametrize("builder", ["apply_mode", "peft"])
+def test_resume_from_adapter_checkpoint(builder, tmp_path):
+    """A run resumed from step 1's checkpoint (adapters only) ends where the uninterrupted run does."""
+    from transformers import TrainingArguments
+
+    def run(output, resume=None):
+        model = _model(builder)
+        args = TrainingArguments(output_dir=str(output), **{**COMMON_ARGS, "save_strategy": "steps", "save_steps": 1})
+        trainer = mode.hf.MoDETrainer(model=model, args=args, train_dataset=_task_rows(), gen_dataset=_gen_rows())
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "straight")
+    assert {p.name for p in (tmp_path / "straight" / "checkpoint-1").iterdir()} >= {"adapter_config.json",
+                                                                                  "optimizer.pt"}
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-1"))
+    ids = torch.tensor([_task_rows()[0]["input_ids"]])
+    straight.eval(), resumed.eval()
+    torch.testing.assert_close(resumed(input_ids=ids).logits, straight(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
