@@ -103,9 +103,10 @@ def test_save_adapter_of_apply_mode_model_loads_in_peft(tmp_path):
     model = randomize_adapters(mode.apply_mode(tiny_model(), config()))
     mode.save_adapter(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
     ids = image_sequence()
-    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    for low_cpu_mem_usage in (True, False):  # PEFT's two loading paths (adapters built on meta, or not)
+        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     # and PEFT's save_pretrained writes the same tensors under the same keys
     loaded.save_pretrained(tmp_path / "again")
     ours, theirs = load_file(tmp_path / "adapter_model.safetensors"), load_file(tmp_path / "again" /
