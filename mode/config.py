@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 from .modality import NUM_MODALITIES, ModalitySpec
 
+# MoDE adapts the MLP projections of every decoder layer.
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
 
 @dataclass
 class MoDEConfig:
@@ -29,7 +32,7 @@ class MoDEConfig:
     alpha: float = 16
     experts_per_modality: tuple[int, ...] = (4, 1)
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = MLP_PROJECTIONS
     modality: ModalitySpec = field(default_factory=ModalitySpec.chameleon)
     kd_temperature: float = 2.0
     kd_vocab_range: tuple[int, int] | None = None

@@ -29,14 +29,13 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
 from torch import Tensor, nn
 
-from .config import MoDEConfig, check_experts_per_modality
+from .config import MLP_PROJECTIONS, MoDEConfig, check_experts_per_modality
 from .layer import ModalityRoutedLayer, init_experts
 from .modality import ModalitySpec
 from .model import attach_routing
 
 METHOD_NAME = "mode"  # PEFT's method name; PeftType "MODE", parameter prefix "mode_"
 PREFIX = METHOD_NAME + "_"
-MoDE_TARGETS = ("gate_proj", "up_proj", "down_proj")
 CHAMELEON = ModalitySpec.chameleon()
 
 
@@ -77,7 +76,7 @@ class MoDEPeftConfig(PeftConfig):
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    target_modules: list[str] | str | None = field(default_factory=lambda: list(MoDE_TARGETS))
+    target_modules: list[str] | str | None = field(default_factory=lambda: list(MLP_PROJECTIONS))
     exclude_modules: list[str] | str | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
