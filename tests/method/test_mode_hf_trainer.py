@@ -61,11 +61,12 @@ COMMON_ARGS = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=2e-
 
 
 def _model(builder):
-    torch.manual_seed(0)
+    base = tiny_model()
+    torch.manual_seed(0)  # the same adapter init on every call
     if builder == "apply_mode":
-        return mode.apply_mode(tiny_model(), config())
+        return mode.apply_mode(base, config())
     from peft import get_peft_model
-    return get_peft_model(tiny_model(), peft_config())
+    return get_peft_model(base, peft_config())
 
 
 def _check_saved_adapters(trainer, model, path):
@@ -154,3 +155,25 @@ def test_resume_from_adapter_checkpoint(builder, tmp_path):
     ids = torch.tensor([_task_rows()[0]["input_ids"]])
     straight.eval(), resumed.eval()
     torch.testing.assert_close(resumed(input_ids=ids).logits, straight(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """2 micro-batches of 2 (and 2 generation batches of 2) step like one batch of 4: the KD term is
+    scaled like the task loss, which the Trainer normalises over the accumulated batch. SGD (whose
+    step is proportional to the gradient) and a large kd_lambda make a mis-scaled KD term visible."""
+    from transformers import TrainingArguments
+
+    def two_steps(batch, accumulation):
+        model = _model("apply_mode")
+        args = TrainingArguments(output_dir=str(tmp_path / str(accumulation)), **{
+            **COMMON_ARGS, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation,
+            "optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 0.0})
+        trainer = mode.hf.MoDETrainer(model=model, args=args, train_dataset=_task_rows(4), gen_dataset=_gen_rows(4),
+                                      kd_lambda=1e3)
+        trainer.train()
+        assert [e["kd_loss"] > 0 for e in trainer.state.log_history if "kd_loss" in e] == [False, True]
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    big, accumulated = two_steps(4, 1), two_steps(2, 2)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
