@@ -177,3 +177,23 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     big, accumulated = two_steps(4, 1), two_steps(2, 2)
     for name in big:
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_kd_topk_reaches_a_kd_loss_that_takes_it(tmp_path, monkeypatch):
+    """Once mode.kd_loss takes ``topk``, kd_topk is passed on (checked with a stand-in); None passes nothing."""
+    from transformers import TrainingArguments
+
+    seen = []
+
+    def kd_loss_with_topk(model, batch, *, temperature=None, topk=None):
+        seen.append((temperature, topk))
+        return torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(mode.hf.trainer, "kd_loss", kd_loss_with_topk)
+    monkeypatch.setattr(mode.hf.trainer, "KD_TAKES_TOPK", True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=2)
+    for topk in (256, None):
+        trainer = mode.hf.MoDETrainer(model=_model("apply_mode"), args=args, gen_dataset=_gen_rows(),
+                                      kd_temperature=3.0, kd_topk=topk)
+        trainer.kd_term(trainer.model)
+    assert seen == [(3.0, 256), (3.0, None)]
