@@ -1,7 +1,10 @@
-"""MoDE adapters on disk, PEFT-style: a directory with adapter_config.json and adapter_model.safetensors.
+"""MoDE adapters on disk in PEFT's format: adapter_config.json (``peft_type`` "MODE") and
+adapter_model.safetensors, the files ``save_pretrained`` of a ``mode.MoDEPeftConfig`` model writes.
 
-Keys, per adapted module and expert (experts ordered by modality, text first):
-    <module>.lora_A.<e>  [r, K]      <module>.lora_B.<e>  [N, r]      <module>.router  [E, K]
+``save_adapter`` writes them for ``apply_mode`` models too, and ``load_adapter`` reads them into a
+plain Hugging Face model (applying MoDE) or an ``apply_mode`` model; ``peft.PeftModel.from_pretrained``
+reads the same directory. Keys, per adapted module (see ``mode.peft``):
+    base_model.model.<module>.mode_A [E, r, K]   .mode_B [E, N, r]   .mode_router [E, K]
 """
 from __future__ import annotations
 
@@ -12,73 +15,106 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import MoDEConfig
+from .hf.models import hf_model
 from .layer import MoDELinear
-from .model import routed_layers, routing_state
+from .model import apply_mode, routed_layers, routing_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT = "mode-adapter/1"
+PEFT_KEY_PREFIX = "base_model.model."  # PEFT's prefix of every saved key
+# MoDELinear parameter -> its name on disk (that of mode.peft.MoDEPeftLinear)
+DISK_NAMES = {"lora_A": "mode_A", "lora_B": "mode_B", "router": "mode_router"}
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def _mode_linears(model: nn.Module) -> list[tuple[str, MoDELinear]]:
     layers = routed_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoDE layers; use mode.apply_mode first")
+        raise ValueError(f"{type(model).__name__} has no MoDE layers; use mode.apply_mode or mode.MoDEPeftConfig")
     others = [name for name, layer in layers if not isinstance(layer, MoDELinear)]
     if others:
-        raise ValueError(f"{others[0]}: not a MoDELinear; adapters built through PEFT are saved with "
-                         "save_pretrained / PeftModel.from_pretrained")
+        raise ValueError(f"{others[0]}: a PEFT MoDE layer outside a PeftModel; save the PeftModel (save_pretrained)")
     return layers
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of ``model`` under their on-disk keys (copies, contiguous)."""
-    tensors = {}
-    for name, layer in _mode_linears(model):
-        for e in range(layer.lora_A.shape[0]):
-            tensors[f"{name}.lora_A.{e}"] = layer.lora_A[e].detach().clone()
-            tensors[f"{name}.lora_B.{e}"] = layer.lora_B[e].detach().clone()
-        tensors[f"{name}.router"] = layer.router.detach().clone()
-    return tensors
+    """The adapter tensors of an ``apply_mode`` model under their on-disk keys (detached copies)."""
+    return {f"{PEFT_KEY_PREFIX}{name}.{disk}": getattr(layer, param).detach().clone()
+            for name, layer in _mode_linears(model) for param, disk in DISK_NAMES.items()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the MoDE adapters of ``model`` (built by ``mode.apply_mode``) to the directory ``path``
-    (created if needed; the two adapter files in it are replaced, as PEFT's save_pretrained does)."""
+    """Write the MoDE adapters of ``model`` (from ``mode.apply_mode``, or a PEFT model of
+    ``mode.MoDEPeftConfig``: then its ``save_pretrained``) to the directory ``path``, created if
+    needed; the two adapter files in it are replaced."""
     from safetensors.torch import save_file
 
-    config = routing_state(model).config
+    from .peft import MoDEPeftConfig
+
+    if _is_peft_model(model):
+        model.save_pretrained(str(path))
+        return
     tensors = adapter_state_dict(model)
+    host = hf_model(model)
+    config = MoDEPeftConfig.from_mode_config(routing_state(model).config,
+                                             base_model_name_or_path=getattr(host, "name_or_path", None) or None)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    (path / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, **config.to_dict()}, indent=2) + "\n")
+    config.save_pretrained(str(path))
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load adapters written by ``save_adapter`` into ``model`` (already ``apply_mode``d with the same
-    config). Raises ValueError naming the first setting, module or key that does not match."""
-    from safetensors.torch import load_file
+def read_adapter_config(path: str | os.PathLike):
+    """The ``mode.MoDEPeftConfig`` saved in the directory ``path``; ValueError if it holds another
+    kind of adapter."""
+    from .peft import MODE_PEFT_TYPE, MoDEPeftConfig
 
     path = Path(path)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name}: not found; is {path} a directory written by mode.save_adapter?")
+            raise FileNotFoundError(f"{path / name}: not found; is {path} a directory written by mode.save_adapter "
+                                    "or save_pretrained?")
     saved = json.loads((path / CONFIG_NAME).read_text())
-    if saved.pop("format", None) != FORMAT:
-        raise ValueError(f"{path / CONFIG_NAME}: not a MoDE adapter config (expected format {FORMAT!r})")
-    saved_config = MoDEConfig.from_dict(saved)
+    if saved.get("peft_type") != MODE_PEFT_TYPE.value:
+        raise ValueError(f"{path / CONFIG_NAME}: peft_type is {saved.get('peft_type')!r}, not a MoDE adapter "
+                         f"({MODE_PEFT_TYPE.value!r})")
+    return MoDEPeftConfig.from_pretrained(str(path))
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Load a MoDE adapter directory (``save_adapter`` or ``save_pretrained``) into ``model``; returns it.
+
+    ``model``: a Hugging Face model without MoDE layers (MoDE is applied in place with the saved
+    settings, adapters float32 on a half-precision base unless ``autocast_adapter_dtype=False``), or
+    an ``apply_mode`` model with the same settings. PEFT models load with ``PeftModel.from_pretrained``.
+    Raises ValueError naming the first setting, module or key that does not match.
+    """
+    from safetensors.torch import load_file
+
+    if _is_peft_model(model):
+        raise ValueError(f"{type(model).__name__} is a PEFT model: load with PeftModel.from_pretrained(base, path) "
+                         "or model.load_adapter(path, adapter_name)")
+    saved = read_adapter_config(path)
+    if isinstance(saved.target_modules, str) or saved.layers_to_transform is not None or saved.exclude_modules:
+        raise ValueError(f"adapter {path}: its target_modules / layers_to_transform / exclude_modules select modules "
+                         "apply_mode cannot; load it with peft.PeftModel.from_pretrained")
+    saved_config = saved.mode_config(autocast_adapter_dtype)
+    if not routed_layers(model):
+        apply_mode(model, saved_config)
     config = routing_state(model).config
     for setting in ("rank", "alpha", "experts_per_modality", "modality"):
         if getattr(saved_config, setting) != getattr(config, setting):
             raise ValueError(f"adapter {path}: {setting} is {getattr(saved_config, setting)!r}, the model's MoDE "
                              f"config has {getattr(config, setting)!r}")
 
-    tensors = load_file(str(path / WEIGHTS_NAME))
+    tensors = load_file(str(Path(path) / WEIGHTS_NAME))
     expected = adapter_state_dict(model)
     for key, want in expected.items():
-        module = key[: key.rindex(".router")] if key.endswith(".router") else key.rsplit(".", 2)[0]
+        module = key.removeprefix(PEFT_KEY_PREFIX).rsplit(".", 1)[0]
         if key not in tensors:
             raise ValueError(f"adapter {path}: module {module!r} of the model has no tensor {key!r} in the file")
         if tensors[key].shape != want.shape:
@@ -89,8 +125,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"adapter {path}: {extra[0]!r} matches no MoDE module of the model")
     with torch.no_grad():
         for name, layer in _mode_linears(model):
-            for e in range(layer.lora_A.shape[0]):
-                layer.lora_A[e].copy_(tensors[f"{name}.lora_A.{e}"])
-                layer.lora_B[e].copy_(tensors[f"{name}.lora_B.{e}"])
-            layer.router.copy_(tensors[f"{name}.router"])
+            for param, disk in DISK_NAMES.items():
+                getattr(layer, param).copy_(tensors[f"{PEFT_KEY_PREFIX}{name}.{disk}"])
     return model

@@ -1,9 +1,12 @@
 """MoDEConfig: what apply_mode builds and how kd_loss distils."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .modality import NUM_MODALITIES, ModalitySpec
+
+# MoDE adapts the MLP projections of every decoder layer.
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -21,16 +24,19 @@ class MoDEConfig:
         kd_temperature: KD temperature, applied once to both logits (loss scaled by T^2).
         kd_vocab_range: [lo, hi) of the vocabulary KD compares on; None means the modality
             spec's image-code range (it must have exactly one).
+        autocast_adapter_dtype: adapters (A, B, router) in float32 on a float16/bfloat16 base, as
+            PEFT does by default; False keeps them in the base's dtype.
     """
 
     rank: int = 8
     alpha: float = 16
     experts_per_modality: tuple[int, ...] = (4, 1)
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = MLP_PROJECTIONS
     modality: ModalitySpec = field(default_factory=ModalitySpec.chameleon)
     kd_temperature: float = 2.0
     kd_vocab_range: tuple[int, int] | None = None
+    autocast_adapter_dtype: bool = True
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -53,6 +59,8 @@ class MoDEConfig:
             raise ValueError(f"kd_temperature: expected a number > 0, got {self.kd_temperature!r}")
         if self.kd_vocab_range is not None:
             self.kd_vocab_range = tuple(int(v) for v in self.kd_vocab_range)
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise ValueError(f"autocast_adapter_dtype: expected a bool, got {self.autocast_adapter_dtype!r}")
 
     @property
     def scaling(self) -> float:
@@ -67,17 +75,6 @@ class MoDEConfig:
             raise ValueError(f"kd_vocab_range: the modality spec has {len(ranges)} image-token ranges, so "
                              "the KD slice is ambiguous; set MoDEConfig.kd_vocab_range")
         return ranges[0]
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable form (adapter_config.json)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> MoDEConfig:
-        data = dict(data)
-        spec = dict(data.pop("modality"))
-        spec["image_token_ranges"] = tuple(tuple(r) for r in spec["image_token_ranges"])
-        return cls(modality=ModalitySpec(**spec), **data)
 
 
 def check_experts_per_modality(experts_per_modality) -> tuple[int, ...]:

@@ -7,6 +7,8 @@ call, so no per-expert Python loop or boolean-mask gather happens here.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +20,9 @@ from .config import check_experts_per_modality
 MERGE_IMPOSSIBLE = ("MoDE adapters cannot be merged into the base weight: each token picks its experts by its "
                     "modality (and text tokens mix theirs by an input-dependent router), so no single weight "
                     "matrix equals the adapted layer. Keep the layer unmerged.")
+
+
+OUTSIDE_FORWARD = "it was called outside a forward of the model it was attached to"
 
 
 class RoutingState:
@@ -32,9 +37,40 @@ class RoutingState:
         self.config = config
         self.layers = layers
         self.plan: mk.RoutingPlan | None = None
-        self.missing_reason = "it was called outside a forward of the model it was attached to"
+        self.missing_reason = OUTSIDE_FORWARD
+        self.checkpointing_modules: list[nn.Module] = []  # given a checkpoint function by Hugging Face
         self.depth = 0  # nesting of hooked forwards: the model's forward calls its decoder's
         self.pending_inside_image: Tensor | None = None
+
+    def snapshot(self) -> tuple:
+        """What a layer's output depends on besides its input: the plan and each layer's teacher flag."""
+        return self.plan, [layer.teacher for layer in self.layers]
+
+    @contextmanager
+    def restored(self, snapshot: tuple) -> Iterator[None]:
+        """Run with the routing of an earlier forward (activation checkpointing recomputes layers
+        during backward, after that forward has cleared its plan); the current one comes back after."""
+        current = self.snapshot()
+        self._set(snapshot)
+        try:
+            yield
+        finally:
+            self._set(current)
+
+    def _set(self, snapshot: tuple) -> None:
+        self.plan, teacher = snapshot
+        for layer, flag in zip(self.layers, teacher):
+            layer.teacher = flag
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of new adapters on a base of ``base_dtype``: float32 for a float16/bfloat16 base
+    (PEFT's ``autocast_adapter_dtype``: AdamW updates of rank-r factors are lost to half precision's
+    8-10 bit mantissa), else the base's dtype. The op runs the base GEMM in the base's dtype either way."""
+    return torch.float32 if autocast_adapter_dtype and base_dtype in HALF_DTYPES else base_dtype
 
 
 def init_experts(lora_a: Tensor, lora_b: Tensor, router: Tensor) -> None:
@@ -74,7 +110,8 @@ class ModalityRoutedLayer:
                          dropout: nn.Module, scaling: float) -> Tensor:
         base = self.base_layer
         modality = self._modality(modality)
-        # Dropout reaches only the adapters' input; the op keeps the fused path either way.
+        # Dropout reaches only the adapters' input; the op keeps the fused path either way. x stays in
+        # the base's dtype with float32 adapters: the op takes mixed dtypes, so the base GEMM is not upcast.
         lora_input = dropout(x) if self.training and getattr(dropout, "p", 0.0) > 0 else None
         return mk.modality_lora_linear(x, base.weight, base.bias, modality, lora_a, lora_b, router,
                                        experts_per_modality=self.experts_per_modality, scaling=scaling,
@@ -95,11 +132,13 @@ class MoDELinear(ModalityRoutedLayer, nn.Module):
     g = softmax over S_m of router[S_m] x in float32 (g = 1 for a single expert).
 
     Parameters: ``lora_A`` [E, r, K] (Kaiming-uniform per expert), ``lora_B`` [E, N, r] (zeros),
-    ``router`` [E, K]; E = sum(experts_per_modality), scaling = alpha / r.
+    ``router`` [E, K]; E = sum(experts_per_modality), scaling = alpha / r. They are float32 on a
+    float16/bfloat16 base unless ``autocast_adapter_dtype=False`` (then in the base's dtype).
     """
 
     def __init__(self, base_layer: nn.Linear, rank: int = 8, alpha: float = 16,
-                 experts_per_modality: tuple[int, ...] = (4, 1), dropout: float = 0.0):
+                 experts_per_modality: tuple[int, ...] = (4, 1), dropout: float = 0.0,
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"base_layer: expected an nn.Linear, got {type(base_layer).__name__}")
@@ -110,7 +149,8 @@ class MoDELinear(ModalityRoutedLayer, nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
         experts = sum(self.experts_per_modality)
-        like = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        like = {"device": base_layer.weight.device,
+                "dtype": adapter_dtype(base_layer.weight.dtype, autocast_adapter_dtype)}
         self.lora_A = nn.Parameter(torch.empty(experts, rank, base_layer.in_features, **like))
         self.lora_B = nn.Parameter(torch.empty(experts, base_layer.out_features, rank, **like))
         self.router = nn.Parameter(torch.empty(experts, base_layer.in_features, **like))

@@ -21,9 +21,10 @@ from torch import nn
 
 import mode_kernels as mk
 
+from .activation_checkpointing import checkpointing_modules, wrap_checkpoint_functions
 from .config import MoDEConfig
 from .hf.models import cache_in, decoder_of, hf_model
-from .layer import ModalityRoutedLayer, MoDELinear, RoutingState
+from .layer import OUTSIDE_FORWARD, ModalityRoutedLayer, MoDELinear, RoutingState
 
 # Attribute of a KV cache object: bool [B], whether each row's cached tokens end inside an image.
 INSIDE_IMAGE_ATTR = "_mode_inside_image"
@@ -38,7 +39,8 @@ def routed_layers(model: nn.Module) -> list[tuple[str, ModalityRoutedLayer]]:
 def apply_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
     """Replace the targeted ``nn.Linear`` modules of ``model`` by ``MoDELinear`` layers, in place.
 
-    Every parameter of ``model`` is frozen except the new adapters (lora_A, lora_B, router).
+    Every parameter of ``model`` is frozen except the new adapters (lora_A, lora_B, router), which
+    are float32 on a float16/bfloat16 base unless ``config.autocast_adapter_dtype`` is False.
     Afterwards ``model(input_ids=...)`` derives each token's modality from its id with
     ``config.modality``; ``model(..., modality_ids=ids)`` gives them explicitly ([B, T] ints in
     {0, 1}). Returns ``model``.
@@ -60,7 +62,9 @@ def apply_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         layer = MoDELinear(module, rank=config.rank, alpha=config.alpha,
-                           experts_per_modality=config.experts_per_modality, dropout=config.dropout)
+                           experts_per_modality=config.experts_per_modality, dropout=config.dropout,
+                           autocast_adapter_dtype=config.autocast_adapter_dtype)
+        layer.train(module.training)  # a model in eval mode keeps the adapters' dropout off
         setattr(model.get_submodule(parent_name), child, layer)
     attach_routing(model, config)
     return model
@@ -68,12 +72,12 @@ def apply_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
 
 def attach_routing(model: nn.Module, config: MoDEConfig) -> nn.Module:
     """Give the MoDE layers of ``model`` one shared routing state and install the hooks that fill
-    it on every forward. ``apply_mode`` calls it; call it yourself after building MoDE layers
-    through PEFT (``mode.peft``). Calling it again replaces the previous hooks.
+    it on every forward. ``apply_mode`` and ``mode.MoDEPeftConfig`` models call it. Calling it again
+    replaces the previous hooks.
     """
     layers = routed_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoDE layers; use mode.apply_mode or mode.peft first")
+        raise ValueError(f"{type(model).__name__} has no MoDE layers; use mode.apply_mode or mode.MoDEPeftConfig first")
     for name, layer in layers:
         if layer.experts_per_modality != config.experts_per_modality:
             raise ValueError(f"{name}: has experts_per_modality={layer.experts_per_modality}, the config says "
@@ -82,6 +86,7 @@ def attach_routing(model: nn.Module, config: MoDEConfig) -> nn.Module:
     for handle in getattr(host, _HOOKS_ATTR, ()):
         handle.remove()
     state = RoutingState(config, [layer for _, layer in layers])
+    state.checkpointing_modules = checkpointing_modules(host)
     for name, layer in layers:
         layer.routing, layer.module_name = state, name
     handles = []
@@ -106,6 +111,7 @@ def _pre_hook(state: RoutingState):
         state.depth += 1
         if state.depth > 1:  # the model's forward calling its decoder: the plan is already set
             return args, kwargs
+        wrap_checkpoint_functions(state.checkpointing_modules, state)
         try:
             _begin_forward(state, kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds"),
                            modality_ids, cache_in(kwargs))
@@ -125,8 +131,7 @@ def _post_hook(state: RoutingState):
                 if cache is not None:
                     setattr(cache, INSIDE_IMAGE_ATTR, state.pending_inside_image)
             state.plan, state.pending_inside_image = None, None
-            state.missing_reason = "it was called outside a forward of the model (gradient checkpointing " \
-                                   "recomputes layers outside it, which MoDE does not support)"
+            state.missing_reason = OUTSIDE_FORWARD
         return output
     return hook
 

@@ -1,73 +1,151 @@
-"""MoDE layers through PEFT: ``get_peft_model`` builds them, ``save_pretrained`` / ``PeftModel.from_pretrained``
-round-trip them.
+"""MoDE as a PEFT method: ``peft.get_peft_model(model, mode.MoDEPeftConfig(...))``.
 
-    lora_config = mode.peft.register(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                target_modules=["gate_proj", "up_proj", "down_proj"]))
-    model = get_peft_model(hf_model, lora_config)
-    mode.attach_routing(model, mode.MoDEConfig(...))      # modality ids per forward, as apply_mode does
+    cfg = mode.MoDEPeftConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                              target_modules=["gate_proj", "up_proj", "down_proj"], experts_per_modality=(4, 1),
+                              image_token_ranges=((4, 8196),), begin_image=8197, end_image=8196)
+    model = peft.get_peft_model(hf_model, cfg)   # MoDE layers, routing attached, adapters trainable
+    model.save_pretrained(path)                  # adapter_config.json (peft_type "MODE"), adapter_model.safetensors
+    model = peft.PeftModel.from_pretrained(fresh_hf_model, path)
 
-    # later, into a fresh base model (PEFT does not store custom layers in adapter_config.json,
-    # so register them on the loaded config again):
-    lora_config = mode.peft.register(LoraConfig.from_pretrained(path))
-    model = PeftModel.from_pretrained(hf_model, path, config=lora_config)
-    mode.attach_routing(model, mode.MoDEConfig(...))
+The method is registered with PEFT (``peft.utils.register_peft_method``, name "mode") when this module
+is imported; ``import mode`` arranges that once peft itself is imported (see ``mode/__init__.py``).
+PEFT only registers the names of its ``PeftType`` enum, so "MODE" is added to it first. A process
+where MoDE is not registered cannot read a MoDE adapter: PEFT looks the saved ``peft_type`` up in its
+registry and raises ``KeyError: 'MODE'`` (rather than building some other adapter).
 
-Rank, alpha and dropout come from the LoraConfig; one adapter per model (PEFT's adapter
-switching and merging do not apply: per-token routing cannot be merged into a weight).
-On disk each module holds ``lora_A`` [E, r, K], ``lora_B`` [E, N, r] and ``lora_router`` [E, K].
+On disk, per adapted module: ``<module>.mode_A`` [E, r, K], ``<module>.mode_B`` [E, N, r] and
+``<module>.mode_router`` [E, K] (E experts ordered by modality), under PEFT's ``base_model.model.``
+prefix. ``mode.save_adapter`` / ``mode.load_adapter`` write and read the same files for ``apply_mode``
+models. One adapter per model; merging is impossible (per-token routing), so it raises.
 """
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass, field
 
 import torch
+from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import PeftType, register_peft_method
 from torch import Tensor, nn
 
-from .config import check_experts_per_modality
+from .config import MLP_PROJECTIONS, MoDEConfig, check_experts_per_modality
 from .layer import ModalityRoutedLayer, init_experts
+from .modality import ModalitySpec
+from .model import attach_routing
 
-try:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-except ImportError as exc:  # pragma: no cover - peft is a dependency
-    raise ImportError(f"mode.peft needs the peft package: {exc}") from exc
-
-
-def register(lora_config, experts_per_modality: tuple[int, ...] = (4, 1)):
-    """Make ``lora_config`` build ``MoDELoraLinear`` layers for the nn.Linear modules it targets.
-    Returns the same config."""
-    epm = check_experts_per_modality(experts_per_modality)
-    hook = getattr(lora_config, "_register_custom_module", None)
-    if not callable(hook):
-        import peft
-        raise RuntimeError(f"peft {peft.__version__}: LoraConfig has no _register_custom_module (PEFT's custom "
-                           "LoRA layer hook, peft >= 0.14); upgrade peft or use mode.apply_mode")
-    hook({nn.Linear: functools.partial(MoDELoraLinear, experts_per_modality=epm)})
-    return lora_config
+METHOD_NAME = "mode"  # PEFT's method name; PeftType "MODE", parameter prefix "mode_"
+PREFIX = METHOD_NAME + "_"
+CHAMELEON = ModalitySpec.chameleon()
 
 
-class MoDELoraLinear(ModalityRoutedLayer, nn.Module, BaseTunerLayer):
-    """PEFT's form of ``mode.MoDELinear``: the same experts, stored per adapter name."""
+def _peft_type(name: str) -> PeftType:
+    """The ``PeftType`` member called ``name``, added to the enum if missing (as PEFT's in-tree methods
+    add theirs to its source): ``register_peft_method`` accepts only members, and PEFT calls
+    ``peft_type.value`` on saved configs."""
+    if name in PeftType._value2member_map_:
+        return PeftType(name)
+    member = str.__new__(PeftType, name)
+    member._name_, member._value_ = name, name
+    member._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)  # EnumType.__setattr__ refuses new members
+    return member
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_router")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, *,
-                 experts_per_modality: tuple[int, ...], r: int = 8, lora_alpha: float = 8, **kwargs):
+MODE_PEFT_TYPE = _peft_type(METHOD_NAME.upper())
+
+
+@dataclass
+class MoDEPeftConfig(PeftConfig):
+    """PEFT config of MoDE (PEFT's LoRA field names; the modality spec flat so that it serialises).
+
+    Attributes:
+        r, lora_alpha, lora_dropout: rank, alpha (scaling = alpha / r) and adapter-input dropout of
+            every expert.
+        target_modules: module names (or a regex, as in LoRA) of the nn.Linear modules to adapt.
+        exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in ``LoraConfig``.
+        init_lora_weights: True: B = 0 (the layer starts equal to its base); False: B random too.
+        experts_per_modality: (text experts, image experts); MoDE: (4, 1).
+        image_token_ranges, begin_image, end_image: ``mode.ModalitySpec`` (default: Chameleon/Anole).
+        kd_temperature, kd_vocab_range: what ``mode.kd_loss`` uses (see ``mode.MoDEConfig``).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] | str | None = field(default_factory=lambda: list(MLP_PROJECTIONS))
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool = True
+    experts_per_modality: tuple[int, ...] = (4, 1)
+    image_token_ranges: tuple[tuple[int, int], ...] = CHAMELEON.image_token_ranges
+    begin_image: int | None = CHAMELEON.begin_image
+    end_image: int | None = CHAMELEON.end_image
+    kd_temperature: float = 2.0
+    kd_vocab_range: tuple[int, int] | None = None
+
+    target_parameters = None  # not a field: PEFT's module matching reads it; MoDE adapts modules only
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = MODE_PEFT_TYPE
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = list(self.target_modules)  # a list, saved in the given order
+        if self.init_lora_weights not in (True, False):
+            raise ValueError(f"init_lora_weights: expected True (B = 0, the PEFT default) or False (B random too), "
+                             f"got {self.init_lora_weights!r}")
+        self.experts_per_modality = check_experts_per_modality(self.experts_per_modality)
+        self.mode_config()  # validates the MoDE settings (ValueError naming the field)
+        self.image_token_ranges = self.modality().image_token_ranges
+        if self.kd_vocab_range is not None:
+            self.kd_vocab_range = tuple(self.kd_vocab_range)
+
+    def modality(self) -> ModalitySpec:
+        return ModalitySpec(image_token_ranges=self.image_token_ranges, begin_image=self.begin_image,
+                            end_image=self.end_image)
+
+    def mode_config(self, autocast_adapter_dtype: bool = True) -> MoDEConfig:
+        """The same settings as a ``mode.MoDEConfig`` (module names as target_modules)."""
+        targets = self.target_modules
+        return MoDEConfig(rank=self.r, alpha=self.lora_alpha, experts_per_modality=self.experts_per_modality,
+                          dropout=self.lora_dropout,
+                          target_modules=(targets,) if isinstance(targets, str) else tuple(targets or ()),
+                          modality=self.modality(), kd_temperature=self.kd_temperature,
+                          kd_vocab_range=self.kd_vocab_range, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    @classmethod
+    def from_mode_config(cls, config: MoDEConfig, **kwargs) -> MoDEPeftConfig:
+        """The PEFT config of an ``apply_mode`` model's settings (``kwargs``: other PeftConfig fields)."""
+        spec = config.modality
+        return cls(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                   target_modules=list(config.target_modules), experts_per_modality=config.experts_per_modality,
+                   image_token_ranges=spec.image_token_ranges, begin_image=spec.begin_image, end_image=spec.end_image,
+                   kd_temperature=config.kd_temperature, kd_vocab_range=config.kd_vocab_range, **kwargs)
+
+
+class MoDEPeftLinear(ModalityRoutedLayer, nn.Module, BaseTunerLayer):
+    """PEFT's form of ``mode.MoDELinear``: the same experts, stored per adapter name (one adapter)."""
+
+    adapter_layer_names = ("mode_A", "mode_B", "mode_router")
+    other_param_names = ("r", "lora_alpha", "scaling", "mode_dropout")
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, *, experts_per_modality: tuple[int, ...],
+                 r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool = True):
         nn.Module.__init__(self)
-        if isinstance(base_layer, BaseTunerLayer):
-            raise ValueError(f"{kwargs.get('target_name', 'a module')}: already has a PEFT adapter; MoDE "
-                             "supports one adapter per model")
         self.base_layer = base_layer
         self.experts_per_modality = check_experts_per_modality(experts_per_modality)
         self.r, self.lora_alpha, self.scaling = {}, {}, {}
-        self.lora_A, self.lora_B, self.lora_router = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
+        self.mode_A, self.mode_B, self.mode_router = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        self.mode_dropout = nn.ModuleDict()
         self._active_adapter = adapter_name
         self.merged_adapters = []
         self._disable_adapters = False
-        dropout = getattr(config, "lora_dropout", 0.0)
-        init_weights = getattr(config, "init_lora_weights", True)
-        self.update_layer(adapter_name, r, lora_alpha, dropout, init_weights)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
 
     @property
     def in_features(self) -> int:
@@ -77,42 +155,69 @@ class MoDELoraLinear(ModalityRoutedLayer, nn.Module, BaseTunerLayer):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     init_lora_weights=True, **kwargs) -> None:
-        if self.lora_A:
-            raise ValueError(f"{kwargs.get('target_name', 'MoDE layer')}: MoDE supports one adapter per model, "
-                             f"this layer already has {list(self.lora_A)}")
-        if init_lora_weights not in (True, False):
-            raise ValueError(f"init_lora_weights={init_lora_weights!r}: MoDE layers support True (B = 0, the "
-                             "PEFT default) or False (B random too)")
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_lora_weights: bool = True) -> None:
+        if self.mode_A:
+            raise ValueError(f"{self.module_name}: MoDE supports one adapter per model, this layer already has "
+                             f"{list(self.mode_A)}")
         base = self.base_layer
         experts = sum(self.experts_per_modality)
+        # In the base's dtype, as PEFT's LoRA: PeftModel upcasts half-precision adapters to float32
+        # unless autocast_adapter_dtype=False.
         like = {"device": base.weight.device, "dtype": base.weight.dtype}
         a = torch.empty(experts, r, base.in_features, **like)
         b = torch.empty(experts, base.out_features, r, **like)
         router = torch.empty(experts, base.in_features, **like)
         init_experts(a, b, router)
-        if init_lora_weights is False:  # PEFT's convention for a non-identity start
+        if not init_lora_weights:  # PEFT's convention for a non-identity start
             with torch.no_grad():
                 for expert in b:
                     nn.init.kaiming_uniform_(expert, a=5 ** 0.5)
-        self.lora_A[adapter_name] = nn.Parameter(a)
-        self.lora_B[adapter_name] = nn.Parameter(b)
-        self.lora_router[adapter_name] = nn.Parameter(router)
-        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.mode_A[adapter_name] = nn.Parameter(a)
+        self.mode_B[adapter_name] = nn.Parameter(b)
+        self.mode_router[adapter_name] = nn.Parameter(router)
+        self.mode_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
         self.set_adapter(adapter_name)
 
     def forward(self, x: Tensor, *args, modality=None, **kwargs) -> Tensor:
-        active = [name for name in self.active_adapters if name in self.lora_A]
+        active = [name for name in self.active_adapters if name in self.mode_A]
         if self.disable_adapters or self.teacher or not active:
             return self.base_layer(x, *args, **kwargs)
         if len(active) > 1:
             raise ValueError(f"{self.module_name}: MoDE runs one adapter at a time, active: {active}")
         name = active[0]
-        return self._adapted_forward(x, modality, self.lora_A[name], self.lora_B[name], self.lora_router[name],
-                                     self.lora_dropout[name], self.scaling[name])
+        return self._adapted_forward(x, modality, self.mode_A[name], self.mode_B[name], self.mode_router[name],
+                                     self.mode_dropout[name], self.scaling[name])
 
     def __repr__(self) -> str:
         return "mode." + super().__repr__()
+
+
+class MoDEPeftModel(BaseTuner):
+    """PEFT tuner of MoDE: replaces the targeted nn.Linear modules by ``MoDEPeftLinear`` layers and
+    attaches the per-forward routing (``mode.attach_routing``)."""
+
+    prefix = PREFIX
+    tuner_layer_cls = MoDEPeftLinear
+    target_module_mapping: dict[str, list[str]] = {}  # MoDEPeftConfig defaults to MoDE's targets
+
+    def _create_and_replace(self, peft_config: MoDEPeftConfig, adapter_name: str, target: nn.Module,
+                            target_name: str, parent: nn.Module, current_key: str, **kwargs) -> None:
+        if isinstance(target, MoDEPeftLinear):
+            raise ValueError(f"{current_key}: already has a MoDE adapter {list(target.mode_A)}; MoDE supports one "
+                             "adapter per model")
+        if isinstance(target, BaseTunerLayer) or not isinstance(target, nn.Linear):
+            raise ValueError(f"target_modules: {current_key} is a {type(target).__name__}, MoDE adapts nn.Linear only")
+        layer = MoDEPeftLinear(target, adapter_name, experts_per_modality=peft_config.experts_per_modality,
+                               r=peft_config.r, lora_alpha=peft_config.lora_alpha,
+                               lora_dropout=peft_config.lora_dropout, init_lora_weights=peft_config.init_lora_weights)
+        self._replace_module(parent, target_name, layer, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: MoDEPeftConfig, adapter_name: str) -> None:
+        attach_routing(model, config.mode_config())
+
+
+if MODE_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:  # once per process (this module may be re-imported)
+    register_peft_method(name=METHOD_NAME, config_cls=MoDEPeftConfig, model_cls=MoDEPeftModel)

@@ -47,12 +47,19 @@ def config(**overrides) -> mode.MoDEConfig:
     return mode.MoDEConfig(**{"modality": SPEC, "dropout": 0.0, **overrides})
 
 
+def peft_config(spec: mode.ModalitySpec = SPEC, **overrides):
+    """``config()``'s settings as a ``mode.MoDEPeftConfig`` (imports peft)."""
+    fields = dict(r=8, lora_alpha=16, lora_dropout=0.0, image_token_ranges=spec.image_token_ranges,
+                  begin_image=spec.begin_image, end_image=spec.end_image)
+    return mode.MoDEPeftConfig(**{**fields, **overrides})
+
+
 def randomize_adapters(model, std: float = 0.2, seed: int = 1):
     """Non-zero lora_B (fresh adapters are exactly zero), so that routing changes the outputs."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "mode_B" in name:  # apply_mode's and PEFT's layers
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model
 

@@ -1,2 +1,18 @@
-"""Hugging Face helpers: where a model keeps its decoder and output head, its KV cache, and the
-one cached decode loop every evaluation uses (``mode.hf.models``)."""
+"""Hugging Face helpers and integrations: where a model keeps its decoder and output head, its KV
+cache and the one cached decode loop every evaluation uses (``mode.hf.models``); ``mode.hf.MoDETrainer``
+(loaded on first use: it imports transformers' Trainer)."""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"MoDETrainer": "trainer"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mode.hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

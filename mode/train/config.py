@@ -75,6 +75,11 @@ class TrainConfig:
         "FSDP2 per decoder layer; frozen base in bf16 on GPUs, adapters in fp32"))
     probe_conflict: int = field(default=0, metadata=field_metadata(
         "gradient-conflict probe every this many steps (0: off)", metavar="EVERY"))
+    gradient_checkpointing: bool = field(default=False, metadata=field_metadata(
+        "recompute each decoder layer in the backward (Hugging Face gradient checkpointing): less activation "
+        "memory, same gradients"))
+    adapters_in_base_dtype: bool = field(default=False, metadata=field_metadata(
+        "keep the adapters in the base model's dtype (default: float32 adapters on a bf16/fp16 base, as PEFT)"))
     report_to: str = field(default="none", metadata=field_metadata(
         "also log each step's losses and each evaluation to DIR/tensorboard", choices=("none", "tensorboard")))
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..activation_checkpointing import enable_gradient_checkpointing
 from ..config import MoDEConfig
 from ..layer import MoDELinear
 from ..modality import ModalitySpec
@@ -48,8 +49,12 @@ def apply_method(model: nn.Module, method: Method, config: TrainConfig, spec: Mo
         spec = ModalitySpec(image_token_ranges=((vocab_size, vocab_size + 1),))  # matches no token
     mode_config = MoDEConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                              experts_per_modality=method.experts_per_modality, modality=spec,
-                             kd_temperature=config.kd_temperature, kd_vocab_range=kd_vocab_range)
-    return apply_mode(model, mode_config)
+                             kd_temperature=config.kd_temperature, kd_vocab_range=kd_vocab_range,
+                             autocast_adapter_dtype=not config.adapters_in_base_dtype)
+    model = apply_mode(model, mode_config)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
 
 
 def trainable_params(model: nn.Module, method: Method) -> int:

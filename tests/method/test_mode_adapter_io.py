@@ -1,4 +1,5 @@
-"""save_adapter / load_adapter: round trip into a fresh model, and clear errors on mismatch."""
+"""save_adapter / load_adapter (PEFT's format, peft_type MODE): round trip into a fresh model, and
+clear errors on mismatch."""
 import json
 
 import pytest
@@ -20,16 +21,19 @@ def saved(tmp_path_factory):
     return model, path
 
 
-def test_files_and_keys_per_module_and_expert(saved):
+def test_files_and_keys_per_module(saved):
     model, path = saved
     assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert json.loads((path / "adapter_config.json").read_text())["experts_per_modality"] == [4, 1]
+    written = json.loads((path / "adapter_config.json").read_text())
+    assert written["peft_type"] == "MODE" and written["experts_per_modality"] == [4, 1] and written["r"] == 8
     tensors = load_file(path / "adapter_model.safetensors")
     layer = model.model.layers[1].mlp.down_proj
-    assert len(tensors) == 6 * (5 + 5 + 1)
-    torch.testing.assert_close(tensors["model.layers.1.mlp.down_proj.lora_A.4"], layer.lora_A[4], rtol=0, atol=0)
-    torch.testing.assert_close(tensors["model.layers.1.mlp.down_proj.lora_B.0"], layer.lora_B[0], rtol=0, atol=0)
-    assert tensors["model.layers.1.mlp.down_proj.router"].shape == (5, 48)
+    assert len(tensors) == 6 * 3
+    prefix = "base_model.model.model.layers.1.mlp.down_proj"
+    torch.testing.assert_close(tensors[f"{prefix}.mode_A"], layer.lora_A, rtol=0, atol=0)
+    torch.testing.assert_close(tensors[f"{prefix}.mode_B"], layer.lora_B, rtol=0, atol=0)
+    torch.testing.assert_close(tensors[f"{prefix}.mode_router"], layer.router, rtol=0, atol=0)
+    assert tensors[f"{prefix}.mode_router"].shape == (5, 48)
 
 
 def test_load_into_fresh_model_gives_identical_outputs(saved):
@@ -41,11 +45,21 @@ def test_load_into_fresh_model_gives_identical_outputs(saved):
     assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_load_into_plain_model_applies_mode(saved):
+    model, path = saved
+    plain = mode.load_adapter(tiny_model(), path)
+    assert len([m for m in plain.modules() if isinstance(m, mode.MoDELinear)]) == 6
+    ids = image_sequence()
+    assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert mode.model.routing_state(plain).config == config()
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(rank=4), "rank is 8, the model's MoDE config has 4"),
     (dict(experts_per_modality=(2, 1)), "experts_per_modality is \\(4, 1\\)"),
     (dict(alpha=8), "alpha is 16"),
-    (dict(target_modules=("gate_proj", "up_proj")), "'model.layers.0.mlp.down_proj.lora_A.0' matches no MoDE module"),
+    (dict(target_modules=("gate_proj", "up_proj")),
+     "'base_model.model.model.layers.0.mlp.down_proj.mode_A' matches no MoDE module"),
     (dict(target_modules=("gate_proj", "up_proj", "down_proj", "q_proj")),
      "module 'model.layers.0.self_attn.q_proj' of the model has no tensor"),
 ])
@@ -60,9 +74,10 @@ def test_other_shape_raises_naming_the_module(saved):
     from transformers import LlamaConfig, LlamaForCausalLM
     other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
-    # gate_proj's lora_A.0 is [8, 32] in both; its lora_B.0 is the first tensor that differs.
-    with pytest.raises(ValueError, match=r"module 'model.layers.0.mlp.gate_proj': 'model.layers.0.mlp.gate_proj."
-                                         r"lora_B.0' has shape \[48, 8\], the model expects \[40, 8\]"):
+    # gate_proj's mode_A is [5, 8, 32] in both; its mode_B is the first tensor that differs.
+    with pytest.raises(ValueError, match=r"module 'model.layers.0.mlp.gate_proj': 'base_model.model.model.layers."
+                                         r"0.mlp.gate_proj.mode_B' has shape \[5, 48, 8\], the model expects "
+                                         r"\[5, 40, 8\]"):
         mode.load_adapter(mode.apply_mode(other, config()), path)
 
 

@@ -18,3 +18,28 @@ def test_readme_example_runs_a_training_step():
     assert torch.isfinite(scope["loss"]) and scope["loss"] > 0
     lora_b = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # the step moved the adapters off zero
+
+
+HF_DOC = DOC.parent / "hf.md"
+
+
+def test_hf_examples_run(tmp_path, monkeypatch):
+    """docs/hf.md's two blocks, in order (the Trainer block trains the PEFT model of the first)."""
+    import mode
+
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", HF_DOC.read_text(), re.S)
+    assert len(blocks) == 2
+    scope = {}
+    exec(compile(blocks[0], str(HF_DOC), "exec"), scope)
+    ids = torch.tensor([[3, 61, 45, 52, 60, 7]])
+    fresh = scope["base"]().eval()(input_ids=ids).logits
+    for name in ("model", "reloaded", "plain"):
+        assert torch.equal(scope[name].eval()(input_ids=ids).logits, fresh), name  # B = 0: the base model
+    exec(compile(blocks[1], str(HF_DOC), "exec"), scope)
+    final = tmp_path / "mode-run" / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    trained = mode.load_adapter(scope["base"](), final).eval()
+    expected = scope["model"].eval()(input_ids=ids).logits
+    assert not torch.equal(expected, fresh)
+    assert torch.equal(trained(input_ids=ids).logits, expected)

@@ -143,6 +143,18 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache_dir, reference_r
     assert _without_timing(output / "metrics.json") == _without_timing(reference_run / "metrics.json")
 
 
+def test_gradient_checkpointing_changes_no_result(tmp_path, cache_dir, reference_run):
+    config, _ = cli.parse_args(["--output", str(tmp_path), "--cache-dir", cache_dir, *SMOKE_ARGS,
+                                "--methods", "mode,lora", "--gradient-checkpointing"])
+    loop.run(config, tmp_path, cache_dir=cache_dir, progress=False)
+    metrics, reference = _without_timing(tmp_path / "metrics.json"), _without_timing(reference_run / "metrics.json")
+    for name, m in metrics["methods"].items():
+        ref = reference["methods"][name]
+        assert m["acc_matrix"] == ref["acc_matrix"] and m["gen_acc"] == ref["gen_acc"], name
+        assert m["image_nll"] == pytest.approx(ref["image_nll"], rel=1e-5), name
+        assert m["loss_history"]["ce"] == pytest.approx(ref["loss_history"]["ce"], rel=1e-5), name
+
+
 def test_conflict_probe_is_logged_and_plotted_and_changes_no_result(tmp_path, cache_dir, reference_run):
     config, _ = cli.parse_args(["--output", str(tmp_path), "--cache-dir", cache_dir, *SMOKE_ARGS,
                                   "--methods", "mode,lora", "--probe-conflict", "2"])

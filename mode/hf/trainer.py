@@ -1,0 +1,148 @@
+"""MoDETrainer: ``transformers.Trainer`` with MoDE's distillation term and adapter-only checkpoints.
+
+    trainer = mode.hf.MoDETrainer(model=peft_model, args=TrainingArguments(...), train_dataset=task_data,
+                                  gen_dataset=generation_stream, kd_lambda=0.3, kd_temperature=2.0)
+    trainer.train()
+
+    class MoDESFTTrainer(mode.hf.MoDETrainer, trl.SFTTrainer):   # the same with TRL
+        pass
+
+Every training step's loss is the Trainer's loss on the task batch (for TRL, SFTTrainer's) plus
+``kd_lambda * mode.kd_loss`` on a batch of the generation stream (the frozen model, i.e. the adapters
+switched off, as teacher). Checkpoints and ``save_model`` hold the adapters only, in the format of
+``mode.save_adapter`` (PEFT's), and ``resume_from_checkpoint`` reads them back.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Iterator
+
+import torch
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from ..adapter_io import CONFIG_NAME, load_adapter, save_adapter
+from ..kd import kd_loss
+from ..model import routed_layers
+
+# The KD helper may take the teacher's top-k (MoDE's code keeps the top 256 image codes).
+KD_TAKES_TOPK = "topk" in inspect.signature(kd_loss).parameters
+
+
+class MoDETrainer(Trainer):
+    """A ``transformers.Trainer`` for a MoDE model (``mode.apply_mode`` or a PEFT model of
+    ``mode.MoDEPeftConfig``), usable as a mixin in front of another Trainer subclass (TRL's SFTTrainer).
+
+    Args (besides the Trainer's, all given by keyword):
+        gen_dataset: rows of the generation stream (caption + image codes), tokenized: ``input_ids``
+            and optionally ``labels`` / ``attention_mask`` / ``modality_ids`` (see ``mode.kd_loss``
+            for which positions are distilled). None: no KD term.
+        gen_data_collator: batches ``gen_dataset`` rows; default the Trainer's ``data_collator``.
+        kd_lambda: weight of the KD term (MoDE: 0.3).
+        kd_temperature: KD temperature, applied once to both logits (MoDE: 2).
+        kd_topk: keep only the teacher's k largest image-code logits (needs a ``mode.kd_loss`` that
+            takes ``topk``); None: the whole image-code slice.
+
+    Generation batches have ``per_device_train_batch_size`` rows, drawn in an order seeded by
+    ``args.seed`` and the process index, cycling over ``gen_dataset``; a resumed run continues the
+    stream where the interrupted one was. The mean KD value since the
+    last log is logged as ``kd_loss``.
+    """
+
+    def __init__(self, *args, gen_dataset=None, gen_data_collator=None, kd_lambda: float = 0.3,
+                 kd_temperature: float = 2.0, kd_topk: int | None = None, **kwargs):
+        if isinstance(kd_lambda, bool) or not isinstance(kd_lambda, (int, float)) or kd_lambda < 0:
+            raise ValueError(f"kd_lambda: expected a number >= 0, got {kd_lambda!r}")
+        if isinstance(kd_temperature, bool) or not isinstance(kd_temperature, (int, float)) or not kd_temperature > 0:
+            raise ValueError(f"kd_temperature: expected a number > 0, got {kd_temperature!r}")
+        if kd_topk is not None:
+            if isinstance(kd_topk, bool) or not isinstance(kd_topk, int) or kd_topk < 1:
+                raise ValueError(f"kd_topk: expected an int >= 1 or None, got {kd_topk!r}")
+            if not KD_TAKES_TOPK:
+                raise ValueError("kd_topk: this version of mode.kd_loss has no topk argument; pass kd_topk=None")
+        if gen_dataset is not None and len(gen_dataset) == 0:
+            raise ValueError("gen_dataset: empty")
+        super().__init__(*args, **kwargs)
+        if not routed_layers(self.model):
+            raise ValueError(f"model: {type(self.model).__name__} has no MoDE layers; build it with mode.apply_mode "
+                             "or peft.get_peft_model(model, mode.MoDEPeftConfig(...))")
+        self.gen_dataset, self.gen_data_collator = gen_dataset, gen_data_collator
+        self.kd_lambda, self.kd_temperature, self.kd_topk = float(kd_lambda), float(kd_temperature), kd_topk
+        self._gen_batches: Iterator | None = None
+        self._kd_values: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ the loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and self.gen_dataset is not None and self.kd_lambda > 0:
+            kd = self.kd_term(model)
+            self._kd_values.append(kd.detach())
+            loss = loss + self.kd_lambda * kd * self._kd_scale(num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def kd_term(self, model) -> torch.Tensor:
+        """``mode.kd_loss`` of ``model`` on the next generation-stream batch."""
+        batch = self._prepare_inputs(self._next_gen_batch())
+        topk = {"topk": self.kd_topk} if self.kd_topk is not None else {}
+        return kd_loss(self.accelerator.unwrap_model(model), batch, temperature=self.kd_temperature, **topk)
+
+    def _kd_scale(self, num_items_in_batch) -> float:
+        # Trainer.training_step divides the loss by the accumulation steps unless the task loss was
+        # already normalised over the whole accumulated batch; the KD mean then needs it here.
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+                     self.compute_loss_func is not None
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return 1.0 / steps if scaled else 1.0
+
+    def _next_gen_batch(self) -> dict:
+        if self._gen_batches is None:
+            self._gen_batches = self._cycle_gen_batches()
+        return next(self._gen_batches)
+
+    def _cycle_gen_batches(self) -> Iterator[dict]:
+        # Reshuffled each pass; a resumed run skips the batches its steps so far drew (one per
+        # micro-batch), so that it continues the stream where the interrupted run was.
+        generator = torch.Generator().manual_seed(self.args.seed + self.args.process_index)
+        collate = self.gen_data_collator or self.data_collator
+        size, rows = len(self.gen_dataset), self.args.per_device_train_batch_size
+        skip = self.state.global_step * self.args.gradient_accumulation_steps
+        while True:
+            order = torch.randperm(size, generator=generator).tolist()
+            for start in range(0, size, rows):
+                if skip:
+                    skip -= 1
+                    continue
+                yield collate([self.gen_dataset[i] for i in order[start:start + rows]])
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._kd_values and "loss" in logs:  # a training log: the KD mean since the last one
+            logs["kd_loss"] = torch.stack(self._kd_values).mean().item()
+            self._kd_values.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ adapter-only checkpoints
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from peft import PeftModel
+
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if isinstance(unwrapped, PeftModel):  # the Trainer reads PEFT adapters itself
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} has no {CONFIG_NAME} (MoDETrainer "
+                             "checkpoints hold the adapters only)")
+        load_adapter(unwrapped, resume_from_checkpoint)

@@ -1,0 +1,199 @@
+"""mode.hf.MoDETrainer: two steps with transformers' Trainer and with TRL's SFTTrainer (the mixin) lower
+the task loss on a toy task, add the KD term, and save the adapters only."""
+import warnings
+
+import pytest
+import torch
+from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, VOCAB, config, peft_config, tiny_model
+
+import mode
+import mode.hf
+from mode.activation_checkpointing import RoutedCheckpoint
+
+pytest.importorskip("trl")
+
+# Toy task: "<question ids> <boi> codes <eoi>" -> the answer id, always 7; labels on the answer only.
+QUESTION, ANSWER = [3, 4, 5], 7
+
+
+def _task_rows(n=8):
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        codes = torch.randint(IMAGE_LO, IMAGE_HI, (4,), generator=gen).tolist()
+        ids = QUESTION + [BEGIN_IMAGE] + codes + [END_IMAGE, ANSWER]
+        rows.append({"input_ids": ids, "labels": [-100] * (len(ids) - 1) + [ANSWER]})
+    return rows
+
+
+def _gen_rows(n=8):
+    """Generation stream: caption, <boi>, codes, <eoi>; the image part scored."""
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(n):
+        ids = [9, 10, BEGIN_IMAGE] + torch.randint(IMAGE_LO, IMAGE_HI, (6,), generator=gen).tolist() + [END_IMAGE]
+        rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
+    return rows
+
+
+def _task_loss(model) -> float:
+    batch = {k: torch.tensor([r[k] for r in _task_rows()]) for k in ("input_ids", "labels")}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    model.train(was_training)
+    return loss
+
+
+def _tokenizer():
+    """A word-level tokenizer over the tiny vocabulary (TRL needs one for padding)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1", unk_token="t0")
+
+
+COMMON_ARGS = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=2e-2, lr_scheduler_type="constant",
+                   logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+
+
+def _model(builder):
+    base = tiny_model()
+    torch.manual_seed(0)  # the same adapter init on every call
+    if builder == "apply_mode":
+        return mode.apply_mode(base, config())
+    from peft import get_peft_model
+    return get_peft_model(base, peft_config())
+
+
+def _check_saved_adapters(trainer, model, path):
+    trainer.save_model(str(path))
+    names = {p.name for p in path.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    assert not names & {"model.safetensors", "pytorch_model.bin"}  # adapters only
+    reloaded = mode.load_adapter(tiny_model(), path)
+    ids = torch.tensor([_task_rows()[0]["input_ids"]])
+    model.eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("builder", ["apply_mode", "peft"])
+def test_trainer_two_steps_lower_the_loss(builder, tmp_path):
+    from transformers import TrainingArguments
+
+    model = _model(builder)
+    before = _task_loss(model)
+    trainer = mode.hf.MoDETrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), **COMMON_ARGS),
+                                  train_dataset=_task_rows(), gen_dataset=_gen_rows(), kd_lambda=0.3)
+    trainer.train()
+    after = _task_loss(model)
+    assert after < before - 0.05, (before, after)
+    logged = [entry for entry in trainer.state.log_history if "kd_loss" in entry]
+    assert len(logged) == 2 and logged[0]["kd_loss"] == 0.0 < logged[1]["kd_loss"]  # fresh adapters equal the teacher
+    _check_saved_adapters(trainer, model, tmp_path / "final")
+
+
+def test_sft_trainer_mixin_two_steps_lower_the_loss(tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    class MoDESFTTrainer(mode.hf.MoDETrainer, SFTTrainer):
+        pass
+
+    model = _model("peft")
+    before = _task_loss(model)
+    # SFTConfig turns gradient checkpointing on by default: MoDE layers are recomputed under it.
+    args = SFTConfig(output_dir=str(tmp_path), bf16=False, **COMMON_ARGS)
+    assert args.gradient_checkpointing
+    task = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [0] * 9 + [1]} for r in _task_rows()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = MoDESFTTrainer(model=model, args=args, train_dataset=task, processing_class=_tokenizer(),
+                                 gen_dataset=[{"input_ids": r["input_ids"]} for r in _gen_rows()], kd_lambda=0.3)
+        trainer.train()
+    after = _task_loss(model)
+    assert after < before - 0.05, (before, after)
+    assert sum("kd_loss" in entry for entry in trainer.state.log_history) == 2
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+                    and isinstance(m.__dict__.get("_gradient_checkpointing_func"), RoutedCheckpoint)]
+    assert len(checkpointed) >= 2  # both decoder layers ran under checkpointing with their forward's routing
+    _check_saved_adapters(trainer, model, tmp_path / "final")
+
+
+def test_bad_arguments_raise(tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="kd_lambda"):
+        mode.hf.MoDETrainer(model=_model("apply_mode"), args=args, kd_lambda=-1)
+    with pytest.raises(ValueError, match="has no MoDE layers"):
+        mode.hf.MoDETrainer(model=tiny_model(), args=args)
+    if not mode.hf.trainer.KD_TAKES_TOPK:
+        with pytest.raises(ValueError, match="kd_topk: this version of mode.kd_loss has no topk"):
+            mode.hf.MoDETrainer(model=_model("apply_mode"), args=args, kd_topk=256)
+
+
+@pytest.mark.parametrize("builder", ["apply_mode", "peft"])
+def test_resume_from_adapter_checkpoint(builder, tmp_path):
+    """A run resumed from step 1's checkpoint (adapters only) ends where the uninterrupted run does."""
+    from transformers import TrainingArguments
+
+    def run(output, resume=None):
+        model = _model(builder)
+        args = TrainingArguments(output_dir=str(output), **{**COMMON_ARGS, "save_strategy": "steps", "save_steps": 1})
+        trainer = mode.hf.MoDETrainer(model=model, args=args, train_dataset=_task_rows(), gen_dataset=_gen_rows())
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "straight")
+    assert {p.name for p in (tmp_path / "straight" / "checkpoint-1").iterdir()} >= {"adapter_config.json",
+                                                                                  "optimizer.pt"}
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-1"))
+    ids = torch.tensor([_task_rows()[0]["input_ids"]])
+    straight.eval(), resumed.eval()
+    torch.testing.assert_close(resumed(input_ids=ids).logits, straight(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """2 micro-batches of 2 (and 2 generation batches of 2) step like one batch of 4: the KD term is
+    scaled like the task loss, which the Trainer normalises over the accumulated batch. SGD (whose
+    step is proportional to the gradient) and a large kd_lambda make a mis-scaled KD term visible."""
+    from transformers import TrainingArguments
+
+    def two_steps(batch, accumulation):
+        model = _model("apply_mode")
+        args = TrainingArguments(output_dir=str(tmp_path / str(accumulation)), **{
+            **COMMON_ARGS, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation,
+            "optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 0.0})
+        trainer = mode.hf.MoDETrainer(model=model, args=args, train_dataset=_task_rows(4), gen_dataset=_gen_rows(4),
+                                      kd_lambda=1e3)
+        trainer.train()
+        assert [e["kd_loss"] > 0 for e in trainer.state.log_history if "kd_loss" in e] == [False, True]
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    big, accumulated = two_steps(4, 1), two_steps(2, 2)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_kd_topk_reaches_a_kd_loss_that_takes_it(tmp_path, monkeypatch):
+    """Once mode.kd_loss takes ``topk``, kd_topk is passed on (checked with a stand-in); None passes nothing."""
+    from transformers import TrainingArguments
+
+    seen = []
+
+    def kd_loss_with_topk(model, batch, *, temperature=None, topk=None):
+        seen.append((temperature, topk))
+        return torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(mode.hf.trainer, "kd_loss", kd_loss_with_topk)
+    monkeypatch.setattr(mode.hf.trainer, "KD_TAKES_TOPK", True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=2)
+    for topk in (256, None):
+        trainer = mode.hf.MoDETrainer(model=_model("apply_mode"), args=args, gen_dataset=_gen_rows(),
+                                      kd_temperature=3.0, kd_topk=topk)
+        trainer.kd_term(trainer.model)
+    assert seen == [(3.0, 256), (3.0, None)]
