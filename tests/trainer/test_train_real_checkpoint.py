@@ -104,6 +104,20 @@ def test_chameleon_run(tmp_path):
     assert len(metrics["methods"]["mode"]["acc_matrix"]) == 2
 
 
+@pytest.mark.parametrize("record, reason", [
+    ({"input_ids": [1, 8197, 5, 8198, 8196, 2, 3], "answer_start": 5},
+     r"input_ids\[3\] = 8198 is the processor's image placeholder, inside an image span"),
+    ({"input_ids": [1, 2, 8197, 5, 6, 8196], "answer_start": 3}, r"labels\[3\] = 5 scores an image code"),
+])
+def test_chameleon_task_data_mistakes_are_refused_with_their_reason(tmp_path, record, reason):
+    model_dir = tmp_path / "chameleon"
+    tiny_model("chameleon").save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "vqa.jsonl", [{"input_ids": [1, 8197, 5, 8196, 2, 3], "answer_start": 4}, record])
+    with pytest.raises(RunError, match=f"vqa.jsonl:2: {reason}"):
+        run(["--output", str(tmp_path / "out"), "--model", str(model_dir), "--modality", "chameleon",
+             "--data", str(data), "--methods", "lora", *TINY])
+
+
 BAD_LINE = json.dumps({"input_ids": [1, 2, 999], "answer_start": 1})  # 999: outside the vocabulary of 64
 
 

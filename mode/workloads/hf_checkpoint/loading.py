@@ -23,10 +23,13 @@ from ...constants import IGNORE_INDEX
 from ...hf.models import continue_sequences, decoder_of, hf_model, model_device
 from ...modality import ModalitySpec
 from ...model import routed_layers, routing_state
-from .data import JsonlDataset
+from .data import JsonlDataset, TokenChecks
 
 PathLike = str | os.PathLike
 PRESETS = {"chameleon": ModalitySpec.chameleon, "anole": ModalitySpec.chameleon}
+# Model types whose CausalLM forward sets the logits of image codes to the lowest float
+# (transformers' ChameleonForConditionalGeneration: `logits[:, :, image_tokens] = finfo.min`).
+IMAGE_LOGITS_MASKED = ("chameleon",)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -78,6 +81,15 @@ def load_model(path: PathLike, dtype: torch.dtype | None = None,
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def token_checks(model: nn.Module, spec: ModalitySpec, task_labels: bool = True) -> TokenChecks:
+    """The data checks ``model`` informs: its processor's image placeholder id (``config.image_token_id``,
+    Chameleon's and Emu3's ``<image>``) and, for task data (``task_labels``), whether its forward
+    masks the logits of image codes."""
+    config = hf_model(model).config
+    return TokenChecks(spec, placeholder_id=getattr(config, "image_token_id", None),
+                       image_logits_masked=task_labels and config.model_type in IMAGE_LOGITS_MASKED)
 
 
 def vocab_size(model: nn.Module) -> int:

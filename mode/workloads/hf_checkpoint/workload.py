@@ -28,15 +28,17 @@ class CheckpointWorkload:
             self.spec = loading.modality_spec_for(config.modality, vocab)
             max_length = getattr(self._base_for_next_method.config, "max_position_embeddings", None)
 
-            def read(files: str) -> JsonlDataset:
-                return load_jsonl(files.split(","), vocab, on_error=config.on_bad_record, max_length=max_length)
+            def read(files: str, task_labels: bool = True) -> JsonlDataset:
+                checks = loading.token_checks(self._base_for_next_method, self.spec, task_labels)
+                return load_jsonl(files.split(","), vocab, on_error=config.on_bad_record, max_length=max_length,
+                                  checks=checks)
 
             with warnings.catch_warnings():
                 if not distributed.is_main():
                     warnings.simplefilter("ignore")  # the skipped-records report once, from rank 0
                 tasks = read(config.data)
                 evals = read(config.eval_data) if config.eval_data else tasks
-                self.generation_rows = read(config.gen_data).records if config.gen_data else None
+                self.generation_rows = read(config.gen_data, task_labels=False).records if config.gen_data else None
             for path in config.gen_prompts:
                 loading.load_prompt(path, vocab)  # bad prompt files fail now, not after training
         except (OSError, ValueError) as err:
