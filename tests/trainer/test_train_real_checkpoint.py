@@ -4,10 +4,14 @@ import json
 import random
 
 import pytest
-from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, tiny_model
+from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, VOCAB, tiny_model
 
+import mode
 from mode.train import cli, loop
 from mode.train.config import RunError
+from mode.train.methods import METHODS, apply_method
+from mode.workloads.hf_checkpoint.data import load_jsonl
+from mode.workloads.hf_checkpoint.loading import exact_match_accuracy, load_model, modality_spec_for, vocab_size
 
 LLAMA_MODALITY = f"{IMAGE_LO}:{IMAGE_HI},begin={BEGIN_IMAGE},end={END_IMAGE}"
 TINY = ["--steps-per-task", "2", "--batch-size", "4", "--eval-size", "4", "--checkpoint-every", "1",
@@ -68,10 +72,20 @@ def run(argv):
     return loop.run(config, args.output, device="cpu", progress=False)
 
 
+def reload_adapters(argv, method_name):
+    """The run's base checkpoint with the method's adapters from DIR/adapters/<method>."""
+    config, args = cli.parse_args(argv)
+    model = load_model(config.model)
+    spec = modality_spec_for(config.modality, vocab_size(model))
+    apply_method(model, METHODS[method_name], config, spec, vocab_size(model))
+    return mode.load_adapter(model, args.output / "adapters" / method_name).eval()
+
+
 def test_llama_run_scores_every_task_file_and_draws_the_prompts(tmp_path, llama_dir):
     files = llama_files(tmp_path)
     output = tmp_path / "out"
-    metrics = run(llama_args(output, llama_dir, files, "--methods", "mode,lora", "--gen-prompts", files["prompt"]))
+    argv = llama_args(output, llama_dir, files, "--methods", "mode,lora", "--gen-prompts", files["prompt"])
+    metrics = run(argv)
     assert metrics["tasks"] == ["a", "b"]  # one task per file, in file order
     assert metrics["pretrained"]["gen_acc"] is None and metrics["pretrained"]["image_nll"] > 0
     for name, m in metrics["methods"].items():
@@ -83,6 +97,12 @@ def test_llama_run_scores_every_task_file_and_draws_the_prompts(tmp_path, llama_
         assert drawn["prompt"] == [3, 4, 5, BEGIN_IMAGE]
         assert len(drawn["image_tokens"]) == 3 and all(IMAGE_LO <= t < IMAGE_HI for t in drawn["image_tokens"])
         assert m["images"][0]["png"] is None  # no VQ decoder
+        # every method's adapters, not only the last one's, reload into the base and score as in the run
+        assert m["adapters"] == f"adapters/{name}"
+        reloaded = reload_adapters(argv, name)
+        assert any(p.abs().sum() > 0 for n, p in reloaded.named_parameters() if "lora_B" in n)  # trained, not fresh
+        accs = exact_match_accuracy(reloaded, load_jsonl(files["test"], VOCAB))
+        assert [accs["a"], accs["b"]] == m["acc_matrix"][-1]
     assert json.loads((output / "metrics.json").read_text()) == metrics
     assert "| mode |" in (output / "results.md").read_text()
     assert (output / "image_nll.png").exists() and not (output / "gen_acc.png").exists()
