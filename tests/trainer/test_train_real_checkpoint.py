@@ -174,3 +174,26 @@ def test_held_out_files_must_name_the_training_tasks(tmp_path, llama_dir):
     files["test"] = [files["gen"]]  # its records belong to the task "generation"
     with pytest.raises(RunError, match=r"--eval-data has no record of the task\(s\) \['a', 'b'\]"):
         run(llama_args(tmp_path / "out", llama_dir, files, "--methods", "lora"))
+
+
+@pytest.mark.parametrize("decoder, message", [
+    ("tiny_models", "expected module:function"),
+    ("no_such_module:f", "No module named 'no_such_module'"),
+    ("tiny_models:no_such_function", "has no attribute 'no_such_function'"),
+])
+def test_bad_decoder_is_refused_before_training(tmp_path, llama_dir, decoder, message):
+    files = llama_files(tmp_path)
+    with pytest.raises(RunError, match=f"--decoder {decoder!r}: .*{message}"):
+        run(llama_args(tmp_path / "out", llama_dir, files, "--methods", "lora", "--decoder", decoder))
+
+
+def test_emu3_prompt_needs_its_image_size(tmp_path):
+    model_dir = tmp_path / "emu3"
+    tiny_model("emu3").save_pretrained(model_dir)
+    records = [{"input_ids": [0, 25, 3, 9, 10, 6, 4, 27, 28], "answer_start": 7}] * 2
+    data = write_jsonl(tmp_path / "vqa.jsonl", records)
+    (tmp_path / "cat.json").write_text(json.dumps([0, 25, 3, 5]))  # ids only: no height and width
+    with pytest.raises(RunError, match="cat.json: an Emu3 prompt is a JSON object with input_ids and the image's "
+                                       "height and width"):
+        run(["--output", str(tmp_path / "out"), "--model", str(model_dir), "--modality", "emu3", "--data", str(data),
+             "--methods", "lora", "--gen-prompts", str(tmp_path / "cat.json"), *TINY])

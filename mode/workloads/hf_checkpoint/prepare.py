@@ -52,7 +52,16 @@ class RawRecord:
     source: str  # file:line
     kind: str  # "task", "stream" or "prompt"
     fields: dict
-    image: object | None = None  # PIL image, RGB
+    image: Path | None = None  # checked readable; decoded batch by batch (a data set's pixels need not fit in memory)
+
+    def load_image(self):
+        from PIL import Image
+
+        try:
+            with Image.open(self.image) as img:
+                return img.convert("RGB")
+        except OSError as exc:  # passed verify() but does not decode (e.g. truncated)
+            raise ValueError(f"{self.source}: image {self.fields['image']!r}: unreadable ({exc})") from None
 
 
 def read_records(path: Path) -> tuple[list[RawRecord], list[str]]:
@@ -81,17 +90,19 @@ def read_records(path: Path) -> tuple[list[RawRecord], list[str]]:
             for name in required + tuple(k for k in ("task", "name") if k in obj):
                 if not isinstance(obj.get(name), str) or not obj[name].strip():
                     raise ValueError(f"{name}: " + ("missing" if name not in obj else "expected a non-empty string"))
-            image = None
+            if kind == "prompt" and Path(obj.get("name", "x")).name != obj.get("name", "x"):
+                raise ValueError(f"name {obj['name']!r}: expected a file name (it names PROMPT_DIR/NAME.json)")
+            image_path = None
             if "image" in required:
                 image_path = path.parent / obj["image"]
                 if not image_path.is_file():
                     raise ValueError(f"image {obj['image']!r}: no such file ({image_path})")
                 try:
                     with Image.open(image_path) as img:
-                        image = img.convert("RGB")
-                except (UnidentifiedImageError, OSError) as exc:
+                        img.verify()  # the header and checksums, without decoding the pixels
+                except (UnidentifiedImageError, OSError, SyntaxError) as exc:
                     raise ValueError(f"image {obj['image']!r}: unreadable ({exc})") from None
-            records.append(RawRecord(source, kind, obj, image))
+            records.append(RawRecord(source, kind, obj, image_path))
         except ValueError as exc:
             errors.append(f"{source}: {exc}")
     return records, errors
@@ -115,6 +126,8 @@ class Preparer:
         self.placeholder_id = self.tokenizer.convert_tokens_to_ids(self.placeholder)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("mode-prepare: the tokenizer has no eos token to end the answers with")
+        if template.count("{image}") != 1 or "{question}" not in template:
+            raise ValueError(f"--template {template!r}: expected one {{image}} and a {{question}}")
         self.template, self.ratio, self.image_area = template, ratio, image_area
         config = hf_model(model).config
         self.spec = modality_spec_for(self.family, vocab_size(model), getattr(config, "vocabulary_map", None))
@@ -152,7 +165,7 @@ class Preparer:
         else:
             texts = [r.fields["caption"] + self.placeholder for r in records]
         out = []
-        for r, ids in zip(records, self._with_codes(texts, [r.image for r in records])):
+        for r, ids in zip(records, self._with_codes(texts, [r.load_image() for r in records])):
             if kind == "task":
                 answer = self.tokenizer(r.fields["answer"], add_special_tokens=False)["input_ids"]
                 obj = {"input_ids": ids + answer + [self.tokenizer.eos_token_id], "answer_start": len(ids)}
