@@ -1,7 +1,9 @@
 """Tiny random-weight Hugging Face decoders for the MoDE tests (built offline, no hub access).
 
 Vocabulary of the Llama/Qwen2 models: 64 ids; image codes 40..59, end-of-image 60,
-begin-of-image 61 (``SPEC``). The Chameleon model uses the real Chameleon/Anole id layout.
+begin-of-image 61 (``SPEC``). The Chameleon model uses the real Chameleon/Anole id layout; the
+Emu3 model the names of Emu3's vocabulary (``EMU3_VOCAB``). ``save_tiny_checkpoint`` saves
+Chameleon and Emu3 with a processor (an offline word-level tokenizer).
 """
 import copy
 import functools
@@ -28,14 +30,82 @@ def _base(kind: str):
         return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, **SIZES))
     if kind == "chameleon":
         from transformers import ChameleonConfig, ChameleonForConditionalGeneration
-        vocabulary_map = {f"IMGIMG{i}": i for i in range(4, 8196)}
+        vocabulary_map = {chameleon_code_name(code): 4 + code for code in range(8192)}
         vocabulary_map.update({"<eoss>": 8196, "<racm3:break>": 8197, "<image>": 8198})
-        # The VQ image tokenizer is unused by the tests: the smallest that builds.
+        # The smallest VQ image tokenizer that builds: no downsampling, 16 codes (ids 4..19), an 8x8
+        # image -> 64 codes.
         vq = dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1], num_res_blocks=1,
                   attn_resolutions=[], latent_channels=8, resolution=8, in_channels=3)
-        return ChameleonForConditionalGeneration(ChameleonConfig(vocab_size=8200, vocabulary_map=vocabulary_map,
-                                                                 vq_config=vq, **SIZES))
+        return ChameleonForConditionalGeneration(ChameleonConfig(
+            vocab_size=CHAMELEON_VOCAB, vocabulary_map=vocabulary_map, vq_config=vq, **SIZES))
+    if kind == "emu3":
+        from transformers import Emu3Config, Emu3ForConditionalGeneration
+        text = dict(SIZES, max_position_embeddings=256, pad_token_id=1, bos_token_id=0, eos_token_id=0)
+        # VQ: 8x downsampling (the processor's fixed ratio), 16 codes; GroupNorm needs 32 channels
+        vq = dict(codebook_size=EMU3_CODES, embed_dim=4, latent_channels=4, base_channels=32,
+                  channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], hidden_size=32,
+                  num_attention_heads=1)
+        return Emu3ForConditionalGeneration(Emu3Config(text_config=dict(text, vocab_size=len(EMU3_VOCAB)),
+                                                       vq_config=vq, vocabulary_map=EMU3_VOCAB))
     raise ValueError(kind)
+
+
+def chameleon_code_name(code: int) -> str:
+    """Chameleon's name of VQ code ``code`` in its vocabulary: digits spelt A-J, then Z (IMGIMGBCZ = 12)."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+CHAMELEON_VOCAB = 8224  # the Chameleon id layout (codes 4..8195, markers 8196/8197, <image> 8198), then words
+WORDS = ["what", "color", "is", "it", "red", "blue", "green", "a", "square", "?", "*"] + [str(d) for d in range(10)]
+EMU3_CODES = 16
+EMU3_VOCAB = {"<|endoftext|>": 0, "<pad>": 1, "<image>": 2, "<|image start|>": 3, "<|image end|>": 4,
+              "<|image token|>": 5, "<|extra_200|>": 6, "<|extra_201|>": 7, "<unk>": 8,
+              **{f"<|visual token {i:06d}|>": 9 + i for i in range(EMU3_CODES)}}
+EMU3_VOCAB.update({w: len(EMU3_VOCAB) + i for i, w in enumerate(WORDS)})
+
+
+def _word_tokenizer(vocab: dict, add_bos: bool = True, **special):
+    """A fast tokenizer over whole words (digits and punctuation split off), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.add_special_tokens([token for token in vocab if token.startswith("<")])  # matched before splitting
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()])
+    if add_bos:  # as Llama's (Chameleon's) tokenizer; Emu3's processor writes the bos itself
+        bos = special["bos_token"]
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", **special)
+
+
+def save_tiny_checkpoint(kind: str, path):
+    """The tiny model of ``kind`` ("chameleon" or "emu3") and its processor (a word-level tokenizer
+    and the model's image processor, sized for 8x8 (Chameleon) or small (Emu3) images), saved
+    with save_pretrained into ``path``; returns ``path``."""
+    tiny_model(kind).save_pretrained(path)
+    if kind == "chameleon":
+        from transformers import ChameleonImageProcessor, ChameleonProcessor
+        vocab = {"<s>": 0, "</s>": 1, "<pad>": 2, "<reserved08706>": 3, "<eoss>": 8196, "<racm3:break>": 8197,
+                 "<image>": 8198, "<unk>": 8199}
+        vocab.update({w: 8200 + i for i, w in enumerate(WORDS)})
+        tokenizer = _word_tokenizer(vocab, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                    sep_token="<reserved08706>")
+        image_processor = ChameleonImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+        processor = ChameleonProcessor(image_processor, tokenizer, image_seq_length=64)
+    elif kind == "emu3":
+        from transformers import Emu3ImageProcessor, Emu3Processor
+        tokenizer = _word_tokenizer(EMU3_VOCAB, add_bos=False, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                    pad_token="<pad>", extra_special_tokens={
+                                        "image_token": "<image>", "boi_token": "<|image start|>",
+                                        "eoi_token": "<|image end|>", "image_wrapper_token": "<|image token|>",
+                                        "eof_token": "<|extra_201|>"})
+        processor = Emu3Processor(Emu3ImageProcessor(min_pixels=16 * 16, max_pixels=32 * 32, spatial_factor=8),
+                                  tokenizer)
+    else:
+        raise ValueError(kind)
+    processor.save_pretrained(path)
+    return path
 
 
 def tiny_model(kind: str = "llama"):
@@ -88,3 +158,9 @@ def image_modality(batch: int = 2) -> torch.Tensor:
     ids = torch.zeros(batch, 16, dtype=torch.long)
     ids[:, 3:11] = 1
     return ids
+
+
+def codes_as_gray(tokens: torch.Tensor) -> torch.Tensor:
+    """A stand-in VQ decoder for ``--decoder tiny_models:codes_as_gray``: 64 codes of the tiny
+    Chameleon (ids 4..19) as an 8x8 gray image."""
+    return ((tokens - 4).float() / 15).view(8, 8)

@@ -18,6 +18,8 @@ Writes to the output directory (under torchrun: rank 0 only):
     *.png          accuracy matrices, generation quality after each task, generated digits
                    (digits), conflict.png (--probe-conflict)
     images/        --gen-prompts: images/METHOD/PROMPT.image_tokens.json
+    adapters/      adapters/METHOD/: each finished method's adapters (mode.save_adapter), loadable
+                   with mode.load_adapter
     checkpoint/    the latest state, a torch.distributed.checkpoint directory (after each task
                    and every --checkpoint-every steps); --resume continues from it with any
                    number of processes; resuming is exact (each step's batch and dropout draws

@@ -18,6 +18,7 @@ from ..constants import IGNORE_INDEX
 from ..kd import kd_loss, kd_positions
 from ..workloads import Workload
 from . import distributed, probe
+from .adapters import export_adapters
 from .checkpointing import load_adapters, load_progress, save_checkpoint
 from .config import RunError, TrainConfig, check_config, config_dict
 from .methods import METHODS, Method, trainable_params
@@ -175,6 +176,7 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
         current.update(task=task_index + 1, step=0)
         save_checkpoint(checkpoint_path, model, extra=state | {"current": current})
     state["done"][name] = method_results(model, workload, method, name, current, state, output)
+    state["done"][name]["adapters"] = str(export_adapters(model, output, name).relative_to(output))
     state["current"] = None
     save_checkpoint(checkpoint_path, model, extra=state)
 

@@ -4,7 +4,16 @@ import json
 
 import pytest
 import torch
-from tiny_models import BEGIN_IMAGE, SPEC, VOCAB, config, image_sequence, randomize_adapters, tiny_model
+from tiny_models import (
+    BEGIN_IMAGE,
+    CHAMELEON_VOCAB,
+    SPEC,
+    VOCAB,
+    config,
+    image_sequence,
+    randomize_adapters,
+    tiny_model,
+)
 
 import mode
 from mode.constants import IGNORE_INDEX
@@ -41,7 +50,7 @@ def test_load_model_gives_the_saved_models(llama_dir, chameleon_dir):
     assert torch.equal(llama(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits)
     chameleon = load_model(chameleon_dir, dtype=torch.bfloat16)
     assert type(chameleon).__name__ == "ChameleonForConditionalGeneration"
-    assert chameleon.get_output_embeddings().weight.dtype == torch.bfloat16 and vocab_size(chameleon) == 8200
+    assert chameleon.get_output_embeddings().weight.dtype == torch.bfloat16 and vocab_size(chameleon) == CHAMELEON_VOCAB
 
 
 def test_load_model_errors(tmp_path, llama_dir):
@@ -65,7 +74,8 @@ def test_load_model_errors(tmp_path, llama_dir):
 
 
 def test_modality_spec_for():
-    assert modality_spec_for("chameleon", 8200) == mode.ModalitySpec.chameleon() == modality_spec_for("Anole")
+    assert modality_spec_for("chameleon", CHAMELEON_VOCAB) == mode.ModalitySpec.chameleon() \
+        == modality_spec_for("Anole")
     spec = modality_spec_for("40:60, begin=61,end=60", VOCAB)
     assert spec == SPEC and modality_spec_for(SPEC) is SPEC
     assert modality_spec_for("1:3,10:12").image_token_ranges == ((1, 3), (10, 12))

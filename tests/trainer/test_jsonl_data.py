@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mode.constants import IGNORE_INDEX
-from mode.workloads.hf_checkpoint.data import collate, load_jsonl
+from mode.modality import ModalitySpec
+from mode.workloads.hf_checkpoint.data import TokenChecks, collate, load_jsonl
 
 VOCAB = 50
 
@@ -118,3 +119,31 @@ def test_collate_right_pads():
     assert batch["labels"].tolist() == [[-100, 2, 3], [-100, 5, -100]]
     with pytest.raises(ValueError, match="no records"):
         collate([], pad_id=0)
+
+
+# codes 10..19, begin 21, end 20, placeholder 22 (a text id outside image spans)
+CHECKS = TokenChecks(ModalitySpec(image_token_ranges=((10, 20),), begin_image=21, end_image=20), placeholder_id=22,
+                     image_logits_masked=True)
+
+
+def test_placeholder_left_inside_an_image_span_is_refused(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", [
+        {"input_ids": [1, 21, 11, 12, 20, 22, 3], "answer_start": 6},  # the placeholder as text: accepted
+        {"input_ids": [1, 21, 22, 22, 20, 3], "answer_start": 5},
+    ])
+    with pytest.raises(ValueError, match=r"t.jsonl:2: input_ids\[2\] = 22 is the processor's image placeholder, "
+                                         r"inside an image span \(2 such ids\): the image's VQ codes were not spliced"):
+        load_jsonl(path, VOCAB, checks=CHECKS)
+    assert len(load_jsonl(path, VOCAB)) == 2  # without the model's checks both pass
+
+
+def test_labels_on_masked_image_codes_are_refused(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", [
+        {"input_ids": [1, 21, 11, 20, 3], "answer_start": 4},
+        {"input_ids": [1, 21, 11, 20, 3], "labels": [-100, -100, 11, -100, 3]},
+    ])
+    with pytest.raises(ValueError, match=r"t.jsonl:2: labels\[2\] = 11 scores an image code: this model's forward "
+                                         "masks the logits of image codes .* the loss would be infinite"):
+        load_jsonl(path, VOCAB, checks=CHECKS)
+    unmasked = TokenChecks(CHECKS.spec, placeholder_id=22, image_logits_masked=False)  # e.g. Emu3, or --gen-data
+    assert len(load_jsonl(path, VOCAB, checks=unmasked)) == 2

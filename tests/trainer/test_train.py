@@ -86,7 +86,7 @@ def test_smoke_run_writes_metrics_tables_and_plots(reference_run):
     assert list(metrics["methods"]) == ["mode", "lora"]
     for m in metrics["methods"].values():
         assert set(m) == {"acc_matrix", "avg_acc", "bwt", "gen_acc", "gen_retention", "image_nll",
-                          "train_seconds", "trainable_params", "loss_history"}
+                          "train_seconds", "trainable_params", "loss_history", "adapters"}
         history = m["loss_history"]
         assert len(history["ce"]) == len(history["kd"]) == 4 * len(tasks)  # --steps-per-task 4
         assert all(isinstance(v, float) and v > 0 for v in history["ce"])
@@ -94,6 +94,8 @@ def test_smoke_run_writes_metrics_tables_and_plots(reference_run):
         assert len(m["gen_acc"]) == len(m["image_nll"]) == len(tasks)
         assert isinstance(m["trainable_params"], int) and m["train_seconds"] > 0
         assert m["avg_acc"] == pytest.approx(average_accuracy(m["acc_matrix"]))
+    # every method's adapters survive the run (the checkpoint holds the last method's only)
+    assert all((reference_run / "adapters" / name / "adapter_config.json").is_file() for name in ("mode", "lora"))
     results = (reference_run / "results.md").read_text()
     assert "| mode |" in results and "| lora |" in results
     kd = {name: m["loss_history"]["kd"] for name, m in metrics["methods"].items()}

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from mode.train import checkpointing, cli, loop
 from mode.train.config import RunError
@@ -110,6 +112,14 @@ def test_fsdp_checkpoint_resumes_on_two_processes(tmp_path, cache_dir, fsdp_runs
     # the same global batches, gradients reduced over 2 processes: equal up to float rounding
     assert_same_results(json.loads((output / "metrics.json").read_text()),
                         json.loads((whole / "metrics.json").read_text()), rel=1e-5)
+    # the sharded layers' adapters are written whole (all-gathered), as the one-process run's
+    weights = sorted(p.name for p in (whole / "adapters" / "mode").glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in (output / "adapters" / "mode").glob("*.safetensors"))
+    for name in weights:
+        sharded, single = (load_file(str(run / "adapters" / "mode" / name)) for run in (output, whole))
+        assert sharded.keys() == single.keys()
+        for key in single:
+            torch.testing.assert_close(sharded[key], single[key], rtol=1e-3, atol=1e-4)
 
 
 def test_damaged_checkpoint_shard_is_refused_and_kept(tmp_path, cache_dir, fsdp_runs):

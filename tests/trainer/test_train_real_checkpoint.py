@@ -4,10 +4,14 @@ import json
 import random
 
 import pytest
-from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, tiny_model
+from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, VOCAB, tiny_model
 
+import mode
 from mode.train import cli, loop
 from mode.train.config import RunError
+from mode.train.methods import METHODS, apply_method
+from mode.workloads.hf_checkpoint.data import load_jsonl
+from mode.workloads.hf_checkpoint.loading import exact_match_accuracy, load_model, modality_spec_for, vocab_size
 
 LLAMA_MODALITY = f"{IMAGE_LO}:{IMAGE_HI},begin={BEGIN_IMAGE},end={END_IMAGE}"
 TINY = ["--steps-per-task", "2", "--batch-size", "4", "--eval-size", "4", "--checkpoint-every", "1",
@@ -68,10 +72,20 @@ def run(argv):
     return loop.run(config, args.output, device="cpu", progress=False)
 
 
+def reload_adapters(argv, method_name):
+    """The run's base checkpoint with the method's adapters from DIR/adapters/<method>."""
+    config, args = cli.parse_args(argv)
+    model = load_model(config.model)
+    spec = modality_spec_for(config.modality, vocab_size(model))
+    apply_method(model, METHODS[method_name], config, spec, vocab_size(model))
+    return mode.load_adapter(model, args.output / "adapters" / method_name).eval()
+
+
 def test_llama_run_scores_every_task_file_and_draws_the_prompts(tmp_path, llama_dir):
     files = llama_files(tmp_path)
     output = tmp_path / "out"
-    metrics = run(llama_args(output, llama_dir, files, "--methods", "mode,lora", "--gen-prompts", files["prompt"]))
+    argv = llama_args(output, llama_dir, files, "--methods", "mode,lora", "--gen-prompts", files["prompt"])
+    metrics = run(argv)
     assert metrics["tasks"] == ["a", "b"]  # one task per file, in file order
     assert metrics["pretrained"]["gen_acc"] is None and metrics["pretrained"]["image_nll"] > 0
     for name, m in metrics["methods"].items():
@@ -83,6 +97,12 @@ def test_llama_run_scores_every_task_file_and_draws_the_prompts(tmp_path, llama_
         assert drawn["prompt"] == [3, 4, 5, BEGIN_IMAGE]
         assert len(drawn["image_tokens"]) == 3 and all(IMAGE_LO <= t < IMAGE_HI for t in drawn["image_tokens"])
         assert m["images"][0]["png"] is None  # no VQ decoder
+        # every method's adapters, not only the last one's, reload into the base and score as in the run
+        assert m["adapters"] == f"adapters/{name}"
+        reloaded = reload_adapters(argv, name)
+        assert any(p.abs().sum() > 0 for n, p in reloaded.named_parameters() if "lora_B" in n)  # trained, not fresh
+        accs = exact_match_accuracy(reloaded, load_jsonl(files["test"], VOCAB))
+        assert [accs["a"], accs["b"]] == m["acc_matrix"][-1]
     assert json.loads((output / "metrics.json").read_text()) == metrics
     assert "| mode |" in (output / "results.md").read_text()
     assert (output / "image_nll.png").exists() and not (output / "gen_acc.png").exists()
@@ -102,6 +122,20 @@ def test_chameleon_run(tmp_path):
                    "--data", str(data), "--gen-data", str(gen), "--methods", "mode", *TINY])
     assert metrics["tasks"] == ["vqa", "caption"]  # tasks by the "task" field, in first-record order
     assert len(metrics["methods"]["mode"]["acc_matrix"]) == 2
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"input_ids": [1, 8197, 5, 8198, 8196, 2, 3], "answer_start": 5},
+     r"input_ids\[3\] = 8198 is the processor's image placeholder, inside an image span"),
+    ({"input_ids": [1, 2, 8197, 5, 6, 8196], "answer_start": 3}, r"labels\[3\] = 5 scores an image code"),
+])
+def test_chameleon_task_data_mistakes_are_refused_with_their_reason(tmp_path, record, reason):
+    model_dir = tmp_path / "chameleon"
+    tiny_model("chameleon").save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "vqa.jsonl", [{"input_ids": [1, 8197, 5, 8196, 2, 3], "answer_start": 4}, record])
+    with pytest.raises(RunError, match=f"vqa.jsonl:2: {reason}"):
+        run(["--output", str(tmp_path / "out"), "--model", str(model_dir), "--modality", "chameleon",
+             "--data", str(data), "--methods", "lora", *TINY])
 
 
 BAD_LINE = json.dumps({"input_ids": [1, 2, 999], "answer_start": 1})  # 999: outside the vocabulary of 64
@@ -140,3 +174,26 @@ def test_held_out_files_must_name_the_training_tasks(tmp_path, llama_dir):
     files["test"] = [files["gen"]]  # its records belong to the task "generation"
     with pytest.raises(RunError, match=r"--eval-data has no record of the task\(s\) \['a', 'b'\]"):
         run(llama_args(tmp_path / "out", llama_dir, files, "--methods", "lora"))
+
+
+@pytest.mark.parametrize("decoder, message", [
+    ("tiny_models", "expected module:function"),
+    ("no_such_module:f", "No module named 'no_such_module'"),
+    ("tiny_models:no_such_function", "has no attribute 'no_such_function'"),
+])
+def test_bad_decoder_is_refused_before_training(tmp_path, llama_dir, decoder, message):
+    files = llama_files(tmp_path)
+    with pytest.raises(RunError, match=f"--decoder {decoder!r}: .*{message}"):
+        run(llama_args(tmp_path / "out", llama_dir, files, "--methods", "lora", "--decoder", decoder))
+
+
+def test_emu3_prompt_needs_its_image_size(tmp_path):
+    model_dir = tmp_path / "emu3"
+    tiny_model("emu3").save_pretrained(model_dir)
+    records = [{"input_ids": [0, 25, 3, 9, 10, 6, 4, 27, 28], "answer_start": 7}] * 2
+    data = write_jsonl(tmp_path / "vqa.jsonl", records)
+    (tmp_path / "cat.json").write_text(json.dumps([0, 25, 3, 5]))  # ids only: no height and width
+    with pytest.raises(RunError, match="cat.json: an Emu3 prompt is a JSON object with input_ids and the image's "
+                                       "height and width"):
+        run(["--output", str(tmp_path / "out"), "--model", str(model_dir), "--modality", "emu3", "--data", str(data),
+             "--methods", "lora", "--gen-prompts", str(tmp_path / "cat.json"), *TINY])

@@ -23,7 +23,9 @@ For a generation stream (``--gen-data``) a record is a caption followed by the i
 the image part scored: e.g. ``answer_start`` at the begin-of-image marker's successor.
 
 Bad records (bad JSON, bytes that are not UTF-8, empty lines, missing or ill-typed fields, ids outside the vocabulary,
-labels of another length, answer_start out of range, nothing scored, too long) are reported with
+labels of another length, answer_start out of range, nothing scored, too long, and with ``TokenChecks``
+the two mistakes that pass silently otherwise: image placeholder ids left inside an image span,
+task labels on image codes whose logits the model masks) are reported with
 ``file:line`` and the reason; ``on_error="refuse"`` raises a ValueError listing them,
 ``on_error="skip"`` drops them with a warning giving their count and the first reasons. Never silent.
 """
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ...constants import IGNORE_INDEX
+from ...modality import IMAGE, ModalitySpec
 
 REPORTED_ERRORS = 10  # bad records listed in a message; the rest are counted
 
@@ -71,6 +74,44 @@ class JsonlDataset:
         return JsonlDataset([self.records[i] for i in keep], [name] * len(keep), [self.sources[i] for i in keep])
 
 
+@dataclass(frozen=True)
+class TokenChecks:
+    """What the model says about its image tokens, for the checks only a model can inform.
+
+    ``spec``: the image tokens; ``placeholder_id``: the processor's image placeholder (Chameleon's
+    and Emu3's ``<image>``, ``config.image_token_id``), which the VQ codes must replace: left in an
+    image span it is embedded and routed as an image token although it is no image;
+    ``image_logits_masked``: the model's forward sets the logits of the image codes to the lowest
+    float (Chameleon / Anole), so a task label on an image code has an infinite loss. Not for the
+    generation stream, which scores image codes on purpose (KD, image NLL) outside that forward.
+    """
+
+    spec: ModalitySpec
+    placeholder_id: int | None = None
+    image_logits_masked: bool = False
+
+    def check(self, input_ids: list[int], labels: list[int]) -> None:
+        """ValueError with the first offending position and the reason."""
+        ids = torch.tensor(input_ids)
+        if self.placeholder_id is not None:
+            inside = (self.spec.modality_ids(ids) == IMAGE) & (ids == self.placeholder_id)
+            if inside.any():
+                i = int(inside.nonzero()[0])
+                raise ValueError(f"input_ids[{i}] = {self.placeholder_id} is the processor's image placeholder, inside "
+                                 f"an image span ({int(inside.sum())} such ids): the image's VQ codes were not spliced "
+                                 "in (mode-prepare does it with the checkpoint's VQ encoder)")
+        if self.image_logits_masked:
+            codes = torch.tensor(labels)
+            on_code = torch.zeros_like(codes, dtype=torch.bool)
+            for lo, hi in self.spec.image_token_ranges:
+                on_code |= (codes >= lo) & (codes < hi)
+            if on_code.any():
+                i = int(on_code.nonzero()[0])
+                raise ValueError(f"labels[{i}] = {labels[i]} scores an image code: this model's forward masks the "
+                                 "logits of image codes (sets them to the lowest float), so the loss would be "
+                                 "infinite; score the answer's text tokens only")
+
+
 def _int_list(value, name: str) -> list[int]:
     # bool is an int in Python; a true/false inside a token list is a data bug.
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -78,8 +119,8 @@ def _int_list(value, name: str) -> list[int]:
     return value
 
 
-def parse_record(obj: object, vocab_size: int, default_task: str, max_length: int | None = None
-                 ) -> tuple[dict[str, Tensor], str]:
+def parse_record(obj: object, vocab_size: int, default_task: str, max_length: int | None = None,
+                 checks: TokenChecks | None = None) -> tuple[dict[str, Tensor], str]:
     """One decoded JSON value -> (record tensors, task name); ValueError with the reason if bad."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -119,6 +160,8 @@ def parse_record(obj: object, vocab_size: int, default_task: str, max_length: in
             raise ValueError(f"answer_start = {start} is out of range [1, {len(input_ids)}) "
                              "(the prompt and the answer need a token each)")
         labels = [IGNORE_INDEX] * start + input_ids[start:]
+    if checks is not None:
+        checks.check(input_ids, labels)
 
     task = obj.get("task", default_task)
     if not isinstance(task, str) or not task:
@@ -128,11 +171,13 @@ def parse_record(obj: object, vocab_size: int, default_task: str, max_length: in
 
 
 def load_jsonl(paths: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int,
-               on_error: str = "refuse", max_length: int | None = None) -> JsonlDataset:
+               on_error: str = "refuse", max_length: int | None = None,
+               checks: TokenChecks | None = None) -> JsonlDataset:
     """Read and validate one or more JSON Lines files (in order) into a ``JsonlDataset``.
 
     ``vocab_size``: the model's vocabulary (ids must lie in [0, vocab_size)); ``max_length``:
-    the longest sequence accepted (e.g. the model's maximum position), None for any.
+    the longest sequence accepted (e.g. the model's maximum position), None for any; ``checks``:
+    the model's image placeholder and masked image logits (``TokenChecks``), None for none.
     ``on_error``: "refuse" (raise ValueError listing the bad records) or "skip" (drop them with
     a warning). A file with no valid record is an error either way.
     """
@@ -159,7 +204,7 @@ def load_jsonl(paths: str | os.PathLike | Sequence[str | os.PathLike], vocab_siz
                         obj = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise ValueError(f"bad JSON ({exc.msg} at column {exc.colno})") from None
-                    record, task = parse_record(obj, vocab_size, path.stem, max_length)
+                    record, task = parse_record(obj, vocab_size, path.stem, max_length, checks)
                 except ValueError as exc:
                     file_errors.append(f"{source}: {exc}")
                     continue

@@ -11,6 +11,8 @@ forward sets the logits of image codes to the most negative float, which would f
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,10 +25,18 @@ from ...constants import IGNORE_INDEX
 from ...hf.models import continue_sequences, decoder_of, hf_model, model_device
 from ...modality import ModalitySpec
 from ...model import routed_layers, routing_state
-from .data import JsonlDataset
+from .data import JsonlDataset, TokenChecks
+from .emu3 import Emu3Tokens
+from .emu3 import decode_image as emu3_decode_image
 
 PathLike = str | os.PathLike
 PRESETS = {"chameleon": ModalitySpec.chameleon, "anole": ModalitySpec.chameleon}
+# Model types whose CausalLM forward sets the logits of image codes to the lowest float
+# (transformers' ChameleonForConditionalGeneration: `logits[:, :, image_tokens] = finfo.min`).
+IMAGE_LOGITS_MASKED = ("chameleon",)
+# Model types whose causal-LM class is text only: their image tokenizer (VQ encoder and decoder)
+# lives in the image-text-to-text class, which loads the whole checkpoint.
+LOAD_AS_IMAGE_TEXT_TO_TEXT = ("emu3",)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -36,7 +46,8 @@ def load_model(path: PathLike, dtype: torch.dtype | None = None,
     """A local Hugging Face checkpoint directory (``save_pretrained`` layout) as a causal LM, in
     eval mode. Causal-LM architectures load through ``AutoModelForCausalLM``; Chameleon / Anole
     (converted checkpoints), which transformers files under image-text-to-text, through
-    ``AutoModelForImageTextToText``. Never touches the hub. Raises with the reason when the
+    ``AutoModelForImageTextToText``, and so does Emu3 (its causal-LM class has no VQ model).
+    Never touches the hub. Raises with the reason when the
     directory is missing, lacks a config or weights, or its weights do not cover the model.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -55,7 +66,7 @@ def load_model(path: PathLike, dtype: torch.dtype | None = None,
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{path}/config.json: not a usable Hugging Face config: {exc}") from None
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in LOAD_AS_IMAGE_TEXT_TO_TEXT:
         auto_class = AutoModelForCausalLM
     elif config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         auto_class = AutoModelForImageTextToText
@@ -80,16 +91,26 @@ def load_model(path: PathLike, dtype: torch.dtype | None = None,
     return model.eval()
 
 
+def token_checks(model: nn.Module, spec: ModalitySpec, task_labels: bool = True) -> TokenChecks:
+    """The data checks ``model`` informs: its processor's image placeholder id (``config.image_token_id``,
+    Chameleon's and Emu3's ``<image>``) and, for task data (``task_labels``), whether its forward
+    masks the logits of image codes."""
+    config = hf_model(model).config
+    return TokenChecks(spec, placeholder_id=getattr(config, "image_token_id", None),
+                       image_logits_masked=task_labels and config.model_type in IMAGE_LOGITS_MASKED)
+
+
 def vocab_size(model: nn.Module) -> int:
     """Rows of the output head: the ids the model can score."""
     return hf_model(model).get_output_embeddings().weight.shape[0]
 
 
 def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
-                      vocab_size: int | None = None) -> ModalitySpec:
+                      vocab_size: int | None = None, vocabulary_map: Mapping[str, int] | None = None) -> ModalitySpec:
     """The ``ModalitySpec`` named by a ``--modality`` value, checked against the vocabulary.
 
-    Accepts a preset name ("chameleon", "anole": image codes 4..8195, begin 8197, end 8196), a
+    Accepts a preset name ("chameleon", "anole": image codes 4..8195, begin 8197, end 8196;
+    "emu3": read from the checkpoint's ``vocabulary_map``, see ``emu3.Emu3Tokens``), a
     string of comma-separated items ``LO:HI`` (an image-code range, HI exclusive), ``begin=ID``
     and ``end=ID`` (e.g. ``"4:8196,begin=8197,end=8196"``), a dict of ``ModalitySpec`` fields,
     or a ``ModalitySpec``.
@@ -98,6 +119,8 @@ def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
         spec = name_or_args
     elif isinstance(name_or_args, Mapping):
         spec = ModalitySpec(**name_or_args)
+    elif isinstance(name_or_args, str) and name_or_args.lower() == "emu3":
+        spec = Emu3Tokens.from_vocabulary(vocabulary_map).spec()
     elif isinstance(name_or_args, str) and name_or_args.lower() in PRESETS:
         spec = PRESETS[name_or_args.lower()]()
     elif isinstance(name_or_args, str):
@@ -134,12 +157,12 @@ def _parse_spec(text: str) -> ModalitySpec:
 
 # ----------------------------------------------------------------------------- decoding
 
-def _same_length_batches(sequences: Sequence[list[int]], batch_size: int) -> Iterator[list[int]]:
-    """Indices of ``sequences`` in batches of equal length (no padding, so nothing to mask)."""
-    by_length: dict[int, list[int]] = {}
-    for i, seq in enumerate(sequences):
-        by_length.setdefault(len(seq), []).append(i)
-    for indices in by_length.values():
+def _batches(keys: Sequence, batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of equal key (a prompt's length: no padding, so nothing to mask)."""
+    by_key: dict = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    for indices in by_key.values():
         for start in range(0, len(indices), batch_size):
             yield indices[start:start + batch_size]
 
@@ -161,7 +184,7 @@ def exact_match_accuracy(model: nn.Module, data: JsonlDataset, batch_size: int =
     was_training = model.training
     model.eval()
     try:
-        for batch in _same_length_batches(prompts, batch_size):
+        for batch in _batches([len(p) for p in prompts], batch_size):
             steps = max(len(answers[i]) for i in batch)
             ids = torch.tensor([prompts[i] for i in batch], device=model_device(model))
             decoded = continue_sequences(model, ids, steps, lambda logits: logits.argmax(dim=-1)).tolist()
@@ -211,21 +234,40 @@ def image_code_mask(spec: ModalitySpec, vocab: int, device: torch.device) -> Ten
     return mask
 
 
+def prompt_image_size(path: PathLike) -> tuple[int, int]:
+    """(height, width) in latents of an Emu3 prompt file: a JSON object with ``input_ids``,
+    ``height`` and ``width`` (``mode-prepare`` writes them)."""
+    obj = json.loads(Path(path).read_text()) if Path(path).suffix == ".json" else None
+    size = (obj.get("height"), obj.get("width")) if isinstance(obj, dict) else (None, None)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ValueError(f"{path}: an Emu3 prompt is a JSON object with input_ids and the image's height and width "
+                         "in latents (positive ints), as mode-prepare writes it")
+    return size
+
+
 def generate_images(model: nn.Module, prompt_files: Sequence[PathLike], out_dir: PathLike,
                     spec: ModalitySpec | None = None, image_tokens: int = 1024, temperature: float = 1.0,
                     seed: int = 0, batch_size: int = 8,
-                    decode_fn: Callable[[Tensor], Tensor] | None = None) -> list[dict]:
+                    decode_fn: Callable[[Tensor], Tensor] | None = None,
+                    emu3: Emu3Tokens | None = None, pixel_stats: tuple | None = None) -> list[dict]:
     """Draw one image per prompt file and save it under ``out_dir``.
 
-    Each prompt gets the begin-of-image marker appended when the spec has markers and the prompt
-    does not end with it; then ``image_tokens`` codes (Anole: 1024) are sampled at
-    ``temperature`` from the image-code ids only (every other logit masked), seeded.
-    Writes ``<stem>.image_tokens.json`` (``{"prompt": [...], "image_tokens": [...]}``, codes as
-    vocabulary ids) and, when ``decode_fn`` is given, ``<stem>.png``: ``decode_fn`` maps the
-    codes (LongTensor [image_tokens]) to pixels (float [3, H, W] or [H, W] in [0, 1]); it is the
-    checkpoint's VQ decoder with its id mapping. transformers' Chameleon ships the VQ encoder
-    only (``model.model.vqmodel`` has no decoder), so for Chameleon / Anole checkpoints only the
-    tokens are written unless you supply a decoder.
+    Chameleon layout (``emu3`` None): each prompt gets the begin-of-image marker appended when the
+    spec has markers and the prompt does not end with it; then ``image_tokens`` codes (Anole: 1024)
+    are sampled at ``temperature`` from the image-code ids only (every other logit masked), seeded.
+
+    Emu3 layout (``emu3``: its tokens, ``Emu3Tokens.of(model)``): each prompt file holds the
+    processor's generation prompt (ending ``<|image start|> "h*w" <|image token|>``) with its
+    ``height`` and ``width`` in latents (``prompt_image_size``); h rows of w sampled codes, each
+    closed by the end-of-row token, then the end-of-frame token and the end marker (the fixed
+    tokens are forced, not sampled). The rows are decoded by the checkpoint's VQ decoder
+    (``emu3.decode_image``, un-normalised with ``pixel_stats``) unless ``decode_fn`` is given.
+
+    Writes ``<stem>.image_tokens.json`` (``{"prompt": [...], "image_tokens": [...]}``, vocabulary
+    ids) and, with a decoder, ``<stem>.png``: ``decode_fn`` maps the generated ids (LongTensor)
+    to pixels (float [3, H, W] or [H, W] in [0, 1]); it is the checkpoint's VQ decoder with its id
+    mapping. transformers' Chameleon ships the VQ encoder only (``model.model.vqmodel`` has no
+    decoder), so for Chameleon / Anole only the tokens are written unless you supply one.
 
     Returns per prompt ``{"prompt": path, "tokens": path, "png": path or None}``.
     """
@@ -237,36 +279,57 @@ def generate_images(model: nn.Module, prompt_files: Sequence[PathLike], out_dir:
     if len(set(stems)) != len(stems):
         raise ValueError(f"generate_images: prompt files share a name, their outputs would overwrite each other: "
                          f"{stems}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     vocab, device = vocab_size(model), model_device(model)
-    prompts = []
+    prompts, sizes = [], []
     for path in prompt_files:
         ids = load_prompt(path, vocab)
-        if spec.has_markers and ids[-1] != spec.begin_image:
+        if emu3 is not None:
+            sizes.append(prompt_image_size(path))
+            if ids[-1] != emu3.wrapper:
+                raise ValueError(f"{path}: an Emu3 image prompt ends with <|image start|> \"h*w\" <|image token|> "
+                                 f"(id {emu3.wrapper}), as the processor's return_for_image_generation writes it")
+        elif spec.has_markers and ids[-1] != spec.begin_image:
             ids = ids + [spec.begin_image]
         prompts.append(ids)
+    if emu3 is None:
+        sizes, decoders = [None] * len(prompts), [decode_fn] * len(prompts)
+    else:
+        decoders = [decode_fn or functools.partial(emu3_decode_image, model, height=h, width=w,
+                                                   **({"stats": pixel_stats} if pixel_stats else {}))
+                    for h, w in sizes]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     allowed = image_code_mask(spec, vocab, device)
     generator = torch.Generator(device=device).manual_seed(seed)
 
-    def sample(logits: Tensor) -> Tensor:
-        logits = logits.masked_fill(~allowed, float("-inf")) / temperature
-        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+    def sampler(forced: dict[int, int]) -> Callable[[Tensor], Tensor]:
+        steps = itertools.count()
+
+        def choose(logits: Tensor) -> Tensor:
+            step = next(steps)
+            if step in forced:
+                return torch.full(logits.shape[:1], forced[step], dtype=torch.long, device=logits.device)
+            logits = logits.masked_fill(~allowed, float("-inf")) / temperature
+            return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+        return choose
 
     results: list[dict | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
     try:
-        for batch in _same_length_batches(prompts, batch_size):
+        for batch in _batches([(len(p), size) for p, size in zip(prompts, sizes)], batch_size):
             ids = torch.tensor([prompts[i] for i in batch], device=device)
-            codes = continue_sequences(model, ids, image_tokens, sample).cpu()
+            size = sizes[batch[0]]
+            forced = {} if size is None else emu3.forced_tokens(*size)
+            steps = image_tokens if size is None else max(forced) + 1
+            codes = continue_sequences(model, ids, steps, sampler(forced)).cpu()
             for i, row in zip(batch, codes):
                 tokens_path = out_dir / f"{stems[i]}.image_tokens.json"
                 tokens_path.write_text(json.dumps({"prompt": prompts[i], "image_tokens": row.tolist()}) + "\n")
                 png = None
-                if decode_fn is not None:
+                if decoders[i] is not None:
                     png = out_dir / f"{stems[i]}.png"
-                    save_png(decode_fn(row), png)
+                    save_png(decoders[i](row), png)
                 results[i] = {"prompt": str(prompt_files[i]), "tokens": str(tokens_path),
                               "png": None if png is None else str(png)}
     finally:

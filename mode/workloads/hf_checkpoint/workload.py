@@ -1,6 +1,7 @@
 """A local Hugging Face checkpoint (--model) with pre-tokenized JSONL tasks (--data) as a trainer workload."""
 from __future__ import annotations
 
+import importlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -14,6 +15,22 @@ from ...train.config import RunError, TrainConfig
 from ...train.methods import Method, apply_method
 from . import loading
 from .data import JsonlDataset, collate, load_jsonl
+from .emu3 import Emu3Tokens, pixel_stats
+
+
+def load_decoder(target: str):
+    """The function named by ``--decoder module:function`` (imported now, so that a typo fails
+    before training)."""
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"--decoder {target!r}: expected module:function")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"--decoder {target!r}: {err}") from None
+    if not callable(function):
+        raise ValueError(f"--decoder {target!r}: not callable")
+    return function
 
 
 class CheckpointWorkload:
@@ -25,20 +42,27 @@ class CheckpointWorkload:
             # loaded once here and handed to the first method, which would otherwise load it again
             self._base_for_next_method = self._load()
             vocab = self.vocab_size = loading.vocab_size(self._base_for_next_method)
-            self.spec = loading.modality_spec_for(config.modality, vocab)
+            self.spec = loading.modality_spec_for(config.modality, vocab,
+                                                  getattr(self._base_for_next_method.config, "vocabulary_map", None))
+            self.emu3 = Emu3Tokens.of(self._base_for_next_method) if config.modality.lower() == "emu3" else None
+            self.decode_fn = load_decoder(config.decoder) if config.decoder else None
             max_length = getattr(self._base_for_next_method.config, "max_position_embeddings", None)
 
-            def read(files: str) -> JsonlDataset:
-                return load_jsonl(files.split(","), vocab, on_error=config.on_bad_record, max_length=max_length)
+            def read(files: str, task_labels: bool = True) -> JsonlDataset:
+                checks = loading.token_checks(self._base_for_next_method, self.spec, task_labels)
+                return load_jsonl(files.split(","), vocab, on_error=config.on_bad_record, max_length=max_length,
+                                  checks=checks)
 
             with warnings.catch_warnings():
                 if not distributed.is_main():
                     warnings.simplefilter("ignore")  # the skipped-records report once, from rank 0
                 tasks = read(config.data)
                 evals = read(config.eval_data) if config.eval_data else tasks
-                self.generation_rows = read(config.gen_data).records if config.gen_data else None
-            for path in config.gen_prompts:
-                loading.load_prompt(path, vocab)  # bad prompt files fail now, not after training
+                self.generation_rows = read(config.gen_data, task_labels=False).records if config.gen_data else None
+            for path in config.gen_prompts:  # bad prompt files fail now, not after training
+                loading.load_prompt(path, vocab)
+                if self.emu3 is not None:
+                    loading.prompt_image_size(path)
         except (OSError, ValueError) as err:
             raise RunError(str(err)) from err
         self.pad_id = getattr(self._base_for_next_method.config, "pad_token_id", None) or 0
@@ -113,5 +137,6 @@ class CheckpointWorkload:
             images = loading.generate_images(model, self.config.gen_prompts, out_dir, self.spec,
                                              image_tokens=self.config.image_tokens,
                                              temperature=self.config.gen_temperature, seed=self.config.seed,
-                                             batch_size=self.config.batch_size)
+                                             batch_size=self.config.batch_size, decode_fn=self.decode_fn,
+                                             emu3=self.emu3, pixel_stats=pixel_stats(self.config.model))
         return {"images": images}

@@ -1,0 +1,88 @@
+"""Emu3's image tokens, read from the checkpoint's ``config.vocabulary_map`` (transformers' ``Emu3Config``).
+
+An image in Emu3's sequence layout (``Emu3Processor``; codes of an image of h x w latents):
+
+    <|image start|> "h*w" <|image token|> (c c ... c <|extra_200|>) x h <|extra_201|> <|image end|>
+
+Each row of w codes ends with the end-of-row token ``<|extra_200|>``; ``<|extra_201|>`` ends the
+frame. Image codes are the ``<|visual token NNNNNN|>`` ids; the begin and end markers enclose the
+rest, so every token of the layout is routed as an image token.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ...hf.models import hf_model
+from ...modality import ModalitySpec
+
+BEGIN, END, WRAPPER, END_OF_ROW, END_OF_FRAME = (
+    "<|image start|>", "<|image end|>", "<|image token|>", "<|extra_200|>", "<|extra_201|>")
+VISUAL_TOKEN_PREFIX = "<|visual token"
+
+
+@dataclass(frozen=True)
+class Emu3Tokens:
+    codes: tuple[int, int]  # [lo, hi) of the visual-token ids
+    begin: int
+    end: int
+    wrapper: int
+    end_of_row: int
+    end_of_frame: int
+
+    @classmethod
+    def from_vocabulary(cls, vocabulary_map: dict | None) -> Emu3Tokens:
+        if not vocabulary_map:
+            raise ValueError("modality emu3: the checkpoint's config has no vocabulary_map (is it an Emu3 checkpoint?)")
+        codes = sorted(v for k, v in vocabulary_map.items() if k.startswith(VISUAL_TOKEN_PREFIX))
+        if not codes or codes[-1] - codes[0] + 1 != len(codes):
+            raise ValueError("modality emu3: the vocabulary's visual tokens are missing or not one contiguous id range")
+        missing = [name for name in (BEGIN, END, WRAPPER, END_OF_ROW, END_OF_FRAME) if name not in vocabulary_map]
+        if missing:
+            raise ValueError(f"modality emu3: the vocabulary lacks {missing}")
+        ids = [vocabulary_map[name] for name in (BEGIN, END, WRAPPER, END_OF_ROW, END_OF_FRAME)]
+        return cls((codes[0], codes[-1] + 1), *ids)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Emu3Tokens:
+        return cls.from_vocabulary(getattr(hf_model(model).config, "vocabulary_map", None))
+
+    def spec(self) -> ModalitySpec:
+        return ModalitySpec(image_token_ranges=(self.codes,), begin_image=self.begin, end_image=self.end)
+
+    def forced_tokens(self, height: int, width: int) -> dict[int, int]:
+        """The tokens after the prompt's ``<|image token|>`` that the layout fixes, by step: the
+        end of each row, then the end of the frame and the end marker; the other steps are codes."""
+        forced = {row * (width + 1) + width: self.end_of_row for row in range(height)}
+        frame = height * (width + 1)
+        return forced | {frame: self.end_of_frame, frame + 1: self.end}
+
+
+def pixel_stats(model_dir: str | Path) -> tuple[list[float], list[float]]:
+    """(mean, std) the checkpoint's image processor normalises with (``preprocessor_config.json``);
+    (0.5, 0.5) per channel without one (pixels in [-1, 1], the VQ decoder's range)."""
+    path = Path(model_dir) / "preprocessor_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return tuple(_per_channel(config.get(key, 0.5)) for key in ("image_mean", "image_std"))
+
+
+def _per_channel(value: float | list[float]) -> list[float]:
+    return [value] * 3 if isinstance(value, (int, float)) else list(value)
+
+
+@torch.no_grad()
+def decode_image(model: nn.Module, tokens: Tensor, height: int, width: int,
+                 stats: tuple[list[float], list[float]] = ([0.5] * 3, [0.5] * 3)) -> Tensor:
+    """Emu3's generated rows (h * (w + 1) ids, each row ending with its end-of-row token) -> pixels
+    [3, 8h, 8w] in [0, 1], through the checkpoint's VQ decoder (what ``Emu3Model.decode_image_tokens``
+    does, without its trailing-token convention), then un-normalised with ``stats``."""
+    inner = hf_model(model).model
+    rows = tokens[: height * (width + 1)].view(1, height, width + 1).to(next(inner.vqmodel.parameters()).device)
+    codes = inner.vocabulary_mapping.convert_bpe2img(rows)  # drops the end-of-row column
+    pixels = inner.vqmodel.decode(codes)[0].float().cpu()
+    mean, std = (torch.tensor(s, dtype=torch.float32).view(3, 1, 1) for s in stats)
+    return (pixels * std + mean).clamp(0, 1)

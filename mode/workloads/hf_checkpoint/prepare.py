@@ -1,0 +1,294 @@
+"""``mode-prepare`` / ``python -m mode.workloads.hf_checkpoint.prepare``: raw images and text in, the
+trainer's tokenized JSONL out, with the checkpoint's own processor and VQ encoder.
+
+    mode-prepare --model /ckpt/anole-7b-hf raw/gqa.jsonl data/gqa.jsonl
+    mode-prepare --model /ckpt/anole-7b-hf raw/captions.jsonl data/generation.jsonl --prompt-dir data/prompts
+
+Input records, one JSON object a line, image paths relative to the file:
+    task               {"image": "img/1.png", "question": "What color is it?", "answer": "red", "task"?: "gqa"}
+                       -> {"input_ids": [...], "answer_start": N, "task"?: ...}: the processor's prompt
+                       (``--template`` with the image placeholder and the question), then the answer's
+                       tokens and the eos token, scored
+    generation stream  {"caption": "a red square", "image": "img/2.png"}
+                       -> {"input_ids": [...], "answer_start": N}: caption, then the image, scored from
+                       its first code (the --gen-data stream MoDE distils on)
+    prompt             {"caption": "a red square", "name"?: "square"} -> DIR/NAME.json for --gen-prompts
+                       (``--prompt-dir``): Chameleon: the caption's ids; Emu3: the processor's
+                       generation prompt and the image's height and width in latents
+
+The processor writes placeholders (``<image>``) where the image goes; each batch's images are
+encoded by the checkpoint's VQ encoder (``get_image_tokens``) and their codes replace the
+placeholders: Chameleon / Anole 1024 codes between <racm3:break> and <eoss>; Emu3 its row
+layout (each row's codes and an end-of-row token, see ``emu3``). A placeholder count that does not
+match the codes is an error.
+
+Bad records (bad JSON, missing or empty fields, a missing or unreadable image) are listed with
+``file:line``; ``--on-bad-record refuse`` (default, as the trainer) writes nothing and exits 2,
+``skip`` drops them with a warning. The output is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...hf.models import hf_model, model_device
+from .data import REPORTED_ERRORS, parse_record
+from .loading import load_model, modality_spec_for, token_checks, vocab_size
+
+FAMILIES = ("chameleon", "emu3")
+
+
+@dataclass
+class RawRecord:
+    source: str  # file:line
+    kind: str  # "task", "stream" or "prompt"
+    fields: dict
+    image: Path | None = None  # checked readable; decoded batch by batch (a data set's pixels need not fit in memory)
+
+    def load_image(self):
+        from PIL import Image
+
+        try:
+            with Image.open(self.image) as img:
+                return img.convert("RGB")
+        except OSError as exc:  # passed verify() but does not decode (e.g. truncated)
+            raise ValueError(f"{self.source}: image {self.fields['image']!r}: unreadable ({exc})") from None
+
+
+def read_records(path: Path) -> tuple[list[RawRecord], list[str]]:
+    """The valid records of ``path`` (images opened) and the problems of the others, with file:line."""
+    from PIL import Image, UnidentifiedImageError
+
+    records, errors = [], []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        source = f"{path}:{line_no}"
+        try:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"bad JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            if "question" in obj or "answer" in obj:
+                kind, required = "task", ("image", "question", "answer")
+            elif "image" in obj:
+                kind, required = "stream", ("image", "caption")
+            elif "caption" in obj:
+                kind, required = "prompt", ("caption",)
+            else:
+                raise ValueError("expected a task {image, question, answer}, a generation-stream record "
+                                 "{caption, image} or a prompt {caption}")
+            for name in required + tuple(k for k in ("task", "name") if k in obj):
+                if not isinstance(obj.get(name), str) or not obj[name].strip():
+                    raise ValueError(f"{name}: " + ("missing" if name not in obj else "expected a non-empty string"))
+            if kind == "prompt" and Path(obj.get("name", "x")).name != obj.get("name", "x"):
+                raise ValueError(f"name {obj['name']!r}: expected a file name (it names PROMPT_DIR/NAME.json)")
+            image_path = None
+            if "image" in required:
+                image_path = path.parent / obj["image"]
+                if not image_path.is_file():
+                    raise ValueError(f"image {obj['image']!r}: no such file ({image_path})")
+                try:
+                    with Image.open(image_path) as img:
+                        img.verify()  # the header and checksums, without decoding the pixels
+                except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+                    raise ValueError(f"image {obj['image']!r}: unreadable ({exc})") from None
+            records.append(RawRecord(source, kind, obj, image_path))
+        except ValueError as exc:
+            errors.append(f"{source}: {exc}")
+    return records, errors
+
+
+def family_of(model: nn.Module) -> str:
+    model_type = hf_model(model).config.model_type
+    if model_type not in FAMILIES:
+        raise ValueError(f"mode-prepare: model type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    return model_type
+
+
+class Preparer:
+    """The checkpoint's processor and VQ encoder, turning raw records into token records."""
+
+    def __init__(self, model: nn.Module, processor, template: str = "{image}{question}", ratio: str = "1:1",
+                 image_area: int | None = None):
+        self.model, self.processor, self.family = model, processor, family_of(model)
+        self.tokenizer = processor.tokenizer
+        self.placeholder = processor.image_token
+        self.placeholder_id = self.tokenizer.convert_tokens_to_ids(self.placeholder)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("mode-prepare: the tokenizer has no eos token to end the answers with")
+        if template.count("{image}") != 1 or "{question}" not in template:
+            raise ValueError(f"--template {template!r}: expected one {{image}} and a {{question}}")
+        self.template, self.ratio, self.image_area = template, ratio, image_area
+        config = hf_model(model).config
+        self.spec = modality_spec_for(self.family, vocab_size(model), getattr(config, "vocabulary_map", None))
+        self.codes = self.spec.image_token_ranges[0]
+        # Chameleon's processor appends its sep token to a prompt unless told it is for completion
+        self.text_options = {"return_for_text_completion": True} if self.family == "chameleon" else {}
+
+    def _with_codes(self, texts: list[str], images: list) -> list[list[int]]:
+        """The processor's ids of ``texts`` with ``images``, placeholders replaced by the VQ codes."""
+        batch = self.processor(images=images, text=texts, padding=True, return_tensors="pt", **self.text_options)
+        pixels = batch["pixel_values"].to(model_device(self.model), next(self.model.parameters()).dtype)
+        inner = hf_model(self.model).model
+        with torch.no_grad():
+            if self.family == "emu3":
+                codes = inner.get_image_tokens(pixels, batch["image_sizes"])
+            else:
+                codes = inner.get_image_tokens(pixels)
+        codes = codes.reshape(-1).cpu()
+        rows = [ids[mask.bool()] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        ids = torch.cat(rows)
+        slots = ids == self.placeholder_id
+        if int(slots.sum()) != codes.numel():
+            raise ValueError(f"mode-prepare: the processor wrote {int(slots.sum())} image placeholders for "
+                             f"{codes.numel()} VQ codes; its image_seq_length does not match the VQ encoder")
+        ids[slots] = codes.to(ids.dtype)
+        return [part.tolist() for part in ids.split([len(r) for r in rows])]
+
+    def tokenize(self, records: list[RawRecord]) -> list[dict]:
+        """One output object per record (records of one kind at a time)."""
+        kind = records[0].kind
+        if kind == "prompt":
+            return [self._prompt(r) for r in records]
+        if kind == "task":
+            texts = [self.template.format(image=self.placeholder, question=r.fields["question"]) for r in records]
+        else:
+            texts = [r.fields["caption"] + self.placeholder for r in records]
+        out = []
+        for r, ids in zip(records, self._with_codes(texts, [r.load_image() for r in records])):
+            if kind == "task":
+                answer = self.tokenizer(r.fields["answer"], add_special_tokens=False)["input_ids"]
+                obj = {"input_ids": ids + answer + [self.tokenizer.eos_token_id], "answer_start": len(ids)}
+            else:  # scored from the image's first code on
+                lo, hi = self.codes
+                obj = {"input_ids": ids, "answer_start": next(i for i, t in enumerate(ids) if lo <= t < hi)}
+            out.append({**obj, **({"task": r.fields["task"]} if "task" in r.fields else {})})
+        return out
+
+    def _prompt(self, record: RawRecord) -> dict:
+        caption = record.fields["caption"]
+        if self.family == "chameleon":
+            ids = self.processor(text=[caption], return_tensors="pt", **self.text_options)["input_ids"][0]
+            return {"input_ids": ids.tolist()}
+        options = {"ratio": self.ratio, **({"image_area": self.image_area} if self.image_area else {})}
+        out = self.processor(text=[caption], return_for_image_generation=True, **options)
+        height, width = out["image_sizes"][0]
+        return {"input_ids": list(out["input_ids"][0]), "height": int(height), "width": int(width)}
+
+
+def _same_kind_batches(records: list[RawRecord], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``records`` in batches of one kind, in order within each kind."""
+    for kind in ("task", "stream", "prompt"):
+        indices = [i for i, r in enumerate(records) if r.kind == kind]
+        for start in range(0, len(indices), batch_size):
+            yield indices[start:start + batch_size]
+
+
+def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path | None = None,
+            batch_size: int = 8, on_error: str = "refuse", template: str = "{image}{question}",
+            ratio: str = "1:1", image_area: int | None = None, device: str = "cpu",
+            progress: bool = True) -> dict:
+    """Tokenize the raw JSONL ``inputs`` into ``output`` (task and generation-stream records, in
+    input order) and ``prompt_dir`` (prompt records); returns counts. ValueError listing the bad
+    records under ``on_error="refuse"`` (nothing written)."""
+    from transformers import AutoProcessor
+
+    if on_error not in ("refuse", "skip"):
+        raise ValueError(f"on_error: expected 'refuse' or 'skip', got {on_error!r}")
+    if not inputs.is_file():
+        raise FileNotFoundError(f"{inputs}: no such file")
+    records, errors = read_records(inputs)
+    if errors:
+        listed = "\n  ".join(errors[:REPORTED_ERRORS])
+        more = f"\n  ... and {len(errors) - REPORTED_ERRORS} more" if len(errors) > REPORTED_ERRORS else ""
+        if on_error == "refuse":
+            raise ValueError(f"{len(errors)} bad record(s) (use --on-bad-record skip to drop them):\n  {listed}{more}")
+        warnings.warn(f"skipped {len(errors)} bad record(s), kept {len(records)}:\n  {listed}{more}", stacklevel=2)
+    if not records:
+        raise ValueError(f"{inputs}: no valid record")
+    if any(r.kind == "prompt" for r in records) and prompt_dir is None:
+        raise ValueError(f"{inputs}: prompt records ({{caption}} without an image) need --prompt-dir")
+    dtype = torch.bfloat16 if device.startswith("cuda") else None
+    model = load_model(model_dir, dtype=dtype, device=device)
+    preparer = Preparer(model, AutoProcessor.from_pretrained(model_dir, local_files_only=True), template, ratio,
+                        image_area)
+    results: list[dict | None] = [None] * len(records)
+    with tqdm(total=len(records), desc=f"mode-prepare {inputs.name}", disable=not progress) as bar:
+        for batch in _same_kind_batches(records, batch_size):
+            for i, obj in zip(batch, preparer.tokenize([records[i] for i in batch])):
+                results[i] = obj
+            bar.update(len(batch))
+    # what the trainer will refuse is refused now: ids outside the model's vocabulary (a processor
+    # of another checkpoint), placeholders left, task labels on masked image codes
+    checks = {task_labels: token_checks(model, preparer.spec, task_labels) for task_labels in (True, False)}
+    max_length = getattr(hf_model(model).config, "max_position_embeddings", None)
+    problems = []
+    for r, obj in zip(records, results):
+        if r.kind != "prompt":
+            try:
+                parse_record(obj, vocab_size(model), "-", max_length, checks[r.kind == "task"])
+            except ValueError as exc:
+                problems.append(f"{r.source}: the tokenized record: {exc}")
+    if problems:
+        raise ValueError(f"{len(problems)} tokenized record(s) the trainer would refuse (is --model the processor's "
+                         "checkpoint?):\n  " + "\n  ".join(problems[:REPORTED_ERRORS]))
+    lines = [json.dumps(obj) for r, obj in zip(records, results) if r.kind != "prompt"]
+    if lines:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(output)
+    prompts = [(r, obj) for r, obj in zip(records, results) if r.kind == "prompt"]
+    for n, (r, obj) in enumerate(prompts):
+        prompt_dir.mkdir(parents=True, exist_ok=True)
+        (prompt_dir / f"{r.fields.get('name', f'prompt{n}')}.json").write_text(json.dumps(obj) + "\n")
+    return {"records": len(lines), "prompts": len(prompts), "skipped": len(errors)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mode-prepare", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", type=Path, help="raw JSONL (image paths relative to it)")
+    parser.add_argument("output", type=Path, help="tokenized JSONL for mode-train --data / --gen-data")
+    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint with its processor")
+    parser.add_argument("--prompt-dir", type=Path, help="where prompt records go, one NAME.json each")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per VQ-encoder call")
+    parser.add_argument("--on-bad-record", choices=("refuse", "skip"), default="refuse")
+    parser.add_argument("--template", default="{image}{question}",
+                        help="a task's prompt text; {image}: the processor's image placeholder")
+    parser.add_argument("--ratio", default="1:1", help="emu3 prompts: the image's aspect ratio W:H")
+    parser.add_argument("--image-area", type=int, help="emu3 prompts: the image's area in pixels "
+                        "(default: the processor's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        counts = prepare(args.model, args.input, args.output, args.prompt_dir, args.batch_size, args.on_bad_record,
+                         args.template, args.ratio, args.image_area, args.device, not args.no_progress)
+    except (OSError, ValueError) as err:
+        print(f"mode-prepare: {err}", file=sys.stderr)
+        return 2
+    print(f"mode-prepare: {counts['records']} record(s) to {args.output}, {counts['prompts']} prompt(s), "
+          f"{counts['skipped']} skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
