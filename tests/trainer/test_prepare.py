@@ -11,7 +11,6 @@ from transformers import AutoProcessor
 
 import mode
 from mode.train import cli, loop
-from mode.train.methods import METHODS, apply_method
 from mode.workloads.hf_checkpoint import prepare
 from mode.workloads.hf_checkpoint.data import load_jsonl
 from mode.workloads.hf_checkpoint.loading import (
@@ -94,9 +93,7 @@ def test_prepare_train_reload_generate(tmp_path, kind):
     config, args = cli.parse_args(argv)
     metrics = loop.run(config, args.output, device="cpu", progress=False)
     assert (output / "adapters" / "mode" / "adapter_config.json").is_file()
-    reloaded = load_model(model_dir)
-    apply_method(reloaded, METHODS["mode"], config, spec, vocab_size(reloaded))
-    mode.load_adapter(reloaded, output / "adapters" / "mode")
+    reloaded = mode.load_adapter(load_model(model_dir), output / "adapters" / "mode")
     accs = exact_match_accuracy(reloaded.eval(), load_jsonl(data, vocab_size(reloaded)))
     assert [accs["color"], accs["shape"]] == metrics["methods"]["mode"]["acc_matrix"][-1]
 

@@ -9,9 +9,8 @@ from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, VOCAB, tiny_
 import mode
 from mode.train import cli, loop
 from mode.train.config import RunError
-from mode.train.methods import METHODS, apply_method
 from mode.workloads.hf_checkpoint.data import load_jsonl
-from mode.workloads.hf_checkpoint.loading import exact_match_accuracy, load_model, modality_spec_for, vocab_size
+from mode.workloads.hf_checkpoint.loading import exact_match_accuracy, load_model
 
 LLAMA_MODALITY = f"{IMAGE_LO}:{IMAGE_HI},begin={BEGIN_IMAGE},end={END_IMAGE}"
 TINY = ["--steps-per-task", "2", "--batch-size", "4", "--eval-size", "4", "--checkpoint-every", "1",
@@ -75,10 +74,7 @@ def run(argv):
 def reload_adapters(argv, method_name):
     """The run's base checkpoint with the method's adapters from DIR/adapters/<method>."""
     config, args = cli.parse_args(argv)
-    model = load_model(config.model)
-    spec = modality_spec_for(config.modality, vocab_size(model))
-    apply_method(model, METHODS[method_name], config, spec, vocab_size(model))
-    return mode.load_adapter(model, args.output / "adapters" / method_name).eval()
+    return mode.load_adapter(load_model(config.model), args.output / "adapters" / method_name).eval()
 
 
 def test_llama_run_scores_every_task_file_and_draws_the_prompts(tmp_path, llama_dir):
