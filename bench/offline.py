@@ -180,7 +180,7 @@ def measure(run: Callable[[], None]) -> list[Launch]:
     with count_triton() as rec, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                        record_shapes=True) as prof:
         run()
-    triton_events = sorted((ev.time_range.start for ev in prof.events() if ev.name.startswith("triton::")))
+    triton_events = sorted(ev.time_range.start for ev in prof.events() if ev.name.startswith("triton::"))
     timed = list(zip(triton_events, rec.launches))
     return [launch for _, launch in sorted(timed + _torch_kernels(prof.events()), key=lambda p: p[0])]
 
