@@ -40,7 +40,6 @@ MAX_RANK = 64
 # The expert layout travels as one constexpr: modality m owns experts [bound(m), bound(m + 1)),
 # each bound in BOUND_BITS bits of a 63-bit integer.
 BOUND_BITS = 7
-_BOUND_BITS = tl.constexpr(BOUND_BITS)  # the same, readable inside kernels
 MAX_MODALITIES = 63 // BOUND_BITS - 1
 MAX_EXPERTS = (1 << BOUND_BITS) - 1
 # Rank columns are walked in chunks of at most this many (registers).
@@ -71,7 +70,7 @@ def _columns(j, NUM_EXPERTS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.conste
 
 @triton.jit
 def _own_experts(ids_ptr, rows, row_mask, BOUNDS: tl.constexpr, NUM_MODALITIES: tl.constexpr,
-                 E_W: tl.constexpr, BOUND_BITS_: tl.constexpr):
+                 E_W: tl.constexpr, BITS: tl.constexpr):
     """[BLOCK_M, E_W]: expert e belongs to the token's modality; [BLOCK_M]: that modality has several.
 
     Ids outside [0, M) own no expert (the adapters add nothing), so bad ids never address memory.
@@ -79,10 +78,10 @@ def _own_experts(ids_ptr, rows, row_mask, BOUNDS: tl.constexpr, NUM_MODALITIES: 
     m = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     known = (m >= 0) & (m < NUM_MODALITIES)
     m = tl.where(known, m, 0)
-    field = (1 << BOUND_BITS_) - 1
+    field: tl.constexpr = (1 << BITS) - 1
     bounds = tl.full(m.shape, BOUNDS, tl.int64)
-    first = (bounds >> (BOUND_BITS_ * m)) & field
-    last = tl.where(known, (bounds >> (BOUND_BITS_ * (m + 1))) & field, first)
+    first = (bounds >> (BITS * m)) & field
+    last = tl.where(known, (bounds >> (BITS * (m + 1))) & field, first)
     e = tl.arange(0, E_W)[None, :]
     return (e >= first[:, None]) & (e < last[:, None]), last - first > 1
 
@@ -111,9 +110,10 @@ def _expert_onehot(expert, exists, E_W: tl.constexpr):
 @triton.jit
 def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
                    stride_rk, ids_ptr, h_ptr, gates_ptr, T, K, scaling,
-                   BOUNDS: tl.constexpr, NUM_MODALITIES: tl.constexpr, NUM_EXPERTS: tl.constexpr,
-                   RANK: tl.constexpr, RANK_P: tl.constexpr, HAS_ROUTER: tl.constexpr, DOT_FP32: tl.constexpr,
-                   E_W: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BOUNDS: tl.constexpr, BOUND_BITS: tl.constexpr, NUM_MODALITIES: tl.constexpr,
+                   NUM_EXPERTS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, HAS_ROUTER: tl.constexpr,
+                   DOT_FP32: tl.constexpr, E_W: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """H[:, chunk] = scaling * g_e * (u A_e^T) for one block of tokens; the first chunk also stores the gates."""
     C: tl.constexpr = NUM_EXPERTS * RANK_P
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -137,7 +137,7 @@ def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, str
             r = tl.load(r_cols + k[:, None] * stride_rk, mask=(e[None, :] < NUM_EXPERTS) & (k[:, None] < K),
                         other=0.0)
             logits = _mma(logits, u, r, DOT_FP32, dtype)
-    own, several = _own_experts(ids_ptr, rows, row_mask, BOUNDS, NUM_MODALITIES, E_W, _BOUND_BITS)
+    own, several = _own_experts(ids_ptr, rows, row_mask, BOUNDS, NUM_MODALITIES, E_W, BOUND_BITS)
     gates = _gates(logits, own, several)
     column_gates = tl.dot(gates * scaling, _expert_onehot(expert, exists, E_W), input_precision="ieee")
     out_rows = rows.to(tl.int64)[:, None] * C
@@ -152,9 +152,10 @@ def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, str
 @triton.jit
 def _grad_rows_kernel(dy_ptr, stride_dt, stride_dn, b_ptr, stride_be, stride_bn, stride_br, h_ptr, gates_ptr,
                       ids_ptr, g_ptr, T, N, scaling,
-                      BOUNDS: tl.constexpr, NUM_MODALITIES: tl.constexpr, NUM_EXPERTS: tl.constexpr,
-                      RANK: tl.constexpr, RANK_P: tl.constexpr, HAS_ROUTER: tl.constexpr, DOT_FP32: tl.constexpr,
-                      E_W: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BOUNDS: tl.constexpr, BOUND_BITS: tl.constexpr, NUM_MODALITIES: tl.constexpr,
+                      NUM_EXPERTS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, HAS_ROUTER: tl.constexpr,
+                      DOT_FP32: tl.constexpr, E_W: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     """G = [dh | dlogit] for one block of tokens, from Z = dy B_cat (one pass over dy per rank chunk).
 
     With q_e = sum_i H_ei Z_ei (= g_e dL/dg_e, H holding scaling g_e h): dh = scaling g_e Z and
@@ -166,7 +167,7 @@ def _grad_rows_kernel(dy_ptr, stride_dt, stride_dn, b_ptr, stride_be, stride_bn,
     row_mask = rows < T
     e = tl.arange(0, E_W)
     dtype = dy_ptr.dtype.element_ty
-    own, several = _own_experts(ids_ptr, rows, row_mask, BOUNDS, NUM_MODALITIES, E_W, _BOUND_BITS)
+    own, several = _own_experts(ids_ptr, rows, row_mask, BOUNDS, NUM_MODALITIES, E_W, BOUND_BITS)
     if HAS_ROUTER:
         gates = tl.load(gates_ptr + rows.to(tl.int64)[:, None] * NUM_EXPERTS + e[None, :],
                         mask=row_mask[:, None] & own, other=0.0)
@@ -263,6 +264,8 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
     L = [A_cat ; R]. IN = 0 leaves only the adapters' term.
     """
     C: tl.constexpr = NUM_EXPERTS * RANK_P
+    # The adapter tile is no wider than the K tile (registers, as in the base loop).
+    BJ: tl.constexpr = BLOCK_K if BLOCK_K < BLOCK_J else BLOCK_J
     dtype = out_ptr.dtype.element_ty
     # Grouped ordering: GROUP_M row blocks share each weight column block while it is in L2.
     pid = tl.program_id(0)
@@ -283,8 +286,8 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # The adapters first (LoRAFusion's order): EXT extra K columns.
-    for j0 in tl.static_range(0, EXT, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
+    for j0 in range(0, EXT, BJ):
+        j = j0 + tl.arange(0, BJ)
         ext = tl.load(ext_ptr + safe_rows[:, None] * EXT + j[None, :], mask=j[None, :] < EXT, other=0.0)
         expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
         lw = tl.load(lw_ptr + (expert * stride_le + rank * stride_li)[:, None] + safe_cols[None, :] * stride_lo,
@@ -399,9 +402,9 @@ class Layout:
         self.chunk = min(MAX_CHUNK, max(16, _next_pow2(self.columns)))
 
     def constexprs(self, dot_fp32: bool) -> dict:
-        return dict(BOUNDS=self.bounds, NUM_MODALITIES=self.num_modalities, NUM_EXPERTS=self.num_experts,
-                    RANK=self.rank, RANK_P=self.rank_p, HAS_ROUTER=self.has_router, DOT_FP32=dot_fp32,
-                    E_W=self.logit_width, CHUNK=self.chunk)
+        return dict(BOUNDS=self.bounds, BOUND_BITS=BOUND_BITS, NUM_MODALITIES=self.num_modalities,
+                    NUM_EXPERTS=self.num_experts, RANK=self.rank, RANK_P=self.rank_p, HAS_ROUTER=self.has_router,
+                    DOT_FP32=dot_fp32, E_W=self.logit_width, CHUNK=self.chunk)
 
 
 def _check_dtypes(**tensors):
@@ -425,7 +428,9 @@ def weight_grads_config(lay: Layout, dot_fp32: bool) -> dict:
     """Launch meta of the weight-gradient reduction: [chunk, BLOCK_C] float32 accumulators."""
     if INTERPRET:
         return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=32 if dot_fp32 else 64, BLOCK_C=64, num_warps=4, num_stages=2 if dot_fp32 else 3)
+    if dot_fp32:
+        return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=3)
 
 
 def _router_args(lay: Layout, router_weight, fallback):
