@@ -5,8 +5,9 @@
 Each workload calls an op's public API (``backend="triton"``, forward and backward) at small shapes
 under Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton is imported) and counts:
 
-- launches: Triton kernel launches, plus the torch kernels the launchers run (leaf ATen ops that
-  do work: copies, fills, reductions, casts, matmuls; views and allocations are not kernels);
+- launches: Triton kernel launches, plus the torch kernels the launchers run (each outermost ATen
+  op that does work: copies, fills, reductions, casts, matmuls; views and allocations are not
+  kernels);
 - tensor-core FLOPs: 2 * M * N * K of every ``tl.dot`` (the interpreter builder's ``create_dot``
   is wrapped) and of every torch matmul;
 - bytes under a perfect cache: for each Triton launch, the unique addresses its masked loads read
@@ -47,7 +48,7 @@ _NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::view", "aten::_reshap
               "aten::split", "aten::chunk", "aten::narrow", "aten::reshape", "aten::view_as", "aten::is_nonzero",
               "aten::item", "aten::_local_scalar_dense", "aten::result_type", "aten::size", "aten::stride",
               "aten::new_empty", "aten::new_empty_strided", "aten::empty_like", "aten::contiguous", "aten::detach_"}
-_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 _TORCH_ITEMSIZE = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4,
                    "bool": 1, "signed char": 1, "unsigned char": 1, "short int": 2}
 
@@ -149,29 +150,42 @@ def _shape_bytes(shape, dtype: str) -> int:
     return math.prod(shape) * _TORCH_ITEMSIZE.get(dtype, 4) if shape else 0
 
 
+# Ops that do no work unless one of their callees does (a no-op conversion has no callee).
+_WORK_IF_CALLEES = {"aten::to", "aten::contiguous", "aten::reshape", "aten::clone"}
+
+
+def _does_work(ev) -> bool:
+    if ev.name not in _NO_KERNEL and ev.name not in _WORK_IF_CALLEES:
+        return True
+    return any(_does_work(c) for c in ev.cpu_children if c.name.startswith("aten::"))
+
+
+def _matmul_flops(name: str, shapes: list) -> int:
+    mats = [s for s in shapes if len(s) >= 2]
+    if name not in _MATMULS or len(mats) < 2:
+        return 0
+    a, b = mats[0], mats[1]
+    return 2 * math.prod(a) * (b[0] if name == "aten::linear" else b[-1])
+
+
 def _torch_kernels(events) -> list[tuple[float, Launch]]:
-    """Leaf ATen ops that launch a kernel, outside Triton launches (the interpreter's own copies)."""
+    """Outermost ATen ops that do work (each taken as one kernel), outside Triton launches (the
+    interpreter's own copies) and outside other ATen ops (a composite op counts once)."""
     out = []
     for ev in events:
-        if not ev.name.startswith("aten::") or ev.name in _NO_KERNEL:
+        if not ev.name.startswith("aten::") or not _does_work(ev):
             continue
-        if any(c.name.startswith("aten::") for c in ev.cpu_children):
-            continue
-        parent, inside = ev.cpu_parent, False
+        parent, nested = ev.cpu_parent, False
         while parent is not None:
-            inside = inside or parent.name.startswith("triton::")
+            nested = nested or parent.name.startswith(("triton::", "aten::"))
             parent = parent.cpu_parent
-        if inside:
+        if nested:
             continue
-        shapes = [s for s in ev.input_shapes if isinstance(s, list) and s]
         types = ev.input_types if hasattr(ev, "input_types") else [""] * len(ev.input_shapes)
-        sizes = [_shape_bytes(s, t) for s, t in zip(ev.input_shapes, types) if isinstance(s, list) and s]
-        flops = 0
-        if ev.name in _MATMULS and len(shapes) >= 2:
-            a, b = shapes[-2], shapes[-1]
-            flops = 2 * math.prod(a) * b[-1]
-        launch = Launch(ev.name, flops, sum(sizes), max(sizes, default=0), estimated=True)
-        out.append((ev.time_range.start, launch))
+        tensors = [(s, t) for s, t in zip(ev.input_shapes, types) if isinstance(s, list) and s]
+        sizes = [_shape_bytes(s, t) for s, t in tensors]
+        flops = _matmul_flops(ev.name, [s for s, _ in tensors])
+        out.append((ev.time_range.start, Launch(ev.name, flops, sum(sizes), max(sizes, default=0), estimated=True)))
     return out
 
 

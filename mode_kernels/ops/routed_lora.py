@@ -3,7 +3,9 @@
 The forward and the backward are each one custom op (``mode_kernels::routed_lora`` and
 ``mode_kernels::routed_lora_backward``) whose implementation is picked by the ``backend``
 string, so ``torch.compile(fullgraph=True)`` sees two opaque nodes and no graph break.
-A routing plan travels into the ops as its tensors.
+A routing plan travels into the ops as its tensors. The forward op also returns what the
+backend's backward reuses (the Triton kernels' gated rank intermediate H and gates; empty for
+the reference), saved for the backward and never differentiated.
 """
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ def _setup_context(ctx, inputs, output):
      experts_per_modality, scaling, backend) = inputs
     _, saved_h, saved_gates = output
     ctx.mark_non_differentiable(saved_h, saved_gates)
+    ctx.set_materialize_grads(False)  # no zero gradients allocated for the saved outputs
     ctx.save_for_backward(x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b, router_weight,
                           saved_h, saved_gates)
     ctx.meta = (list(experts_per_modality), scaling, backend)
@@ -96,6 +99,8 @@ def _backward(ctx, grad_y, _grad_h, _grad_gates):
      saved_gates) = ctx.saved_tensors
     experts_per_modality, scaling, backend = ctx.meta
     n = ctx.needs_input_grad
+    if grad_y is None:  # y did not reach the loss (gradients are not materialised)
+        return (None,) * 13
     needs = [n[0], n[3] and lora_input is not None, n[1], n[2] and bias is not None, n[7], n[8],
              n[9] and router_weight is not None]
     grads = _routed_lora_backward(grad_y, x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b,
