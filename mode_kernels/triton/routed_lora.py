@@ -207,7 +207,7 @@ _TILES = {
     80: [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
 }
 _DECODE_TILES = [(64, 128, 128, 4, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4)]
-_FP32_TILES = [(64, 64, 32, 8, 3)]  # float32: exact products on CUDA cores, small tiles
+_FP32_TILES = [(32, 64, 32, 4, 3)]  # float32: exact products on CUDA cores, small tiles
 DECODE_TOKENS = 64
 T_BUCKETS = (16, 32, 64, 128)  # tokens above the last share one bucket
 
