@@ -57,6 +57,7 @@ class Sizes:
     dtype: torch.dtype
     scaled_down: bool
     description: str = ""
+    decode_tokens: tuple[int, ...] = (1, 16, 64)   # routed LoRA decode steps (forward, no autograd)
 
 
 def _anole_model(layers: int) -> ModelShape:
@@ -88,7 +89,7 @@ PROFILES = {
 # For the smoke test of the runner: every case in seconds.
 TINY = Sizes(((32, 48),), (64,), (0.3,), 16, (4,), ("fwd+bwd",), (130,), (64,), 32,
              ModelShape(hidden=32, mlp=48, vocab=256, layers=1, heads=2, batch=1, seq=32, image_span=16),
-             torch.float32, True, "tiny smoke-test shapes, float32")
+             torch.float32, True, "tiny smoke-test shapes, float32", decode_tokens=(1,))
 
 
 def sizes_for(device: torch.device, quick: bool, tiny: bool = False) -> Sizes:
@@ -99,11 +100,13 @@ def _timed_closure(forward: Callable[[], torch.Tensor], params: list[torch.Tenso
     """The closure to time for one direction of a differentiable computation.
 
     "fwd" runs the forward with autograd recording (as in training); "bwd" times only the gradient
-    of a forward done once (graph kept); "fwd+bwd" both. A random output gradient stands in for the
-    rest of the network (a scalar loss gets 1).
+    of a forward done once (graph kept); "fwd+bwd" both; "decode" the forward under no_grad (inference).
+    A random output gradient stands in for the rest of the network (a scalar loss gets 1).
     """
     if direction == "fwd":
         return forward
+    if direction == "decode":  # inference: no autograd graph
+        return torch.no_grad()(forward)
     out = forward()
     grad_out = torch.randn_like(out) if out.dim() else None
     if direction == "bwd":
@@ -165,6 +168,15 @@ def routed_lora_cases(sizes: Sizes, device) -> Iterator[Case]:
                             build = routed_lora_build(impl, k, n, tokens, share, sizes.image_span, rank,
                                                        direction, device, sizes.dtype)
                             yield Case(f"routed LoRA {direction}", shape, label, build, is_baseline, tokens)
+    # Decode: a few text tokens per step, forward only, against the base linear alone.
+    for (k, n) in sizes.linear_shapes:
+        for tokens in sizes.decode_tokens:
+            shape = f"K={k} N={n} T={tokens} text r={sizes.ranks[0]} E=(4,1)"
+            for impl, is_baseline in ((FLOOR, True), ("ours", False)):
+                label = f"ours ({backend})" if impl == "ours" else impl
+                build = routed_lora_build(impl, k, n, tokens, 0.0, sizes.image_span, sizes.ranks[0], "decode",
+                                          device, sizes.dtype)
+                yield Case("routed LoRA decode fwd", shape, label, build, is_baseline, tokens)
 
 
 def _liger_loss(student_hidden, teacher_hidden, weight):

@@ -8,15 +8,17 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Value checks (ids in range) need the data on the host. On CPU they are free and always run;
-# on CUDA they force a device sync, so they can be switched off for speed.
-_sync_checks = os.environ.get("MODE_KERNELS_SYNC_CHECKS", "1") != "0"
+# on CUDA they force a device sync, so they are off by default (a device-side assertion checks
+# instead, without waiting) and on with MODE_KERNELS_SYNC_CHECKS=1 or set_sync_checks(True).
+_sync_checks = os.environ.get("MODE_KERNELS_SYNC_CHECKS", "0") == "1"
 
 
 def set_sync_checks(enabled: bool) -> None:
     """Enable or disable value checks that force a host-device sync on CUDA tensors.
 
-    They are on by default; ``MODE_KERNELS_SYNC_CHECKS=0`` in the environment turns them off
-    at import. CPU tensors are always checked.
+    They are off by default (CUDA ids are then checked by an asynchronous device assertion);
+    ``MODE_KERNELS_SYNC_CHECKS=1`` in the environment turns them on at import. CPU tensors are
+    always checked.
     """
     global _sync_checks
     _sync_checks = bool(enabled)
@@ -36,11 +38,15 @@ def check_modality_ids(ids: torch.Tensor, num_modalities: int, name: str) -> tor
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{name}: expected an integer dtype, got {ids.dtype}")
     ids = ids.to(torch.int64)
-    if ids.numel() and not _compiling() and sync_checks_enabled(ids.device):
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= num_modalities:
-            raise ValueError(
-                f"{name}: modality ids must lie in [0, {num_modalities}), got values in [{lo}, {hi}]")
+    if ids.numel() and not _compiling():
+        if sync_checks_enabled(ids.device):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= num_modalities:
+                raise ValueError(
+                    f"{name}: modality ids must lie in [0, {num_modalities}), got values in [{lo}, {hi}]")
+        else:
+            torch._assert_async(((ids >= 0) & (ids < num_modalities)).all(),
+                                f"{name}: modality ids must lie in [0, {num_modalities})")
     return ids
 
 

@@ -3,7 +3,9 @@
 The forward and the backward are each one custom op (``mode_kernels::routed_lora`` and
 ``mode_kernels::routed_lora_backward``) whose implementation is picked by the ``backend``
 string, so ``torch.compile(fullgraph=True)`` sees two opaque nodes and no graph break.
-A routing plan travels into the ops as its tensors.
+A routing plan travels into the ops as its tensors. The forward op also returns what the
+backend's backward reuses (the Triton kernels' gated rank intermediate H and gates; empty for
+the reference), saved for the backward and never differentiated.
 """
 from __future__ import annotations
 
@@ -21,65 +23,90 @@ from ..routing import RoutingPlan, plan_routing
 _GRAD_NAMES = ("x", "lora_input", "weight", "bias", "lora_a", "lora_b", "router_weight")
 
 
-def _plan(order, offsets, tiles, num_modalities, block_m) -> RoutingPlan:
-    return RoutingPlan(order, offsets, tiles, num_modalities, block_m)
+def _plan(order, offsets, modality, num_modalities) -> RoutingPlan:
+    return RoutingPlan(order, offsets, modality, num_modalities)
+
+
+def _saved_like(impl, x, lora_a, router_weight, experts_per_modality) -> tuple[Tensor, Tensor]:
+    """What the implementation's forward keeps for its backward, as empty tensors (none: two empties)."""
+    if hasattr(impl, "saved_like"):
+        return impl.saved_like(x, lora_a, router_weight, experts_per_modality)
+    return x.new_empty(0), x.new_empty(0)
 
 
 @torch.library.custom_op("mode_kernels::routed_lora", mutates_args=())
 def _routed_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_input: Tensor | None,
-                 order: Tensor, offsets: Tensor, tiles: Tensor, block_m: int,
+                 order: Tensor, offsets: Tensor, modality: Tensor,
                  lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
-                 experts_per_modality: list[int], scaling: float, backend: str) -> Tensor:
+                 experts_per_modality: list[int], scaling: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, *saved): saved is what the backend's backward reuses (the Triton kernels' H and gates)."""
     impl = backends.implementation(backend, "routed_lora")
-    plan = _plan(order, offsets, tiles, len(experts_per_modality), block_m)
-    return impl.routed_lora_forward(x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
-                                    tuple(experts_per_modality), scaling)
+    plan = _plan(order, offsets, modality, len(experts_per_modality))
+    args = (x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight, tuple(experts_per_modality), scaling)
+    if hasattr(impl, "routed_lora_forward_saving"):
+        y, saved = impl.routed_lora_forward_saving(*args)
+        return y, *saved
+    return impl.routed_lora_forward(*args), x.new_empty(0), x.new_empty(0)
 
 
 @_routed_lora.register_fake
-def _(x, weight, bias, lora_input, order, offsets, tiles, block_m, lora_a, lora_b, router_weight,
+def _(x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b, router_weight,
       experts_per_modality, scaling, backend):
-    return x.new_empty(x.shape[0], weight.shape[0])
+    impl = backends.implementation(backend, "routed_lora")
+    return x.new_empty(x.shape[0], weight.shape[0]), *_saved_like(impl, x, lora_a, router_weight,
+                                                                  tuple(experts_per_modality))
 
 
 @torch.library.custom_op("mode_kernels::routed_lora_backward", mutates_args=())
 def _routed_lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
-                          lora_input: Tensor | None, order: Tensor, offsets: Tensor, tiles: Tensor,
-                          block_m: int, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
+                          lora_input: Tensor | None, order: Tensor, offsets: Tensor, modality: Tensor,
+                          lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
+                          saved_h: Tensor, saved_gates: Tensor,
                           experts_per_modality: list[int], scaling: float, backend: str,
                           needs: list[bool]) -> list[Tensor]:
     impl = backends.implementation(backend, "routed_lora")
-    plan = _plan(order, offsets, tiles, len(experts_per_modality), block_m)
-    grads = impl.routed_lora_backward(grad_y.contiguous(), x, weight, bias, lora_input, plan, lora_a, lora_b,
-                                      router_weight, tuple(experts_per_modality), scaling, tuple(needs))
+    plan = _plan(order, offsets, modality, len(experts_per_modality))
+    args = (grad_y.contiguous(), x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
+            tuple(experts_per_modality), scaling, tuple(needs))
+    if hasattr(impl, "routed_lora_forward_saving"):
+        grads = impl.routed_lora_backward(*args, saved=(saved_h, saved_gates))
+    else:
+        grads = impl.routed_lora_backward(*args)
     # Custom ops cannot return None: an empty tensor stands for "not requested".
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @_routed_lora_backward.register_fake
-def _(grad_y, x, weight, bias, lora_input, order, offsets, tiles, block_m, lora_a, lora_b, router_weight,
-      experts_per_modality, scaling, backend, needs):
+def _(grad_y, x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b, router_weight, saved_h,
+      saved_gates, experts_per_modality, scaling, backend, needs):
     like = (x, lora_input, weight, bias, lora_a, lora_b, router_weight)
     return [torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(like, needs)]
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, lora_input, order, offsets, tiles, block_m, lora_a, lora_b, router_weight,
+    (x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b, router_weight,
      experts_per_modality, scaling, backend) = inputs
-    ctx.save_for_backward(x, weight, bias, lora_input, order, offsets, tiles, lora_a, lora_b, router_weight)
-    ctx.meta = (block_m, list(experts_per_modality), scaling, backend)
+    _, saved_h, saved_gates = output
+    ctx.mark_non_differentiable(saved_h, saved_gates)
+    ctx.set_materialize_grads(False)  # no zero gradients allocated for the saved outputs
+    ctx.save_for_backward(x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b, router_weight,
+                          saved_h, saved_gates)
+    ctx.meta = (list(experts_per_modality), scaling, backend)
 
 
-def _backward(ctx, grad_y):
-    x, weight, bias, lora_input, order, offsets, tiles, lora_a, lora_b, router_weight = ctx.saved_tensors
-    block_m, experts_per_modality, scaling, backend = ctx.meta
+def _backward(ctx, grad_y, _grad_h, _grad_gates):
+    (x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b, router_weight, saved_h,
+     saved_gates) = ctx.saved_tensors
+    experts_per_modality, scaling, backend = ctx.meta
     n = ctx.needs_input_grad
-    needs = [n[0], n[3] and lora_input is not None, n[1], n[2] and bias is not None, n[8], n[9],
-             n[10] and router_weight is not None]
-    grads = _routed_lora_backward(grad_y, x, weight, bias, lora_input, order, offsets, tiles, block_m, lora_a,
-                                  lora_b, router_weight, experts_per_modality, scaling, backend, needs)
+    if grad_y is None:  # y did not reach the loss (gradients are not materialised)
+        return (None,) * 13
+    needs = [n[0], n[3] and lora_input is not None, n[1], n[2] and bias is not None, n[7], n[8],
+             n[9] and router_weight is not None]
+    grads = _routed_lora_backward(grad_y, x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b,
+                                  router_weight, saved_h, saved_gates, experts_per_modality, scaling, backend, needs)
     dx, du, dw, db, da, dlb, dr = (g if need else None for g, need in zip(grads, needs))
-    return dx, dw, db, du, None, None, None, None, da, dlb, dr, None, None, None
+    return dx, dw, db, du, None, None, None, da, dlb, dr, None, None, None
 
 
 _routed_lora.register_autograd(_backward, setup_context=_setup_context)
@@ -174,6 +201,6 @@ def modality_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, modalit
     resolved = backends.resolve(backend, x.device, "routed_lora")
     x2 = x.reshape(num_tokens, k)
     u2 = None if lora_input is None else lora_input.reshape(num_tokens, k)
-    y = _routed_lora(x2, weight, bias, u2, plan.order, plan.offsets, plan.tiles, plan.block_m, lora_a, lora_b,
-                     router_weight, list(epm), float(scaling), resolved)
+    y, _, _ = _routed_lora(x2, weight, bias, u2, plan.order, plan.offsets, plan.modality, lora_a, lora_b,
+                           router_weight, list(epm), float(scaling), resolved)
     return y.reshape(*lead, n)

@@ -11,7 +11,8 @@ compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32
 (ptxas and cuobjdump ship inside the triton wheel) and reported as one row: registers, spilled
 bytes (stack frame + local memory, from ``cuobjdump -res-usage``), shared memory, whether it fits
 the arch's shared memory, and on sm_90 whether the PTX uses wgmma. The exit status is non-zero
-on a compile error, a spill, or a shared-memory overflow.
+on a compile error, a spill, a shared-memory overflow, or an sm_90 GEMM target (``gemm=True``)
+without wgmma.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class CompileTarget(NamedTuple):
     constexprs: argument name -> value for every ``tl.constexpr`` argument, and for int arguments
         equal to 1 (unit strides), which Triton's launcher also specialises to constants.
     num_warps, num_stages: launch options.
+    gemm: a tensor-core GEMM: on sm_90 its PTX must use wgmma (else it runs at a fraction of Hopper's rate).
     """
 
     name: str
@@ -57,6 +59,7 @@ class CompileTarget(NamedTuple):
     constexprs: dict
     num_warps: int
     num_stages: int
+    gemm: bool = False
 
 
 class Row(NamedTuple):
@@ -68,10 +71,12 @@ class Row(NamedTuple):
     shared: int
     wgmma: bool | None
     error: str | None
+    needs_wgmma: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.spilled == 0 and self.shared <= MAX_SHARED.get(self.arch, 0)
+        return (self.error is None and self.spilled == 0 and self.shared <= MAX_SHARED.get(self.arch, 0)
+                and not (self.needs_wgmma and self.wgmma is False))
 
 
 def _tool(name: str) -> str:
@@ -132,7 +137,8 @@ def compile_one(module: str, target: CompileTarget, arch: int) -> Row:
     except Exception as exc:  # a compile error is a result to report, not a crash
         return Row(module, target.name, arch, 0, 0, 0, None, f"{type(exc).__name__}: {exc}".splitlines()[0])
     wgmma = ("wgmma" in kernel.asm["ptx"]) if arch >= 90 else None
-    return Row(module, target.name, arch, registers, spilled, kernel.metadata.shared, wgmma, None)
+    return Row(module, target.name, arch, registers, spilled, kernel.metadata.shared, wgmma, None,
+               target.gemm and arch >= 90)
 
 
 def _targets_of(module, default_only: bool, arch: int) -> list[CompileTarget]:
@@ -174,7 +180,8 @@ def _format(row: Row) -> str:
     if row.error:
         return f"{row.arch:>4}  {'ERROR':>4}  {row.module}.{row.name}: {row.error}"
     wgmma = "-" if row.wgmma is None else ("yes" if row.wgmma else "no")
-    flag = "" if row.ok else ("  <-- SPILL" if row.spilled else "  <-- SHARED MEMORY OVER LIMIT")
+    flag = "" if row.ok else ("  <-- SPILL" if row.spilled else "  <-- NO WGMMA" if row.needs_wgmma and not row.wgmma
+                              else "  <-- SHARED MEMORY OVER LIMIT")
     return (f"sm{row.arch:<3} {row.registers:>4} {row.spilled:>6} {row.shared:>7} {wgmma:>5}  "
             f"{row.module}.{row.name}{flag}")
 
@@ -184,6 +191,7 @@ def main(argv=None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--default-only", action="store_true", help="only each kernel's default config")
+    parser.add_argument("--filter", default="", help="only targets whose module.name contains this text")
     args = parser.parse_args(argv)
     from ..triton._common import INTERPRET
 
@@ -194,10 +202,13 @@ def main(argv=None) -> int:
     print(f"{'arch':<5} {'regs':>4} {'spill':>6} {'shared':>7} {'wgmma':>5}  kernel")
     for arch in args.arch:
         for module, target in collect(args.default_only, arch):
+            if args.filter not in f"{module}.{target.name}":
+                continue
             rows.append(compile_one(module, target, arch))
             print(_format(rows[-1]), flush=True)
     bad = [r for r in rows if not r.ok]
-    print(f"{len(rows)} compilations, {len(bad)} failed (compile error, spill or shared memory over the limit)")
+    print(f"{len(rows)} compilations, {len(bad)} failed (compile error, spill, shared memory over the limit "
+          f"or an sm_90 GEMM without wgmma)")
     return 1 if bad or not rows else 0
 
 

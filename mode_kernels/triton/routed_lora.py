@@ -1,29 +1,31 @@
 """Triton modality-routed LoRA: y = x W^T + b + scaling * sum_e g_e (u A_e^T) B_e^T, per token's modality.
 
-Same signatures and semantics as ``mode_kernels.reference.routed_lora``. Four kernels:
+Same contract as ``mode_kernels.reference.routed_lora``. Tokens stay in their own order and the
+adapters are dense and masked: every token computes all E experts' rank columns, and the columns
+of experts its modality does not own are zero. Column j of a rank intermediate is expert
+j // RANK_P, rank index j % RANK_P (RANK_P = next power of two of r), C = E * RANK_P columns.
 
-* ``_shrink_kernel`` (forward): per plan tile (one modality), h = u A_m^T for that modality's
-  experts only and the router logits u R_m^T in one K loop, then float32 softmax gates and
-  scaling in the epilogue: h' [plan rows, BLOCK_R] float32. Rank columns go in chunks of at
-  most 64 (one pass over u each; MoDE's 4 experts x r 8 is one chunk), so registers stay
-  bounded up to 16 experts x r 64.
-* ``_expand_kernel``: out = a Wt + b + h' L_m (+ dlogit R_m), the base GEMM and the LoRA terms
-  in one tile loop and one float32 accumulator, written once. Forward: a = x, Wt = W^T,
-  L_m = B_m^T. Backward: a = dy, Wt = W, L_m = A_m, plus the router term.
-* ``_shrink_backward_kernel``: recomputes h and the gates, shrinks dy (z = dy B_m) and does the
-  gate gradient and the softmax backward in its epilogue: h', dh, dlogit.
-* ``_grouped_outer_kernel``: dA, dB, d(router) as per-modality sums over tokens of rank-r
-  outer products, split over tokens into float32 partials that torch then sums.
+Forward (2 launches):
 
-Rows are gathered and scattered through ``plan.order`` inside the kernels (no permuted copy
-of x, dy, y or dx); rank-r intermediates live in plan order. Column j of an intermediate is
-(local expert j // RANK_P, rank index j % RANK_P), RANK_P = next power of two of r; per-expert
-gates reach their columns by a register gather (tl.gather). All grids are
-1-D (dim 0 may reach 2^31 - 1), so T up to millions of tokens needs no grid splitting.
+* ``_shrink_kernel``: H = scaling * g_e * (u A_e^T), [T, C], gates and scaling folded in, and the
+  float32 gates [T, E] (kept for the backward), in one pass over u.
+* ``_gemm_kernel``: y = [x | H] . [W | B_cat]^T + b, one GEMM whose K loop has the adapters as
+  one extra tile; rows and columns in token order, no gathers, no padded tiles.
+
+Backward (3 launches):
+
+* ``_grad_rows_kernel``: one pass over dy gives Z = dy B_cat, then per token in registers
+  the gate and softmax backward: G = [dh | dlogit], dh = scaling g_e Z (the gradient of u A^T),
+  dlogit the router logits' gradient.
+* ``_gemm_kernel`` again: dx = [dy | G] . [W ; A_cat ; R], the adapters one extra K tile.
+* ``_weight_grads_kernel``: dA, dR = G^T u and dB = H^T dy, each program reducing one block of
+  output columns over every token (deterministic: no atomics, no partial sums, grads written
+  once in their own dtype and layout).
+
+The expert layout (which modality owns which experts) is a compile-time constant packed in one
+integer, so nothing is copied to the device at first use and nothing waits on the host.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -32,14 +34,16 @@ import triton.language as tl
 from ..routing import RoutingPlan
 from ._common import INTERPRET
 
-# Logits are held 16 wide (the literal 16 in the kernels): the narrowest operand tl.dot accepts.
-# Up to 16 experts per modality.
-ROUTER_WIDTH = 16
-# The shrink kernels walk rank columns in chunks of up to SHRINK_CHUNK, each holding whole experts.
-SHRINK_CHUNK = MAX_RANK = 64
-# Token splits of the dA/dB/dR reductions: enough programs to fill a GPU, bounded partials.
-MAX_SPLITS = 32
-TOKENS_PER_SPLIT = 1024
+# At most 16 experts per modality and rank 64 (registers of the rank chunks below).
+MAX_EXPERTS_PER_MODALITY = 16
+MAX_RANK = 64
+# The expert layout travels as one constexpr: modality m owns experts [bound(m), bound(m + 1)),
+# each bound in BOUND_BITS bits of a 63-bit integer.
+BOUND_BITS = 7
+MAX_MODALITIES = 63 // BOUND_BITS - 1
+MAX_EXPERTS = (1 << BOUND_BITS) - 1
+# Rank columns are walked in chunks of at most this many (registers).
+MAX_CHUNK = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,255 +61,215 @@ def _mma(acc, a, b, DOT_FP32: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(tiles_ptr, order_ptr, tile_pid, SUB_TILES: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Rows of one BLOCK_M slice of a plan tile: (modality, plan positions, token ids, row mask, empty)."""
-    tile = tile_pid // SUB_TILES
-    modality = tl.load(tiles_ptr + tile * 3)
-    start = tl.load(tiles_ptr + tile * 3 + 1) + (tile_pid % SUB_TILES) * BLOCK_M
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-    pos = start + tl.arange(0, BLOCK_M)
-    rows = pos < end
-    tokens = tl.load(order_ptr + pos, mask=rows, other=0)
-    return modality, pos, tokens, rows, start >= end
-
-
-@triton.jit
-def _load_expert_cols(ptr, first_expert, num_experts, j, c, c_limit, stride_e, stride_i, stride_c,
-                      RANK: tl.constexpr, RANK_P: tl.constexpr):
-    """Load a modality's stacked expert matrices at column j = (expert, rank index) and index c.
-
-    j and c are broadcastable index tensors; their shapes decide the tile's orientation.
-    """
+def _columns(j, NUM_EXPERTS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr):
+    """Rank column j -> (expert, rank index, whether the column exists)."""
     expert = j // RANK_P
     rank = j % RANK_P
-    mask = (expert < num_experts) & (rank < RANK) & (c < c_limit)
-    offs = (first_expert + expert) * stride_e + rank * stride_i + c * stride_c
-    return tl.load(ptr + offs, mask=mask, other=0.0)
+    return expert, rank, (expert < NUM_EXPERTS) & (rank < RANK)
 
 
 @triton.jit
-def _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re, stride_rk,
-                  first_expert, num_experts, c0, K, DOT_FP32: tl.constexpr, WITH_LOGITS: tl.constexpr,
-                  RANK: tl.constexpr, RANK_P: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """h = u A_m^T over rank columns [c0, c0 + CHUNK) and, WITH_LOGITS, logits = u R_m^T [BLOCK_M, 16]:
-    one pass over the tile's rows of u."""
-    dtype = u_rows.dtype.element_ty
-    j = c0 + tl.arange(0, CHUNK)[None, :]
-    e = tl.arange(0, 16)[None, :]
-    # A modality with one expert has gate 1: its router row is never read.
-    router_cols = e < tl.where(num_experts > 1, num_experts, 0)
-    h = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
-    logits = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        u = tl.load(u_rows + k[None, :] * stride_uk, mask=k[None, :] < K, other=0.0)
-        a = _load_expert_cols(a_ptr, first_expert, num_experts, j, k[:, None], K, stride_ae, stride_ar,
-                              stride_ak, RANK, RANK_P)
-        h = _mma(h, u, a, DOT_FP32, dtype)
-        if WITH_LOGITS:
-            r = tl.load(router_ptr + (first_expert + e) * stride_re + k[:, None] * stride_rk,
-                        mask=router_cols & (k[:, None] < K), other=0.0)
-            logits = _mma(logits, u, r, DOT_FP32, dtype)
-    return h, logits
+def _own_experts(ids_ptr, rows, row_mask, BOUNDS: tl.constexpr, NUM_MODALITIES: tl.constexpr,
+                 E_W: tl.constexpr, BITS: tl.constexpr):
+    """[BLOCK_M, E_W]: expert e belongs to the token's modality; [BLOCK_M]: that modality has several.
+
+    Ids outside [0, M) own no expert (the adapters add nothing), so bad ids never address memory.
+    """
+    m = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    known = (m >= 0) & (m < NUM_MODALITIES)
+    m = tl.where(known, m, 0)
+    field: tl.constexpr = (1 << BITS) - 1
+    bounds = tl.full(m.shape, BOUNDS, tl.int64)
+    first = (bounds >> (BITS * m)) & field
+    last = tl.where(known, (bounds >> (BITS * (m + 1))) & field, first)
+    e = tl.arange(0, E_W)[None, :]
+    return (e >= first[:, None]) & (e < last[:, None]), last - first > 1
 
 
 @triton.jit
-def _gates(logits, num_experts):
-    """Float32 softmax over the modality's experts, [BLOCK_M, 16] (zero past num_experts)."""
-    valid = tl.arange(0, 16)[None, :] < num_experts
-    z = tl.where(valid, logits, float("-inf"))
-    p = tl.exp(z - tl.max(z, axis=1)[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
-    return tl.where(num_experts > 1, p, valid.to(tl.float32))
+def _gates(logits, own, several):
+    """Float32 softmax over each token's own experts (1 for a single expert, whose logit is unused)."""
+    z = tl.where(own, tl.where(several[:, None], logits, 0.0), float("-inf"))
+    top = tl.max(z, axis=1)
+    p = tl.where(own, tl.exp(z - tl.where(top == float("-inf"), 0.0, top)[:, None]), 0.0)
+    total = tl.sum(p, axis=1)
+    return p / tl.where(total > 0, total, 1.0)[:, None]
 
 
 @triton.jit
-def _spread(per_expert, c0, CHUNK: tl.constexpr, RANK_P: tl.constexpr):
-    """[BLOCK_M, CHUNK]: per_expert[:, (c0 + j) // RANK_P] for the rank columns c0 + j (a register gather)."""
-    j = c0 + tl.arange(0, CHUNK)
-    index = tl.zeros((per_expert.shape[0], CHUNK), dtype=tl.int32) + (j // RANK_P)[None, :]
-    return tl.gather(per_expert, index, 1)
-
-
-@triton.jit
-def _collect(per_column, c0, CHUNK: tl.constexpr, RANK_P: tl.constexpr, BLOCK_M: tl.constexpr):
-    """[BLOCK_M, 16]: per expert e, the sum of per_column over e's rank columns in [c0, c0 + CHUNK)."""
-    EXPERTS: tl.constexpr = CHUNK // RANK_P
-    sums = tl.sum(tl.reshape(per_column, (BLOCK_M, EXPERTS, RANK_P)), axis=2)
-    local = tl.arange(0, 16) - c0 // RANK_P
-    inside = (local >= 0) & (local < EXPERTS)
-    index = tl.zeros((BLOCK_M, 16), dtype=tl.int32) + tl.where(inside, local, 0)[None, :]
-    return tl.where(inside[None, :], tl.gather(sums, index, 1), 0.0)
+def _expert_onehot(expert, exists, E_W: tl.constexpr):
+    """[E_W, CHUNK] float32: 1 where rank column j belongs to expert e. Per-expert values reach their
+    columns (and column sums their experts) by an exact dot with it: no register gathers."""
+    return ((tl.arange(0, E_W)[:, None] == expert[None, :]) & exists[None, :]).to(tl.float32)
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
 
-# The shrink kernels walk the modality's rank columns in chunks of CHUNK = min(BLOCK_R, 64), one
-# pass over u each, so registers stay bounded at any rank and expert count. The first chunk also
-# computes the router logits; MoDE's layout (4 experts x r 8) is a single chunk.
-
 @triton.jit
-def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak,
-                   router_ptr, stride_re, stride_rk, hg_ptr, order_ptr, tiles_ptr, expert_offsets_ptr,
-                   K, scaling, DOT_FP32: tl.constexpr, HAS_ROUTER: tl.constexpr, RANK: tl.constexpr,
-                   RANK_P: tl.constexpr, BLOCK_E: tl.constexpr, SUB_TILES: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h' = scaling * g_e * (u A_e^T) for the tile's modality, stored in plan order."""
-    BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
-    CHUNK: tl.constexpr = 64 if BLOCK_R > 64 else BLOCK_R
-    modality, pos, tokens, rows, empty = _tile_rows(tiles_ptr, order_ptr, tl.program_id(0), SUB_TILES, BLOCK_M)
-    if empty:
-        return
-    first_expert = tl.load(expert_offsets_ptr + modality)
-    num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
-    u_rows = u_ptr + tokens[:, None] * stride_ut  # rows past the tile's end read token 0, never stored
-    out_rows = hg_ptr + pos[:, None] * BLOCK_R + tl.arange(0, CHUNK)[None, :]
-    h, logits = _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
-                              stride_rk, first_expert, num_experts, 0, K, DOT_FP32, HAS_ROUTER, RANK, RANK_P,
-                              CHUNK, BLOCK_M, BLOCK_K)
-    gates = _gates(logits, num_experts) * scaling
-    tl.store(out_rows, h * _spread(gates, 0, CHUNK, RANK_P), mask=rows[:, None])
-    for c0 in range(CHUNK, num_experts * RANK_P, CHUNK):
-        h, _ = _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
-                             stride_rk, first_expert, num_experts, c0, K, DOT_FP32, False, RANK, RANK_P,
-                             CHUNK, BLOCK_M, BLOCK_K)
-        tl.store(out_rows + c0, h * _spread(gates, c0, CHUNK, RANK_P), mask=rows[:, None])
-
-
-@triton.jit
-def _shrink_backward_chunk(h, c0, dy_rows, stride_dyn, b_ptr, stride_be, stride_bn, stride_br, hg_out, dh_out, rows,
-                           first_expert, num_experts, gates, N, scaling, DOT_FP32: tl.constexpr, RANK: tl.constexpr,
-                           RANK_P: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rank columns [c0, c0 + CHUNK) given h there: store h' and dh = scaling g_e (dy B_e); return
-    this chunk's share of dgates_e = scaling h_e . (dy B_e), [BLOCK_M, 16]."""
-    j = c0 + tl.arange(0, CHUNK)
-    z = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
-        n = n0 + tl.arange(0, BLOCK_K)
-        dy = tl.load(dy_rows + n[None, :] * stride_dyn, mask=n[None, :] < N, other=0.0)
-        b = _load_expert_cols(b_ptr, first_expert, num_experts, j[None, :], n[:, None], N, stride_be, stride_br,
-                              stride_bn, RANK, RANK_P)
-        z = _mma(z, dy, b, DOT_FP32, dy_rows.dtype.element_ty)
-    column_gates = _spread(gates * scaling, c0, CHUNK, RANK_P)
-    tl.store(hg_out + c0, h * column_gates, mask=rows[:, None])
-    tl.store(dh_out + c0, z * column_gates, mask=rows[:, None])
-    return scaling * _collect(h * z, c0, CHUNK, RANK_P, BLOCK_M)
-
-
-@triton.jit
-def _shrink_backward_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak,
-                            router_ptr, stride_re, stride_rk, dy_ptr, stride_dyt, stride_dyn,
-                            b_ptr, stride_be, stride_bn, stride_br, hg_ptr, dh_ptr, dlogit_ptr,
-                            order_ptr, tiles_ptr, expert_offsets_ptr, K, N, scaling,
-                            DOT_FP32: tl.constexpr, HAS_ROUTER: tl.constexpr, RANK: tl.constexpr,
-                            RANK_P: tl.constexpr, BLOCK_E: tl.constexpr, SUB_TILES: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per tile: h' (for dB), dh = scaling g_e (dy B_e) (for dA, du) and dlogit (for dR, du).
-
-    dlogit = g * (dg - sum_e g_e dg_e), the softmax backward, once every chunk has added to dg.
-    """
-    BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
-    CHUNK: tl.constexpr = 64 if BLOCK_R > 64 else BLOCK_R
-    modality, pos, tokens, rows, empty = _tile_rows(tiles_ptr, order_ptr, tl.program_id(0), SUB_TILES, BLOCK_M)
-    if empty:
-        return
-    first_expert = tl.load(expert_offsets_ptr + modality)
-    num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
-    u_rows = u_ptr + tokens[:, None] * stride_ut  # rows past the tile's end read token 0, never stored
-    dy_rows = dy_ptr + tokens[:, None] * stride_dyt
-    out = pos[:, None] * BLOCK_R + tl.arange(0, CHUNK)[None, :]
-    h, logits = _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
-                              stride_rk, first_expert, num_experts, 0, K, DOT_FP32, HAS_ROUTER, RANK, RANK_P,
-                              CHUNK, BLOCK_M, BLOCK_K)
-    gates = _gates(logits, num_experts)
-    dgates = _shrink_backward_chunk(h, 0, dy_rows, stride_dyn, b_ptr, stride_be, stride_bn, stride_br, hg_ptr + out,
-                                    dh_ptr + out, rows, first_expert, num_experts, gates, N, scaling, DOT_FP32, RANK,
-                                    RANK_P, CHUNK, BLOCK_M, BLOCK_K)
-    for c0 in range(CHUNK, num_experts * RANK_P, CHUNK):
-        h, _ = _shrink_chunk(u_rows, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
-                             stride_rk, first_expert, num_experts, c0, K, DOT_FP32, False, RANK, RANK_P,
-                             CHUNK, BLOCK_M, BLOCK_K)
-        dgates += _shrink_backward_chunk(h, c0, dy_rows, stride_dyn, b_ptr, stride_be, stride_bn, stride_br,
-                                         hg_ptr + out, dh_ptr + out, rows, first_expert, num_experts, gates, N,
-                                         scaling, DOT_FP32, RANK, RANK_P, CHUNK, BLOCK_M, BLOCK_K)
+def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, stride_ak, router_ptr, stride_re,
+                   stride_rk, ids_ptr, h_ptr, gates_ptr, T, K, scaling,
+                   BOUNDS: tl.constexpr, BOUND_BITS: tl.constexpr, NUM_MODALITIES: tl.constexpr,
+                   NUM_EXPERTS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, HAS_ROUTER: tl.constexpr,
+                   DOT_FP32: tl.constexpr, E_W: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """H[:, chunk] = scaling * g_e * (u A_e^T) for one block of tokens; the first chunk also stores the gates."""
+    C: tl.constexpr = NUM_EXPERTS * RANK_P
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < T
+    j = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
+    e = tl.arange(0, E_W)
+    dtype = u_ptr.dtype.element_ty
+    # Rows past T read row T - 1 (never stored): no row predicate in the K loop.
+    u_rows = u_ptr + tl.minimum(rows, T - 1).to(tl.int64)[:, None] * stride_ut
+    a_cols = a_ptr + (expert * stride_ae + rank * stride_ar)[None, :]
+    r_cols = router_ptr + e[None, :] * stride_re
+    h = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
+    logits = tl.zeros((BLOCK_M, E_W), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        u = tl.load(u_rows + k[None, :] * stride_uk, mask=k[None, :] < K, other=0.0)
+        a = tl.load(a_cols + k[:, None] * stride_ak, mask=exists[None, :] & (k[:, None] < K), other=0.0)
+        h = _mma(h, u, a, DOT_FP32, dtype)
+        if HAS_ROUTER:
+            r = tl.load(r_cols + k[:, None] * stride_rk, mask=(e[None, :] < NUM_EXPERTS) & (k[:, None] < K),
+                        other=0.0)
+            logits = _mma(logits, u, r, DOT_FP32, dtype)
+    own, several = _own_experts(ids_ptr, rows, row_mask, BOUNDS, NUM_MODALITIES, E_W, BOUND_BITS)
+    gates = _gates(logits, own, several)
+    column_gates = tl.dot(gates * scaling, _expert_onehot(expert, exists, E_W), input_precision="ieee")
+    out_rows = rows.to(tl.int64)[:, None] * C
+    tl.store(h_ptr + out_rows + j[None, :], (h * column_gates).to(h_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (j[None, :] < C))
     if HAS_ROUTER:
-        dlogit = gates * (dgates - tl.sum(gates * dgates, axis=1)[:, None])
-        tl.store(dlogit_ptr + pos[:, None] * 16 + tl.arange(0, 16)[None, :], dlogit, mask=rows[:, None])
+        if tl.program_id(1) == 0:
+            tl.store(gates_ptr + rows.to(tl.int64)[:, None] * NUM_EXPERTS + e[None, :], gates,
+                     mask=row_mask[:, None] & (e[None, :] < NUM_EXPERTS))
 
 
-# Fused GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per GPU family, each free of
-# register spills for every expert layout (python -m mode_kernels.tools.compile_check --arch 80 90).
+@triton.jit
+def _grad_rows_kernel(dy_ptr, stride_dt, stride_dn, b_ptr, stride_be, stride_bn, stride_br, h_ptr, gates_ptr,
+                      ids_ptr, g_ptr, T, N, scaling,
+                      BOUNDS: tl.constexpr, BOUND_BITS: tl.constexpr, NUM_MODALITIES: tl.constexpr,
+                      NUM_EXPERTS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, HAS_ROUTER: tl.constexpr,
+                      DOT_FP32: tl.constexpr, E_W: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """G = [dh | dlogit] for one block of tokens, from Z = dy B_cat (one pass over dy per rank chunk).
+
+    With q_e = sum_i H_ei Z_ei (= g_e dL/dg_e, H holding scaling g_e h): dh = scaling g_e Z and
+    dlogit_e = q_e - g_e sum_f q_f, the softmax backward with no division by a gate.
+    """
+    C: tl.constexpr = NUM_EXPERTS * RANK_P
+    CG: tl.constexpr = C + NUM_EXPERTS if HAS_ROUTER else C
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < T
+    e = tl.arange(0, E_W)
+    dtype = dy_ptr.dtype.element_ty
+    own, several = _own_experts(ids_ptr, rows, row_mask, BOUNDS, NUM_MODALITIES, E_W, BOUND_BITS)
+    if HAS_ROUTER:
+        gates = tl.load(gates_ptr + rows.to(tl.int64)[:, None] * NUM_EXPERTS + e[None, :],
+                        mask=row_mask[:, None] & own, other=0.0)
+    else:
+        gates = own.to(tl.float32)
+    dy_rows = dy_ptr + tl.minimum(rows, T - 1).to(tl.int64)[:, None] * stride_dt
+    q = tl.zeros((BLOCK_M, E_W), dtype=tl.float32)
+    for c0 in range(0, C, CHUNK):
+        j = c0 + tl.arange(0, CHUNK)
+        expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
+        b_cols = b_ptr + (expert * stride_be + rank * stride_br)[None, :]
+        z = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            dy = tl.load(dy_rows + n[None, :] * stride_dn, mask=n[None, :] < N, other=0.0)
+            b = tl.load(b_cols + n[:, None] * stride_bn, mask=exists[None, :] & (n[:, None] < N), other=0.0)
+            z = _mma(z, dy, b, DOT_FP32, dtype)
+        onehot = _expert_onehot(expert, exists, E_W)
+        in_rows = rows.to(tl.int64)[:, None]
+        h = tl.load(h_ptr + in_rows * C + j[None, :], mask=row_mask[:, None] & (j[None, :] < C), other=0.0)
+        q += tl.dot(h.to(tl.float32) * z, tl.trans(onehot), input_precision="ieee")
+        column_gates = tl.dot(gates * scaling, onehot, input_precision="ieee")
+        tl.store(g_ptr + in_rows * CG + j[None, :], (z * column_gates).to(g_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (j[None, :] < C))
+    if HAS_ROUTER:
+        dlogit = tl.where(several[:, None], q - gates * tl.sum(q, axis=1)[:, None], 0.0)
+        tl.store(g_ptr + rows.to(tl.int64)[:, None] * CG + C + e[None, :], dlogit.to(g_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (e[None, :] < NUM_EXPERTS))
+
+
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per GPU family, each free of register
+# spills (python -m mode_kernels.tools.compile_check --arch 80 90). Decode tiles (up to 64 tokens):
+# one 64-row block covers every token, so each weight tile is read once; 64 rows is the smallest
+# wgmma tile (the padding rows cost tensor-core time a memory-bound GEMM has to spare).
 _TILES = {
-    90: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
-    80: [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
+    90: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)],
+    80: [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
 }
-# Float32 inputs take exact products on CUDA cores (no tensor cores): small tiles.
-_FP32_TILES = [(64, 64, 32, 4, 3)]
-_INTERPRET_TILES = [(16, 32, 32, 4, 1)]  # the interpreter is slow: one small config, no autotuning
+_DECODE_TILES = [(64, 128, 128, 4, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4)]
+_FP32_TILES = [(32, 64, 32, 4, 3)]  # float32: exact products on CUDA cores, small tiles
+DECODE_TOKENS = 64
+T_BUCKETS = (16, 32, 64, 128)  # tokens above the last share one bucket
 
 
-def _tile_config(bm, bn, bk, num_warps, num_stages):
+def _config(bm, bn, bk, num_warps, num_stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=num_warps,
                          num_stages=num_stages)
 
 
-_EXPAND_CONFIGS = {family: [_tile_config(*t) for t in tiles] for family, tiles in _TILES.items()}
-_FP32_CONFIGS = [_tile_config(*t) for t in _FP32_TILES]
-_INTERPRET_CONFIGS = [_tile_config(*t) for t in _INTERPRET_TILES]
+def t_bucket(num_tokens: int) -> int:
+    """The autotune bucket of a token count: the smallest of T_BUCKETS holding it, else 2 * the last."""
+    return next((b for b in T_BUCKETS if num_tokens <= b), 2 * T_BUCKETS[-1])
 
 
-def _family(arch: int) -> int:
-    return 90 if arch >= 90 else 80
+def gemm_configs(arch: int, bucket: int, dot_fp32: bool) -> list:
+    """The configs the GEMM autotuner tries for a GPU family, token bucket and precision."""
+    if INTERPRET:  # the interpreter is slow: one config, no autotuning
+        return [_config(min(bucket, 32), 32, 32, 4, 1)]
+    if dot_fp32:
+        return [_config(*t) for t in _FP32_TILES]
+    if bucket <= DECODE_TOKENS:
+        return [_config(*t) for t in _DECODE_TILES]
+    return [_config(*t) for t in _TILES[90 if arch >= 90 else 80]]
 
 
-def _expand_configs(arch: int, plan_block_m: int, dot_fp32: bool = False):
-    """The configs the autotuner tries: the GPU family's (or float32's), BLOCK_M dividing the plan's tiles."""
-    if INTERPRET:
-        return _INTERPRET_CONFIGS
-    configs = _FP32_CONFIGS if dot_fp32 else _EXPAND_CONFIGS[_family(arch)]
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= plan_block_m]
-    if fitting:
-        return fitting
-    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"])
-    return [triton.Config({**smallest.kwargs, "BLOCK_M": plan_block_m}, num_warps=smallest.num_warps,
-                          num_stages=smallest.num_stages)]
-
-
-def _prune_expand_configs(configs, named_args, **kwargs):
+def _prune_gemm_configs(configs, named_args, **kwargs):
     if INTERPRET:
         return configs
     args = {**named_args, **kwargs}
     major, minor = torch.cuda.get_device_capability()
-    return _expand_configs(10 * major + minor, args["PLAN_BLOCK_M"], args["DOT_FP32"])
+    return gemm_configs(10 * major + minor, args["t_bucket"], args["DOT_FP32"])
 
 
-@triton.autotune(configs=_INTERPRET_CONFIGS if INTERPRET else _EXPAND_CONFIGS[90] + _EXPAND_CONFIGS[80] + _FP32_CONFIGS,
-                 key=["IN", "OUT", "RANK", "BLOCK_E", "PLAN_BLOCK_M"],
-                 prune_configs_by={"early_config_prune": _prune_expand_configs})
+_ALL_GEMM_CONFIGS = gemm_configs(90, 16, False) if INTERPRET else [
+    _config(*t) for t in [*_TILES[90], *_TILES[80], *_FP32_TILES, *_DECODE_TILES]]
+
+
+@triton.autotune(configs=_ALL_GEMM_CONFIGS,
+                 key=["t_bucket", "IN", "OUT", "EXT", "HAS_BIAS", "ROUTER_ROWS", "NUM_EXPERTS", "RANK", "RANK_P",
+                      "DOT_FP32", "BLOCK_J"],
+                 prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
-def _expand_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, bias_ptr,
-                   lora_ptr, lw_ptr, stride_lwe, stride_lwi, stride_lwo, dlogit_ptr, router_ptr, stride_re, stride_ro,
-                   out_ptr, stride_ot, stride_oo, order_ptr, tiles_ptr, expert_offsets_ptr, num_tiles, IN, OUT,
-                   HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROUTER: tl.constexpr, DOT_FP32: tl.constexpr,
-                   RANK: tl.constexpr, RANK_P: tl.constexpr, BLOCK_E: tl.constexpr, PLAN_BLOCK_M: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """out[t] = a[t] Wt + bias + lora[p] L_m (+ dlogit[p] R_m) for the rows of one tile, one output block.
+def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_ptr, lw_ptr, stride_le, stride_li,
+                 stride_lo, router_ptr, stride_re, stride_ro, bias_ptr, out_ptr, stride_ot, stride_oo,
+                 T, IN, OUT, t_bucket,
+                 EXT: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTER_ROWS: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+                 RANK: tl.constexpr, RANK_P: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_J: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """out = [a | ext] . [Wt ; L] (+ bias): a [T, IN] by strides, Wt [IN, OUT] by strides, ext [T, EXT]
+    row-major, L [EXT, OUT]: rank column j is expert j // RANK_P's row j % RANK_P of lw (a 3-D tensor
+    by strides), and with ROUTER_ROWS the last NUM_EXPERTS columns are the router's rows.
 
-    Wt is [IN, OUT] by strides (W^T in the forward, W in the backward); L_m [experts * RANK_P, OUT] is
-    the modality's stacked B_e^T (forward) or A_e (backward), again by strides.
+    Forward: a = x, Wt = W^T, ext = H, L = B_cat^T. Input gradient: a = dy, Wt = W, ext = G,
+    L = [A_cat ; R]. IN = 0 leaves only the adapters' term.
     """
-    BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
-    # The LoRA K loop walks rank columns in chunks of at most 32 (few registers beside the accumulator).
-    BLOCK_J: tl.constexpr = 32 if BLOCK_R > 32 else BLOCK_R
-    SUB_TILES: tl.constexpr = PLAN_BLOCK_M // BLOCK_M
+    C: tl.constexpr = NUM_EXPERTS * RANK_P
+    # The adapter tile is no wider than the K tile (registers, as in the base loop).
+    BJ: tl.constexpr = BLOCK_K if BLOCK_K < BLOCK_J else BLOCK_J
     dtype = out_ptr.dtype.element_ty
-
     # Grouped ordering: GROUP_M row blocks share each weight column block while it is in L2.
     pid = tl.program_id(0)
-    num_row_blocks = num_tiles * SUB_TILES
+    num_row_blocks = tl.cdiv(T, BLOCK_M)
     num_col_blocks = tl.cdiv(OUT, BLOCK_N)
     group = GROUP_M * num_col_blocks
     first_row_block = (pid // group) * GROUP_M
@@ -313,98 +277,93 @@ def _expand_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, bia
     row_block = first_row_block + (pid % group) % group_rows
     col_block = (pid % group) // group_rows
 
-    modality, pos, tokens, rows, empty = _tile_rows(tiles_ptr, order_ptr, row_block, SUB_TILES, BLOCK_M)
-    if empty:
-        return
-    first_expert = tl.load(expert_offsets_ptr + modality)
-    num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Loads need no row or column masks: rows past the tile's end read token 0 and columns past
-    # OUT wrap around; neither is stored. Fewer predicates, fewer registers.
-    safe_cols = cols % OUT
+    # Loads need no row or column predicates: rows past T read row T - 1, columns past OUT wrap
+    # around; neither is stored.
+    safe_rows = tl.minimum(rows, T - 1).to(tl.int64)
+    safe_cols = (cols % OUT).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    # LoRA expand first (LoRAFusion's order): a short K loop over the modality's rank columns.
-    for j0 in range(0, num_experts * RANK_P, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        lora = tl.load(lora_ptr + pos[:, None] * BLOCK_R + j[None, :], mask=rows[:, None], other=0.0)
-        lw = _load_expert_cols(lw_ptr, first_expert, num_experts, j[:, None], safe_cols[None, :], OUT, stride_lwe,
-                               stride_lwi, stride_lwo, RANK, RANK_P)
-        acc = _mma(acc, lora, lw, DOT_FP32, dtype)
-    if HAS_ROUTER:
-        # Single-expert modalities have no router term.
-        e = tl.arange(0, 16)
-        routed = tl.where(num_experts > 1, num_experts, 0)
-        dlogit = tl.load(dlogit_ptr + pos[:, None] * 16 + e[None, :], mask=rows[:, None] & (e[None, :] < routed),
-                         other=0.0)
-        router = tl.load(router_ptr + (first_expert + e[:, None]) * stride_re + safe_cols[None, :] * stride_ro,
-                         mask=e[:, None] < routed, other=0.0)
-        acc = _mma(acc, dlogit, router, DOT_FP32, dtype)
-    if HAS_BASE:
-        a_rows = a_ptr + tokens[:, None] * stride_at
-        w_cols = w_ptr + safe_cols[None, :] * stride_wo
-        for k0 in range(0, IN, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_rows + k[None, :] * stride_ai, mask=k[None, :] < IN, other=0.0)
-            w = tl.load(w_cols + k[:, None] * stride_wi, mask=k[:, None] < IN, other=0.0)
-            acc = _mma(acc, a, w, DOT_FP32, dtype)
+    # The adapters first (LoRAFusion's order): EXT extra K columns.
+    for j0 in range(0, EXT, BJ):
+        j = j0 + tl.arange(0, BJ)
+        ext = tl.load(ext_ptr + safe_rows[:, None] * EXT + j[None, :], mask=j[None, :] < EXT, other=0.0)
+        expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
+        lw = tl.load(lw_ptr + (expert * stride_le + rank * stride_li)[:, None] + safe_cols[None, :] * stride_lo,
+                     mask=exists[:, None], other=0.0)
+        if ROUTER_ROWS:
+            is_router = (j >= C) & (j < C + NUM_EXPERTS)
+            lw += tl.load(router_ptr + (tl.where(is_router, j - C, 0) * stride_re)[:, None]
+                          + safe_cols[None, :] * stride_ro, mask=is_router[:, None], other=0.0)
+        acc = _mma(acc, ext, lw, DOT_FP32, dtype)
+    a_rows = a_ptr + safe_rows[:, None] * stride_at
+    w_cols = w_ptr + safe_cols[None, :] * stride_wo
+    for k0 in range(0, IN, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + k[None, :] * stride_ai, mask=k[None, :] < IN, other=0.0)
+        w = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wi, mask=k[:, None] < IN, other=0.0)
+        acc = _mma(acc, a, w, DOT_FP32, dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < OUT, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + tokens[:, None] * stride_ot + cols[None, :] * stride_oo, acc.to(dtype),
-             mask=rows[:, None] & (cols[None, :] < OUT))
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_ot + cols[None, :] * stride_oo, acc.to(dtype),
+             mask=(rows[:, None] < T) & (cols[None, :] < OUT))
 
 
 @triton.jit
-def _grouped_outer_kernel(left_ptr, dlogit_ptr, right_ptr, stride_rt, stride_rc, out_ptr, router_out_ptr,
-                          order_ptr, offsets_ptr, expert_offsets_ptr, C, num_splits, num_col_blocks, num_experts_total,
-                          HAS_ROUTER: tl.constexpr, DOT_FP32: tl.constexpr, RANK_P: tl.constexpr,
-                          BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Partial sums over one token split of one modality: out[s, e*RANK_P + i, c] = sum_t left[t, j] right[t, c].
-
-    left is a plan-ordered rank intermediate (h' or dh), right a token-indexed activation (dy or u).
-    With HAS_ROUTER also router_out[s, e, c] = sum_t dlogit[t, e] right[t, c]. Every expert row
-    of every split is written (zeros for an empty split), so the partials need no initialisation.
-    """
-    BLOCK_R: tl.constexpr = BLOCK_E * RANK_P
-    pid = tl.program_id(0)
-    col_block = pid % num_col_blocks
-    split = (pid // num_col_blocks) % num_splits
-    modality = pid // (num_col_blocks * num_splits)
-    first_expert = tl.load(expert_offsets_ptr + modality)
-    num_experts = tl.load(expert_offsets_ptr + modality + 1) - first_expert
-    begin = tl.load(offsets_ptr + modality)
-    end = tl.load(offsets_ptr + modality + 1)
-    chunk = tl.cdiv(tl.cdiv(end - begin, num_splits), BLOCK_M) * BLOCK_M
-    lo = begin + split * chunk
-    hi = tl.minimum(lo + chunk, end)
+def _sum_over_tokens(left_ptr, LEFT_COLS: tl.constexpr, right_ptr, stride_rt, stride_rc, T, RIGHT_COLS, j, cols,
+                     DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr):
+    """sum_t left[t, j]^T right[t, cols] over every token: [len(j), len(cols)] float32."""
     dtype = right_ptr.dtype.element_ty
-
-    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
-    j = tl.arange(0, BLOCK_R)
-    e = tl.arange(0, 16)
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    router_acc = tl.zeros((16, BLOCK_C), dtype=tl.float32)
-    for p0 in range(lo, hi, BLOCK_M):
-        pos = p0 + tl.arange(0, BLOCK_M)
-        rows = pos < hi
-        tokens = tl.load(order_ptr + pos, mask=rows, other=0)
-        right = tl.load(right_ptr + tokens[:, None] * stride_rt + cols[None, :] * stride_rc,
-                        mask=rows[:, None] & (cols[None, :] < C), other=0.0)
-        left = tl.load(left_ptr + pos[:, None] * BLOCK_R + j[None, :], mask=rows[:, None], other=0.0)
+    acc = tl.zeros((j.shape[0], cols.shape[0]), dtype=tl.float32)
+    right_cols = right_ptr + (cols % RIGHT_COLS).to(tl.int64)[None, :] * stride_rc
+    for t0 in range(0, T, BLOCK_M):
+        t = t0 + tl.arange(0, BLOCK_M)
+        t64 = t.to(tl.int64)[:, None]
+        left = tl.load(left_ptr + t64 * LEFT_COLS + j[None, :], mask=(t[:, None] < T) & (j[None, :] < LEFT_COLS),
+                       other=0.0)
+        right = tl.load(right_cols + t64 * stride_rt, mask=t[:, None] < T, other=0.0)
         acc = _mma(acc, tl.trans(left), right, DOT_FP32, dtype)
-        if HAS_ROUTER:
-            dlogit = tl.load(dlogit_ptr + pos[:, None] * 16 + e[None, :],
-                             mask=rows[:, None] & (e[None, :] < num_experts), other=0.0)
-            router_acc = _mma(router_acc, tl.trans(dlogit), right, DOT_FP32, dtype)
+    return acc
 
-    # Partials: out [num_splits, E * RANK_P, C], router_out [num_splits, E, C], float32.
-    out_rows = split.to(tl.int64) * num_experts_total * RANK_P + first_expert * RANK_P + j
-    tl.store(out_ptr + out_rows[:, None] * C + cols[None, :], acc,
-             mask=(j[:, None] < num_experts * RANK_P) & (cols[None, :] < C))
-    if HAS_ROUTER:
-        router_rows = split.to(tl.int64) * num_experts_total + first_expert + e
-        tl.store(router_out_ptr + router_rows[:, None] * C + cols[None, :], router_acc,
-                 mask=(e[:, None] < num_experts) & (cols[None, :] < C))
+
+@triton.jit
+def _weight_grads_kernel(g_ptr, h_ptr, u_ptr, stride_ut, stride_uk, dy_ptr, stride_dt, stride_dn,
+                         da_ptr, stride_dae, stride_dar, stride_dak, dr_ptr, stride_dre, stride_drk,
+                         db_ptr, stride_dbe, stride_dbn, stride_dbr, T, K, N, programs_a, programs_b,
+                         NUM_EXPERTS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr,
+                         HAS_ROUTER: tl.constexpr, WRITE_A: tl.constexpr, WRITE_R: tl.constexpr,
+                         DOT_FP32: tl.constexpr, CHUNK_A: tl.constexpr, CHUNK_B: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Programs [0, programs_a): [dA ; dR] = G^T u for one rank chunk and one block of K columns.
+    Programs [programs_a, programs_a + programs_b): dB = H^T dy for one rank chunk and block of N columns.
+    Each reduces over every token, then stores once."""
+    C: tl.constexpr = NUM_EXPERTS * RANK_P
+    CG: tl.constexpr = C + NUM_EXPERTS if HAS_ROUTER else C
+    pid = tl.program_id(0)
+    if pid < programs_a:
+        col_blocks = tl.cdiv(K, BLOCK_C)
+        j = (pid // col_blocks) * CHUNK_A + tl.arange(0, CHUNK_A)
+        cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc = _sum_over_tokens(g_ptr, CG, u_ptr, stride_ut, stride_uk, T, K, j, cols, DOT_FP32, BLOCK_M)
+        expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
+        in_k = cols[None, :] < K
+        if WRITE_A:
+            tl.store(da_ptr + (expert * stride_dae + rank * stride_dar)[:, None] + cols[None, :] * stride_dak,
+                     acc.to(da_ptr.dtype.element_ty), mask=exists[:, None] & in_k)
+        if WRITE_R:
+            is_router = (j >= C) & (j < CG)
+            tl.store(dr_ptr + (tl.where(is_router, j - C, 0) * stride_dre)[:, None] + cols[None, :] * stride_drk,
+                     acc.to(dr_ptr.dtype.element_ty), mask=is_router[:, None] & in_k)
+    elif pid < programs_a + programs_b:
+        pid -= programs_a
+        col_blocks = tl.cdiv(N, BLOCK_C)
+        j = (pid // col_blocks) * CHUNK_B + tl.arange(0, CHUNK_B)
+        cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc = _sum_over_tokens(h_ptr, C, dy_ptr, stride_dt, stride_dn, T, N, j, cols, DOT_FP32, BLOCK_M)
+        expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
+        tl.store(db_ptr + (expert * stride_dbe + rank * stride_dbr)[:, None] + cols[None, :] * stride_dbn,
+                 acc.to(db_ptr.dtype.element_ty), mask=exists[:, None] & (cols[None, :] < N))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,36 +371,40 @@ def _grouped_outer_kernel(left_ptr, dlogit_ptr, right_ptr, stride_rt, stride_rc,
 # ---------------------------------------------------------------------------------------------
 
 def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+    return 1 << max(n - 1, 0).bit_length()
 
 
-class _Layout:
-    """Compile-time shape of the experts: rank, padded rank, experts per tile, router or not."""
+class Layout:
+    """Compile-time shape of the experts: the packed modality -> experts bounds, rank, column counts."""
 
     def __init__(self, experts_per_modality, rank: int, router_given: bool):
+        epm = tuple(experts_per_modality)
         if not 1 <= rank <= MAX_RANK:
             raise ValueError(f"lora_a: rank must be in [1, {MAX_RANK}] for the Triton backend, got {rank}")
+        if max(epm) > MAX_EXPERTS_PER_MODALITY or len(epm) > MAX_MODALITIES or sum(epm) > MAX_EXPERTS:
+            raise ValueError(f"experts_per_modality: the Triton backend takes at most {MAX_EXPERTS_PER_MODALITY} "
+                             f"experts per modality, {MAX_MODALITIES} modalities and {MAX_EXPERTS} experts, "
+                             f"got {epm}")
+        if max(epm) > 1 and not router_given:
+            raise ValueError("router_weight: required when a modality has more than one expert")
+        self.num_modalities = len(epm)
+        self.num_experts = sum(epm)
         self.rank = rank
         self.rank_p = _next_pow2(rank)
-        most = max(experts_per_modality)
-        if most > ROUTER_WIDTH:
-            raise ValueError(f"experts_per_modality: at most {ROUTER_WIDTH} experts per modality, got {most}")
-        if most > 1 and not router_given:
-            raise ValueError("router_weight: required when a modality has more than one expert")
-        # BLOCK_R = BLOCK_E * RANK_P >= 16, the narrowest tl.dot operand.
-        self.block_e = max(_next_pow2(most), 16 // min(self.rank_p, 16))
-        self.block_r = self.block_e * self.rank_p
-        self.has_router = most > 1
-        self.num_experts = sum(experts_per_modality)
+        self.has_router = max(epm) > 1
+        bound, self.bounds = 0, 0
+        for m, n in enumerate((0, *epm)):
+            bound += n
+            self.bounds |= bound << (BOUND_BITS * m)
+        self.columns = self.num_experts * self.rank_p                       # C: H's width
+        self.grad_columns = self.columns + (self.num_experts if self.has_router else 0)  # G's width
+        self.logit_width = max(16, _next_pow2(self.num_experts))            # E_W, >= tl.dot's 16
+        self.chunk = min(MAX_CHUNK, max(16, _next_pow2(self.columns)))
 
-
-@functools.lru_cache(maxsize=64)
-def _expert_offsets(experts_per_modality: tuple, device: torch.device) -> torch.Tensor:
-    """int32 [M + 1]: modality m owns experts [offsets[m], offsets[m + 1]). Cached: no copy per call."""
-    offsets = [0]
-    for n in experts_per_modality:
-        offsets.append(offsets[-1] + n)
-    return torch.tensor(offsets, dtype=torch.int32, device=device)
+    def constexprs(self, dot_fp32: bool) -> dict:
+        return dict(BOUNDS=self.bounds, BOUND_BITS=BOUND_BITS, NUM_MODALITIES=self.num_modalities,
+                    NUM_EXPERTS=self.num_experts, RANK=self.rank, RANK_P=self.rank_p, HAS_ROUTER=self.has_router,
+                    DOT_FP32=dot_fp32, E_W=self.logit_width, CHUNK=self.chunk)
 
 
 def _check_dtypes(**tensors):
@@ -454,133 +417,140 @@ def _dot_fp32(x: torch.Tensor) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
 
-def _shrink_config(plan_block_m: int, dot_fp32: bool) -> dict:
-    """Launch meta of the shrink kernels: 64-row tiles, accumulators of at most [64, 64] over 8 warps."""
-    return dict(BLOCK_M=min(plan_block_m, 64), BLOCK_K=32 if INTERPRET or dot_fp32 else 64, num_warps=8,
-                num_stages=1 if INTERPRET else 3)
+def rows_config(dot_fp32: bool) -> dict:
+    """Launch meta of the per-token kernels (shrink, grad rows): [64, 64] float32 accumulators over 8 warps."""
+    if INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_K=32 if dot_fp32 else 64, num_warps=8, num_stages=3)
 
 
-def _weights_args(lay, lora_a, router_weight):
-    router = router_weight if lay.has_router else lora_a
-    return (lora_a, *lora_a.stride(), router, router.stride(0), router.stride(-1))
+def weight_grads_config(lay: Layout, dot_fp32: bool) -> dict:
+    """Launch meta of the weight-gradient reduction: [chunk, BLOCK_C] float32 accumulators."""
+    if INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)
+    if dot_fp32:
+        return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=3)
 
 
-def _launch_shrink(u, lora_a, router_weight, plan, lay, scaling, expert_offsets, grad_y=None, lora_b=None):
-    """Forward: h' [T, BLOCK_R]. Backward (grad_y given): (h', dh [T, BLOCK_R], dlogit [T, 16])."""
+def _router_args(lay: Layout, router_weight, fallback):
+    router = router_weight if lay.has_router else fallback
+    return router, router.stride(0), router.stride(-1)
+
+
+def _shrink(u, lora_a, router_weight, ids, lay: Layout, scaling):
+    """H [T, C] in u's dtype and the gates [T, E] float32 (None without a router)."""
     T, K = u.shape
-    meta = _shrink_config(plan.block_m, _dot_fp32(u))
-    sub_tiles = plan.block_m // meta["BLOCK_M"]
-    grid = (plan.tiles.shape[0] * sub_tiles,)
-    common = dict(DOT_FP32=_dot_fp32(u), HAS_ROUTER=lay.has_router, RANK=lay.rank, RANK_P=lay.rank_p,
-                  BLOCK_E=lay.block_e, SUB_TILES=sub_tiles, **meta)
-    # With several column chunks, a modality with fewer experts leaves columns unwritten: zero them
-    # (the reduction kernel reads whole rows). One chunk writes every column.
-    alloc = torch.zeros if lay.block_r > SHRINK_CHUNK else torch.empty
-    hg = alloc(T, lay.block_r, device=u.device, dtype=torch.float32)
-    weights = _weights_args(lay, lora_a, router_weight)
-    if grad_y is None:
-        _shrink_kernel[grid](u, *u.stride(), *weights, hg, plan.order, plan.tiles, expert_offsets, K,
-                             float(scaling), **common)
-        return hg
-    dh = alloc(T, lay.block_r, device=u.device, dtype=torch.float32)
-    dlogit = torch.empty(T, ROUTER_WIDTH, device=u.device, dtype=torch.float32) if lay.has_router else hg
-    N = grad_y.shape[1]
-    _shrink_backward_kernel[grid](u, *u.stride(), *weights, grad_y, *grad_y.stride(), lora_b, *lora_b.stride(),
-                                  hg, dh, dlogit, plan.order, plan.tiles, expert_offsets, K, N, float(scaling),
-                                  **common)
-    return hg, dh, (dlogit if lay.has_router else None)
+    meta = rows_config(_dot_fp32(u))
+    h = u.new_empty(T, lay.columns)
+    gates = torch.empty(T, lay.num_experts, device=u.device, dtype=torch.float32) if lay.has_router else h
+    consts = lay.constexprs(_dot_fp32(u))
+    chunk = consts["CHUNK"]
+    grid = (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(lay.columns, chunk))
+    _shrink_kernel[grid](u, *u.stride(), lora_a, *lora_a.stride(), *_router_args(lay, router_weight, lora_a), ids,
+                         h, gates, T, K, float(scaling), **consts, **meta)
+    return h, (gates if lay.has_router else None)
 
 
-def _launch_expand(out, a, w_in_out, bias, lora, lora_weight_ero, dlogit, router_weight, plan, lay,
-                   expert_offsets):
-    """out = a Wt + bias + lora L + dlogit R (terms that are None are skipped).
-
-    w_in_out: (tensor, stride along IN, stride along OUT); lora_weight_ero: (tensor, stride per
-    expert, per rank index, along OUT).
-    """
+def _gemm(out, a, w_in_out, ext, lora_in_out, router_weight, bias, lay: Layout, router_rows: bool):
+    """out = a Wt + ext L (+ bias). w_in_out: (W, stride along IN, stride along OUT); lora_in_out:
+    (3-D adapter weights, stride per expert, per rank index, along OUT)."""
     T, OUT = out.shape
     w, stride_wi, stride_wo = w_in_out
-    lw, stride_lwe, stride_lwi, stride_lwo = lora_weight_ero
+    lw, stride_le, stride_li, stride_lo = lora_in_out
     IN = a.shape[1] if a is not None else 0
-    has_router = dlogit is not None
-    router = router_weight if has_router else lw
-    num_tiles = plan.tiles.shape[0]
+    a_arg = a if a is not None else out
+    ext_cols = ext.shape[1] if ext is not None else 0
+    router, stride_re, stride_ro = _router_args(lay, router_weight, lw) if router_rows else (lw, 0, 0)
 
     def grid(meta):
-        return (num_tiles * (plan.block_m // meta["BLOCK_M"]) * triton.cdiv(OUT, meta["BLOCK_N"]),)
+        return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(OUT, meta["BLOCK_N"]),)
 
-    a_arg = a if a is not None else out
-    _expand_kernel[grid](a_arg, *a_arg.stride(), w, stride_wi, stride_wo, bias if bias is not None else out,
-                         lora, lw, stride_lwe, stride_lwi, stride_lwo, dlogit if has_router else lora,
-                         router, router.stride(0), router.stride(-1), out, *out.stride(),
-                         plan.order, plan.tiles, expert_offsets, num_tiles, IN, OUT,
-                         HAS_BASE=a is not None, HAS_BIAS=bias is not None, HAS_ROUTER=has_router,
-                         DOT_FP32=_dot_fp32(out), RANK=lay.rank, RANK_P=lay.rank_p, BLOCK_E=lay.block_e,
-                         PLAN_BLOCK_M=plan.block_m)
+    _gemm_kernel[grid](a_arg, *a_arg.stride(), w, stride_wi, stride_wo, ext if ext is not None else out, lw,
+                       stride_le, stride_li, stride_lo, router, stride_re, stride_ro,
+                       bias if bias is not None else out, out, *out.stride(), T, IN, OUT, t_bucket(T),
+                       EXT=ext_cols, HAS_BIAS=bias is not None, ROUTER_ROWS=router_rows, NUM_EXPERTS=lay.num_experts,
+                       RANK=lay.rank, RANK_P=lay.rank_p, DOT_FP32=_dot_fp32(out),
+                       BLOCK_J=min(MAX_CHUNK, max(16, _next_pow2(ext_cols))))
     return out
 
 
-def _num_splits(num_tokens: int) -> int:
-    return max(1, min(MAX_SPLITS, num_tokens // TOKENS_PER_SPLIT))
+def _grad_rows(grad_y, lora_b, h, gates, ids, lay: Layout, scaling):
+    """G = [dh | dlogit] [T, C (+ E)] in grad_y's dtype."""
+    T, N = grad_y.shape
+    meta = rows_config(_dot_fp32(grad_y))
+    g = grad_y.new_empty(T, lay.grad_columns)
+    _grad_rows_kernel[(triton.cdiv(T, meta["BLOCK_M"]),)](
+        grad_y, *grad_y.stride(), lora_b, *lora_b.stride(), h, gates if gates is not None else h, ids, g, T, N,
+        float(scaling), **lay.constexprs(_dot_fp32(grad_y)), BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_K"],
+        num_warps=meta["num_warps"], num_stages=meta["num_stages"])
+    return g
 
 
-def _grouped_outer_config(lay: _Layout, dot_fp32: bool) -> dict:
-    """Launch meta of the reduction kernel: a [BLOCK_R, BLOCK_C] accumulator of <= 4096 floats per 128
-    threads; float32 inputs (exact products on CUDA cores) take small tiles."""
-    if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_C=32, num_warps=4, num_stages=1)
-    if dot_fp32:
-        return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=2)
-    block_c = max(16, min(128, 4096 // lay.block_r))
-    return dict(BLOCK_M=64, BLOCK_C=block_c, num_warps=4 if lay.block_r * block_c <= 4096 else 8, num_stages=3)
+def _weight_grads(g, h, u, grad_y, lay: Layout, lora_a, lora_b, router_weight, need_a, need_r, need_lb):
+    """(dA, dR, dB) in the weights' dtypes and layouts (None where not needed), one launch."""
+    T, K = u.shape
+    N = grad_y.shape[1]
+    meta = weight_grads_config(lay, _dot_fp32(u))
+    chunk_a = min(MAX_CHUNK, max(16, _next_pow2(lay.grad_columns)))
+    chunk_b = min(MAX_CHUNK, max(16, _next_pow2(lay.columns)))
+    need_r = need_r and lay.has_router
+    programs_a = triton.cdiv(lay.grad_columns, chunk_a) * triton.cdiv(K, meta["BLOCK_C"]) if need_a or need_r else 0
+    programs_b = triton.cdiv(lay.columns, chunk_b) * triton.cdiv(N, meta["BLOCK_C"]) if need_lb else 0
+    da = torch.empty_like(lora_a) if need_a else None
+    dr = torch.empty_like(router_weight) if need_r else None
+    db = torch.empty_like(lora_b) if need_lb else None
+    if programs_a + programs_b:
+        some = da if da is not None else (dr if dr is not None else db)
+        _weight_grads_kernel[(programs_a + programs_b,)](
+            g if g is not None else h, h, u, *u.stride(), grad_y, *grad_y.stride(),
+            *((da, *da.stride()) if da is not None else (some, 0, 0, 0)),
+            *((dr, *dr.stride()) if dr is not None else (some, 0, 0)),
+            *((db, *db.stride()) if db is not None else (some, 0, 0, 0)), T, K, N, programs_a, programs_b,
+            NUM_EXPERTS=lay.num_experts, RANK=lay.rank, RANK_P=lay.rank_p, HAS_ROUTER=lay.has_router,
+            WRITE_A=need_a, WRITE_R=need_r, DOT_FP32=_dot_fp32(u), CHUNK_A=chunk_a, CHUNK_B=chunk_b, **meta)
+    return da, dr, db
 
 
-def _launch_grouped_outer(left, dlogit, right, plan, lay, expert_offsets):
-    """Per expert: sum over its modality's tokens of left[t, rank cols]^T right[t] -> float32
-    [E, RANK_P, C]; with dlogit also [E, C] for the router. Split over tokens, then summed."""
-    T, C = right.shape
-    splits = _num_splits(T)
-    meta = _grouped_outer_config(lay, _dot_fp32(right))
-    col_blocks = triton.cdiv(C, meta["BLOCK_C"])
-    partial = torch.empty(splits, lay.num_experts * lay.rank_p, C, device=right.device, dtype=torch.float32)
-    router_partial = None
-    if dlogit is not None:
-        router_partial = torch.empty(splits, lay.num_experts, C, device=right.device, dtype=torch.float32)
-    grid = (plan.num_modalities * splits * col_blocks,)
-    _grouped_outer_kernel[grid](left, dlogit if dlogit is not None else left, right, *right.stride(), partial,
-                                router_partial if router_partial is not None else partial, plan.order,
-                                plan.offsets, expert_offsets, C, splits, col_blocks, lay.num_experts,
-                                HAS_ROUTER=dlogit is not None, DOT_FP32=_dot_fp32(right), RANK_P=lay.rank_p,
-                                BLOCK_E=lay.block_e, **meta)
-    total = partial.sum(0).view(lay.num_experts, lay.rank_p, C)[:, :lay.rank]
-    return total, (router_partial.sum(0) if router_partial is not None else None)
+def saved_like(x, lora_a, router_weight, experts_per_modality):
+    """Empty tensors shaped like what the forward keeps for the backward (H, gates): for fake tensors."""
+    lay = Layout(experts_per_modality, lora_a.shape[1], router_weight is not None)
+    gates = x.new_empty(x.shape[0], lay.num_experts, dtype=torch.float32) if lay.has_router else x.new_empty(0)
+    return x.new_empty(x.shape[0], lay.columns), gates
+
+
+def routed_lora_forward_saving(x, weight, bias, lora_input, plan: RoutingPlan, lora_a, lora_b, router_weight,
+                               experts_per_modality, scaling):
+    """(y, (H, gates)): the forward and what the backward reuses (gates is empty without a router)."""
+    _check_dtypes(x=x, weight=weight, bias=bias, lora_input=lora_input, lora_a=lora_a, lora_b=lora_b,
+                  router_weight=router_weight)
+    lay = Layout(experts_per_modality, lora_a.shape[1], router_weight is not None)
+    T = x.shape[0]
+    y = x.new_empty(T, weight.shape[0])
+    if T == 0:
+        return y, saved_like(x, lora_a, router_weight, experts_per_modality)
+    u = x if lora_input is None else lora_input
+    h, gates = _shrink(u, lora_a, router_weight, plan.modality, lay, scaling)
+    # W^T as [K, N]: stride along K is W's column stride. B_e^T as [r, N] per expert.
+    _gemm(y, x, (weight, weight.stride(1), weight.stride(0)), h,
+          (lora_b, lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), None, bias, lay, router_rows=False)
+    return y, (h, gates if gates is not None else x.new_empty(0))
 
 
 def routed_lora_forward(x, weight, bias, lora_input, plan: RoutingPlan, lora_a, lora_b, router_weight,
                         experts_per_modality, scaling):
     """Same contract as ``mode_kernels.reference.routed_lora.routed_lora_forward``."""
-    _check_dtypes(x=x, weight=weight, bias=bias, lora_input=lora_input, lora_a=lora_a, lora_b=lora_b,
-                  router_weight=router_weight)
-    lay = _Layout(experts_per_modality, lora_a.shape[1], router_weight is not None)
-    T = x.shape[0]
-    y = x.new_empty(T, weight.shape[0])
-    if T == 0:
-        return y
-    offsets = _expert_offsets(tuple(experts_per_modality), x.device)
-    u = x if lora_input is None else lora_input
-    hg = _launch_shrink(u, lora_a, router_weight, plan, lay, scaling, offsets)
-    # W^T as [K, N]: stride along K is W's column stride. B_e^T as [r, N] per expert.
-    return _launch_expand(y, x, (weight, weight.stride(1), weight.stride(0)), bias, hg,
-                          (lora_b, lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), None, None,
-                          plan, lay, offsets)
+    return routed_lora_forward_saving(x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
+                                      experts_per_modality, scaling)[0]
 
 
 def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
-                         experts_per_modality, scaling, needs):
-    """Same contract as ``mode_kernels.reference.routed_lora.routed_lora_backward``."""
+                         experts_per_modality, scaling, needs, saved=None):
+    """Same contract as ``mode_kernels.reference.routed_lora.routed_lora_backward``; ``saved`` is the
+    forward's (H, gates) (recomputed, one extra pass over u, when not given)."""
     _check_dtypes(grad_y=grad_y, x=x, weight=weight, bias=bias, lora_input=lora_input, lora_a=lora_a,
                   lora_b=lora_b, router_weight=router_weight)
-    lay = _Layout(experts_per_modality, lora_a.shape[1], router_weight is not None)
+    lay = Layout(experts_per_modality, lora_a.shape[1], router_weight is not None)
     need_dx, need_du, need_w, need_b, need_a, need_lb, need_r = (bool(n) for n in needs)
     need_du = need_du and lora_input is not None
     need_r = need_r and router_weight is not None
@@ -598,29 +568,26 @@ def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora
 
     separate = lora_input is not None
     u = lora_input if separate else x
-    offsets = _expert_offsets(tuple(experts_per_modality), x.device)
-    needs_lora_grad = need_a or need_lb or need_r or need_du or (need_dx and not separate)
-    if needs_lora_grad:
-        hg, dh, dlogit = _launch_shrink(u, lora_a, router_weight, plan, lay, scaling, offsets, grad_y, lora_b)
+    if saved is None:
+        h, gates = _shrink(u, lora_a, router_weight, plan.modality, lay, scaling)
+    else:
+        h, gates = saved[0], (saved[1] if lay.has_router else None)
+    g = None
+    if need_a or need_r or need_du or (need_dx and not separate):
+        g = _grad_rows(grad_y, lora_b, h, gates, plan.modality, lay, scaling)
     # dx = dy W (+ dh A + dlogit R when the adapters see x); d lora_input = dh A + dlogit R.
     a_by_rank = (lora_a, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
-    if need_dx and separate:
-        grads[0] = (grad_y @ weight.to(grad_y.dtype)).to(x.dtype)
-    elif need_dx:
-        grads[0] = _launch_expand(torch.empty_like(x, memory_format=torch.contiguous_format), grad_y,
-                                  (weight, weight.stride(0), weight.stride(1)), None, dh, a_by_rank, dlogit,
-                                  router_weight, plan, lay, offsets)
+    if need_dx:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        grads[0] = _gemm(dx, grad_y, (weight, weight.stride(0), weight.stride(1)), None if separate else g,
+                         a_by_rank, router_weight, None, lay, router_rows=lay.has_router and not separate)
     if need_du:
-        grads[1] = _launch_expand(torch.empty_like(u, memory_format=torch.contiguous_format), None,
-                                  (weight, 0, 0), None, dh, a_by_rank, dlogit, router_weight, plan, lay, offsets)
-    if need_a or need_r:
-        d_a, d_router = _launch_grouped_outer(dh, dlogit if need_r else None, u, plan, lay, offsets)
-        if need_a:
-            grads[4] = d_a.to(lora_a.dtype).contiguous()
-        if need_r:
-            # Without a multi-expert modality the router is unused: its gradient is zero.
-            grads[6] = torch.zeros_like(router_weight) if d_router is None else d_router.to(router_weight.dtype)
-    if need_lb:
-        d_b, _ = _launch_grouped_outer(hg, None, grad_y, plan, lay, offsets)
-        grads[5] = d_b.transpose(1, 2).to(lora_b.dtype).contiguous()
+        du = torch.empty_like(u, memory_format=torch.contiguous_format)
+        grads[1] = _gemm(du, None, (weight, 0, 0), g, a_by_rank, router_weight, None, lay,
+                         router_rows=lay.has_router)
+    da, dr, db = _weight_grads(g, h, u, grad_y, lay, lora_a, lora_b, router_weight, need_a, need_r, need_lb)
+    grads[4], grads[5] = da, db
+    if need_r:
+        # Without a multi-expert modality the router is unused: its gradient is zero.
+        grads[6] = dr if dr is not None else torch.zeros_like(router_weight)
     return tuple(grads)

@@ -97,7 +97,13 @@ def test_quick_cuda_profile_covers_the_issue_targets():
     for vocab in (8194, 65536):
         assert ("KD loss fwd+bwd (from hidden states)", f"P=16384 V={vocab} H=4096 T=2") in shapes
     assert sum(c.op.startswith("training step") for c in cases) == 2
-    assert len(cases) <= 50  # with the CUDA tests and the compile check, in 8 minutes
+    for k, n in ((4096, 11008), (11008, 4096)):
+        for tokens in (1, 16, 64):
+            decode = [c.impl for c in cases if (c.op, c.shape) == ("routed LoRA decode fwd",
+                                                                   f"K={k} N={n} T={tokens} text r=8 E=(4,1)")]
+            assert decode[0] == "base linear (floor)" and decode[1].startswith("ours") and len(decode) == 2
+    # With the CUDA tests and the compile check, in 8 minutes (decode cases take milliseconds each).
+    assert sum(not c.op.endswith("decode fwd") for c in cases) <= 50
 
 
 @pytest.mark.parametrize("tokens,share,span", [(2048, 0.3, 1024), (8192, 0.3, 1024), (2048, 1.0, 1024),

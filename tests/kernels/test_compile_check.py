@@ -19,5 +19,6 @@ def test_default_configs_compile_for_sm90_without_spills():
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("sm90")]
-    assert any("routed_lora.expand[forward" in row for row in rows), result.stdout
-    assert all(" yes " in row for row in rows if "routed_lora.expand" in row), "fused GEMM without wgmma on sm_90"
+    assert any("routed_lora.gemm[forward" in row for row in rows), result.stdout
+    assert any("routed_lora.gemm[dx" in row for row in rows), result.stdout
+    assert all(" yes " in row for row in rows if "routed_lora.gemm" in row), "fused GEMM without wgmma on sm_90"

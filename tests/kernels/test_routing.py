@@ -2,25 +2,17 @@ import pytest
 import torch
 
 import mode_kernels as mk
-from mode_kernels.routing import max_tiles
 
 
-def _check_plan(ids, num_modalities, block_m):
-    plan = mk.plan_routing(ids, num_modalities, block_m=block_m)
+def _check_plan(ids, num_modalities):
+    plan = mk.plan_routing(ids, num_modalities)
     flat = ids.reshape(-1)
     # order is a stable sort by modality
     assert torch.equal(plan.order, torch.sort(flat, stable=True).indices)
     counts = torch.bincount(flat, minlength=num_modalities)
     assert plan.offsets.tolist() == [0] + torch.cumsum(counts, 0).tolist()
-    assert plan.tiles.shape == (max_tiles(flat.numel(), num_modalities, block_m), 3)
-    covered = []
-    for m, start, end in plan.tiles.tolist():
-        assert 0 <= end - start <= block_m
-        if end > start:
-            assert plan.offsets[m] <= start and end <= plan.offsets[m + 1]
-            assert (flat[plan.order[start:end]] == m).all()
-            covered.extend(range(start, end))
-    assert covered == list(range(flat.numel()))  # every ordered row in exactly one tile, in order
+    assert plan.modality.dtype == torch.int32 and plan.modality.tolist() == flat.tolist()
+    assert plan.num_tokens == flat.numel() and plan.counts().tolist() == counts.tolist()
     return plan
 
 
@@ -28,15 +20,13 @@ def _check_plan(ids, num_modalities, block_m):
 @pytest.mark.parametrize("num_modalities", [1, 2, 3, 8])
 def test_plan_covers_every_token_once(shape, num_modalities):
     torch.manual_seed(0)
-    _check_plan(torch.randint(0, num_modalities, shape), num_modalities, 16)
+    _check_plan(torch.randint(0, num_modalities, shape), num_modalities)
 
 
 def test_plan_spans_and_absent_modality():
     ids = torch.cat([torch.zeros(40), torch.full((70,), 2), torch.zeros(3)]).long()
-    plan = _check_plan(ids, 3, 32)
+    plan = _check_plan(ids, 3)
     assert plan.counts().tolist() == [43, 0, 70]
-    real = [t for t in plan.tiles.tolist() if t[2] > t[1]]
-    assert [t[0] for t in real] == [0, 0, 2, 2, 2]  # 43 -> 2 tiles, 70 -> 3 tiles, none for modality 1
 
 
 def test_plan_rejects_bad_ids():
@@ -50,3 +40,18 @@ def test_plan_rejects_bad_ids():
         mk.plan_routing(torch.tensor([0]), 0)
     with pytest.raises(ValueError, match="block_m"):
         mk.plan_routing(torch.tensor([0]), 1, block_m=24)
+
+
+def test_plan_never_syncs_by_default_on_cuda(monkeypatch):
+    """On CUDA the id range check is a device assertion unless sync checks are on: no .item(), no int()."""
+    from mode_kernels import _validation
+
+    calls = []
+    monkeypatch.setattr(_validation, "sync_checks_enabled", lambda device: False)
+    monkeypatch.setattr(torch, "_assert_async", lambda *a, **k: calls.append(a))
+    ids = torch.tensor([0, 1, 1])
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("host sync"))
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: pytest.fail("host sync"))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("host sync"))
+    plan = mk.plan_routing(ids, 2)
+    assert len(calls) == 1 and plan.num_modalities == 2

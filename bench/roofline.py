@@ -1,0 +1,82 @@
+"""Roofline ESTIMATES of the routed-LoRA kernels and the KD ideals at Anole-7B shapes (no GPU run).
+
+    python -m bench.roofline
+
+Per launch: tensor-core FLOPs (dots at the padded widths the kernels use: 64 rank columns for
+E * RANK_P = 40, 16 router logits) and the bytes a launch must move at least (each operand read
+once, each output written once), then time = max(FLOPs / peak, bytes / bandwidth), summed over
+launches, against the frozen base linear (forward GEMM + input-gradient GEMM). Peaks are the
+vendors' dense bf16 figures; real kernels reach a fraction of them, so these are lower bounds
+and the ratios are what they are for: comparing designs. Launch overheads are not counted.
+"""
+from __future__ import annotations
+
+GPUS = {"H100 SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}  # dense bf16 FLOP/s, HBM bytes/s
+TOKENS, EXPERTS, RANK, RANK_P, ITEM = 8192, 5, 8, 8, 2
+COLS = EXPERTS * RANK_P                 # H's width
+GRAD_COLS = COLS + EXPERTS              # G = [dh | dlogit]
+PADDED_COLS, LOGIT_COLS = 64, 16        # dot widths
+
+
+def routed_lora_launches(t: int, k: int, n: int, backward: bool = True):
+    """(name, FLOPs, bytes) per launch of the v2 kernels: experts (4, 1), rank 8, bf16."""
+    a_r = (EXPERTS * RANK * k + EXPERTS * k) * ITEM   # A and the router (read, or their gradients written)
+    b = EXPERTS * RANK * n * ITEM
+    h, g, gates = t * COLS * ITEM, t * GRAD_COLS * ITEM, t * EXPERTS * 4
+    x, y = t * k * ITEM, t * n * ITEM
+    launches = [
+        ("shrink: H, gates", 2 * t * k * (PADDED_COLS + LOGIT_COLS), x + a_r + h + gates),
+        ("GEMM [x | H] . [W | B_cat]^T", 2 * t * n * (k + PADDED_COLS), x + n * k * ITEM + h + b + y),
+    ]
+    if backward:
+        launches += [
+            ("grad rows: Z = dy B_cat -> G", 2 * t * n * PADDED_COLS, y + b + h + gates + g),
+            ("GEMM dx = [dy | G] . [W ; A ; R]", 2 * t * k * (n + PADDED_COLS), y + n * k * ITEM + g + a_r + x),
+            ("weight grads: G^T u, H^T dy", 2 * t * PADDED_COLS * (k + n), g + x + h + y + a_r + b),
+        ]
+    return launches
+
+
+def base_launches(t: int, k: int, n: int, backward: bool = True):
+    gemm = (2 * t * k * n, (t * k + n * k + t * n) * ITEM)
+    return [("base GEMM y = x W^T", *gemm)] + ([("base GEMM dx = dy W", *gemm)] if backward else [])
+
+
+def seconds(launches, gpu: str) -> float:
+    flops_peak, bandwidth = GPUS[gpu]
+    return sum(max(f / flops_peak, b / bandwidth) for _, f, b in launches)
+
+
+def main() -> None:
+    print("ESTIMATES (roofline lower bounds, no GPU run). bf16, experts (4, 1), rank 8.\n")
+    for k, n in ((4096, 11008), (11008, 4096)):
+        print(f"### Routed LoRA forward + backward, T={TOKENS}, K={k}, N={n}\n")
+        print("| launch | GFLOP | MB | H100 us | H200 us |\n|---|---:|---:|---:|---:|")
+        ours, base = routed_lora_launches(TOKENS, k, n), base_launches(TOKENS, k, n)
+        for name, f, b in ours + base:
+            print(f"| {name} | {f / 1e9:.1f} | {b / 1e6:.1f} | {seconds([(name, f, b)], 'H100 SXM') * 1e6:.0f} | "
+                  f"{seconds([(name, f, b)], 'H200') * 1e6:.0f} |")
+        for gpu in GPUS:
+            print(f"\n{gpu}: ours {seconds(ours, gpu) * 1e3:.3f} ms, base {seconds(base, gpu) * 1e3:.3f} ms, "
+                  f"ratio {seconds(ours, gpu) / seconds(base, gpu):.3f}x", end="")
+        print("\n")
+    print("### Routed LoRA decode forward (text tokens)\n")
+    print("| T | K | N | MB ours | MB base | H100 us ours | H100 us base | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in (1, 16, 64):
+        for k, n in ((4096, 11008), (11008, 4096)):
+            ours, base = routed_lora_launches(t, k, n, False), base_launches(t, k, n, False)
+            mb = sum(b for *_, b in ours) / 1e6, sum(b for *_, b in base) / 1e6
+            so, sb = seconds(ours, "H100 SXM"), seconds(base, "H100 SXM")
+            print(f"| {t} | {k} | {n} | {mb[0]:.1f} | {mb[1]:.1f} | {so * 1e6:.1f} | {sb * 1e6:.1f} | {so / sb:.3f}x |")
+    positions, hidden, vocab = 16384, 4096, 8192
+    fused = [("three GEMMs", 3 * 2 * positions * hidden * vocab, (3 * vocab * hidden + 3 * positions * hidden) * ITEM)]
+    logits = [("read both logits, write the gradient", 0, 3 * positions * vocab * ITEM)]
+    print(f"\n### KD ideals, P={positions}, H={hidden}, image-code slice V={vocab}\n")
+    for name, launches in (("fused_linear_kd_kl_loss", fused), ("kd_kl_loss on logits", logits)):
+        print(f"- {name} ({launches[0][0]}): " + ", ".join(f"{gpu} {seconds(launches, gpu) * 1e3:.3f} ms"
+                                                       for gpu in GPUS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""bench.offline counts what a kernel touches: launches, dot FLOPs, unique bytes of masked loads/stores."""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("bench.offline counts under Triton's interpreter (no GPU machine)", allow_module_level=True)
+
+import triton.language as tl  # noqa: E402
+
+from bench import offline  # noqa: E402
+
+
+@triton.jit
+def _twice_dot(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    mask = i < n
+    a = tl.load(x_ptr + i[:, None] * BLOCK + i[None, :], mask=mask[:, None], other=0.0)
+    a = tl.load(x_ptr + i[:, None] * BLOCK + i[None, :], mask=mask[:, None], other=0.0)  # same addresses again
+    tl.store(out_ptr + i[:, None] * BLOCK + i[None, :], tl.dot(a, a, input_precision="ieee"), mask=mask[:, None])
+
+
+def test_counts_one_launch_its_dot_flops_and_unique_bytes():
+    x = torch.randn(16, 16)
+    out = torch.zeros(16, 16)
+    launches = offline.measure(lambda: _twice_dot[(1,)](x, out, 5, BLOCK=16))
+    assert [la.kernel for la in launches] == ["_twice_dot"]
+    (launch,) = launches
+    assert launch.flops == 2 * 16 * 16 * 16
+    assert launch.read_bytes == 5 * 16 * 4     # 5 unmasked rows of float32, read twice, counted once
+    assert launch.write_bytes == 5 * 16 * 4
+    a = torch.cat([x[:5], torch.zeros(11, 16)])
+    torch.testing.assert_close(out[:5], (a @ a)[:5])
+
+
+def test_counts_torch_kernels_outside_triton_launches():
+    x = torch.randn(8, 8)
+    launches = offline.measure(lambda: (x @ x).sum())
+    assert [la.kernel for la in launches] == ["aten::matmul", "aten::sum"]
+    assert launches[0].flops == 2 * 8 * 8 * 8 and launches[0].estimated
+
+
+def test_routed_lora_decode_is_two_launches_reading_the_weights_about_once():
+    (decode,) = [w for w in offline.WORKLOADS if w.op == "routed LoRA decode fwd"]
+    row = offline.run_workload(decode)
+    assert row["total"]["launches"] == 2
+    assert row["ratio"]["bytes"] <= 1.05
