@@ -24,13 +24,16 @@ def naive_bytes_per_logit(dtype: torch.dtype) -> int:
 
 def chunk_rows(n_rows: int, n_vocab: int, dtype: torch.dtype, bytes_per_row: int, align: int = 1) -> int:
     """Positions per chunk: as many as keep ``bytes_per_row`` per position within the bound,
-    rounded down to a multiple of ``align`` (the kernels' row tile) when there is room, at least 1.
+    rounded down to a multiple of ``align`` (the kernels' largest row tile), or to half of it, so
+    no row tile runs partly empty; below half of it, as many as fit (at least 1: tiles then pad).
 
     (One position per chunk can still exceed the bound when P is tiny and the slice huge: P below
     about 1 / EXTRA_MEMORY_FRACTION. Every shape with 2^24 logits or more and a slice of at most
     2^20 entries has P >= 16 and stays within it.)"""
     budget = EXTRA_MEMORY_FRACTION * n_rows * n_vocab * naive_bytes_per_logit(dtype)
     rows = int(budget // max(bytes_per_row, 1))
+    if rows >= n_rows:
+        return n_rows
     if rows >= align:
-        rows -= rows % align
-    return max(1, min(n_rows, rows))
+        return rows - rows % align
+    return align // 2 if 1 < align <= 2 * rows else max(1, rows)

@@ -9,8 +9,11 @@ recomputes d student = T * (p_s - p_t) * grad chunk by chunk. The slice is read 
 (column masks on the input rows, any row stride): no copies.
 
 All softmax math is float32 in base-2 units (x * log2(e) / T) so it runs on exp2/log2; the
-saved logsumexps are natural-log, as the reference's. The online-statistics helpers below are
-shared with the fused-linear kernels (mode_kernels.triton.fused_linear_kd_kl).
+saved logsumexps are natural-log, as the reference's.
+
+The fused-linear op (mode_kernels.triton.fused_linear_kd_kl) runs ``kd_kl_forward_backward`` on
+each chunk of float32 logits it computes: loss and d logits in one kernel (the statistics sweep,
+then the gradient sweep with the logsumexps kept in registers), sharing the row sweeps below.
 """
 from __future__ import annotations
 
