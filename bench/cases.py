@@ -216,16 +216,22 @@ KD_IMPLS = (("naive", True), ("reference chunked (torch)", False), ("ours on log
             ("ours fused-linear", False), ("Liger fused linear JSD", True))
 
 
+# Where the fused-linear form's memory bound (a tenth of the naive path's peak) is checked on CPU:
+# 2^28 logits, the shape of issue 14 (on CUDA the Anole-7B grid above already has P=16384, V=65536).
+KD_CPU_MEMORY_SHAPE = (8192, 32768, 64)  # positions, vocab, hidden
+
+
 def kd_cases(sizes: Sizes, device) -> Iterator[Case]:
     backend = mk.backends.resolve("auto", device, "kd_kl")
-    for vocab in sizes.kd_vocabs:
-        for positions in sizes.kd_positions:
-            shape = f"P={positions} V={vocab} H={sizes.kd_hidden} T={KD_TEMPERATURE:g}"
-            for impl, is_baseline in KD_IMPLS:
-                label = f"{impl} ({backend})" if impl.startswith("ours") else impl
-                yield Case("KD loss fwd+bwd (from hidden states)", shape, label,
-                           kd_build(impl, positions, vocab, sizes.kd_hidden, device, sizes.dtype),
-                           is_baseline, positions)
+    shapes = [(positions, vocab, sizes.kd_hidden) for vocab in sizes.kd_vocabs for positions in sizes.kd_positions]
+    if device.type == "cpu" and sizes is not TINY:
+        shapes.append(KD_CPU_MEMORY_SHAPE)
+    for positions, vocab, hidden in shapes:
+        shape = f"P={positions} V={vocab} H={hidden} T={KD_TEMPERATURE:g}"
+        for impl, is_baseline in KD_IMPLS:
+            label = f"{impl} ({backend})" if impl.startswith("ours") else impl
+            yield Case("KD loss fwd+bwd (from hidden states)", shape, label,
+                       kd_build(impl, positions, vocab, hidden, device, sizes.dtype), is_baseline, positions)
 
 
 def train_step_cases(sizes: Sizes, device) -> Iterator[Case]:

@@ -32,7 +32,7 @@ def kd_positions(batch: Mapping[str, Tensor]) -> Tensor:
 
 
 def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float | None = None,
-            vocab_range: tuple[int, int] | None = None, reduction: str = "mean",
+            vocab_range: tuple[int, int] | None = None, topk: int | None = None, reduction: str = "mean",
             backend: str = "auto") -> Tensor:
     """T^2 * KL(teacher || student) of the next-token distributions over a vocabulary slice.
 
@@ -46,6 +46,9 @@ def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float
         temperature: applied once to both logits; default the MoDE config's ``kd_temperature`` (2).
         vocab_range: [lo, hi) compared on; default the config's ``kd_vocab_range``, else the
             image-code range of its modality spec.
+        topk: only the teacher's k largest logits in the slice count, both distributions
+            renormalised on them (the official MoDE code distils the teacher's top 256 image
+            codes); None (default): the whole slice.
         reduction: "mean" over distilled positions, "sum", or "none" ([B, T-1]).
         backend: of the fused KD op ("auto", "torch", "triton").
     Returns:
@@ -72,4 +75,4 @@ def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float
     # Position t predicts token t + 1: the last position has nothing to distil.
     return mk.fused_linear_kd_kl_loss(student_hidden[:, :-1], teacher_hidden[:, :-1], head.weight,
                                       temperature=temperature, mask=kd_positions(batch), vocab_range=vocab_range,
-                                      reduction=reduction, backend=backend)
+                                      topk=topk, reduction=reduction, backend=backend)

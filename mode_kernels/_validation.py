@@ -97,6 +97,14 @@ def check_vocab_range(vocab_range, vocab: int) -> tuple[int, int]:
     return lo, hi
 
 
+def check_topk(topk, slice_width: int) -> int | None:
+    if topk is None:
+        return None
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= slice_width:
+        raise ValueError(f"topk: expected an int in [1, {slice_width}] (the vocab slice size), got {topk!r}")
+    return topk
+
+
 def check_mask(mask, lead_shape: tuple, ref: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None

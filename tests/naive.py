@@ -48,3 +48,9 @@ def kd_kl(student, teacher, temperature=1.0, mask=None, vocab_range=None, topk=N
         return per_pos.sum()
     count = per_pos.numel() if mask is None else mask.sum()
     return per_pos.sum() / max(int(count), 1)
+
+
+def fused_linear_kd_kl(student_hidden, teacher_hidden, weight, teacher_weight=None, **kd_options):
+    """kd_kl on both output projections' logits, materialised; the teacher a constant."""
+    teacher = (teacher_hidden @ (weight if teacher_weight is None else teacher_weight).t()).detach()
+    return kd_kl(student_hidden @ weight.t(), teacher, **kd_options)

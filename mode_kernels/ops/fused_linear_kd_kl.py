@@ -11,60 +11,114 @@ from .._validation import (
     check_reduction,
     check_same_device,
     check_temperature,
+    check_topk,
     check_vocab_range,
 )
 from .kd_kl import loss_dtype, reduce_rows
 
 
-@torch.library.custom_op("mode_kernels::fused_linear_kd_kl", mutates_args=())
-def _fused_linear_kd_kl(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
-                        temperature: float, lo: int, hi: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _grads_or_empty(ws: Tensor, d_hs: Tensor | None, d_ws: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Custom ops return tensors: an absent gradient travels as an empty one."""
+    return (d_hs if d_hs is not None else ws.new_empty(0)), (d_ws if d_ws is not None else ws.new_empty(0))
+
+
+def _fake_grads(hs, ws, need_dh, need_dw):
+    return torch.empty_like(hs) if need_dh else ws.new_empty(0), torch.empty_like(ws) if need_dw else ws.new_empty(0)
+
+
+# reduction "mean" / "sum": the gradients are computed in the forward pass (no recompute); the
+# backward only scales them by the output's gradient.
+@torch.library.custom_op("mode_kernels::fused_linear_kd_kl_reduced", mutates_args=())
+def _fused_linear_kd_kl_reduced(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
+                                row_weight: Tensor, temperature: float, lo: int, hi: int, topk: int | None,
+                                backend: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.implementation(backend, "fused_linear_kd_kl")
-    return impl.fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi)
+    loss_rows, d_hs, d_ws = impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk,
+                                                    row_weight, need_dh, need_dw)
+    return ((loss_rows * row_weight).sum(), *_grads_or_empty(ws, d_hs, d_ws))
 
 
-@_fused_linear_kd_kl.register_fake
-def _(hs, ht, ws, wt, mask, temperature, lo, hi, backend):
-    rows = hs.new_empty(hs.shape[0], dtype=loss_dtype(hs))
-    return rows, torch.empty_like(rows), torch.empty_like(rows)
+@_fused_linear_kd_kl_reduced.register_fake
+def _(hs, ht, ws, wt, mask, row_weight, temperature, lo, hi, topk, backend, need_dh, need_dw):
+    return (hs.new_empty((), dtype=loss_dtype(hs)), *_fake_grads(hs, ws, need_dh, need_dw))
 
 
-@torch.library.custom_op("mode_kernels::fused_linear_kd_kl_backward", mutates_args=())
-def _fused_linear_kd_kl_backward(grad_rows: Tensor, hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None,
-                                 mask: Tensor | None, lse_s: Tensor, lse_t: Tensor, temperature: float, lo: int,
-                                 hi: int, backend: str, need_dw: bool) -> tuple[Tensor, Tensor]:
+def _reduced_setup(ctx, inputs, output):
+    ctx.need = inputs[-2:]
+    ctx.save_for_backward(*output[1:])
+
+
+def _reduced_backward(ctx, grad_loss, _grad_d_hs, _grad_d_ws):
+    d_hs, d_ws = ctx.saved_tensors
+    need_dh, need_dw = ctx.need
+    grads = [None] * 13
+    if need_dh:
+        grads[0] = (d_hs * grad_loss).to(d_hs.dtype)
+    if need_dw:
+        grads[2] = (d_ws * grad_loss).to(d_ws.dtype)
+    return tuple(grads)
+
+
+_fused_linear_kd_kl_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup)
+
+
+# reduction "none": the forward computes the losses only; the backward recomputes the logits with
+# the output's gradient as row weights.
+@torch.library.custom_op("mode_kernels::fused_linear_kd_kl_rows", mutates_args=())
+def _fused_linear_kd_kl_rows(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
+                             temperature: float, lo: int, hi: int, topk: int | None, backend: str) -> Tensor:
     impl = backends.implementation(backend, "fused_linear_kd_kl")
-    d_hs, d_ws = impl.fused_linear_kd_kl_backward(grad_rows.contiguous(), hs, ht, ws, wt, mask, lse_s, lse_t,
-                                                  temperature, lo, hi, need_dw)
-    return d_hs, d_ws if d_ws is not None else ws.new_empty(0)
+    return impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, None, False, False)[0]
 
 
-@_fused_linear_kd_kl_backward.register_fake
-def _(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, temperature, lo, hi, backend, need_dw):
-    return torch.empty_like(hs), torch.empty_like(ws) if need_dw else ws.new_empty(0)
+@_fused_linear_kd_kl_rows.register_fake
+def _(hs, ht, ws, wt, mask, temperature, lo, hi, topk, backend):
+    return hs.new_empty(hs.shape[0], dtype=loss_dtype(hs))
 
 
-def _setup(ctx, inputs, output):
-    hs, ht, ws, wt, mask, temperature, lo, hi, backend = inputs
-    _, lse_s, lse_t = output
-    ctx.save_for_backward(hs, ht, ws, wt, mask, lse_s, lse_t)
-    ctx.meta = (temperature, lo, hi, backend)
+@torch.library.custom_op("mode_kernels::fused_linear_kd_kl_rows_backward", mutates_args=())
+def _fused_linear_kd_kl_rows_backward(grad_rows: Tensor, hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None,
+                                      mask: Tensor | None, temperature: float, lo: int, hi: int, topk: int | None,
+                                      backend: str, need_dw: bool) -> tuple[Tensor, Tensor]:
+    impl = backends.implementation(backend, "fused_linear_kd_kl")
+    _, d_hs, d_ws = impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk,
+                                            grad_rows.contiguous(), True, need_dw)
+    return _grads_or_empty(ws, d_hs, d_ws)
 
 
-def _backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
-    hs, ht, ws, wt, mask, lse_s, lse_t = ctx.saved_tensors
+@_fused_linear_kd_kl_rows_backward.register_fake
+def _(grad_rows, hs, ht, ws, wt, mask, temperature, lo, hi, topk, backend, need_dw):
+    return _fake_grads(hs, ws, True, need_dw)
+
+
+def _rows_setup(ctx, inputs, output):
+    hs, ht, ws, wt, mask, *meta = inputs
+    ctx.save_for_backward(hs, ht, ws, wt, mask)
+    ctx.meta = tuple(meta)
+
+
+def _rows_backward(ctx, grad_rows):
+    hs, ht, ws, wt, mask = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[2]
-    d_hs, d_ws = _fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, *ctx.meta, need_dw)
-    return d_hs, None, d_ws if need_dw else None, None, None, None, None, None, None
+    d_hs, d_ws = _fused_linear_kd_kl_rows_backward(grad_rows, hs, ht, ws, wt, mask, *ctx.meta, need_dw)
+    return d_hs, None, d_ws if need_dw else None, None, None, None, None, None, None, None
 
 
-_fused_linear_kd_kl.register_autograd(_backward, setup_context=_setup)
+_fused_linear_kd_kl_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+def row_weights(rows: int, mask: Tensor | None, reduction: str, dtype: torch.dtype, device) -> Tensor:
+    """The weight of each position's loss in a "mean" or "sum" reduction, with no host sync."""
+    weight = torch.ones(rows, dtype=dtype, device=device) if mask is None else mask.to(dtype)
+    if reduction == "sum":
+        return weight
+    return weight / (max(rows, 1) if mask is None else mask.sum().clamp(min=1).to(dtype))
 
 
 def fused_linear_kd_kl_loss(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor, *,
                             teacher_weight: Tensor | None = None, temperature: float = 1.0,
                             mask: Tensor | None = None, vocab_range: tuple[int, int] | None = None,
-                            reduction: str = "mean", backend: str = "auto") -> Tensor:
+                            topk: int | None = None, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """``kd_kl_loss(student_hidden @ weight.T, teacher_hidden @ (teacher_weight or weight).T, ...)``
     computed without ever holding the [positions, V] logits.
 
@@ -72,9 +126,16 @@ def fused_linear_kd_kl_loss(student_hidden: Tensor, teacher_hidden: Tensor, weig
         student_hidden, teacher_hidden: [..., H], same shape.
         weight: [V, H], the student's output projection (lm_head). teacher_weight: [V, H] or None
             (the teacher uses ``weight``).
-        temperature, mask, vocab_range, reduction, backend: as in ``kd_kl_loss``.
+        temperature, mask, vocab_range, topk, reduction, backend: as in ``kd_kl_loss``.
     Gradients flow to student_hidden, and to weight when it requires grad, through the student's
     logits only: the teacher (hidden states and weight) is a constant.
+
+    With reduction "mean" or "sum" the gradients are computed during the forward pass, chunk by
+    chunk of positions (both logits, then d hidden from the d logits: three GEMM-sized products
+    with a frozen weight, none recomputed), and kept until the backward, which only scales them;
+    "none" recomputes the logits in the backward. Extra memory: a chunk of positions sized to
+    ``mode_kernels.kd_memory`` (a tenth of the naive path's floor), plus, with a trainable 16-bit
+    weight, a float32 [hi - lo, H] gradient accumulator.
     """
     check_float(student_hidden, "student_hidden")
     check_float(teacher_hidden, "teacher_hidden")
@@ -102,8 +163,17 @@ def fused_linear_kd_kl_loss(student_hidden: Tensor, teacher_hidden: Tensor, weig
     mask = check_mask(mask, lead, student_hidden)
     resolved = backends.resolve(backend, student_hidden.device, "fused_linear_kd_kl")
 
+    topk = check_topk(topk, hi - lo)
+
     flat_mask = None if mask is None else mask.reshape(-1)
-    loss_rows, _, _ = _fused_linear_kd_kl(
-        student_hidden.reshape(-1, hidden), teacher_hidden.detach().reshape(-1, hidden), weight,
-        None if teacher_weight is None else teacher_weight.detach(), flat_mask, temperature, lo, hi, resolved)
-    return reduce_rows(loss_rows, flat_mask, reduction, lead)
+    hs = student_hidden.reshape(-1, hidden)
+    args = (teacher_hidden.detach().reshape(-1, hidden), weight,
+            None if teacher_weight is None else teacher_weight.detach(), flat_mask)
+    if reduction == "none":
+        loss_rows = _fused_linear_kd_kl_rows(hs, *args, temperature, lo, hi, topk, resolved)
+        return reduce_rows(loss_rows, flat_mask, reduction, lead)
+    grad = torch.is_grad_enabled()
+    row_weight = row_weights(hs.shape[0], flat_mask, reduction, loss_dtype(hs), hs.device)
+    loss, _, _ = _fused_linear_kd_kl_reduced(hs, *args, row_weight, temperature, lo, hi, topk, resolved,
+                                             grad and student_hidden.requires_grad, grad and weight.requires_grad)
+    return loss

@@ -15,6 +15,7 @@ from .._validation import (
     check_reduction,
     check_same_device,
     check_temperature,
+    check_topk,
     check_vocab_range,
 )
 
@@ -116,9 +117,8 @@ def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
     flat_mask = None if mask is None else mask.reshape(-1)
+    topk = check_topk(topk, hi - lo)
     if topk is not None:
-        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= hi - lo:
-            raise ValueError(f"topk: expected an int in [1, {hi - lo}] (the vocab slice size), got {topk!r}")
         teacher, index = teacher[:, lo:hi].topk(topk, dim=-1)
         student = student[:, lo:hi].gather(-1, index)
         lo, hi = 0, topk

@@ -1,7 +1,8 @@
 """Reference (pure PyTorch) KD loss KL(teacher || student) at temperature T, per row.
 
-Rows are processed in chunks so at most ``CHUNK_ELEMENTS`` float32 logits exist at once,
-for the logits form and the fused-linear form alike. Per row (slice [lo, hi) of the vocab):
+The logits form processes rows in chunks of at most ``CHUNK_ELEMENTS`` float32 logits; the
+fused-linear form in chunks sized by its memory bound (``mode_kernels.kd_memory``), computing
+its gradients in the same pass as the loss. Per row (slice [lo, hi) of the vocab):
     loss = T^2 * sum_v p_t(v) (log p_t(v) - log p_s(v)),   p = softmax(logits / T)
 Teacher logits of -inf or of their dtype's most negative finite value (how Chameleon masks
 logits) are masked: probability 0, contributing 0. Rows that are masked out, or whose teacher has no finite
@@ -10,6 +11,8 @@ logit in the slice, have loss 0 and gradient 0.
 from __future__ import annotations
 
 import torch
+
+from ..kd_memory import chunk_rows
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 logits
 
@@ -84,40 +87,91 @@ def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, temperature,
     return grad
 
 
-def fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi):
-    """hs, ht: [P, H]; ws, wt: [V, H] (wt None means ws). Returns (loss, lse_s, lse_t), each [P]."""
+def _log_softmax_(x: torch.Tensor, temperature: float):
+    """x <- log_softmax(x / T) in place, returning the logsumexp of x / T; one temporary the
+    size of x. Rows with no finite entry come out NaN (their callers select them away)."""
+    x.div_(temperature)
+    top = x.amax(dim=-1, keepdim=True)
+    x.sub_(top.masked_fill(top == float("-inf"), 0.0))
+    log_sum = x.exp().sum(dim=-1, keepdim=True).log_()
+    x.sub_(log_sum)
+    return (top + log_sum).squeeze(-1)
+
+
+def _fused_chunk(s, t, alive, row_weight, temperature, need_grad):
+    """Loss rows of one chunk of float logits s, t [C, n], and (need_grad) d loss / d s in s:
+    T * row_weight * (p_s - p_t), zero on dead rows. Overwrites s and t; besides them at most
+    one [C, n] temporary and one bool [C, n] mask are alive at once."""
+    t.masked_fill_(t <= torch.finfo(t.dtype).min, float("-inf"))
+    _log_softmax_(s, temperature)
+    _log_softmax_(t, temperature)
+    pt = t.exp()
+    term = t.sub_(s).mul_(pt).masked_fill_(pt == 0, 0.0)  # p_t (log p_t - log p_s); p_t = 0 counts 0
+    loss = temperature * temperature * term.sum(dim=-1)
+    loss = torch.where(alive, loss, torch.zeros_like(loss))
+    if not need_grad:
+        return loss, None
+    d = s.exp_().sub_(pt).mul_((temperature * row_weight).unsqueeze(-1))
+    return loss, d.masked_fill_(~alive.unsqueeze(-1), 0.0)
+
+
+def fused_bytes_per_row(n_vocab: int, topk: int | None, acc: torch.dtype) -> int:
+    """What one position of a chunk holds in ``fused_linear_kd_kl``: the two logits rows, one
+    temporary row and a bool row of ``_fused_chunk``; with top-k also the selected values,
+    indices and their temporaries (at most 5 float and 9 byte-wide entries per selected one)."""
+    size = acc.itemsize
+    return n_vocab * (3 * size + 1) + (topk or 0) * (5 * size + 9)
+
+
+def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weight, need_dh, need_dw):
+    """The fused-linear KD loss per position and, when asked, the gradients of
+    sum_p row_weight[p] * loss[p] (the teacher is a constant).
+
+    hs, ht: [P, H]; ws, wt: [V, H] (wt None means ws); mask: bool [P] or None; topk: int or None;
+    row_weight: [P] (used only for the gradients). Returns (loss [P] float32/float64,
+    d hs [P, H] in hs's dtype or None, d ws [V, H] in ws's dtype or None).
+
+    Chunks of positions (``kd_memory.chunk_rows``): per chunk both logits by one GEMM each, the
+    softmaxes, loss and d logits in place, then d hs = d logits @ ws and d ws += d logits^T @ hs:
+    three GEMMs per chunk with a frozen weight, four with a trainable one, nothing recomputed.
+    d ws accumulates in float32 (float64) into the slice's rows only: in place in the output when
+    ws is float32 (float64), else in one extra [hi - lo, H] buffer."""
     acc = _acc_dtype(hs)
+    rows, n_vocab = hs.shape[0], hi - lo
     ws_slice = ws[lo:hi].to(acc)
     wt_slice = ws_slice if wt is None else wt[lo:hi].to(acc)
-    rows = hs.shape[0]
     loss = torch.zeros(rows, dtype=acc, device=hs.device)
-    lse_s, lse_t = torch.zeros_like(loss), torch.zeros_like(loss)
-    for r0, r1 in _row_chunks(rows, hi - lo):
-        m = None if mask is None else mask[r0:r1]
-        s = hs[r0:r1].to(acc) @ ws_slice.t()
-        t = ht[r0:r1].to(acc) @ wt_slice.t()
-        loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1] = kl_rows(s, t, temperature, m)[:3]
-    return loss, lse_s, lse_t
-
-
-def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, temperature, lo, hi, need_dw):
-    """(d hs [P, H] in hs's dtype, d ws [V, H] in ws's dtype or None). The teacher is a constant."""
-    acc = _acc_dtype(hs)
-    ws_slice = ws[lo:hi].to(acc)
-    wt_slice = ws_slice if wt is None else wt[lo:hi].to(acc)
-    d_hs = torch.zeros_like(hs)
-    d_ws = torch.zeros(hi - lo, ws.shape[1], dtype=acc, device=ws.device) if need_dw else None
-    for r0, r1 in _row_chunks(hs.shape[0], hi - lo):
-        h = hs[r0:r1].to(acc)
-        t = ht[r0:r1].to(acc) @ wt_slice.t()
-        alive = _alive(t, None if mask is None else mask[r0:r1])
-        d = dlogits_rows(h @ ws_slice.t(), t, lse_s[r0:r1], lse_t[r0:r1], grad_rows[r0:r1].to(acc),
-                         temperature, alive)
-        d_hs[r0:r1] = (d @ ws_slice).to(hs.dtype)
-        if need_dw:
-            d_ws += d.t() @ h
+    d_hs = torch.empty_like(hs) if need_dh else None
+    d_ws = d_ws_slice = None
+    accumulate_in_place = ws.dtype == acc
     if need_dw:
-        full = torch.zeros_like(ws)
-        full[lo:hi] = d_ws.to(ws.dtype)
-        d_ws = full
-    return d_hs, d_ws
+        d_ws = torch.zeros_like(ws)  # rows outside [lo, hi) get no gradient
+        d_ws_slice = d_ws[lo:hi] if accumulate_in_place else torch.zeros(n_vocab, ws.shape[1], dtype=acc,
+                                                                             device=ws.device)
+    need_grad = need_dh or need_dw
+    step = chunk_rows(rows, n_vocab, hs.dtype, fused_bytes_per_row(n_vocab, topk, acc))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        h = hs[r0:r1].to(acc)
+        s = h @ ws_slice.t()
+        t = ht[r0:r1].to(acc) @ wt_slice.t()
+        if topk is not None:
+            t, index = t.topk(topk, dim=-1)
+            s_full, s = s, s.gather(-1, index)
+        alive = t.amax(dim=-1) > float("-inf")
+        if mask is not None:
+            alive &= mask[r0:r1]
+        weight = None if row_weight is None else row_weight[r0:r1].to(acc)
+        loss[r0:r1], d = _fused_chunk(s, t, alive, weight, temperature, need_grad)
+        del t
+        if not need_grad:
+            continue
+        if topk is not None:
+            d = s_full.zero_().scatter_(-1, index, d)
+        if need_dh:
+            d_hs[r0:r1] = d @ ws_slice
+        if need_dw:
+            d_ws_slice.addmm_(d.t(), h)
+    if need_dw and not accumulate_in_place:
+        d_ws[lo:hi] = d_ws_slice
+    return loss, d_hs, d_ws

@@ -1,26 +1,29 @@
 """Triton fused-linear KD loss: T^2 * KL(softmax(ht wt^T / T) || softmax(hs ws^T / T)) per row,
-with the [positions, V] logits never materialised.
+with the [positions, V] logits never materialised, and its gradients in the same pass.
 
-Forward (flash-attention shape): each program owns BLOCK_P positions (the "queries") and
-loops over tiles of BLOCK_V vocab rows of the weights (the "keys"). A tile's student and
-teacher logits come from tl.dot over H in float32 accumulators and go straight into the
-online statistics shared with the logits kernel (mode_kernels.triton.kd_kl). Only the two
-logsumexps per position are kept.
+Positions are processed in chunks sized by the memory bound (``mode_kernels.kd_memory``). Per chunk:
+1. ``_logits_kernel``: both logits tiles by tl.dot over H (float32 accumulators), stored as
+   float32 [chunk, n] (float32 keeps the gradient exact where 16-bit logits would not: Liger's
+   issue 1432). The grid covers (row blocks x vocab tiles), so there is parallelism over the
+   vocabulary even when a chunk has few positions, in groups of GROUP_P row blocks that sweep the
+   vocab tiles together: a weight tile is read from HBM once per group while the group's hidden
+   rows stay in L2.
+2. One row pass (``kd_kl_forward_backward``, shared with the logits op): online logsumexps and KL,
+   then d logits = T * w * (p_s - p_t) in the dots' 16-bit dtype (w: the row's weight in the
+   reduction, or its output gradient). With top-k the row pass runs on the teacher's k largest
+   logits (torch.topk of the chunk) and the gathered student logits, and the d logits are
+   scattered back.
+3. ``_matmul_kernel``: d hidden[chunk] = d logits @ W, and d W[slice] += d logits^T @ hidden[chunk]
+   (float32, when the weight is trainable).
+So a frozen weight costs three GEMM-sized products (student logits, teacher logits, d hidden),
+nothing is recomputed, and the loss's backward only scales the gradients by its output gradient.
+Without gradients (evaluation, or the forward of reduction "none", whose backward reruns this
+with the output gradients as row weights) step 2 is the logits op's forward and step 3 is skipped.
 
-Backward: the logits are recomputed tile by tile from the saved logsumexps, for one chunk of
-positions at a time (at most DLOGITS_CHUNK_ELEMENTS entries), giving that chunk's
-d logits = T (p_s - p_t) grad. Then
-    d hidden[chunk] = d logits @ W                  (written once, hidden's dtype)
-    d weight       += d logits^T @ hidden[chunk]     (a float32 buffer, when need_dw)
-by a tiled tl.dot kernel with float32 accumulation.
-
-Why a d-logits chunk instead of accumulating d hidden / d weight inside the recompute kernel:
+Why chunks of d logits instead of accumulating d hidden / d weight inside the logits kernel:
 H is large (4096), so a [positions, H] or [vocab, H] accumulator cannot live in registers
-across the loop over the other dimension; that leaves fp32 atomics (CCE's choice) at
-(1/BLOCK_P + 1/BLOCK_V) * P * V * H atomic adds, nondeterministic, or this chunk. The chunk
-costs one bounded buffer and no atomics, is deterministic, and runs the two gradient GEMMs as
-plain tensor-core GEMMs. In MoDE the lm_head is frozen (need_dw False), so the common case has
-no float32 weight buffer at all.
+across the loop over the other dimension; that leaves fp32 atomics (CCE's choice),
+nondeterministic, or this chunk, which runs the two gradient GEMMs as plain tensor-core GEMMs.
 """
 from __future__ import annotations
 
@@ -28,110 +31,65 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kd_memory import chunk_rows
 from ._common import INTERPRET, MAX_GRID
 from .kd_kl import (
-    LOG2E,
-    LOG2E_K,
     check_triton_dtype,
-    kl_finish,
-    kl_grad_tile,
+    kd_kl_forward,
+    kd_kl_forward_backward,
     like_with_unit_stride_rows,
-    load_live_rows,
-    online_kl_update,
     unit_stride_rows,
 )
 
-# Bound on the entries of one backward d-logits chunk (2^26: 128 MiB in bf16)...
-DLOGITS_CHUNK_ELEMENTS = 1 << 26
-# and on its positions, so the d-logits grid's second dimension stays far below MAX_GRID.
-MAX_CHUNK_ROWS = 1 << 16
+# Chunks of positions are a multiple of the largest row tile (the last one aside), so no GEMM
+# tile runs half empty.
+CHUNK_ALIGN = 128
+# Row blocks of a group in the logits kernel's tile order (see the module docstring).
+GROUP_P = 8
 
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
-                stride_hs, stride_ht, stride_ws, stride_wt, scale2,
-                SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Student and teacher logits of the tile (rows, vocab), float32, in base-2 units
-    (x log2(e) / T), -inf on vocab entries past n_vocab."""
-    row_ok = rows < n_rows
-    vocab_ok = vocab < n_vocab
-    hs_rows = hs_ptr + rows.to(tl.int64)[:, None] * stride_hs
-    ht_rows = ht_ptr + rows.to(tl.int64)[:, None] * stride_ht
-    ws_rows = ws_ptr + vocab.to(tl.int64)[:, None] * stride_ws
-    wt_rows = wt_ptr + vocab.to(tl.int64)[:, None] * stride_wt
-    acc_s = tl.zeros([BLOCK_P, BLOCK_V], tl.float32)
-    acc_t = tl.zeros([BLOCK_P, BLOCK_V], tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        hs = tl.load(hs_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
-        ht = tl.load(ht_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
-        ws = tl.load(ws_rows + ks[None, :], mask=vocab_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
-        if SHARED_WEIGHT:
-            wt = ws  # teacher_weight None: one weight tile serves both dots
-        else:
-            wt = tl.load(wt_rows + ks[None, :], mask=vocab_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc_s = tl.dot(hs, tl.trans(ws), acc_s, input_precision=DOT_PRECISION)
-        acc_t = tl.dot(ht, tl.trans(wt), acc_t, input_precision=DOT_PRECISION)
-    s = tl.where(vocab_ok[None, :], acc_s * scale2, float("-inf"))
-    t = tl.where(vocab_ok[None, :], acc_t * scale2, float("-inf"))
-    return s, t
-
-
-@triton.jit
-def _fused_fwd_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, loss_ptr, lse_s_ptr, lse_t_ptr,
-                      n_rows, n_vocab, H, stride_hs, stride_ht, stride_ws, stride_wt, scale2, temperature,
-                      HAS_MASK: tl.constexpr, SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Each program owns blocks of BLOCK_P positions (grid-strided) and sweeps the vocab slice
-    (ws_ptr/wt_ptr point at row lo) in BLOCK_V tiles."""
-    for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_P), tl.num_programs(0)):
-        rows = block * BLOCK_P + tl.arange(0, BLOCK_P)
-        live = load_live_rows(mask_ptr, rows, n_rows, HAS_MASK)
-        m_s = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        m_t = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        l_s = tl.zeros([BLOCK_P], tl.float32)
-        l_t = tl.zeros([BLOCK_P], tl.float32)
-        cross = tl.zeros([BLOCK_P], tl.float32)
-        for v0 in range(0, n_vocab, BLOCK_V):
-            vocab = v0 + tl.arange(0, BLOCK_V)
-            s, t = logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
-                               stride_hs, stride_ht, stride_ws, stride_wt, scale2,
-                               SHARED_WEIGHT, DOT_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_V, BLOCK_H)
-            m_s, l_s, m_t, l_t, cross = online_kl_update(s, t, m_s, l_s, m_t, l_t, cross)
-        alive = live & (m_t > float("-inf"))
-        loss, lse_s, lse_t = kl_finish(m_s, l_s, m_t, l_t, cross, alive, temperature)
-        ok = rows < n_rows
-        tl.store(loss_ptr + rows, loss, mask=ok)
-        tl.store(lse_s_ptr + rows, lse_s, mask=ok)
-        tl.store(lse_t_ptr + rows, lse_t, mask=ok)
-
-
-@triton.jit
-def _fused_dlogits_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, mask_ptr, grad_rows_ptr, lse_s_ptr, lse_t_ptr,
-                          dlogits_ptr, n_rows, n_vocab, H, stride_hs, stride_ht, stride_ws, stride_wt, stride_dl,
-                          scale2, temperature,
-                          HAS_MASK: tl.constexpr, SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One (vocab tile, position block) of d logits = T (p_s - p_t) grad, recomputed from the
-    saved logsumexps. Grid: (vocab tiles, position blocks of the chunk)."""
-    vocab = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    rows = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ok = rows < n_rows
-    live = load_live_rows(mask_ptr, rows, n_rows, HAS_MASK)
-    s, t = logit_tiles(hs_ptr, ht_ptr, ws_ptr, wt_ptr, rows, vocab, n_rows, n_vocab, H,
-                       stride_hs, stride_ht, stride_ws, stride_wt, scale2,
-                       SHARED_WEIGHT, DOT_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_V, BLOCK_H)
-    lse_s2 = tl.load(lse_s_ptr + rows, mask=ok, other=0.0) * LOG2E_K
-    lse_t2 = tl.load(lse_t_ptr + rows, mask=ok, other=0.0) * LOG2E_K
-    row_scale = temperature * tl.load(grad_rows_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-    d = kl_grad_tile(s, t, lse_s2, lse_t2, row_scale, live)
-    tl.store(dlogits_ptr + rows.to(tl.int64)[:, None] * stride_dl + vocab[None, :],
-             d.to(dlogits_ptr.dtype.element_ty), mask=ok[:, None] & (vocab < n_vocab)[None, :])
+def _logits_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, s_ptr, t_ptr, n_rows, n_vocab, H,
+                   stride_hs, stride_ht, stride_ws, stride_wt, stride_out,
+                   SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   GROUP_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Student and teacher logits hs ws^T, ht wt^T of a chunk, float32 [n_rows, n_vocab] each
+    (ws_ptr/wt_ptr point at row lo of the weights). Tiles are grid-strided in grouped order."""
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_P)
+    n_vocab_tiles = tl.cdiv(n_vocab, BLOCK_V)
+    tiles_per_group = GROUP_P * n_vocab_tiles
+    for tile in range(tl.program_id(0), n_row_blocks * n_vocab_tiles, tl.num_programs(0)):
+        first = tile // tiles_per_group * GROUP_P
+        group_size = tl.minimum(n_row_blocks - first, GROUP_P)
+        in_group = tile % tiles_per_group
+        rows = (first + in_group % group_size) * BLOCK_P + tl.arange(0, BLOCK_P)
+        vocab = in_group // group_size * BLOCK_V + tl.arange(0, BLOCK_V)
+        row_ok = rows < n_rows
+        vocab_ok = vocab < n_vocab
+        hs_rows = hs_ptr + rows.to(tl.int64)[:, None] * stride_hs
+        ht_rows = ht_ptr + rows.to(tl.int64)[:, None] * stride_ht
+        ws_rows = ws_ptr + vocab.to(tl.int64)[:, None] * stride_ws
+        wt_rows = wt_ptr + vocab.to(tl.int64)[:, None] * stride_wt
+        acc_s = tl.zeros([BLOCK_P, BLOCK_V], tl.float32)
+        acc_t = tl.zeros([BLOCK_P, BLOCK_V], tl.float32)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            h_mask = row_ok[:, None] & (ks < H)[None, :]
+            w_mask = vocab_ok[:, None] & (ks < H)[None, :]
+            hs = tl.load(hs_rows + ks[None, :], mask=h_mask, other=0.0).to(DOT_DTYPE)
+            ht = tl.load(ht_rows + ks[None, :], mask=h_mask, other=0.0).to(DOT_DTYPE)
+            ws = tl.load(ws_rows + ks[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
+            if SHARED_WEIGHT:
+                wt = ws  # teacher_weight None: one weight tile serves both dots
+            else:
+                wt = tl.load(wt_rows + ks[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
+            acc_s = tl.dot(hs, tl.trans(ws), acc_s, input_precision=DOT_PRECISION)
+            acc_t = tl.dot(ht, tl.trans(wt), acc_t, input_precision=DOT_PRECISION)
+        out = rows.to(tl.int64)[:, None] * stride_out + vocab[None, :]
+        out_mask = row_ok[:, None] & vocab_ok[None, :]
+        tl.store(s_ptr + out, acc_s, mask=out_mask)
+        tl.store(t_ptr + out, acc_t, mask=out_mask)
 
 
 @triton.jit
@@ -160,10 +118,10 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
 
 
 # ----------------------------------------------------------------------------- tuning
-# Configs per dot-operand width in bytes: (block sizes..., num_warps, num_stages). The logit
-# kernels hold two float32 accumulator tiles; float32 operands run 3xTF32, which splits each
+# Configs per dot-operand width in bytes: (block sizes..., num_warps, num_stages). The logits
+# kernel holds two float32 accumulator tiles; float32 operands run 3xTF32, which splits each
 # operand in two, so they take thinner K blocks. All are spill-free on sm_80 and sm_90
-# (python -m mode_kernels.tools.compile_check); bigger tiles spill.
+# (python -m mode_kernels.tools.compile_check).
 _TILE_NAMES = ("BLOCK_P", "BLOCK_V", "BLOCK_H")
 _TILE_CONFIGS = {2: [(64, 128, 32, 8, 3), (64, 64, 64, 8, 3)],
                  4: [(64, 64, 16, 8, 2)]}
@@ -196,14 +154,9 @@ def _pruner(names, table):
     return prune
 
 
-def _tile_autotune(kernel):
-    return triton.autotune(_autotune_configs(_TILE_NAMES, _TILE_CONFIGS, _INTERPRET_TILE), key=["n_vocab", "H"],
-                           prune_configs_by={"early_config_prune": _pruner(_TILE_NAMES, _TILE_CONFIGS)})(kernel)
-
-
-_fused_fwd = _tile_autotune(_fused_fwd_kernel)
-# The d-logits kernel overwrites its output and is idempotent, so autotuning may rerun it.
-_fused_dlogits = _tile_autotune(_fused_dlogits_kernel)
+# The logits kernel overwrites its outputs and is idempotent, so autotuning may rerun it.
+_logits = triton.autotune(_autotune_configs(_TILE_NAMES, _TILE_CONFIGS, _INTERPRET_TILE), key=["n_vocab", "H"],
+                          prune_configs_by={"early_config_prune": _pruner(_TILE_NAMES, _TILE_CONFIGS)})(_logits_kernel)
 # The accumulating GEMM is not idempotent: autotuning must restore c between trials.
 _matmul = triton.autotune(_autotune_configs(_MATMUL_NAMES, _MATMUL_CONFIGS, _INTERPRET_MATMUL),
                           key=["M", "N", "K"], restore_value=["c_ptr"],
@@ -246,66 +199,82 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) 
         ACCUMULATE=accumulate, **_dot_args(_operand_dtype(a, b)))
 
 
-def fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi):
-    """hs, ht: [P, H]; ws, wt: [V, H] (wt None means ws). Returns float32 (loss, lse_s, lse_t), each [P]."""
+def _fused_bytes_per_row(n_pad: int, topk: int | None, operand: torch.dtype) -> int:
+    """What one position of a chunk holds: float32 student and teacher logits and the d logits
+    (padded rows); with top-k also the selected values and indices, the gathered student logits
+    and their d logits."""
+    return n_pad * (8 + operand.itemsize) + (topk or 0) * (16 + operand.itemsize)
+
+
+def _logits_grid(n_rows: int, n_vocab: int):
+    def grid(meta):
+        return (max(1, min(triton.cdiv(n_rows, meta["BLOCK_P"]) * triton.cdiv(n_vocab, meta["BLOCK_V"]), MAX_GRID)),)
+    return grid
+
+
+def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weight, need_dh, need_dw):
+    """hs, ht: [P, H]; ws, wt: [V, H] (wt None means ws); mask: bool [P] or None; topk: int or
+    None; row_weight: float32 [P] (used for the gradients only). Returns (loss float32 [P],
+    d hs [P, H] in hs's dtype or None, d ws [V, H] in ws's dtype or None): the gradients of
+    sum_p row_weight[p] * loss[p], the teacher a constant.
+
+    Memory beyond the inputs and outputs: one chunk (``_fused_bytes_per_row`` per position), and
+    with a trainable 16-bit weight a float32 [hi - lo, H] accumulator of d ws (a float32 weight
+    accumulates in place in the output's slice)."""
     _check(hs, ht, ws, wt)
+    d_hs = like_with_unit_stride_rows(hs) if need_dh else None
     hs, ht, ws = unit_stride_rows(hs), unit_stride_rows(ht), unit_stride_rows(ws)
-    wt_slice = ws[lo:hi] if wt is None else unit_stride_rows(wt)[lo:hi]
-    n_rows, H = hs.shape
-    loss = torch.empty(n_rows, dtype=torch.float32, device=hs.device)
-    lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
-    if n_rows == 0:
-        return loss, lse_s, lse_t
-    dot = _dot_args(_operand_dtype(hs, ht, ws, wt_slice))
-    _fused_fwd[lambda meta: (max(1, min(triton.cdiv(n_rows, meta["BLOCK_P"]), MAX_GRID)),)](
-        hs, ht, ws[lo:hi], wt_slice, loss if mask is None else mask.contiguous(), loss, lse_s, lse_t,
-        n_rows, hi - lo, H, hs.stride(0), ht.stride(0), ws.stride(0), wt_slice.stride(0),
-        LOG2E / temperature, float(temperature),
-        HAS_MASK=mask is not None, SHARED_WEIGHT=wt is None, **dot)
-    return loss, lse_s, lse_t
-
-
-def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, temperature, lo, hi, need_dw):
-    """(d hs [P, H] in hs's dtype, d ws [V, H] in ws's dtype or None). The teacher is a constant.
-
-    Positions are dead when masked out. (The forward also treats a position whose teacher
-    logits are all -inf as dead; with finite hidden states and weights that cannot happen.)"""
-    _check(hs, ht, ws, wt)
-    d_hs = like_with_unit_stride_rows(hs)
-    d_ws = torch.zeros_like(ws) if need_dw else None  # rows outside [lo, hi) get no gradient
-    hs, ht, ws = unit_stride_rows(hs), unit_stride_rows(ht), unit_stride_rows(ws)
-    wt_slice = ws[lo:hi] if wt is None else unit_stride_rows(wt)[lo:hi]
     ws_slice = ws[lo:hi]
+    wt_slice = ws_slice if wt is None else unit_stride_rows(wt)[lo:hi]
     n_rows, H = hs.shape
     n_vocab = hi - lo
-    d_ws_slice = torch.empty(n_vocab, H, dtype=torch.float32, device=ws.device) if need_dw else None
+    loss = torch.zeros(n_rows, dtype=torch.float32, device=hs.device)
+    d_ws = d_ws_acc = None
+    accumulate_in_place = ws.dtype == torch.float32
+    if need_dw:
+        d_ws = torch.empty_like(ws)
+        d_ws[:lo].zero_()  # rows outside [lo, hi) get no gradient
+        d_ws[hi:].zero_()
+        d_ws_acc = d_ws[lo:hi] if accumulate_in_place else torch.empty(n_vocab, H, dtype=torch.float32,
+                                                                           device=ws.device)
+    if n_rows == 0:
+        if need_dw:
+            d_ws[lo:hi].zero_()
+        return loss, d_hs, d_ws
     operand = _operand_dtype(hs, ht, ws, wt_slice)
     dot = _dot_args(operand)
     mask = None if mask is None else mask.contiguous()
-    grad_rows, lse_s, lse_t = grad_rows.contiguous(), lse_s.contiguous(), lse_t.contiguous()
-    chunk = max(1, min(n_rows, MAX_CHUNK_ROWS, DLOGITS_CHUNK_ELEMENTS // max(n_vocab, 1)))
-    # 16-bit d logits, like the naive path's, feed the tensor-core GEMMs; float32 inputs keep float32.
-    # (They include grad_rows: with float16 and a mean over many positions the smallest entries
-    # go subnormal, as in the naive float16 path's gradient of the logits.)
-    # Rows padded to 16 entries keep the GEMMs' loads of d logits aligned for any slice width.
-    dlogits = torch.empty(chunk, triton.cdiv(n_vocab, 16) * 16, dtype=operand, device=hs.device)[:, :n_vocab]
-    for r0 in range(0, n_rows, chunk):
-        r1 = min(n_rows, r0 + chunk)
-        dl = dlogits[: r1 - r0]
-        rows = r1 - r0
-
-        def grid(meta, rows=rows):
-            return triton.cdiv(n_vocab, meta["BLOCK_V"]), triton.cdiv(rows, meta["BLOCK_P"])
-
-        _fused_dlogits[grid](
-            hs[r0:r1], ht[r0:r1], ws_slice, wt_slice, lse_s if mask is None else mask[r0:r1], grad_rows[r0:r1],
-            lse_s[r0:r1], lse_t[r0:r1], dl, r1 - r0, n_vocab, H,
-            hs.stride(0), ht.stride(0), ws.stride(0), wt_slice.stride(0), dl.stride(0),
-            LOG2E / temperature, float(temperature),
-            HAS_MASK=mask is not None, SHARED_WEIGHT=wt is None, **dot)
-        matmul(dl, ws_slice, d_hs[r0:r1], accumulate=False)
+    need_grad = need_dh or need_dw
+    # Rows padded to 16 entries keep every row of the buffers 16-byte aligned for any slice width.
+    n_pad = triton.cdiv(n_vocab, 16) * 16
+    step = chunk_rows(n_rows, n_vocab, hs.dtype, _fused_bytes_per_row(n_pad, topk, operand), CHUNK_ALIGN)
+    logits = torch.empty(2, step, n_pad, dtype=torch.float32, device=hs.device)
+    d_buffer = torch.empty(step, n_pad, dtype=operand, device=hs.device) if need_grad else None
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        s, t = logits[0, : r1 - r0, :n_vocab], logits[1, : r1 - r0, :n_vocab]
+        _logits[_logits_grid(r1 - r0, n_vocab)](
+            hs[r0:r1], ht[r0:r1], ws_slice, wt_slice, s, t, r1 - r0, n_vocab, H,
+            hs.stride(0), ht.stride(0), ws.stride(0), wt_slice.stride(0), s.stride(0),
+            SHARED_WEIGHT=wt is None, GROUP_P=GROUP_P, **dot)
+        chunk_mask = None if mask is None else mask[r0:r1]
+        if topk is not None:
+            t, index = t.topk(topk, dim=-1)
+            s = s.gather(-1, index)
+        if not need_grad:
+            loss[r0:r1] = kd_kl_forward(s, t, chunk_mask, temperature, 0, s.shape[1])[0]
+            continue
+        d = d_buffer[: r1 - r0, :n_vocab]
+        if topk is None:
+            loss[r0:r1] = kd_kl_forward_backward(row_weight[r0:r1], s, t, chunk_mask, temperature, d)
+        else:
+            d_top = torch.empty(s.shape, dtype=operand, device=hs.device)
+            loss[r0:r1] = kd_kl_forward_backward(row_weight[r0:r1], s, t, chunk_mask, temperature, d_top)
+            d.zero_().scatter_(-1, index, d_top)
+        if need_dh:
+            matmul(d, ws_slice, d_hs[r0:r1], accumulate=False)
         if need_dw:
-            matmul(dl.t(), hs[r0:r1], d_ws_slice, accumulate=r0 > 0)
-    if need_dw:
-        d_ws[lo:hi] = d_ws_slice
-    return d_hs, d_ws
+            matmul(d.t(), hs[r0:r1], d_ws_acc, accumulate=r0 > 0)
+    if need_dw and not accumulate_in_place:
+        d_ws[lo:hi] = d_ws_acc
+    return loss, d_hs, d_ws

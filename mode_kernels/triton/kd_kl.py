@@ -9,8 +9,11 @@ recomputes d student = T * (p_s - p_t) * grad chunk by chunk. The slice is read 
 (column masks on the input rows, any row stride): no copies.
 
 All softmax math is float32 in base-2 units (x * log2(e) / T) so it runs on exp2/log2; the
-saved logsumexps are natural-log, as the reference's. The online-statistics helpers below are
-shared with the fused-linear kernels (mode_kernels.triton.fused_linear_kd_kl).
+saved logsumexps are natural-log, as the reference's.
+
+The fused-linear op (mode_kernels.triton.fused_linear_kd_kl) runs ``kd_kl_forward_backward`` on
+each chunk of float32 logits it computes: loss and d logits in one kernel (the statistics sweep,
+then the gradient sweep with the logsumexps kept in registers), sharing the row sweeps below.
 """
 from __future__ import annotations
 
@@ -86,28 +89,51 @@ def load_live_rows(mask_ptr, rows, n_rows, HAS_MASK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
+def _row_block_stats(s_row, t_row, live, lo, n_cols, scale2, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Running statistics of a block of rows over the slice [lo, lo + n_cols). Row pointers are
+    at column 0 and the chunks are aligned to BLOCK_V, so loads stay vectorised for any lo
+    (MoDE's is 4)."""
+    m_s = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    m_t = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_s = tl.zeros([BLOCK_R], tl.float32)
+    l_t = tl.zeros([BLOCK_R], tl.float32)
+    cross = tl.zeros([BLOCK_R], tl.float32)
+    for c0 in range(lo // BLOCK_V * BLOCK_V, lo + n_cols, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        ld = live[:, None] & ((cols >= lo) & (cols < lo + n_cols))[None, :]
+        s = tl.load(s_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32) * scale2
+        t = tl.load(t_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32) * scale2
+        m_s, l_s, m_t, l_t, cross = online_kl_update(s, t, m_s, l_s, m_t, l_t, cross)
+    return m_s, l_s, m_t, l_t, cross
+
+
+@triton.jit
+def _write_row_block_dlogits(s_row, t_row, d_row, ok, alive, lo, hi, n_cols, lse_s, lse_t, row_scale, scale2,
+                             BLOCK_V: tl.constexpr):
+    """Whole rows [0, n_cols) of d student: row_scale * (p_s - p_t) inside [lo, hi), 0 outside
+    (so the output needs no memset)."""
+    for c0 in range(0, n_cols, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        in_slice = (cols >= lo) & (cols < hi)
+        ld = alive[:, None] & in_slice[None, :]
+        s = tl.load(s_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32) * scale2
+        t = tl.load(t_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32) * scale2
+        d = kl_grad_tile(s, t, lse_s * LOG2E_K, lse_t * LOG2E_K, row_scale, alive)
+        tl.store(d_row + cols[None, :], d.to(d_row.dtype.element_ty), mask=ok[:, None] & (cols < n_cols)[None, :])
+
+
+@triton.jit
 def _kd_kl_fwd_kernel(student_ptr, teacher_ptr, mask_ptr, loss_ptr, lse_s_ptr, lse_t_ptr,
                       n_rows, n_cols, lo, stride_s, stride_t, scale2, temperature,
                       HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """Each program owns blocks of BLOCK_R rows (grid-strided, P may exceed the grid limit) and
-    sweeps the vocab slice [lo, lo + n_cols) in BLOCK_V chunks. Pointers are at column 0 and
-    the chunks are aligned to BLOCK_V, so loads stay vectorised for any lo (MoDE's is 4)."""
+    sweeps the vocab slice [lo, lo + n_cols) in BLOCK_V chunks."""
     for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_R), tl.num_programs(0)):
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         live = load_live_rows(mask_ptr, rows, n_rows, HAS_MASK)
         s_row = student_ptr + rows.to(tl.int64)[:, None] * stride_s
         t_row = teacher_ptr + rows.to(tl.int64)[:, None] * stride_t
-        m_s = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        m_t = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l_s = tl.zeros([BLOCK_R], tl.float32)
-        l_t = tl.zeros([BLOCK_R], tl.float32)
-        cross = tl.zeros([BLOCK_R], tl.float32)
-        for c0 in range(lo // BLOCK_V * BLOCK_V, lo + n_cols, BLOCK_V):
-            cols = c0 + tl.arange(0, BLOCK_V)
-            ld = live[:, None] & ((cols >= lo) & (cols < lo + n_cols))[None, :]
-            s = tl.load(s_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32) * scale2
-            t = tl.load(t_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32) * scale2
-            m_s, l_s, m_t, l_t, cross = online_kl_update(s, t, m_s, l_s, m_t, l_t, cross)
+        m_s, l_s, m_t, l_t, cross = _row_block_stats(s_row, t_row, live, lo, n_cols, scale2, BLOCK_R, BLOCK_V)
         # A teacher with no finite logit in the slice gives no distribution: the row is dead.
         alive = live & (m_t > float("-inf"))
         loss, lse_s, lse_t = kl_finish(m_s, l_s, m_t, l_t, cross, alive, temperature)
@@ -121,15 +147,14 @@ def _kd_kl_fwd_kernel(student_ptr, teacher_ptr, mask_ptr, loss_ptr, lse_s_ptr, l
 def _kd_kl_bwd_kernel(grad_rows_ptr, student_ptr, teacher_ptr, mask_ptr, lse_s_ptr, lse_t_ptr, d_student_ptr,
                       n_rows, n_cols, lo, hi, stride_s, stride_t, stride_d, scale2, temperature,
                       HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Writes whole rows of d student: T * (p_s - p_t) * grad inside [lo, hi), 0 outside (so
-    the output needs no memset). Pointers are at column 0; n_cols is the full vocab."""
+    """Writes whole rows of d student = T * (p_s - p_t) * grad from the saved logsumexps.
+    Pointers are at column 0; n_cols is the full vocab."""
     for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_R), tl.num_programs(0)):
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = rows < n_rows
         live = load_live_rows(mask_ptr, rows, n_rows, HAS_MASK)
         s_row = student_ptr + rows.to(tl.int64)[:, None] * stride_s
         t_row = teacher_ptr + rows.to(tl.int64)[:, None] * stride_t
-        d_row = d_student_ptr + rows.to(tl.int64)[:, None] * stride_d
         lse_s = tl.load(lse_s_ptr + rows, mask=ok, other=0.0)
         lse_t = tl.load(lse_t_ptr + rows, mask=ok, other=0.0)
         # The forward marks a dead row (teacher all -inf) only by lse_s = lse_t = 0. A live row
@@ -145,15 +170,31 @@ def _kd_kl_bwd_kernel(grad_rows_ptr, student_ptr, teacher_ptr, mask_ptr, lse_s_p
                 t_max = tl.maximum(t_max, tl.max(t, axis=1))
             alive = alive | (ambiguous & (t_max > float("-inf")))
         row_scale = temperature * tl.load(grad_rows_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        for c0 in range(0, n_cols, BLOCK_V):
-            cols = c0 + tl.arange(0, BLOCK_V)
-            in_slice = (cols >= lo) & (cols < hi)
-            ld = alive[:, None] & in_slice[None, :]
-            s = tl.load(s_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32) * scale2
-            t = tl.load(t_row + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32) * scale2
-            d = kl_grad_tile(s, t, lse_s * LOG2E_K, lse_t * LOG2E_K, row_scale, alive)
-            tl.store(d_row + cols[None, :], d.to(d_student_ptr.dtype.element_ty),
-                     mask=ok[:, None] & (cols < n_cols)[None, :])
+        d_row = d_student_ptr + rows.to(tl.int64)[:, None] * stride_d
+        _write_row_block_dlogits(s_row, t_row, d_row, ok, alive, lo, hi, n_cols, lse_s, lse_t, row_scale, scale2,
+                                 BLOCK_V)
+
+
+@triton.jit
+def _kd_kl_fwd_bwd_kernel(grad_rows_ptr, student_ptr, teacher_ptr, mask_ptr, loss_ptr, d_student_ptr,
+                          n_rows, n_cols, stride_s, stride_t, stride_d, scale2, temperature,
+                          HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Loss and d student of whole rows [0, n_cols) in one row pass: the statistics sweep, then
+    the gradient sweep (the rows are still in L2), with the logsumexps kept in registers."""
+    for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_R), tl.num_programs(0)):
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = rows < n_rows
+        live = load_live_rows(mask_ptr, rows, n_rows, HAS_MASK)
+        s_row = student_ptr + rows.to(tl.int64)[:, None] * stride_s
+        t_row = teacher_ptr + rows.to(tl.int64)[:, None] * stride_t
+        m_s, l_s, m_t, l_t, cross = _row_block_stats(s_row, t_row, live, 0, n_cols, scale2, BLOCK_R, BLOCK_V)
+        alive = live & (m_t > float("-inf"))
+        loss, lse_s, lse_t = kl_finish(m_s, l_s, m_t, l_t, cross, alive, temperature)
+        tl.store(loss_ptr + rows, loss, mask=ok)
+        row_scale = temperature * tl.load(grad_rows_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        d_row = d_student_ptr + rows.to(tl.int64)[:, None] * stride_d
+        _write_row_block_dlogits(s_row, t_row, d_row, ok, alive, 0, n_cols, n_cols, lse_s, lse_t, row_scale,
+                                 scale2, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -180,6 +221,8 @@ _kd_kl_fwd = triton.autotune(_configs(), key=["n_cols"], prune_configs_by={"earl
     _kd_kl_fwd_kernel)
 _kd_kl_bwd = triton.autotune(_configs(), key=["n_cols"], prune_configs_by={"early_config_prune": _prune})(
     _kd_kl_bwd_kernel)
+_kd_kl_fwd_bwd = triton.autotune(_configs(), key=["n_cols"], prune_configs_by={"early_config_prune": _prune})(
+    _kd_kl_fwd_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -238,3 +281,21 @@ def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, temperature,
         n_rows, n_cols, lo, hi, student.stride(0), teacher.stride(0), d_student.stride(0),
         LOG2E / temperature, float(temperature), HAS_MASK=mask is not None)
     return d_student
+
+
+def kd_kl_forward_backward(grad_rows, student, teacher, mask, temperature, d_student):
+    """The loss rows (float32 [P]) of whole rows of student, teacher [P, n] (no slice), and
+    d loss / d student with grad_rows as the rows' output gradients, written into d_student
+    ([P, n], any dtype and row stride)."""
+    check_triton_dtype(student, "student")
+    check_triton_dtype(teacher, "teacher")
+    n_rows, n_cols = student.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    if n_rows == 0:
+        return loss
+    mask_arg = loss if mask is None else mask.contiguous()
+    _kd_kl_fwd_bwd[lambda meta: _grid(meta, n_rows)](
+        grad_rows.contiguous(), student, teacher, mask_arg, loss, d_student,
+        n_rows, n_cols, student.stride(0), teacher.stride(0), d_student.stride(0),
+        LOG2E / temperature, float(temperature), HAS_MASK=mask is not None)
+    return loss

@@ -1,9 +1,11 @@
 """kd_kl_loss and fused_linear_kd_kl_loss on the torch backend against naive dense formulas."""
 import pytest
 import torch
+from naive import fused_linear_kd_kl as naive_fused
 from naive import kd_kl as naive_kd
 
 import mode_kernels as mk
+from mode_kernels import kd_memory
 from mode_kernels.reference import kd_kl as reference_kd
 
 F64 = torch.float64
@@ -96,22 +98,65 @@ def _fused_case(seed, p=(2, 6), h=13, v=37, dtype=F64):
 
 @pytest.mark.parametrize("separate_teacher", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_fused_linear_matches_logits_form(separate_teacher, reduction):
+@pytest.mark.parametrize("topk", [None, 1, 9, 27])
+def test_fused_linear_values_and_gradients_match_naive(separate_teacher, reduction, topk):
     hs, ht, w, wt = _fused_case(11)
+    hs.requires_grad_(True), w.requires_grad_(True)
     mask = logits((2, 6), 12) > -0.5
-    kw = dict(temperature=2.0, mask=mask, vocab_range=(3, 30), reduction=reduction)
+    kw = dict(temperature=2.0, mask=mask, vocab_range=(3, 30), topk=topk, reduction=reduction)
     tw = wt if separate_teacher else None
     out = mk.fused_linear_kd_kl_loss(hs, ht, w, teacher_weight=tw, **kw)
-    gold = naive_kd(hs @ w.t(), ht @ (wt if separate_teacher else w).t(), **kw)
+    gold = naive_fused(hs, ht, w, tw, **kw)
     torch.testing.assert_close(out, gold, rtol=1e-10, atol=1e-12)
+    grad_out = logits(out.shape, 19) if out.dim() else torch.tensor(-2.5, dtype=F64)  # grad_output != 1
+    ours = torch.autograd.grad(out, [hs, w], grad_out)
+    want = torch.autograd.grad(gold, [hs, w], grad_out)
+    for a, b in zip(ours, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert ours[1][:3].abs().max() == 0 and ours[1][30:].abs().max() == 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_frozen_weight_and_no_grad(reduction):
+    hs, ht, w, _ = _fused_case(21, p=(7,), h=5, v=23)
+    hs.requires_grad_(True)
+    out = mk.fused_linear_kd_kl_loss(hs, ht, w, temperature=0.5, topk=4, reduction=reduction)
+    (g,) = torch.autograd.grad(out.sum(), hs)
+    hs2 = hs.detach().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(naive_fused(hs2, ht, w, temperature=0.5, topk=4, reduction=reduction).sum(), hs2)
+    torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(mk.fused_linear_kd_kl_loss(hs, ht, w, temperature=0.5, topk=4, reduction=reduction),
+                                   out.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_fused_linear_masked_teacher_logits():
+    """Teacher logits of -inf and of about the float64 minimum (teacher weights of -inf / -1e307
+    against positive hidden states) have probability 0 and count 0; with top-k too."""
+    hs, ht, w, wt = _fused_case(23, p=(9,), h=6, v=31)
+    ht = ht.abs() + 0.5
+    wt[[2, 5], 0] = float("-inf")
+    wt[[7, 8, 20], 0] = -1e307
+    hs.requires_grad_(True)
+    for topk in (None, 10):
+        out = mk.fused_linear_kd_kl_loss(hs, ht, w, teacher_weight=wt, topk=topk, reduction="none")
+        assert torch.isfinite(out).all()
+        gold = naive_fused(hs, ht, w, wt, topk=topk, reduction="none")
+        torch.testing.assert_close(out, gold, rtol=1e-10, atol=1e-12)
+        (g,) = torch.autograd.grad(out.sum(), hs)
+        (want,) = torch.autograd.grad(gold.sum(), hs)
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
 
 
 def test_fused_linear_gradcheck_and_teacher_constant():
     hs, ht, w, wt = _fused_case(13, p=(5,), h=6, v=9)
     hs.requires_grad_(True), w.requires_grad_(True)
     mask = torch.tensor([True, True, False, True, True])
-    assert torch.autograd.gradcheck(lambda hs, w: mk.fused_linear_kd_kl_loss(
-        hs, ht, w, teacher_weight=wt, temperature=0.5, mask=mask, vocab_range=(1, 8)), [hs, w])
+    for reduction, topk in (("mean", None), ("none", 4), ("sum", 3)):
+        assert torch.autograd.gradcheck(lambda hs, w, topk=topk, reduction=reduction: mk.fused_linear_kd_kl_loss(
+            hs, ht, w, teacher_weight=wt, temperature=0.5, mask=mask, vocab_range=(1, 8), topk=topk,
+            reduction=reduction), [hs, w])
     # with a shared weight the teacher's logits are constants: gradient of the student path only
     out = mk.fused_linear_kd_kl_loss(hs, ht, w, temperature=2.0)
     g_hs, g_w = torch.autograd.grad(out, [hs, w])
@@ -123,17 +168,36 @@ def test_fused_linear_gradcheck_and_teacher_constant():
     torch.testing.assert_close(g_w, r_w, rtol=1e-10, atol=1e-12)
 
 
-def test_fused_linear_reference_is_chunked(monkeypatch):
-    """The reference never holds more than one chunk of logits: shrink the chunk and compare."""
-    hs, ht, w, _ = _fused_case(15, p=(40,), h=8, v=50)
-    full = mk.fused_linear_kd_kl_loss(hs, ht, w, reduction="none", backend="torch")
-    monkeypatch.setattr(reference_kd, "CHUNK_ELEMENTS", 150)  # 3 rows of 50 logits per chunk
+@pytest.mark.parametrize("topk", [None, 6])
+def test_fused_linear_reference_chunks_follow_the_memory_bound(monkeypatch, topk):
+    """The reference holds one chunk of logits at a time, sized by kd_memory: the chunks take
+    about a tenth of the positions, and more chunks give the same values and gradients."""
+    hs, ht, w, _ = _fused_case(15, p=(400,), h=8, v=50)
+    hs.requires_grad_(True)
     seen = []
-    real = reference_kd.kl_rows
-    monkeypatch.setattr(reference_kd, "kl_rows", lambda s, *a: seen.append(s.numel()) or real(s, *a))
-    chunked = mk.fused_linear_kd_kl_loss(hs, ht, w, reduction="none", backend="torch")
-    torch.testing.assert_close(chunked, full, rtol=1e-12, atol=1e-12)
-    assert max(seen) <= 150 and len(seen) == 14
+    real = reference_kd._fused_chunk
+    monkeypatch.setattr(reference_kd, "_fused_chunk", lambda s, *a: seen.append(s.shape[0]) or real(s, *a))
+    out = mk.fused_linear_kd_kl_loss(hs, ht, w, topk=topk, backend="torch")
+    (g,) = torch.autograd.grad(out, hs)
+    assert 35 <= max(seen) <= 55 and sum(seen) == 400, seen
+    naive_bytes = 400 * 50 * kd_memory.naive_bytes_per_logit(F64)
+    assert max(seen) * reference_kd.fused_bytes_per_row(50, topk, F64) <= naive_bytes / 10
+    monkeypatch.setattr(kd_memory, "EXTRA_MEMORY_FRACTION", 0.001)
+    seen.clear()
+    out2 = mk.fused_linear_kd_kl_loss(hs, ht, w, topk=topk, backend="torch")
+    (g2,) = torch.autograd.grad(out2, hs)
+    assert max(seen) == 1 and len(seen) == 400
+    torch.testing.assert_close(out2, out, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g2, g, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("topk", [0, -1, 28, 2.0, True])
+def test_bad_topk_raises(topk):
+    hs, ht, w, _ = _fused_case(17, p=(3,), h=4, v=30)
+    with pytest.raises(ValueError, match="topk"):
+        mk.fused_linear_kd_kl_loss(hs, ht, w, vocab_range=(3, 30), topk=topk)
+    with pytest.raises(ValueError, match="topk"):
+        mk.kd_kl_loss(hs @ w.t(), ht @ w.t(), vocab_range=(3, 30), topk=topk)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3), (torch.float32, 5e-4)])
@@ -152,7 +216,16 @@ def test_low_precision_no_worse_than_naive_same_dtype(dtype, tol):
     assert (g_ours.double() - g_gold).abs().max() <= (g_naive.double() - g_gold).abs().max() + tol
 
     hs, ht, w, _ = (x.to(dtype) for x in _fused_case(18, p=(32,), h=24, v=200))
-    gold = naive_kd(hs.double() @ w.double().t(), ht.double() @ w.double().t(), 2.0)
-    ours = mk.fused_linear_kd_kl_loss(hs, ht, w, temperature=2.0)
-    naive_same = naive_kd(hs @ w.t(), ht @ w.t(), 2.0)
-    assert abs(ours.double() - gold) <= abs(naive_same.double() - gold) + tol
+    for topk in (None, 20):
+        gold_hs = hs.double().requires_grad_(True)
+        gold = naive_fused(gold_hs, ht.double(), w.double(), temperature=2.0, topk=topk)
+        (g_gold,) = torch.autograd.grad(gold, gold_hs)
+        h = hs.clone().requires_grad_(True)
+        ours = mk.fused_linear_kd_kl_loss(h, ht, w, temperature=2.0, topk=topk)
+        (g_ours,) = torch.autograd.grad(ours, h)
+        h = hs.clone().requires_grad_(True)
+        naive_same = naive_fused(h, ht, w, temperature=2.0, topk=topk)
+        (g_naive,) = torch.autograd.grad(naive_same, h)
+        assert g_ours.dtype == dtype
+        assert abs(ours.double() - gold) <= abs(naive_same.double() - gold) + tol
+        assert (g_ours.double() - g_gold).abs().max() <= (g_naive.double() - g_gold).abs().max() + tol

@@ -7,15 +7,20 @@ import mode
 from mode.kd import kd_positions
 
 
-def _naive_kd(model, batch, temperature, lo, hi):
-    """T^2 KL(teacher || student) over logits[..., lo:hi] / T, mean over positions t with labels[t+1] != -100."""
+def _naive_kd(model, batch, temperature, lo, hi, topk=None):
+    """T^2 KL(teacher || student) over logits[..., lo:hi] / T (the teacher's top k of them, both
+    renormalised, with topk), mean over positions t with labels[t+1] != -100."""
     head = model.get_output_embeddings().weight.double()
     with torch.no_grad():
         with mode.teacher_mode(model):
             teacher = model.model(input_ids=batch["input_ids"])[0].double() @ head.T
         student = model.model(input_ids=batch["input_ids"])[0].double() @ head.T
-    log_t = torch.log_softmax(teacher[:, :-1, lo:hi] / temperature, -1)
-    log_s = torch.log_softmax(student[:, :-1, lo:hi] / temperature, -1)
+    teacher, student = teacher[:, :-1, lo:hi], student[:, :-1, lo:hi]
+    if topk is not None:
+        teacher, index = teacher.topk(topk, dim=-1)
+        student = student.gather(-1, index)
+    log_t = torch.log_softmax(teacher / temperature, -1)
+    log_s = torch.log_softmax(student / temperature, -1)
     per_position = temperature ** 2 * (log_t.exp() * (log_t - log_s)).sum(-1)
     mask = batch["labels"][:, 1:] != -100
     return per_position[mask].mean(), per_position * mask
@@ -48,6 +53,15 @@ def test_explicit_temperature_and_vocab_range(model, batch):
     expected, _ = _naive_kd(model, batch, 1.0, 0, 64)
     got = mode.kd_loss(model, batch, temperature=1.0, vocab_range=(0, 64))
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_matches_dense_logits(model, batch):
+    expected, _ = _naive_kd(model, batch, 2.0, IMAGE_LO, IMAGE_HI, topk=5)
+    got = mode.kd_loss(model, batch, topk=5)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(got, mode.kd_loss(model, batch))  # the top-k loss is another loss
+    with pytest.raises(ValueError, match="topk"):
+        mode.kd_loss(model, batch, topk=IMAGE_HI - IMAGE_LO + 1)
 
 
 def test_distilled_positions_without_labels():

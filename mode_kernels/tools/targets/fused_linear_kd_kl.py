@@ -7,9 +7,9 @@ import torch
 from ...triton.fused_linear_kd_kl import (
     _MATMUL_CONFIGS,
     _TILE_CONFIGS,
+    GROUP_P,
     _dot_args,
-    _fused_dlogits_kernel,
-    _fused_fwd_kernel,
+    _logits_kernel,
     _matmul_kernel,
 )
 
@@ -29,19 +29,14 @@ def compile_targets(default_only: bool = False):
         tiles, gemms = _TILE_CONFIGS[operand.itemsize], _MATMUL_CONFIGS[operand.itemsize]
         for p, v, h, w, st in tiles[:1] if default_only else tiles:
             for shared in (False,) if default_only else (False, True):
-                consts = {"HAS_MASK": True, "SHARED_WEIGHT": shared, **dot, "BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}
-                inputs = {"hs_ptr": f"*{dt}", "ht_ptr": f"*{dt}", "ws_ptr": f"*{dt}", "wt_ptr": f"*{dt}",
-                          "mask_ptr": "*i1"}
-                sizes = {"n_rows": "i32", "n_vocab": "i32", "H": "i32:16", "stride_hs": "i32:16",
-                         "stride_ht": "i32:16", "stride_ws": "i32:16", "stride_wt": "i32:16"}
-                fwd = {**inputs, "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", **sizes,
-                       "scale2": "fp32", "temperature": "fp32"}
-                dlogits = {**inputs, "grad_rows_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
-                           "dlogits_ptr": f"*{dt}", **sizes, "stride_dl": "i32:16", "scale2": "fp32",
-                           "temperature": "fp32"}
+                consts = {"SHARED_WEIGHT": shared, "GROUP_P": GROUP_P, **dot, "BLOCK_P": p, "BLOCK_V": v,
+                          "BLOCK_H": h}
+                sig = {"hs_ptr": f"*{dt}", "ht_ptr": f"*{dt}", "ws_ptr": f"*{dt}", "wt_ptr": f"*{dt}",
+                       "s_ptr": "*fp32", "t_ptr": "*fp32", "n_rows": "i32", "n_vocab": "i32", "H": "i32:16",
+                       "stride_hs": "i32:16", "stride_ht": "i32:16", "stride_ws": "i32:16", "stride_wt": "i32:16",
+                       "stride_out": "i32:16"}
                 tag = f"[{dt}{' shared' if shared else ''}] P{p} V{v} H{h} w{w} s{st}"
-                targets.append((f"fwd{tag}", _fused_fwd_kernel, fwd, consts, w, st))
-                targets.append((f"dlogits{tag}", _fused_dlogits_kernel, dlogits, consts, w, st))
+                targets.append((f"logits{tag}", _logits_kernel, sig, consts, w, st))
         # d hidden = dl @ W (a row-major, out in hidden's dtype); d weight (+)= dl^T @ hidden
         # (a transposed, float32 out, written by the first chunk, accumulated by the others).
         uses = (("d_hidden", "stride_ak", dt, False), ("d_weight", "stride_am", "fp32", False),
