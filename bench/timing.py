@@ -3,7 +3,8 @@
 CUDA: ``triton.testing.do_bench`` (it flushes L2 between runs) and ``torch.cuda.max_memory_allocated``
 after ``reset_peak_memory_stats``, minus what was allocated before the case ran.
 CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (median of blocks) and the torch profiler's
-allocation events (peak of the running sum of allocations and frees during one call).
+allocation records (peak of the running sum of every allocation and free during one call, in the
+order of their time stamps).
 """
 from __future__ import annotations
 
@@ -64,8 +65,11 @@ def _cpu_peak_bytes(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
     with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Each op's own allocations minus frees, and the bare [memory] events of frees outside ops, in time order.
-    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    # Every CPU allocation (+bytes) and free (-bytes) is a "[memory]" record with its own time stamp.
+    # (Summing ops' self memory at their start times instead undercounts: a parent op, such as a
+    # custom op, starts before the allocations of its children and carries their frees.)
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     running = peak = 0
     for _, delta in deltas:
         running += delta
