@@ -8,6 +8,7 @@
 // finite value are masked (p_t = 0). Rows masked out or without a finite teacher logit: loss 0, gradient 0.
 // The fused-linear form computes the logits of a chunk of rows by ATen GEMM into a reused buffer, so no
 // [P, V] tensor ever exists; d hidden is one GEMM per chunk.
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -185,10 +186,184 @@ c10::optional<at::Tensor> contiguous_mask(const c10::optional<at::Tensor>& mask)
   return mask->to(at::kBool).contiguous();
 }
 
-// The logits of the teacher's top-k in each row, and the student's at the same entries.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gather(const at::Tensor& s, const at::Tensor& t, int64_t topk) {
-  auto [t_top, index] = at::topk(t, topk, -1);
-  return {s.gather(-1, index).contiguous(), t_top.contiguous(), index};
+// The fused-linear form computes each chunk's logits transposed, [V, C] = W X^T (one GEMM that reuses the
+// packed hidden states: much faster than X W^T for a few dozen positions), so its row passes run down the
+// columns: each vector lane is one position, and the row pass streams the buffer in memory order.
+constexpr int64_t kFusedMinPositions = 16, kFusedMaxPositions = 64;
+
+// Per position (column c in [c0, c1) of s, t: n rows, ld apart): loss, lse_s, lse_t; dead positions (masked out or
+// no teacher logit above `masked`) get 0, 0, 0 and alive[c] = false.
+template <typename acc_t>
+void kl_columns(const acc_t* s, const acc_t* t, int64_t n, int64_t ld, int64_t c0, int64_t c1, acc_t inv_temp,
+                acc_t temp, acc_t masked, const bool* counted, acc_t* loss, acc_t* lse_s, acc_t* lse_t) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t width = c1 - c0;
+  std::vector<acc_t> max_s(width, neg_inf), max_t(width, neg_inf), z_s(width, 0), z_t(width, 0), w(width, 0);
+  const Vec vmasked(masked), vneg_inf(neg_inf), vinv(inv_temp), zero(0);
+  for (int64_t v = 0; v < n; ++v) {
+    const acc_t* sr = s + v * ld + c0;
+    const acc_t* tr = t + v * ld + c0;
+    int64_t c = 0;
+    for (; c + W <= width; c += W) {
+      auto vs = Vec::loadu(sr + c), vt = Vec::loadu(tr + c);
+      at::vec::maximum(Vec::loadu(&max_s[c]), vs).store(&max_s[c]);
+      at::vec::maximum(Vec::loadu(&max_t[c]), Vec::blendv(vneg_inf, vt, vt > vmasked)).store(&max_t[c]);
+    }
+    for (; c < width; ++c) {
+      max_s[c] = std::max(max_s[c], sr[c]);
+      if (tr[c] > masked) max_t[c] = std::max(max_t[c], tr[c]);
+    }
+  }
+  for (int64_t v = 0; v < n; ++v) {
+    const acc_t* sr = s + v * ld + c0;
+    const acc_t* tr = t + v * ld + c0;
+    int64_t c = 0;
+    for (; c + W <= width; c += W) {
+      auto vs = Vec::loadu(sr + c), vt = Vec::loadu(tr + c);
+      auto keep = vt > vmasked;
+      (Vec::loadu(&z_s[c]) + ((vs - Vec::loadu(&max_s[c])) * vinv).exp()).store(&z_s[c]);
+      auto et = Vec::blendv(zero, ((vt - Vec::loadu(&max_t[c])) * vinv).exp(), keep);
+      (Vec::loadu(&z_t[c]) + et).store(&z_t[c]);
+      (Vec::loadu(&w[c]) + et * Vec::blendv(zero, vt - vs, keep)).store(&w[c]);
+    }
+    for (; c < width; ++c) {
+      z_s[c] += std::exp((sr[c] - max_s[c]) * inv_temp);
+      if (tr[c] > masked) {
+        const acc_t et = std::exp((tr[c] - max_t[c]) * inv_temp);
+        z_t[c] += et;
+        w[c] += et * (tr[c] - sr[c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < width; ++c) {
+    const bool alive = max_t[c] != neg_inf && (counted == nullptr || counted[c0 + c]);
+    const acc_t ls = max_s[c] * inv_temp + std::log(z_s[c]), lt = max_t[c] * inv_temp + std::log(z_t[c]);
+    loss[c0 + c] = alive ? temp * temp * (w[c] / z_t[c] * inv_temp - lt + ls) : 0;
+    lse_s[c0 + c] = alive ? ls : 0;
+    lse_t[c0 + c] = alive ? lt : 0;
+  }
+}
+
+// In place: s[v, c] becomes scale[c] (p_s - p_t) for columns [c0, c1); shift_s/shift_t are the logsumexps,
+// +inf for dead positions (so both probabilities are 0, and scale is 0 too: no inf * 0).
+template <typename acc_t>
+void dlogits_columns(acc_t* s, const acc_t* t, int64_t n, int64_t ld, int64_t c0, int64_t c1, acc_t inv_temp,
+                     acc_t masked, const acc_t* shift_s, const acc_t* shift_t, const acc_t* scale) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vinv(inv_temp), vmasked(masked), zero(0);
+  for (int64_t v = 0; v < n; ++v) {
+    acc_t* sr = s + v * ld;
+    const acc_t* tr = t + v * ld;
+    int64_t c = c0;
+    for (; c + W <= c1; c += W) {
+      auto vs = Vec::loadu(sr + c), vt = Vec::loadu(tr + c);
+      auto pt = Vec::blendv(zero, (vt * vinv - Vec::loadu(shift_t + c)).exp(), vt > vmasked);
+      (((vs * vinv - Vec::loadu(shift_s + c)).exp() - pt) * Vec::loadu(scale + c)).store(sr + c);
+    }
+    for (; c < c1; ++c) {
+      const acc_t pt = tr[c] > masked ? std::exp(tr[c] * inv_temp - shift_t[c]) : acc_t(0);
+      sr[c] = (std::exp(sr[c] * inv_temp - shift_s[c]) - pt) * scale[c];
+    }
+  }
+}
+
+// Column passes of one chunk: positions [r0, r0 + cols) are the columns of s, t ([n, cols] views in the acc
+// dtype with unit column stride and the same row stride).
+struct ColumnChunk {
+  at::Tensor s, t;
+  int64_t r0;
+};
+
+void stats_columns(const ColumnChunk& ch, const c10::optional<at::Tensor>& mask, Rows& out, double temperature,
+                   at::ScalarType teacher_dtype) {
+  const int64_t n = ch.s.size(0), cols = ch.s.size(1), ld = ch.s.stride(0);
+  AT_DISPATCH_FLOATING_TYPES(ch.s.scalar_type(), "kd_kl_columns", [&] {
+    const scalar_t temp = static_cast<scalar_t>(temperature), inv = scalar_t(1) / temp;
+    const scalar_t masked = masked_threshold<scalar_t>(teacher_dtype);
+    const bool* counted = mask.has_value() ? mask->data_ptr<bool>() + ch.r0 : nullptr;
+    at::parallel_for(0, cols, 16, [&](int64_t c0, int64_t c1) {
+      kl_columns(ch.s.data_ptr<scalar_t>(), ch.t.data_ptr<scalar_t>(), n, ld, c0, c1, inv, temp, masked, counted,
+                 out.loss.data_ptr<scalar_t>() + ch.r0, out.lse_s.data_ptr<scalar_t>() + ch.r0,
+                 out.lse_t.data_ptr<scalar_t>() + ch.r0);
+    });
+  });
+}
+
+// ch.s becomes d loss / d logits (transposed), for the saved per-position statistics and output gradients.
+void dlogits_columns_of(ColumnChunk& ch, const c10::optional<at::Tensor>& mask, const at::Tensor& lse_s,
+                        const at::Tensor& lse_t, const at::Tensor& grad_rows, double temperature,
+                        at::ScalarType teacher_dtype) {
+  const int64_t n = ch.s.size(0), cols = ch.s.size(1), ld = ch.s.stride(0);
+  AT_DISPATCH_FLOATING_TYPES(ch.s.scalar_type(), "kd_kl_dlogits_columns", [&] {
+    const scalar_t temp = static_cast<scalar_t>(temperature), inv = scalar_t(1) / temp;
+    const scalar_t masked = masked_threshold<scalar_t>(teacher_dtype);
+    const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+    const bool* counted = mask.has_value() ? mask->data_ptr<bool>() + ch.r0 : nullptr;
+    const scalar_t* ls = lse_s.data_ptr<scalar_t>() + ch.r0;
+    const scalar_t* lt = lse_t.data_ptr<scalar_t>() + ch.r0;
+    const scalar_t* g = grad_rows.data_ptr<scalar_t>() + ch.r0;
+    const scalar_t* tp = ch.t.data_ptr<scalar_t>();
+    // Alive: counted and some teacher logit above the mask threshold in the position's column.
+    std::vector<char> alive(cols, 0);
+    for (int64_t v = 0; v < n; ++v) {
+      for (int64_t c = 0; c < cols; ++c) alive[c] |= tp[v * ld + c] > masked;
+    }
+    std::vector<scalar_t> shift_s(cols), shift_t(cols), scale(cols);
+    for (int64_t c = 0; c < cols; ++c) {
+      const bool on = alive[c] && (counted == nullptr || counted[c]);
+      shift_s[c] = on ? ls[c] : inf;
+      shift_t[c] = on ? lt[c] : inf;
+      scale[c] = on ? g[c] * temp : 0;
+    }
+    at::parallel_for(0, cols, 16, [&](int64_t c0, int64_t c1) {
+      dlogits_columns(ch.s.data_ptr<scalar_t>(), tp, n, ld, c0, c1, inv, masked, shift_s.data(), shift_t.data(),
+                      scale.data());
+    });
+  });
+}
+
+// Positions per chunk of the fused-linear form: an eighth of them (the chunk's logits stay a small fraction of
+// the [P, V] ones), 16 to 64 (with the teacher's, a GEMM over 32 to 128 positions).
+int64_t fused_chunk(int64_t rows) {
+  return std::clamp<int64_t>(rows / 8, kFusedMinPositions, kFusedMaxPositions);
+}
+
+// The fused-linear passes over chunks of positions; `body` gets each chunk's transposed logits.
+// topk > 0: the chunk is cut down to the teacher's topk logits per position (and `index` says where they were).
+struct FusedInputs {
+  at::Tensor hs, ht, ws, wt;  // acc dtype; ws, wt: the vocabulary slice
+  int64_t vocab;
+  bool shared;                // the teacher uses the student's weight
+};
+
+// The transposed logits of positions [r0, r0 + n): [s | t] side by side in one [V, 2n] buffer. With one
+// shared weight (the teacher is the student without adapters) that is a single GEMM over 2n positions.
+ColumnChunk chunk_logits(const FusedInputs& in, at::Tensor& buffer, at::Tensor& staging, int64_t r0, int64_t n) {
+  if (buffer.size(1) != 2 * n) {
+    buffer = at::empty({in.vocab, 2 * n}, in.hs.options());
+    staging = at::empty({2 * n, in.hs.size(1)}, in.hs.options());
+  }
+  if (in.shared) {
+    staging.narrow(0, 0, n).copy_(in.hs.narrow(0, r0, n));
+    staging.narrow(0, n, n).copy_(in.ht.narrow(0, r0, n));
+    mm_into(buffer, in.ws, staging.t());
+  } else {
+    mm_into(buffer.narrow(1, 0, n), in.ws, in.hs.narrow(0, r0, n).t());
+    mm_into(buffer.narrow(1, n, n), in.wt, in.ht.narrow(0, r0, n).t());
+  }
+  return {buffer.narrow(1, 0, n), buffer.narrow(1, n, n), r0};
+}
+
+FusedInputs fused_inputs(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& ws,
+                         const c10::optional<at::Tensor>& wt, int64_t lo, int64_t hi) {
+  const auto acc = acc_type(hs.scalar_type());
+  FusedInputs in{to_acc(hs), to_acc(ht), ws.narrow(0, lo, hi - lo).to(acc).contiguous(), at::Tensor(), hi - lo,
+                 !wt.has_value()};
+  in.wt = in.shared ? in.ws : wt->narrow(0, lo, hi - lo).to(acc).contiguous();
+  return in;
 }
 
 }  // namespace
@@ -239,37 +414,29 @@ std::vector<at::Tensor> fused_linear_kd_kl_forward(const at::Tensor& hs, const a
                                                    const c10::optional<at::Tensor>& mask, double temperature,
                                                    int64_t lo, int64_t hi, int64_t topk,
                                                    const c10::optional<at::Tensor>& grad_rows) {
-  const int64_t rows = hs.size(0), vocab = hi - lo;
-  const auto acc = acc_type(hs.scalar_type());
-  const auto opts = hs.options().dtype(acc);
-  Rows out = empty_rows(rows, opts);
+  const FusedInputs in = fused_inputs(hs, ht, ws, wt, lo, hi);
+  const int64_t rows = hs.size(0);
+  Rows out = empty_rows(rows, in.hs.options());
   const auto m = contiguous_mask(mask);
-  const auto hs_a = to_acc(hs), ht_a = to_acc(ht);
-  const auto ws_slice = ws.narrow(0, lo, vocab).to(acc).contiguous();
-  const auto wt_slice = wt.has_value() ? wt->narrow(0, lo, vocab).to(acc).contiguous() : ws_slice;
   const bool with_grad = grad_rows.has_value();
-  const auto g = with_grad ? grad_rows->to(acc).contiguous() : at::Tensor();
-  auto d_hs = with_grad ? at::empty_like(hs_a) : at::Tensor();
-  const int64_t step = rows_per_chunk(kChunkElements, vocab);
-  auto s_buf = at::empty({std::min(step, rows), vocab}, opts), t_buf = at::empty_like(s_buf);
-  const auto teacher_dtype = ht.scalar_type();
+  const auto g = with_grad ? grad_rows->to(in.hs.scalar_type()).contiguous() : at::Tensor();
+  auto d_hs = with_grad ? at::empty_like(in.hs) : at::Tensor();
+  const int64_t step = fused_chunk(rows);
+  at::Tensor buffer = at::empty({0, 0}, in.hs.options()), staging;
   for (int64_t r0 = 0; r0 < rows; r0 += step) {
     const int64_t n = std::min(step, rows - r0);
-    auto s = s_buf.narrow(0, 0, n), t = t_buf.narrow(0, 0, n);
-    mm_into(s, hs_a.narrow(0, r0, n), ws_slice.t());
-    mm_into(t, ht_a.narrow(0, r0, n), wt_slice.t());
+    ColumnChunk ch = chunk_logits(in, buffer, staging, r0, n);
+    at::Tensor index, logits = ch.s;
     if (topk > 0) {
-      auto [s_top, t_top, index] = topk_gather(s, t, topk);
-      stats_rows(s_top, t_top, m, out, r0, temperature, teacher_dtype);
-      if (with_grad) {
-        dlogits_rows(s_top, t_top, m, out.lse_s, out.lse_t, g, r0, temperature, teacher_dtype);
-        s.zero_().scatter_(-1, index, s_top);
-      }
-    } else {
-      stats_rows(s, t, m, out, r0, temperature, teacher_dtype);
-      if (with_grad) dlogits_rows(s, t, m, out.lse_s, out.lse_t, g, r0, temperature, teacher_dtype);
+      auto [t_top, idx] = at::topk(ch.t, topk, 0);
+      index = idx;
+      ch = {ch.s.gather(0, index).contiguous(), t_top.contiguous(), r0};
     }
-    if (with_grad) mm_into(d_hs.narrow(0, r0, n), s, ws_slice);
+    stats_columns(ch, m, out, temperature, ht.scalar_type());
+    if (!with_grad) continue;
+    dlogits_columns_of(ch, m, out.lse_s, out.lse_t, g, temperature, ht.scalar_type());
+    if (topk > 0) ch.s = logits.zero_().scatter_(0, index, ch.s);
+    mm_into(d_hs.narrow(0, r0, n), ch.s.t(), in.ws);
   }
   std::vector<at::Tensor> result{out.loss, out.lse_s, out.lse_t};
   result.push_back(with_grad ? d_hs.to(hs.scalar_type()) : at::Tensor());
@@ -283,38 +450,34 @@ std::vector<at::Tensor> fused_linear_kd_kl_backward(const at::Tensor& grad_rows,
                                                     const c10::optional<at::Tensor>& mask, const at::Tensor& lse_s,
                                                     const at::Tensor& lse_t, double temperature, int64_t lo,
                                                     int64_t hi, int64_t topk, bool need_dw) {
-  const int64_t rows = hs.size(0), vocab = hi - lo;
-  const auto acc = acc_type(hs.scalar_type());
-  const auto opts = hs.options().dtype(acc);
+  const FusedInputs in = fused_inputs(hs, ht, ws, wt, lo, hi);
+  const int64_t rows = hs.size(0);
+  const auto acc = in.hs.scalar_type();
   const auto m = contiguous_mask(mask);
-  const auto hs_a = to_acc(hs), ht_a = to_acc(ht);
-  const auto ws_slice = ws.narrow(0, lo, vocab).to(acc).contiguous();
-  const auto wt_slice = wt.has_value() ? wt->narrow(0, lo, vocab).to(acc).contiguous() : ws_slice;
   const auto g = grad_rows.to(acc).contiguous(), ls = lse_s.to(acc).contiguous(), lt = lse_t.to(acc).contiguous();
-  auto d_hs = at::empty_like(hs_a);
-  auto d_ws_slice = need_dw ? at::zeros_like(ws_slice) : at::Tensor();
-  const int64_t step = rows_per_chunk(kChunkElements, vocab);
-  auto s_buf = at::empty({std::min(step, rows), vocab}, opts), t_buf = at::empty_like(s_buf);
-  const auto teacher_dtype = ht.scalar_type();
+  auto d_hs = at::empty_like(in.hs);
+  auto d_ws_slice = need_dw ? at::zeros_like(in.ws) : at::Tensor();
+  const int64_t step = fused_chunk(rows);
+  at::Tensor buffer = at::empty({0, 0}, in.hs.options()), staging;
   for (int64_t r0 = 0; r0 < rows; r0 += step) {
     const int64_t n = std::min(step, rows - r0);
-    auto s = s_buf.narrow(0, 0, n), t = t_buf.narrow(0, 0, n);
-    mm_into(s, hs_a.narrow(0, r0, n), ws_slice.t());
-    mm_into(t, ht_a.narrow(0, r0, n), wt_slice.t());
+    ColumnChunk ch = chunk_logits(in, buffer, staging, r0, n);
+    at::Tensor logits = ch.s;
     if (topk > 0) {
-      auto [s_top, t_top, index] = topk_gather(s, t, topk);
-      dlogits_rows(s_top, t_top, m, ls, lt, g, r0, temperature, teacher_dtype);
-      s.zero_().scatter_(-1, index, s_top);
+      auto [t_top, index] = at::topk(ch.t, topk, 0);
+      ColumnChunk top{ch.s.gather(0, index).contiguous(), t_top.contiguous(), r0};
+      dlogits_columns_of(top, m, ls, lt, g, temperature, ht.scalar_type());
+      logits.zero_().scatter_(0, index, top.s);
     } else {
-      dlogits_rows(s, t, m, ls, lt, g, r0, temperature, teacher_dtype);
+      dlogits_columns_of(ch, m, ls, lt, g, temperature, ht.scalar_type());
     }
-    mm_into(d_hs.narrow(0, r0, n), s, ws_slice);
-    if (need_dw) d_ws_slice.addmm_(s.t(), hs_a.narrow(0, r0, n));
+    mm_into(d_hs.narrow(0, r0, n), logits.t(), in.ws);
+    if (need_dw) d_ws_slice.addmm_(logits, in.hs.narrow(0, r0, n));
   }
   at::Tensor d_ws;
   if (need_dw) {
     d_ws = at::zeros_like(ws);
-    d_ws.narrow(0, lo, vocab).copy_(d_ws_slice);
+    d_ws.narrow(0, lo, in.vocab).copy_(d_ws_slice);
   }
   return {d_hs.to(hs.scalar_type()), d_ws};
 }

@@ -20,7 +20,7 @@ _REFERENCE = {
 }
 
 # Ops with a native CPU implementation, and the mode_kernels.native module that holds it.
-_NATIVE = {"routed_lora": "routed_lora"}
+_NATIVE = {"routed_lora": "routed_lora", "kd_kl": "kd_kl", "fused_linear_kd_kl": "kd_kl"}
 
 
 def _triton_module(op: str) -> ModuleType:
