@@ -1,6 +1,6 @@
 """Time every benchmark case side by side with its baselines; write results.json and results.md.
 
-    python -m bench.run [--quick] [--device cuda|cpu] [--output DIR] [--filter TEXT]
+    python -m bench.run [--quick] [--device cuda|cpu] [--output DIR] [--filter TEXT] [--min-run-time S]
 
 Rows: one per (op, shape, implementation) with median/min/max time, peak extra memory and the ratio
 of time and memory to each baseline of the same op and shape measured in the same run. On CPU the
@@ -220,6 +220,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                         help="only rewrite the markdown of an earlier results.json (next to it) and print it")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and timing budget (smoke test)")
+    parser.add_argument("--min-run-time", type=float, default=TimingBudget.cpu_min_run_time_s, metavar="SECONDS",
+                        help="CPU: sample each case at least this long (default %(default)s; longer gives steadier "
+                             "medians on a shared machine)")
     return parser.parse_args(argv)
 
 
@@ -238,7 +241,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     sizes = sizes_for(device, args.quick, args.tiny)
-    budget = TINY_BUDGET if args.tiny else TimingBudget()
+    budget = TINY_BUDGET if args.tiny else TimingBudget(cpu_min_run_time_s=args.min_run_time)
     cases = all_cases(sizes, device)
     if args.filter:
         cases = [c for c in cases if args.filter.lower() in f"{c.op} {c.shape} {c.impl}".lower()]

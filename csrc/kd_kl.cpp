@@ -23,6 +23,14 @@ using at::vec::Vectorized;
 // Logits per chunk of the fused-linear form: 2 MiB of float32 per buffer.
 constexpr int64_t kChunkElements = 1 << 19;
 
+// KL = E_pt[(t - s)] / T - (lse_t - lse_s), with lse_t - lse_s = (max_t - max_s) / T + log(z_t / z_s): taking
+// the difference of the logsumexps through their parts keeps a small KL exact to float32 rounding (the
+// logsumexps themselves are ~log V and would cancel to ~1e-6).
+template <typename acc_t>
+acc_t kl_of(acc_t mean_diff, acc_t max_diff, acc_t z_ratio, acc_t inv_temp) {
+  return (mean_diff - max_diff) * inv_temp - std::log(z_ratio);
+}
+
 template <typename acc_t>
 struct RowResult {
   acc_t loss, lse_s, lse_t;
@@ -76,7 +84,7 @@ RowResult<acc_t> kl_row(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_tem
     }
   }
   const acc_t lse_s = max_s * inv_temp + std::log(zs), lse_t = max_t * inv_temp + std::log(zt);
-  return {temp * temp * (w / zt * inv_temp - lse_t + lse_s), lse_s, lse_t};
+  return {temp * temp * kl_of(w / zt, max_t - max_s, zt / zs, inv_temp), lse_s, lse_t};
 }
 
 // d[v] = scale (p_s(v) - p_t(v)) for one row (d may alias s).
@@ -190,6 +198,7 @@ c10::optional<at::Tensor> contiguous_mask(const c10::optional<at::Tensor>& mask)
 // packed hidden states: much faster than X W^T for a few dozen positions), so its row passes run down the
 // columns: each vector lane is one position, and the row pass streams the buffer in memory order.
 constexpr int64_t kFusedMinPositions = 16, kFusedMaxPositions = 64;
+constexpr int64_t kSumBlock = 256;  // rows summed in the acc dtype before adding to the double totals
 
 // Per position (column c in [c0, c1) of s, t: n rows, ld apart): loss, lse_s, lse_t; dead positions (masked out or
 // no teacher logit above `masked`) get 0, 0, 0 and alive[c] = false.
@@ -216,7 +225,17 @@ void kl_columns(const acc_t* s, const acc_t* t, int64_t n, int64_t ld, int64_t c
       if (tr[c] > masked) max_t[c] = std::max(max_t[c], tr[c]);
     }
   }
+  // Each lane sums a whole column: float partial sums over blocks of rows, added up in double, keep the
+  // sums (and the KL, a small difference of them) accurate for large vocabularies.
+  std::vector<double> total_z_s(width, 0), total_z_t(width, 0), total_w(width, 0);
+  auto flush = [&] {
+    for (int64_t c = 0; c < width; ++c) {
+      total_z_s[c] += z_s[c], total_z_t[c] += z_t[c], total_w[c] += w[c];
+      z_s[c] = z_t[c] = w[c] = 0;
+    }
+  };
   for (int64_t v = 0; v < n; ++v) {
+    if (v % kSumBlock == 0) flush();
     const acc_t* sr = s + v * ld + c0;
     const acc_t* tr = t + v * ld + c0;
     int64_t c = 0;
@@ -237,10 +256,13 @@ void kl_columns(const acc_t* s, const acc_t* t, int64_t n, int64_t ld, int64_t c
       }
     }
   }
+  flush();
   for (int64_t c = 0; c < width; ++c) {
     const bool alive = max_t[c] != neg_inf && (counted == nullptr || counted[c0 + c]);
-    const acc_t ls = max_s[c] * inv_temp + std::log(z_s[c]), lt = max_t[c] * inv_temp + std::log(z_t[c]);
-    loss[c0 + c] = alive ? temp * temp * (w[c] / z_t[c] * inv_temp - lt + ls) : 0;
+    const double zs = total_z_s[c], zt = total_z_t[c];
+    const acc_t ls = max_s[c] * inv_temp + std::log(zs), lt = max_t[c] * inv_temp + std::log(zt);
+    const double kl = kl_of<double>(total_w[c] / zt, max_t[c] - max_s[c], zt / zs, inv_temp);
+    loss[c0 + c] = alive ? static_cast<acc_t>(temp * temp * kl) : 0;
     lse_s[c0 + c] = alive ? ls : 0;
     lse_t[c0 + c] = alive ? lt : 0;
   }
