@@ -197,7 +197,7 @@ c10::optional<at::Tensor> contiguous_mask(const c10::optional<at::Tensor>& mask)
 // The fused-linear form computes each chunk's logits transposed, [V, C] = W X^T (one GEMM that reuses the
 // packed hidden states: much faster than X W^T for a few dozen positions), so its row passes run down the
 // columns: each vector lane is one position, and the row pass streams the buffer in memory order.
-constexpr int64_t kFusedMinPositions = 16, kFusedMaxPositions = 64;
+constexpr int64_t kFusedMinPositions = 16, kFusedMaxPositions = 128;
 constexpr int64_t kSumBlock = 256;  // rows summed in the acc dtype before adding to the double totals
 
 // Per position (column c in [c0, c1) of s, t: n rows, ld apart): loss, lse_s, lse_t; dead positions (masked out or
@@ -347,10 +347,14 @@ void dlogits_columns_of(ColumnChunk& ch, const c10::optional<at::Tensor>& mask, 
   });
 }
 
-// Positions per chunk of the fused-linear form: an eighth of them (the chunk's logits stay a small fraction of
-// the [P, V] ones), 16 to 64 (with the teacher's, a GEMM over 32 to 128 positions).
-int64_t fused_chunk(int64_t rows) {
-  return std::clamp<int64_t>(rows / 8, kFusedMinPositions, kFusedMaxPositions);
+// Positions per chunk of the fused-linear form: the most (a power of two, 16 to 128) whose two [V, C] logit
+// buffers and d hs [P, H] hold at most 0.6 P V values, 60% of one [P, V] logits tensor (materialising the
+// logits holds several). More positions per chunk make both GEMMs faster.
+int64_t fused_chunk(int64_t rows, int64_t vocab, int64_t hidden) {
+  const double budget = 0.6 * static_cast<double>(rows) * vocab - static_cast<double>(rows) * hidden;
+  int64_t positions = kFusedMaxPositions;
+  while (positions > kFusedMinPositions && 2.0 * positions * vocab > budget) positions /= 2;
+  return positions;
 }
 
 // The fused-linear passes over chunks of positions; `body` gets each chunk's transposed logits.
@@ -443,7 +447,7 @@ std::vector<at::Tensor> fused_linear_kd_kl_forward(const at::Tensor& hs, const a
   const bool with_grad = grad_rows.has_value();
   const auto g = with_grad ? grad_rows->to(in.hs.scalar_type()).contiguous() : at::Tensor();
   auto d_hs = with_grad ? at::empty_like(in.hs) : at::Tensor();
-  const int64_t step = fused_chunk(rows);
+  const int64_t step = fused_chunk(rows, in.vocab, hs.size(1));
   at::Tensor buffer = at::empty({0, 0}, in.hs.options()), staging;
   for (int64_t r0 = 0; r0 < rows; r0 += step) {
     const int64_t n = std::min(step, rows - r0);
@@ -479,7 +483,7 @@ std::vector<at::Tensor> fused_linear_kd_kl_backward(const at::Tensor& grad_rows,
   const auto g = grad_rows.to(acc).contiguous(), ls = lse_s.to(acc).contiguous(), lt = lse_t.to(acc).contiguous();
   auto d_hs = at::empty_like(in.hs);
   auto d_ws_slice = need_dw ? at::zeros_like(in.ws) : at::Tensor();
-  const int64_t step = fused_chunk(rows);
+  const int64_t step = fused_chunk(rows, in.vocab, hs.size(1));
   at::Tensor buffer = at::empty({0, 0}, in.hs.options()), staging;
   for (int64_t r0 = 0; r0 < rows; r0 += step) {
     const int64_t n = std::min(step, rows - r0);

@@ -85,7 +85,7 @@ def fused_case(rows, hidden, vocab, seed, dtype=F64):
 @pytest.mark.parametrize("rows,vocab_range,topk", [(300, (3, 45), None), (37, None, None), (300, (2, 47), 7),
                                                     (1, None, 50), (0, None, None)])
 def test_fused_linear_matches_gold(separate_teacher, rows, vocab_range, topk):
-    """300 rows: several chunks of 37 positions and a shorter last one."""
+    """300 rows: several chunks of positions and a shorter last one."""
     hs, ht, w, wt = fused_case(rows, 13, 50, seed=7)
     tw = wt if separate_teacher else None
     mask = rnd(rows, seed=8) > -0.5
