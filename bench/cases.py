@@ -58,6 +58,8 @@ class Sizes:
     scaled_down: bool
     description: str = ""
     decode_tokens: tuple[int, ...] = (1, 16, 64)   # routed LoRA decode steps (forward, no autograd)
+    # Further routed-LoRA shapes, fwd+bwd at rank ranks[0]: (K, N, tokens, image share, image span).
+    extra_lora_shapes: tuple[tuple[int, int, int, float, int], ...] = ()
 
 
 def _anole_model(layers: int) -> ModelShape:
@@ -71,6 +73,8 @@ def _cpu_model(layers: int, seq: int) -> ModelShape:
 
 # Anole-7B shapes on CUDA; on CPU K, N, H and tokens scaled down 16x or more (vocab 8x, spans 1024 -> 64).
 _CPU_SHAPES = "CPU: shapes scaled down from Anole-7B (K, N, H, tokens / 16 or more; V / 8; image spans 64), float32"
+# A larger CPU routed-LoRA shape: Anole's MLP / 8, one 512-token image span in 2048 tokens.
+_CPU_EXTRA_LORA = ((512, 1376, 2048, 0.25, 512),)
 PROFILES = {
     ("cuda", False): Sizes(((4096, 11008), (11008, 4096)), (2048, 8192, 16384), (0.0, 0.3, 1.0), 1024, (8, 16),
                            DIRECTIONS, (8194, 65536), (4096, 16384), 4096, _anole_model(4), torch.bfloat16, False,
@@ -80,10 +84,10 @@ PROFILES = {
                           "Anole-7B shapes, bfloat16 (quick subset)"),
     ("cpu", False): Sizes(((256, 688), (688, 256)), (128, 512, 1024), (0.0, 0.3, 1.0), 64, (8, 16), DIRECTIONS,
                           (1026, 8192), (256, 1024), 256, _cpu_model(2, 256), torch.float32, True,
-                          _CPU_SHAPES),
+                          _CPU_SHAPES, _CPU_EXTRA_LORA),
     ("cpu", True): Sizes(((256, 688), (688, 256)), (512,), (0.3,), 64, (8,), DIRECTIONS,
                          (1026, 8192), (512,), 256, _cpu_model(2, 128), torch.float32, True,
-                         _CPU_SHAPES + ", quick subset"),
+                         _CPU_SHAPES + ", quick subset", _CPU_EXTRA_LORA),
 }
 
 # For the smoke test of the runner: every case in seconds.
@@ -115,12 +119,20 @@ def _timed_closure(forward: Callable[[], torch.Tensor], params: list[torch.Tenso
     return lambda: torch.autograd.grad(forward(), params, grad_out)
 
 
+def ours_backends(device, op: str) -> tuple[str, ...]:
+    """The backends the "ours" rows run: on CPU the torch reference and, when built, the native kernels;
+    elsewhere what "auto" picks."""
+    if device.type == "cpu":
+        return ("torch", "native") if mk.backends.native_available() else ("torch",)
+    return (mk.backends.resolve("auto", device, op),)
+
+
 def _randn(*shape, device, dtype, scale=1.0, grad=False):
     return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_(grad)
 
 
 def routed_lora_build(impl: str, k: int, n: int, tokens: int, share: float, span: int, rank: int,
-                      direction: str, device, dtype):
+                      direction: str, device, dtype, backend: str = "auto"):
     def build():
         if impl == "torch grouped_mm":
             reason = baselines.grouped_mm_unavailable_reason(device, dtype)
@@ -141,7 +153,8 @@ def routed_lora_build(impl: str, k: int, n: int, tokens: int, share: float, span
             "PEFT loop": (baselines.peft_loop_lora, modality),
             "torch grouped_mm": (baselines.grouped_mm_lora, modality),
             # A model plans once per forward for all its adapted layers: planning is not per layer.
-            "ours": (mk.modality_lora_linear, mk.plan_routing(modality, len(EXPERTS_PER_MODALITY))),
+            "ours": (functools.partial(mk.modality_lora_linear, backend=backend),
+                     mk.plan_routing(modality, len(EXPERTS_PER_MODALITY))),
         }[impl]
         return _timed_closure(
             lambda: layer(x, weight, None, routing, lora_a, lora_b, router,
@@ -156,27 +169,37 @@ ROUTED_LORA_IMPLS = ((FLOOR, True), ("naive MoDE layer", True), ("PEFT loop", Tr
 
 
 def routed_lora_cases(sizes: Sizes, device) -> Iterator[Case]:
-    backend = mk.backends.resolve("auto", device, "routed_lora")
+    backends = ours_backends(device, "routed_lora")
+
+    def group(direction, k, n, tokens, share, span, rank):
+        shape = f"K={k} N={n} T={tokens} img={share:.0%} r={rank} E=(4,1)"
+        if span != sizes.image_span:
+            shape += f" span={span}"
+        for impl, is_baseline in ROUTED_LORA_IMPLS:
+            for backend in backends if impl == "ours" else ("auto",):
+                label = f"ours ({backend})" if impl == "ours" else impl
+                build = routed_lora_build(impl, k, n, tokens, share, span, rank, direction, device, sizes.dtype,
+                                          backend)
+                yield Case(f"routed LoRA {direction}", shape, label, build, is_baseline, tokens)
+
     for direction in sizes.directions:
         for (k, n) in sizes.linear_shapes:
             for tokens in sizes.tokens:
                 for share in sizes.image_shares:
                     for rank in sizes.ranks:
-                        shape = f"K={k} N={n} T={tokens} img={share:.0%} r={rank} E=(4,1)"
-                        for impl, is_baseline in ROUTED_LORA_IMPLS:
-                            label = f"ours ({backend})" if impl == "ours" else impl
-                            build = routed_lora_build(impl, k, n, tokens, share, sizes.image_span, rank,
-                                                       direction, device, sizes.dtype)
-                            yield Case(f"routed LoRA {direction}", shape, label, build, is_baseline, tokens)
+                        yield from group(direction, k, n, tokens, share, sizes.image_span, rank)
+    for k, n, tokens, share, span in sizes.extra_lora_shapes:
+        yield from group("fwd+bwd", k, n, tokens, share, span, sizes.ranks[0])
     # Decode: a few text tokens per step, forward only, against the base linear alone.
     for (k, n) in sizes.linear_shapes:
         for tokens in sizes.decode_tokens:
             shape = f"K={k} N={n} T={tokens} text r={sizes.ranks[0]} E=(4,1)"
             for impl, is_baseline in ((FLOOR, True), ("ours", False)):
-                label = f"ours ({backend})" if impl == "ours" else impl
-                build = routed_lora_build(impl, k, n, tokens, 0.0, sizes.image_span, sizes.ranks[0], "decode",
-                                          device, sizes.dtype)
-                yield Case("routed LoRA decode fwd", shape, label, build, is_baseline, tokens)
+                for backend in backends if impl == "ours" else ("auto",):
+                    label = f"ours ({backend})" if impl == "ours" else impl
+                    build = routed_lora_build(impl, k, n, tokens, 0.0, sizes.image_span, sizes.ranks[0], "decode",
+                                              device, sizes.dtype, backend)
+                    yield Case("routed LoRA decode fwd", shape, label, build, is_baseline, tokens)
 
 
 def _liger_loss(student_hidden, teacher_hidden, weight):
@@ -190,7 +213,7 @@ def _liger_loss(student_hidden, teacher_hidden, weight):
     return lambda: loss(student_hidden, weight, teacher_hidden, weight, None)  # no shift labels: every position
 
 
-def kd_build(impl: str, positions: int, vocab: int, hidden: int, device, dtype):
+def kd_build(impl: str, positions: int, vocab: int, hidden: int, device, dtype, backend: str = "auto"):
     def build():
         torch.manual_seed(0)
         student_hidden = _randn(positions, hidden, device=device, dtype=dtype, grad=True)
@@ -202,9 +225,9 @@ def kd_build(impl: str, positions: int, vocab: int, hidden: int, device, dtype):
                                                           temperature=KD_TEMPERATURE),
             "reference chunked (torch)": lambda: mk.kd_kl_loss(*both_logits(), temperature=KD_TEMPERATURE,
                                                                backend="torch"),
-            "ours on logits": lambda: mk.kd_kl_loss(*both_logits(), temperature=KD_TEMPERATURE),
+            "ours on logits": lambda: mk.kd_kl_loss(*both_logits(), temperature=KD_TEMPERATURE, backend=backend),
             "ours fused-linear": lambda: mk.fused_linear_kd_kl_loss(student_hidden, teacher_hidden, weight,
-                                                                    temperature=KD_TEMPERATURE),
+                                                                    temperature=KD_TEMPERATURE, backend=backend),
         }
         loss = _liger_loss(student_hidden, teacher_hidden, weight) if impl == "Liger fused linear JSD" \
             else losses[impl]
@@ -222,16 +245,18 @@ KD_CPU_MEMORY_SHAPE = (8192, 32768, 64)  # positions, vocab, hidden
 
 
 def kd_cases(sizes: Sizes, device) -> Iterator[Case]:
-    backend = mk.backends.resolve("auto", device, "kd_kl")
+    backends = ours_backends(device, "kd_kl")
     shapes = [(positions, vocab, sizes.kd_hidden) for vocab in sizes.kd_vocabs for positions in sizes.kd_positions]
     if device.type == "cpu" and sizes is not TINY:
         shapes.append(KD_CPU_MEMORY_SHAPE)
     for positions, vocab, hidden in shapes:
         shape = f"P={positions} V={vocab} H={hidden} T={KD_TEMPERATURE:g}"
         for impl, is_baseline in KD_IMPLS:
-            label = f"{impl} ({backend})" if impl.startswith("ours") else impl
-            yield Case("KD loss fwd+bwd (from hidden states)", shape, label,
-                       kd_build(impl, positions, vocab, hidden, device, sizes.dtype), is_baseline, positions)
+            for backend in backends if impl.startswith("ours") else ("auto",):
+                label = f"{impl} ({backend})" if impl.startswith("ours") else impl
+                yield Case("KD loss fwd+bwd (from hidden states)", shape, label,
+                           kd_build(impl, positions, vocab, hidden, device, sizes.dtype, backend), is_baseline,
+                           positions)
 
 
 def train_step_cases(sizes: Sizes, device) -> Iterator[Case]:

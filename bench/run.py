@@ -1,6 +1,6 @@
 """Time every benchmark case side by side with its baselines; write results.json and results.md.
 
-    python -m bench.run [--quick] [--device cuda|cpu] [--output DIR] [--filter TEXT]
+    python -m bench.run [--quick] [--device cuda|cpu] [--output DIR] [--filter TEXT] [--interleave N]
 
 Rows: one per (op, shape, implementation) with median/min/max time, peak extra memory and the ratio
 of time and memory to each baseline of the same op and shape measured in the same run. On CPU the
@@ -15,7 +15,9 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.cases import FLOOR, Case, CaseSkipped, Sizes, all_cases, sizes_for
-from bench.timing import TimingBudget, measure
+from bench.timing import TimingBudget, _cpu_peak_bytes, measure
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest"
 TINY_BUDGET = TimingBudget(warmup_ms=1, rep_ms=5, cpu_min_run_time_s=0.01)
@@ -71,30 +73,70 @@ def environment(device: torch.device, sizes: Sizes, quick: bool) -> dict:
     }
 
 
+def _new_row(case: Case) -> dict:
+    return {"op": case.op, "shape": case.shape, "impl": case.impl, "baseline": case.is_baseline, "status": "ok",
+            "note": "", "median_ms": None, "min_ms": None, "max_ms": None, "peak_mem_mib": None,
+            "tokens_per_s": None, "ratios": {}}
+
+
+def _record_failure(row: dict, case: Case, exc: BaseException) -> None:
+    if isinstance(exc, CaseSkipped):
+        row.update(status="skipped", note=str(exc))
+        return
+    first_line = (str(exc).splitlines() or [""])[0][:300]
+    if _is_out_of_memory(exc):
+        row.update(status="OOM", note=first_line)
+    else:
+        row.update(status="error", note=f"{type(exc).__name__}: {first_line}")
+        tqdm.write(f"error in {case.op} | {case.shape} | {case.impl}:\n{traceback.format_exc()}", file=sys.stderr)
+
+
 def run_case(case: Case, device: torch.device, budget: TimingBudget) -> dict:
-    row = {"op": case.op, "shape": case.shape, "impl": case.impl, "baseline": case.is_baseline, "status": "ok",
-           "note": "", "median_ms": None, "min_ms": None, "max_ms": None, "peak_mem_mib": None,
-           "tokens_per_s": None, "ratios": {}}
+    row = _new_row(case)
     try:
         measurement = measure(case.build(), device, budget)
         row.update(asdict(measurement))
         if case.tokens:
             row["tokens_per_s"] = case.tokens / (measurement.median_ms / 1e3)
-    except CaseSkipped as exc:
-        row.update(status="skipped", note=str(exc))
     except Exception as exc:  # noqa: BLE001 - one failing case must not end the run; it is recorded
-        first_line = (str(exc).splitlines() or [""])[0][:300]
-        if _is_out_of_memory(exc):
-            row.update(status="OOM", note=first_line)
-        else:
-            row.update(status="error", note=f"{type(exc).__name__}: {first_line}")
-            tqdm.write(f"error in {case.op} | {case.shape} | {case.impl}:\n{traceback.format_exc()}", file=sys.stderr)
+        _record_failure(row, case, exc)
     finally:
         # The closure and any exception traceback hold the case's tensors; free them before the next case.
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def run_group_interleaved(cases: list[Case], rounds: int) -> list[dict]:
+    """CPU: the cases of one (op, shape) group timed round-robin, one call each per round, so that the load
+    of a shared machine, which changes from second to second, falls on every implementation alike; median,
+    min and max over the rounds. Peak memory as in ``measure``."""
+    rows, timed = [], []
+    for case in cases:
+        row = _new_row(case)
+        try:
+            fn = case.build()
+            fn()  # warm-up, as measure() does
+            row["peak_mem_mib"] = _cpu_peak_bytes(fn) / 2 ** 20
+            timed.append((row, case, fn, []))
+        except Exception as exc:  # noqa: BLE001 - recorded, as in run_case
+            _record_failure(row, case, exc)
+        rows.append(row)
+    for _ in range(rounds):
+        for _row, _case, fn, times in timed:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    for row, case, _fn, times in timed:
+        median = statistics.median(times)
+        row.update(median_ms=median * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
+                   note=f"interleaved, {rounds} rounds")
+        if case.tokens:
+            row["tokens_per_s"] = case.tokens / median
+    del timed
+    gc.collect()
+    return rows
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -220,6 +262,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                         help="only rewrite the markdown of an earlier results.json (next to it) and print it")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and timing budget (smoke test)")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="CPU: time each (op, shape) group's implementations round-robin for ROUNDS rounds "
+                             "(same-run ratios that a shared machine's changing load does not skew)")
+    parser.add_argument("--min-run-time", type=float, default=TimingBudget.cpu_min_run_time_s, metavar="SECONDS",
+                        help="CPU: sample each case at least this long (default %(default)s; longer gives steadier "
+                             "medians on a shared machine)")
     return parser.parse_args(argv)
 
 
@@ -238,18 +286,27 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     sizes = sizes_for(device, args.quick, args.tiny)
-    budget = TINY_BUDGET if args.tiny else TimingBudget()
+    budget = TINY_BUDGET if args.tiny else TimingBudget(cpu_min_run_time_s=args.min_run_time)
     cases = all_cases(sizes, device)
     if args.filter:
         cases = [c for c in cases if args.filter.lower() in f"{c.op} {c.shape} {c.impl}".lower()]
     meta = {**environment(device, sizes, args.quick), "cases_planned": len(cases)}
     rows = []
     table = write_results(args.output, meta, rows)
-    for case in tqdm(cases, desc="bench", unit="case", dynamic_ncols=True):
-        rows.append({**run_case(case, device, budget),
-                     **{key: meta[key] for key in ("device_name", "torch", "triton", "date")}})
-        # Written after every case, so a run stopped by a timeout keeps what it measured.
-        table = write_results(args.output, meta, rows)
+    stamp = {key: meta[key] for key in ("device_name", "torch", "triton", "date")}
+    if args.interleave and device.type == "cpu":
+        meta["interleaved_rounds"] = args.interleave
+        groups: dict[tuple[str, str], list[Case]] = {}
+        for case in cases:
+            groups.setdefault((case.op, case.shape), []).append(case)
+        for group in tqdm(list(groups.values()), desc="bench", unit="group", dynamic_ncols=True):
+            rows += [{**row, **stamp} for row in run_group_interleaved(group, args.interleave)]
+            table = write_results(args.output, meta, rows)
+    else:
+        for case in tqdm(cases, desc="bench", unit="case", dynamic_ncols=True):
+            rows.append({**run_case(case, device, budget), **stamp})
+            # Written after every case, so a run stopped by a timeout keeps what it measured.
+            table = write_results(args.output, meta, rows)
     print(table)
     print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}")
     failed = [r for r in rows if r["status"] == "error"]

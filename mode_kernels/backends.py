@@ -1,5 +1,6 @@
 """Backend selection: "torch" (reference, any device), "triton" (CUDA, or CPU under
-TRITON_INTERPRET=1) and "auto" (the fastest available for the tensors' device)."""
+TRITON_INTERPRET=1), "native" (C++ CPU kernels, built on first use) and "auto" (the fastest
+available for the tensors' device: Triton on CUDA, native on CPU when it builds, else torch)."""
 from __future__ import annotations
 
 import importlib
@@ -10,13 +11,20 @@ import torch
 
 from . import reference
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
 
 _REFERENCE = {
     "routed_lora": reference.routed_lora,
     "kd_kl": reference.kd_kl,
     "fused_linear_kd_kl": reference.kd_kl,
 }
+
+# Ops with a native CPU implementation, and the mode_kernels.native module that holds it.
+_NATIVE = {"routed_lora": "routed_lora", "kd_kl": "kd_kl", "fused_linear_kd_kl": "kd_kl"}
+# The ones "auto" picks on CPU. Not the KD ops yet: their native results change with how the positions are
+# split across processes by up to ~1e-4 relative after training (tests/trainer/test_train_distributed.py
+# allows 1e-5; the torch reference meets it), so they run only when asked for with backend="native".
+_AUTO_NATIVE = ("routed_lora",)
 
 
 def _triton_module(op: str) -> ModuleType:
@@ -41,12 +49,30 @@ def triton_available(op: str) -> bool:
     return True
 
 
+def native_available() -> bool:
+    """Whether the native CPU kernels are on and built (the first call builds them, or warns once)."""
+    from . import native
+    return native.available()
+
+
 def resolve(backend: str, device: torch.device, op: str) -> str:
-    """Turn the user's backend choice into "torch" or "triton" for tensors on ``device``."""
+    """Turn the user's backend choice into "torch", "triton" or "native" for tensors on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(op) else "torch"
+        if device.type == "cuda":
+            return "triton" if triton_available(op) else "torch"
+        return "native" if device.type == "cpu" and op in _AUTO_NATIVE and native_available() else "torch"
+    if backend == "native":
+        if op not in _NATIVE:
+            raise NotImplementedError(f"backend='native' has no implementation of {op} yet")
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='native' runs CPU tensors only, got device {device}")
+        from . import native
+        try:
+            native.extension()
+        except native.NativeUnavailable as exc:
+            raise RuntimeError(f"backend='native' is unavailable: {exc}") from exc
     if backend == "triton":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise RuntimeError("backend='triton' runs CPU tensors only under TRITON_INTERPRET=1 "
@@ -59,4 +85,6 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
 
 def implementation(backend: str, op: str) -> ModuleType:
     """The module holding ``op``'s forward and backward for a resolved backend."""
+    if backend == "native":
+        return importlib.import_module(f"mode_kernels.native.{_NATIVE[op]}")
     return _REFERENCE[op] if backend == "torch" else _triton_module(op)

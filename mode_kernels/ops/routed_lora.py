@@ -143,7 +143,7 @@ def modality_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, modalit
         experts_per_modality: M ints >= 1, E = their sum (MoDE: (4, 1): 4 text experts, 1 image).
         scaling: LoRA scaling (alpha / r).
         lora_input: what the adapters and router see instead of x; same shape as x.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton" or "native".
     Returns:
         y [..., N] in x's dtype.
     """

@@ -1,0 +1,511 @@
+// KD loss T^2 KL(teacher || student) on CPU: on logits, and fused with the two output projections.
+//
+// Per row of a vocabulary slice, with p = softmax(logits / T):
+//   loss = T^2 sum_v p_t (log p_t - log p_s) = T^2 (sum_v p_t (t_v - s_v) / T - lse_t + lse_s)
+//   d loss / d s_v = T (p_s(v) - p_t(v))
+// One vectorised row pass (two sweeps over the row while it is in cache) gives both logsumexps and the
+// loss; another gives the logits' gradient. Teacher logits of -inf or of their dtype's most negative
+// finite value are masked (p_t = 0). Rows masked out or without a finite teacher logit: loss 0, gradient 0.
+// The fused-linear form computes the logits of a chunk of rows by ATen GEMM into a reused buffer, so no
+// [P, V] tensor ever exists; d hidden is one GEMM per chunk.
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+namespace mode_kernels {
+namespace {
+
+using at::vec::Vectorized;
+
+// Logits per chunk of the fused-linear form: 2 MiB of float32 per buffer.
+constexpr int64_t kChunkElements = 1 << 19;
+
+// KL = E_pt[(t - s)] / T - (lse_t - lse_s), with lse_t - lse_s = (max_t - max_s) / T + log(z_t / z_s): taking
+// the difference of the logsumexps through their parts keeps a small KL exact to float32 rounding (the
+// logsumexps themselves are ~log V and would cancel to ~1e-6).
+template <typename acc_t>
+acc_t kl_of(acc_t mean_diff, acc_t max_diff, acc_t z_ratio, acc_t inv_temp) {
+  return (mean_diff - max_diff) * inv_temp - std::log(z_ratio);
+}
+
+template <typename acc_t>
+struct RowResult {
+  acc_t loss, lse_s, lse_t;
+};
+
+// Loss and logsumexps of one row of n student/teacher logits (acc dtype). `masked`: teacher logits at or
+// below it have probability 0. A dead row (no teacher logit above `masked`) gives lse_t = -inf.
+template <typename acc_t>
+RowResult<acc_t> kl_row(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_temp, acc_t temp, acc_t masked) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const Vec vmasked(masked), vneg_inf(neg_inf);
+  Vec vmax_s(neg_inf), vmax_t(neg_inf);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    auto vs = Vec::loadu(s + i), vt = Vec::loadu(t + i);
+    vmax_s = at::vec::maximum(vmax_s, vs);
+    vmax_t = at::vec::maximum(vmax_t, Vec::blendv(vneg_inf, vt, vt > vmasked));
+  }
+  acc_t max_s = neg_inf, max_t = neg_inf;
+  for (; i < n; ++i) {
+    max_s = std::max(max_s, s[i]);
+    if (t[i] > masked) max_t = std::max(max_t, t[i]);
+  }
+  acc_t lanes_s[W], lanes_t[W];
+  vmax_s.store(lanes_s);
+  vmax_t.store(lanes_t);
+  for (int64_t j = 0; j < W; ++j) max_s = std::max(max_s, lanes_s[j]), max_t = std::max(max_t, lanes_t[j]);
+  if (max_t == neg_inf) return {0, 0, neg_inf};
+
+  const Vec vinv(inv_temp), vms(max_s), vmt(max_t), zero(0);
+  Vec vzs(0), vzt(0), vw(0);
+  for (i = 0; i + W <= n; i += W) {
+    auto vs = Vec::loadu(s + i), vt = Vec::loadu(t + i);
+    auto keep = vt > vmasked;
+    vzs += ((vs - vms) * vinv).exp();
+    auto et = Vec::blendv(zero, ((vt - vmt) * vinv).exp(), keep);
+    vzt += et;
+    vw += et * Vec::blendv(zero, vt - vs, keep);
+  }
+  acc_t zs = at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, vzs);
+  acc_t zt = at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, vzt);
+  acc_t w = at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, vw);
+  for (; i < n; ++i) {
+    zs += std::exp((s[i] - max_s) * inv_temp);
+    if (t[i] > masked) {
+      const acc_t et = std::exp((t[i] - max_t) * inv_temp);
+      zt += et;
+      w += et * (t[i] - s[i]);
+    }
+  }
+  const acc_t lse_s = max_s * inv_temp + std::log(zs), lse_t = max_t * inv_temp + std::log(zt);
+  return {temp * temp * kl_of(w / zt, max_t - max_s, zt / zs, inv_temp), lse_s, lse_t};
+}
+
+// d[v] = scale (p_s(v) - p_t(v)) for one row (d may alias s).
+template <typename acc_t>
+void dlogits_row(const acc_t* s, const acc_t* t, acc_t* d, int64_t n, acc_t inv_temp, acc_t lse_s, acc_t lse_t,
+                 acc_t scale, acc_t masked) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vinv(inv_temp), vls(lse_s), vlt(lse_t), vscale(scale), vmasked(masked), zero(0);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    auto vs = Vec::loadu(s + i), vt = Vec::loadu(t + i);
+    auto pt = Vec::blendv(zero, (vt * vinv - vlt).exp(), vt > vmasked);
+    (((vs * vinv - vls).exp() - pt) * vscale).store(d + i);
+  }
+  for (; i < n; ++i) {
+    const acc_t pt = t[i] > masked ? std::exp(t[i] * inv_temp - lse_t) : acc_t(0);
+    d[i] = (std::exp(s[i] * inv_temp - lse_s) - pt) * scale;
+  }
+}
+
+// The teacher's most negative finite value in its own dtype, as an acc value: logits at or below it are masked.
+template <typename acc_t>
+acc_t masked_threshold(at::ScalarType teacher_dtype) {
+  switch (teacher_dtype) {
+    case at::kDouble: return static_cast<acc_t>(std::numeric_limits<double>::lowest());
+    case at::kFloat: return static_cast<acc_t>(std::numeric_limits<float>::lowest());
+    case at::kBFloat16: return static_cast<acc_t>(std::numeric_limits<c10::BFloat16>::lowest());
+    case at::kHalf: return static_cast<acc_t>(std::numeric_limits<c10::Half>::lowest());
+    default: TORCH_CHECK(false, "kd_kl: unsupported teacher dtype ", teacher_dtype);
+  }
+}
+
+struct Rows {
+  at::Tensor loss, lse_s, lse_t;
+};
+
+// Row statistics of s, t ([rows, n] acc-dtype, contiguous) into rows [r0, r0 + rows) of `out`.
+// lse_t of a dead row (no finite teacher logit, or masked out) is stored as 0 with loss 0 and lse_s 0.
+void stats_rows(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& mask, Rows& out,
+                int64_t r0, double temperature, at::ScalarType teacher_dtype) {
+  const int64_t rows = s.size(0), n = s.size(1);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "kd_kl_rows", [&] {
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    const bool* mp = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+    scalar_t* loss = out.loss.data_ptr<scalar_t>();
+    scalar_t* ls = out.lse_s.data_ptr<scalar_t>();
+    scalar_t* lt = out.lse_t.data_ptr<scalar_t>();
+    const scalar_t masked = masked_threshold<scalar_t>(teacher_dtype);
+    const scalar_t temp = static_cast<scalar_t>(temperature), inv = scalar_t(1) / temp;
+    at::parallel_for(0, rows, 1, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        const int64_t p = r0 + i;
+        RowResult<scalar_t> res{0, 0, -std::numeric_limits<scalar_t>::infinity()};
+        if (mp == nullptr || mp[p]) res = kl_row(sp + i * n, tp + i * n, n, inv, temp, masked);
+        const bool alive = res.lse_t != -std::numeric_limits<scalar_t>::infinity();
+        loss[p] = alive ? res.loss : 0;
+        ls[p] = alive ? res.lse_s : 0;
+        lt[p] = alive ? res.lse_t : 0;
+      }
+    });
+  });
+}
+
+// In place: s becomes d loss / d s (rows [r0, r0 + rows) of the saved statistics), times grad_rows.
+void dlogits_rows(at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& mask, const at::Tensor& lse_s,
+                  const at::Tensor& lse_t, const at::Tensor& grad_rows, int64_t r0, double temperature,
+                  at::ScalarType teacher_dtype) {
+  const int64_t rows = s.size(0), n = s.size(1);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "kd_kl_dlogits", [&] {
+    scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    const bool* mp = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+    const scalar_t* ls = lse_s.data_ptr<scalar_t>();
+    const scalar_t* lt = lse_t.data_ptr<scalar_t>();
+    const scalar_t* g = grad_rows.data_ptr<scalar_t>();
+    const scalar_t masked = masked_threshold<scalar_t>(teacher_dtype);
+    const scalar_t temp = static_cast<scalar_t>(temperature), inv = scalar_t(1) / temp;
+    at::parallel_for(0, rows, 1, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        const int64_t p = r0 + i;
+        scalar_t* row = sp + i * n;
+        const scalar_t* trow = tp + i * n;
+        // Alive rows are those with a finite teacher logit in the slice (and not masked out).
+        bool alive = mp == nullptr || mp[p];
+        if (alive) {
+          alive = false;
+          for (int64_t v = 0; v < n && !alive; ++v) alive = trow[v] > masked;
+        }
+        if (!alive) {
+          std::fill(row, row + n, scalar_t(0));
+          continue;
+        }
+        dlogits_row(row, trow, row, n, inv, ls[p], lt[p], g[p] * temp, masked);
+      }
+    });
+  });
+}
+
+Rows empty_rows(int64_t rows, const at::TensorOptions& options) {
+  return {at::zeros({rows}, options), at::zeros({rows}, options), at::zeros({rows}, options)};
+}
+
+c10::optional<at::Tensor> contiguous_mask(const c10::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return c10::nullopt;
+  return mask->to(at::kBool).contiguous();
+}
+
+// The fused-linear form computes each chunk's logits transposed, [V, C] = W X^T (one GEMM that reuses the
+// packed hidden states: much faster than X W^T for a few dozen positions), so its row passes run down the
+// columns: each vector lane is one position, and the row pass streams the buffer in memory order.
+constexpr int64_t kFusedMinPositions = 16, kFusedMaxPositions = 128;
+constexpr int64_t kSumBlock = 256;  // rows summed in the acc dtype before adding to the double totals
+
+// Per position (column c in [c0, c1) of s, t: n rows, ld apart): loss, lse_s, lse_t; dead positions (masked out or
+// no teacher logit above `masked`) get 0, 0, 0 and alive[c] = false.
+template <typename acc_t>
+void kl_columns(const acc_t* s, const acc_t* t, int64_t n, int64_t ld, int64_t c0, int64_t c1, acc_t inv_temp,
+                acc_t temp, acc_t masked, const bool* counted, acc_t* loss, acc_t* lse_s, acc_t* lse_t) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t width = c1 - c0;
+  std::vector<acc_t> max_s(width, neg_inf), max_t(width, neg_inf), z_s(width, 0), z_t(width, 0), w(width, 0);
+  const Vec vmasked(masked), vneg_inf(neg_inf), vinv(inv_temp), zero(0);
+  for (int64_t v = 0; v < n; ++v) {
+    const acc_t* sr = s + v * ld + c0;
+    const acc_t* tr = t + v * ld + c0;
+    int64_t c = 0;
+    for (; c + W <= width; c += W) {
+      auto vs = Vec::loadu(sr + c), vt = Vec::loadu(tr + c);
+      at::vec::maximum(Vec::loadu(&max_s[c]), vs).store(&max_s[c]);
+      at::vec::maximum(Vec::loadu(&max_t[c]), Vec::blendv(vneg_inf, vt, vt > vmasked)).store(&max_t[c]);
+    }
+    for (; c < width; ++c) {
+      max_s[c] = std::max(max_s[c], sr[c]);
+      if (tr[c] > masked) max_t[c] = std::max(max_t[c], tr[c]);
+    }
+  }
+  // Each lane sums a whole column: float partial sums over blocks of rows, added up in double, keep the
+  // sums (and the KL, a small difference of them) accurate for large vocabularies.
+  std::vector<double> total_z_s(width, 0), total_z_t(width, 0), total_w(width, 0);
+  auto flush = [&] {
+    for (int64_t c = 0; c < width; ++c) {
+      total_z_s[c] += z_s[c], total_z_t[c] += z_t[c], total_w[c] += w[c];
+      z_s[c] = z_t[c] = w[c] = 0;
+    }
+  };
+  for (int64_t v = 0; v < n; ++v) {
+    if (v % kSumBlock == 0) flush();
+    const acc_t* sr = s + v * ld + c0;
+    const acc_t* tr = t + v * ld + c0;
+    int64_t c = 0;
+    for (; c + W <= width; c += W) {
+      auto vs = Vec::loadu(sr + c), vt = Vec::loadu(tr + c);
+      auto keep = vt > vmasked;
+      (Vec::loadu(&z_s[c]) + ((vs - Vec::loadu(&max_s[c])) * vinv).exp()).store(&z_s[c]);
+      auto et = Vec::blendv(zero, ((vt - Vec::loadu(&max_t[c])) * vinv).exp(), keep);
+      (Vec::loadu(&z_t[c]) + et).store(&z_t[c]);
+      (Vec::loadu(&w[c]) + et * Vec::blendv(zero, vt - vs, keep)).store(&w[c]);
+    }
+    for (; c < width; ++c) {
+      z_s[c] += std::exp((sr[c] - max_s[c]) * inv_temp);
+      if (tr[c] > masked) {
+        const acc_t et = std::exp((tr[c] - max_t[c]) * inv_temp);
+        z_t[c] += et;
+        w[c] += et * (tr[c] - sr[c]);
+      }
+    }
+  }
+  flush();
+  for (int64_t c = 0; c < width; ++c) {
+    const bool alive = max_t[c] != neg_inf && (counted == nullptr || counted[c0 + c]);
+    const double zs = total_z_s[c], zt = total_z_t[c];
+    const acc_t ls = max_s[c] * inv_temp + std::log(zs), lt = max_t[c] * inv_temp + std::log(zt);
+    const double kl = kl_of<double>(total_w[c] / zt, max_t[c] - max_s[c], zt / zs, inv_temp);
+    loss[c0 + c] = alive ? static_cast<acc_t>(temp * temp * kl) : 0;
+    lse_s[c0 + c] = alive ? ls : 0;
+    lse_t[c0 + c] = alive ? lt : 0;
+  }
+}
+
+// In place: s[v, c] becomes scale[c] (p_s - p_t) for columns [c0, c1); shift_s/shift_t are the logsumexps,
+// +inf for dead positions (so both probabilities are 0, and scale is 0 too: no inf * 0).
+template <typename acc_t>
+void dlogits_columns(acc_t* s, const acc_t* t, int64_t n, int64_t ld, int64_t c0, int64_t c1, acc_t inv_temp,
+                     acc_t masked, const acc_t* shift_s, const acc_t* shift_t, const acc_t* scale) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vinv(inv_temp), vmasked(masked), zero(0);
+  for (int64_t v = 0; v < n; ++v) {
+    acc_t* sr = s + v * ld;
+    const acc_t* tr = t + v * ld;
+    int64_t c = c0;
+    for (; c + W <= c1; c += W) {
+      auto vs = Vec::loadu(sr + c), vt = Vec::loadu(tr + c);
+      auto pt = Vec::blendv(zero, (vt * vinv - Vec::loadu(shift_t + c)).exp(), vt > vmasked);
+      (((vs * vinv - Vec::loadu(shift_s + c)).exp() - pt) * Vec::loadu(scale + c)).store(sr + c);
+    }
+    for (; c < c1; ++c) {
+      const acc_t pt = tr[c] > masked ? std::exp(tr[c] * inv_temp - shift_t[c]) : acc_t(0);
+      sr[c] = (std::exp(sr[c] * inv_temp - shift_s[c]) - pt) * scale[c];
+    }
+  }
+}
+
+// Column passes of one chunk: positions [r0, r0 + cols) are the columns of s, t ([n, cols] views in the acc
+// dtype with unit column stride and the same row stride).
+struct ColumnChunk {
+  at::Tensor s, t;
+  int64_t r0;
+};
+
+void stats_columns(const ColumnChunk& ch, const c10::optional<at::Tensor>& mask, Rows& out, double temperature,
+                   at::ScalarType teacher_dtype) {
+  const int64_t n = ch.s.size(0), cols = ch.s.size(1), ld = ch.s.stride(0);
+  AT_DISPATCH_FLOATING_TYPES(ch.s.scalar_type(), "kd_kl_columns", [&] {
+    const scalar_t temp = static_cast<scalar_t>(temperature), inv = scalar_t(1) / temp;
+    const scalar_t masked = masked_threshold<scalar_t>(teacher_dtype);
+    const bool* counted = mask.has_value() ? mask->data_ptr<bool>() + ch.r0 : nullptr;
+    at::parallel_for(0, cols, 16, [&](int64_t c0, int64_t c1) {
+      kl_columns(ch.s.data_ptr<scalar_t>(), ch.t.data_ptr<scalar_t>(), n, ld, c0, c1, inv, temp, masked, counted,
+                 out.loss.data_ptr<scalar_t>() + ch.r0, out.lse_s.data_ptr<scalar_t>() + ch.r0,
+                 out.lse_t.data_ptr<scalar_t>() + ch.r0);
+    });
+  });
+}
+
+// ch.s becomes d loss / d logits (transposed), for the saved per-position statistics and output gradients.
+void dlogits_columns_of(ColumnChunk& ch, const c10::optional<at::Tensor>& mask, const at::Tensor& lse_s,
+                        const at::Tensor& lse_t, const at::Tensor& grad_rows, double temperature,
+                        at::ScalarType teacher_dtype) {
+  const int64_t n = ch.s.size(0), cols = ch.s.size(1), ld = ch.s.stride(0);
+  AT_DISPATCH_FLOATING_TYPES(ch.s.scalar_type(), "kd_kl_dlogits_columns", [&] {
+    const scalar_t temp = static_cast<scalar_t>(temperature), inv = scalar_t(1) / temp;
+    const scalar_t masked = masked_threshold<scalar_t>(teacher_dtype);
+    const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+    const bool* counted = mask.has_value() ? mask->data_ptr<bool>() + ch.r0 : nullptr;
+    const scalar_t* ls = lse_s.data_ptr<scalar_t>() + ch.r0;
+    const scalar_t* lt = lse_t.data_ptr<scalar_t>() + ch.r0;
+    const scalar_t* g = grad_rows.data_ptr<scalar_t>() + ch.r0;
+    const scalar_t* tp = ch.t.data_ptr<scalar_t>();
+    // Alive: counted and some teacher logit above the mask threshold in the position's column.
+    std::vector<char> alive(cols, 0);
+    for (int64_t v = 0; v < n; ++v) {
+      for (int64_t c = 0; c < cols; ++c) alive[c] |= tp[v * ld + c] > masked;
+    }
+    std::vector<scalar_t> shift_s(cols), shift_t(cols), scale(cols);
+    for (int64_t c = 0; c < cols; ++c) {
+      const bool on = alive[c] && (counted == nullptr || counted[c]);
+      shift_s[c] = on ? ls[c] : inf;
+      shift_t[c] = on ? lt[c] : inf;
+      scale[c] = on ? g[c] * temp : 0;
+    }
+    at::parallel_for(0, cols, 16, [&](int64_t c0, int64_t c1) {
+      dlogits_columns(ch.s.data_ptr<scalar_t>(), tp, n, ld, c0, c1, inv, masked, shift_s.data(), shift_t.data(),
+                      scale.data());
+    });
+  });
+}
+
+// Positions per chunk of the fused-linear form: the most (a power of two, 16 to 128) whose two [V, C] logit
+// buffers and d hs [P, H] hold at most 0.6 P V values, 60% of one [P, V] logits tensor (materialising the
+// logits holds several). More positions per chunk make both GEMMs faster.
+int64_t fused_chunk(int64_t rows, int64_t vocab, int64_t hidden) {
+  const double budget = 0.6 * static_cast<double>(rows) * vocab - static_cast<double>(rows) * hidden;
+  int64_t positions = kFusedMaxPositions;
+  while (positions > kFusedMinPositions && 2.0 * positions * vocab > budget) positions /= 2;
+  return positions;
+}
+
+// The fused-linear passes over chunks of positions; `body` gets each chunk's transposed logits.
+// topk > 0: the chunk is cut down to the teacher's topk logits per position (and `index` says where they were).
+struct FusedInputs {
+  at::Tensor hs, ht, ws, wt;  // acc dtype; ws, wt: the vocabulary slice
+  int64_t vocab;
+  bool shared;                // the teacher uses the student's weight
+};
+
+// The transposed logits of positions [r0, r0 + n): [s | t] side by side in one [V, 2n] buffer. With one
+// shared weight (the teacher is the student without adapters) that is a single GEMM over 2n positions.
+ColumnChunk chunk_logits(const FusedInputs& in, at::Tensor& buffer, at::Tensor& staging, int64_t r0, int64_t n) {
+  if (buffer.size(1) != 2 * n) {
+    buffer = at::empty({in.vocab, 2 * n}, in.hs.options());
+    staging = at::empty({2 * n, in.hs.size(1)}, in.hs.options());
+  }
+  if (in.shared) {
+    staging.narrow(0, 0, n).copy_(in.hs.narrow(0, r0, n));
+    staging.narrow(0, n, n).copy_(in.ht.narrow(0, r0, n));
+    mm_into(buffer, in.ws, staging.t());
+  } else {
+    mm_into(buffer.narrow(1, 0, n), in.ws, in.hs.narrow(0, r0, n).t());
+    mm_into(buffer.narrow(1, n, n), in.wt, in.ht.narrow(0, r0, n).t());
+  }
+  return {buffer.narrow(1, 0, n), buffer.narrow(1, n, n), r0};
+}
+
+FusedInputs fused_inputs(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& ws,
+                         const c10::optional<at::Tensor>& wt, int64_t lo, int64_t hi) {
+  const auto acc = acc_type(hs.scalar_type());
+  FusedInputs in{to_acc(hs), to_acc(ht), ws.narrow(0, lo, hi - lo).to(acc).contiguous(), at::Tensor(), hi - lo,
+                 !wt.has_value()};
+  in.wt = in.shared ? in.ws : wt->narrow(0, lo, hi - lo).to(acc).contiguous();
+  return in;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> kd_kl_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                      const c10::optional<at::Tensor>& mask, double temperature, int64_t lo,
+                                      int64_t hi) {
+  const int64_t rows = student.size(0);
+  const auto acc = acc_type(student.scalar_type());
+  Rows out = empty_rows(rows, student.options().dtype(acc));
+  const auto m = contiguous_mask(mask);
+  const int64_t step = rows_per_chunk(kChunkElements, hi - lo);
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t n = std::min(step, rows - r0);
+    auto s = student.narrow(0, r0, n).narrow(1, lo, hi - lo).to(acc).contiguous();
+    auto t = teacher.narrow(0, r0, n).narrow(1, lo, hi - lo).to(acc).contiguous();
+    stats_rows(s, t, m, out, r0, temperature, teacher.scalar_type());
+  }
+  return {out.loss, out.lse_s, out.lse_t};
+}
+
+at::Tensor kd_kl_backward(const at::Tensor& grad_rows, const at::Tensor& student, const at::Tensor& teacher,
+                          const c10::optional<at::Tensor>& mask, const at::Tensor& lse_s, const at::Tensor& lse_t,
+                          double temperature, int64_t lo, int64_t hi) {
+  const int64_t rows = student.size(0);
+  const auto acc = acc_type(student.scalar_type());
+  auto grad = at::zeros_like(student, at::MemoryFormat::Contiguous);
+  const auto m = contiguous_mask(mask);
+  const auto g = grad_rows.to(acc).contiguous(), ls = lse_s.to(acc).contiguous(), lt = lse_t.to(acc).contiguous();
+  const int64_t step = rows_per_chunk(kChunkElements, hi - lo);
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t n = std::min(step, rows - r0);
+    auto s = at::empty({n, hi - lo}, student.options().dtype(acc));  // a copy: the gradient is written in place
+    s.copy_(student.narrow(0, r0, n).narrow(1, lo, hi - lo));
+    auto t = teacher.narrow(0, r0, n).narrow(1, lo, hi - lo).to(acc).contiguous();
+    dlogits_rows(s, t, m, ls, lt, g, r0, temperature, teacher.scalar_type());
+    grad.narrow(0, r0, n).narrow(1, lo, hi - lo).copy_(s);
+  }
+  return grad;
+}
+
+// Forward of the fused-linear KD loss: (loss, lse_s, lse_t), each [P] in the acc dtype, and, when
+// grad_rows is given, d loss / d hs for those per-row output gradients ([P, H] in hs's dtype), computed in
+// the same pass over the chunks (3 GEMMs per chunk in all instead of 2 now and 3 in a backward).
+// topk > 0: only the teacher's topk largest logits of the slice count, both distributions renormalised.
+std::vector<at::Tensor> fused_linear_kd_kl_forward(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& ws,
+                                                   const c10::optional<at::Tensor>& wt,
+                                                   const c10::optional<at::Tensor>& mask, double temperature,
+                                                   int64_t lo, int64_t hi, int64_t topk,
+                                                   const c10::optional<at::Tensor>& grad_rows) {
+  const FusedInputs in = fused_inputs(hs, ht, ws, wt, lo, hi);
+  const int64_t rows = hs.size(0);
+  Rows out = empty_rows(rows, in.hs.options());
+  const auto m = contiguous_mask(mask);
+  const bool with_grad = grad_rows.has_value();
+  const auto g = with_grad ? grad_rows->to(in.hs.scalar_type()).contiguous() : at::Tensor();
+  auto d_hs = with_grad ? at::empty_like(in.hs) : at::Tensor();
+  const int64_t step = fused_chunk(rows, in.vocab, hs.size(1));
+  at::Tensor buffer = at::empty({0, 0}, in.hs.options()), staging;
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t n = std::min(step, rows - r0);
+    ColumnChunk ch = chunk_logits(in, buffer, staging, r0, n);
+    at::Tensor index, logits = ch.s;
+    if (topk > 0) {
+      auto [t_top, idx] = at::topk(ch.t, topk, 0);
+      index = idx;
+      ch = {ch.s.gather(0, index).contiguous(), t_top.contiguous(), r0};
+    }
+    stats_columns(ch, m, out, temperature, ht.scalar_type());
+    if (!with_grad) continue;
+    dlogits_columns_of(ch, m, out.lse_s, out.lse_t, g, temperature, ht.scalar_type());
+    if (topk > 0) ch.s = logits.zero_().scatter_(0, index, ch.s);
+    mm_into(d_hs.narrow(0, r0, n), ch.s.t(), in.ws);
+  }
+  std::vector<at::Tensor> result{out.loss, out.lse_s, out.lse_t};
+  result.push_back(with_grad ? d_hs.to(hs.scalar_type()) : at::Tensor());
+  return result;
+}
+
+// (d hs [P, H] in hs's dtype, d ws [V, H] in ws's dtype or undefined). The teacher is a constant.
+std::vector<at::Tensor> fused_linear_kd_kl_backward(const at::Tensor& grad_rows, const at::Tensor& hs,
+                                                    const at::Tensor& ht, const at::Tensor& ws,
+                                                    const c10::optional<at::Tensor>& wt,
+                                                    const c10::optional<at::Tensor>& mask, const at::Tensor& lse_s,
+                                                    const at::Tensor& lse_t, double temperature, int64_t lo,
+                                                    int64_t hi, int64_t topk, bool need_dw) {
+  const FusedInputs in = fused_inputs(hs, ht, ws, wt, lo, hi);
+  const int64_t rows = hs.size(0);
+  const auto acc = in.hs.scalar_type();
+  const auto m = contiguous_mask(mask);
+  const auto g = grad_rows.to(acc).contiguous(), ls = lse_s.to(acc).contiguous(), lt = lse_t.to(acc).contiguous();
+  auto d_hs = at::empty_like(in.hs);
+  auto d_ws_slice = need_dw ? at::zeros_like(in.ws) : at::Tensor();
+  const int64_t step = fused_chunk(rows, in.vocab, hs.size(1));
+  at::Tensor buffer = at::empty({0, 0}, in.hs.options()), staging;
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t n = std::min(step, rows - r0);
+    ColumnChunk ch = chunk_logits(in, buffer, staging, r0, n);
+    at::Tensor logits = ch.s;
+    if (topk > 0) {
+      auto [t_top, index] = at::topk(ch.t, topk, 0);
+      ColumnChunk top{ch.s.gather(0, index).contiguous(), t_top.contiguous(), r0};
+      dlogits_columns_of(top, m, ls, lt, g, temperature, ht.scalar_type());
+      logits.zero_().scatter_(0, index, top.s);
+    } else {
+      dlogits_columns_of(ch, m, ls, lt, g, temperature, ht.scalar_type());
+    }
+    mm_into(d_hs.narrow(0, r0, n), logits.t(), in.ws);
+    if (need_dw) d_ws_slice.addmm_(logits, in.hs.narrow(0, r0, n));
+  }
+  at::Tensor d_ws;
+  if (need_dw) {
+    d_ws = at::zeros_like(ws);
+    d_ws.narrow(0, lo, in.vocab).copy_(d_ws_slice);
+  }
+  return {d_hs.to(hs.scalar_type()), d_ws};
+}
+
+}  // namespace mode_kernels

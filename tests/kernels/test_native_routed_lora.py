@@ -1,0 +1,184 @@
+"""Native CPU routed LoRA (forward and every gradient) against the float64 gold.
+
+float64 runs the same code in float64 and must match the naive dense formula to 1e-10; float32 must
+match to 1e-5 of the largest gold magnitude; bf16/fp16 must be, elementwise, no further from the gold
+than the naive dense formula computed in the same dtype, plus tol times the gold's largest magnitude.
+The first use compiles the kernels (minutes) into the per-user cache; later runs only import them.
+"""
+import os
+
+import pytest
+import torch
+from naive import routed_lora as naive_routed_lora
+
+import mode_kernels as mk
+from mode_kernels import native
+from mode_kernels.native import routed_lora as nat
+from mode_kernels.reference import routed_lora as reference
+from mode_kernels.routing import plan_routing
+
+if os.environ.get("MODE_KERNELS_NATIVE") == "0":
+    pytest.skip("MODE_KERNELS_NATIVE=0 switches the native backend off", allow_module_level=True)
+native.extension()  # a failed build fails these tests, with the compiler's reason
+
+F64 = torch.float64
+GRAD_NAMES = ("x", "lora_input", "weight", "bias", "lora_a", "lora_b", "router_weight")
+ALL_NEEDS = (True,) * 7
+LOW_PRECISION_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def make_case(num_tokens, k, n, r, epm, *, ids=None, bias=True, separate=False, router=True, seed=0):
+    """float64 tensors (x, lora_input, weight, bias, lora_a, lora_b, router_weight), ids, plan, dy."""
+    g = torch.Generator().manual_seed(seed)
+    e = sum(epm)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+    if ids is None:
+        ids = torch.randint(0, len(epm), (num_tokens,), generator=g)
+    ids = torch.as_tensor(ids, dtype=torch.int64)
+    tensors = dict(x=rnd(num_tokens, k), lora_input=rnd(num_tokens, k) if separate else None,
+                   weight=rnd(n, k, scale=k ** -0.5), bias=rnd(n) if bias else None,
+                   lora_a=rnd(e, r, k, scale=k ** -0.5), lora_b=rnd(e, n, r, scale=r ** -0.5),
+                   router_weight=rnd(e, k) if router else None)
+    return tensors, ids, plan_routing(ids, len(epm)), rnd(num_tokens, n)
+
+
+def cast(tensors, dtype):
+    return {name: None if t is None else t.to(dtype) for name, t in tensors.items()}
+
+
+def run(impl, t, plan, dy, epm, needs=ALL_NEEDS, scaling=2.0):
+    args = (t["x"], t["weight"], t["bias"], t["lora_input"], plan, t["lora_a"], t["lora_b"], t["router_weight"],
+            epm, scaling)
+    y = impl.routed_lora_forward(*args)
+    needs = tuple(bool(n) and t[name] is not None for n, name in zip(needs, GRAD_NAMES))
+    return (y, *impl.routed_lora_backward(dy.to(y.dtype), *args, needs))
+
+
+def gold(t, ids, dy, epm, scaling=2.0):
+    """Output and gradients of the naive dense formula under autograd, in t's dtype."""
+    leaves = {name: None if v is None else v.detach().clone().requires_grad_() for name, v in t.items()}
+    y = naive_routed_lora(leaves["x"], leaves["weight"], leaves["bias"], ids, leaves["lora_a"], leaves["lora_b"],
+                          leaves["router_weight"], epm, scaling, leaves["lora_input"])
+    y.backward(dy.to(y.dtype))
+    return (y.detach(), *(None if leaves[name] is None else leaves[name].grad for name in GRAD_NAMES))
+
+
+def check(ours, ref, rel):
+    for name, o, g in zip(("y",) + GRAD_NAMES, ours, ref):
+        assert (o is None) == (g is None), name
+        if g is None:
+            continue
+        assert o.shape == g.shape, name
+        err = (o.double() - g.double()).abs().max().item() if g.numel() else 0.0
+        scale = g.abs().max().item() if g.numel() else 0.0
+        assert err <= rel * max(scale, 1e-30), f"{name}: max error {err:.3g} vs {rel} * {scale:.3g}"
+
+
+# (tokens, K, N, r, experts per modality, options): random ids (many short runs), long runs of one
+# modality (image spans), an empty modality, one token, no tokens, odd sizes, separate lora_input.
+CASES = {
+    "text_image_4_1": (37, 24, 40, 8, (4, 1), {}),
+    "image_spans": (300, 19, 23, 8, (4, 1), dict(ids=[0] * 100 + [1] * 70 + [0] * 60 + [1] * 70)),
+    "one_one_no_router_no_bias": (21, 19, 33, 4, (1, 1), dict(router=False, bias=False)),
+    "one_one_router_ignored": (18, 16, 16, 8, (1, 1), {}),
+    "2_3_1_middle_modality_empty": (30, 20, 17, 16, (2, 3, 1), dict(ids=[0, 2] * 15)),
+    "separate_lora_input": (29, 21, 18, 8, (4, 1), dict(separate=True, bias=False)),
+    "one_token": (1, 17, 9, 8, (4, 1), dict(ids=[0])),
+    "zero_tokens": (0, 13, 11, 4, (4, 1), dict(separate=True)),
+    "all_image": (20, 18, 20, 4, (3, 1), dict(ids=[1] * 20)),
+    "one_modality_three_experts": (19, 5, 3, 2, (3,), {}),
+    "rank_6_sixteen_experts": (17, 16, 20, 6, (16,), {}),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_float64_matches_naive_gold(case):
+    num_tokens, k, n, r, epm, opts = CASES[case]
+    t, ids, plan, dy = make_case(num_tokens, k, n, r, epm, **opts)
+    check(run(nat, t, plan, dy, epm), gold(t, ids, dy, epm), 1e-10)
+
+
+@pytest.mark.parametrize("case", ["text_image_4_1", "image_spans", "2_3_1_middle_modality_empty",
+                                  "separate_lora_input"])
+def test_float32_matches_reference(case):
+    num_tokens, k, n, r, epm, opts = CASES[case]
+    t, _, plan, dy = make_case(num_tokens, k, n, r, epm, **opts)
+    ours = run(nat, cast(t, torch.float32), plan, dy, epm)
+    assert all(o is None or o.dtype == torch.float32 for o in ours)
+    check(ours, run(reference, t, plan, dy, epm), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["text_image_4_1", "2_3_1_middle_modality_empty", "separate_lora_input"])
+def test_low_precision_no_worse_than_naive(case, dtype):
+    num_tokens, k, n, r, epm, opts = CASES[case]
+    t, ids, plan, dy = make_case(num_tokens, k, n, r, epm, seed=1, **opts)
+    low, dy_low = cast(t, dtype), dy.to(dtype)
+    ref = run(reference, cast(low, F64), plan, dy_low.to(F64), epm)
+    naive_same = gold(low, ids, dy_low, epm)
+    tol = LOW_PRECISION_TOL[dtype]
+    for name, o, nv, g in zip(("y",) + GRAD_NAMES, run(nat, low, plan, dy_low, epm), naive_same, ref):
+        if g is None:
+            assert o is None, name
+            continue
+        assert o.shape == g.shape and o.dtype == dtype, name
+        bound = (nv.double() - g).abs() + tol * g.abs().max()
+        assert ((o.double() - g).abs() - bound).max().item() <= 0, name
+
+
+@pytest.mark.parametrize("needs", [(True,) + (False,) * 6, (False,) * 5 + (True, False),
+                                   (False, True) + (False,) * 5, (False, False, True, True) + (False,) * 3])
+def test_only_requested_gradients(needs):
+    t, ids, plan, dy = make_case(24, 16, 18, 8, (4, 1), separate=True)
+    ours = run(nat, t, plan, dy, (4, 1), needs)
+    check(ours, run(reference, t, plan, dy, (4, 1), needs), 1e-10)
+    assert [g is not None for g in ours[1:]] == [n and t[name] is not None for n, name in zip(needs, GRAD_NAMES)]
+
+
+def test_non_contiguous_inputs():
+    t, _, plan, dy = make_case(26, 20, 24, 8, (2, 3), separate=True)
+    ref = run(reference, t, plan, dy, (2, 3))
+    f = dict(t)
+    f["x"] = torch.stack([f["x"], torch.zeros_like(f["x"])], -1)[..., 0]    # column stride 2
+    f["lora_input"] = f["lora_input"].t().contiguous().t()        # column-major
+    f["weight"] = f["weight"].t().contiguous().t()
+    f["lora_b"] = f["lora_b"].transpose(1, 2).contiguous().transpose(1, 2)
+    f["lora_a"] = f["lora_a"].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert not any(f[name].is_contiguous() for name in ("x", "lora_input", "weight", "lora_b", "lora_a"))
+    check(run(nat, f, plan, dy.t().contiguous().t(), (2, 3)), ref, 1e-10)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_give_the_same_result(threads):
+    t, _, plan, dy = make_case(600, 24, 40, 8, (4, 1), separate=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = run(nat, cast(t, torch.float32), plan, dy, (4, 1))
+    finally:
+        torch.set_num_threads(before)
+    check(ours, run(reference, t, plan, dy, (4, 1)), 1e-5)
+
+
+def test_public_api_native_matches_torch_and_auto_picks_native():
+    assert mk.backends.resolve("auto", torch.device("cpu"), "routed_lora") == "native"
+    t, _, _, dy = make_case(2 * 23, 20, 24, 8, (4, 1))
+    ids = torch.randint(0, 2, (2, 23), generator=torch.Generator().manual_seed(3))
+    results = []
+    for backend in ("torch", "native"):
+        leaves = {name: None if v is None else v.float().requires_grad_() for name, v in t.items()}
+        y = mk.modality_lora_linear(leaves["x"].view(2, 23, 20), leaves["weight"], leaves["bias"], ids,
+                                    leaves["lora_a"], leaves["lora_b"], leaves["router_weight"],
+                                    experts_per_modality=(4, 1), scaling=2.0, backend=backend)
+        y.backward(dy.float().view(2, 23, 24))
+        results.append([y] + [leaves[name].grad for name in GRAD_NAMES if leaves[name] is not None])
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_native_backend_rejects_non_cpu_tensors():
+    with pytest.raises(RuntimeError, match="native.*CPU"):
+        mk.backends.resolve("native", torch.device("meta"), "routed_lora")
