@@ -46,6 +46,9 @@ class TrainConfig:
         "adapter dropout (0 for results equal to one process under torchrun)"))
     kd_lambda: float = field(default=0.3, metadata=field_metadata("weight of the KD term (methods with KD)"))
     kd_temperature: float = field(default=2.0, metadata=field_metadata("KD softmax temperature"))
+    kd_topk: int | None = field(default=None, metadata=field_metadata(
+        "distil only the teacher's k most likely image codes, both distributions renormalised on them (the "
+        "official MoDE code: 256); default: the whole image-code slice"))
     eval_size: int = field(default=200, metadata=field_metadata(
         "test images per evaluation (tasks and image NLL); --model: eval records per task and generation records"))
     gen_samples: int = field(default=GenerationConfig.samples_per_digit, metadata=field_metadata(
@@ -127,6 +130,8 @@ def check_config(config: TrainConfig) -> None:
                  "image_tokens", "gen_samples"):
         if getattr(config, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} {getattr(config, name)}: expected an integer >= 1")
+    if config.kd_topk is not None and config.kd_topk < 1:
+        raise RunError(f"--kd-topk {config.kd_topk}: expected an integer >= 1")
     if config.fsdp and config.probe_conflict:
         raise RunError("--fsdp and --probe-conflict exclude each other: the probe needs unsharded gradients")
     if config.probe_conflict < 0:

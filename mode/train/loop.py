@@ -73,7 +73,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
                 if method.kd:
                     kd_batch = draw_batch(rng, workload.generation_rows, workload.collate, config, device)
                     # the teacher pass needs the Hugging Face model, not the DDP wrapper
-                    kd_sum = kd_loss(distributed.unwrap(model), kd_batch, reduction="sum")
+                    kd_sum = kd_loss(distributed.unwrap(model), kd_batch, topk=config.kd_topk, reduction="sum")
                     kd = distributed.global_mean(kd_sum, kd_positions(kd_batch).sum())
                     loss = loss + config.kd_lambda * kd
                     losses["kd"] += distributed.all_reduce_mean(kd.detach().clone()).item() / config.grad_accum

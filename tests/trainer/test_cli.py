@@ -32,6 +32,7 @@ def test_flags_reach_every_kind_of_field():
         (0.01, 0.2, 1.0, 0.7)
     assert config.methods == ("mode", "lora", "moelora") and config.fsdp
     assert config.gen_prompts == ("a.json", "b.json") and config.on_bad_record == "skip"
+    assert _parse().kd_topk is None and _parse("--kd-topk", "256").kd_topk == 256
 
 
 def test_model_replaces_the_default_benchmark_and_takes_the_papers_learning_rate():

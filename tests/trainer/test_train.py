@@ -230,3 +230,19 @@ def test_output_of_another_run_is_refused_and_kept(tmp_path, cache_dir):
     assert done.returncode == 2 and "holds another run" in done.stderr
     assert (tmp_path / "config.json").read_text() == other
     assert (tmp_path / "metrics.json").read_text() == "{}"
+
+
+def test_kd_topk_reaches_the_distillation_loss(tmp_path, cache_dir, monkeypatch):
+    seen = []
+    real_kd_loss = loop.kd_loss
+
+    def recording_kd_loss(*args, **kwargs):
+        seen.append(kwargs.get("topk"))
+        return real_kd_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "kd_loss", recording_kd_loss)
+    config, _ = cli.parse_args(["--output", str(tmp_path), "--cache-dir", cache_dir, *SMOKE_ARGS,
+                                "--methods", "mode", "--kd-topk", "3"])
+    metrics = loop.run(config, tmp_path, cache_dir=cache_dir, progress=False)
+    assert seen and set(seen) == {3}
+    assert all(v >= 0 for v in metrics["methods"]["mode"]["loss_history"]["kd"])
