@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mode_kernels._validation import check_experts_per_modality as check_experts
+
 from .modality import NUM_MODALITIES, ModalitySpec
 
 # MoDE adapts the MLP projections of every decoder layer.
@@ -79,12 +81,4 @@ class MoDEConfig:
 
 def check_experts_per_modality(experts_per_modality) -> tuple[int, ...]:
     """(text experts, image experts), each an int >= 1."""
-    try:
-        epm = tuple(int(e) for e in experts_per_modality)
-        ok = len(epm) == NUM_MODALITIES and all(e >= 1 and e == f for e, f in zip(epm, experts_per_modality))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"experts_per_modality: expected {NUM_MODALITIES} ints >= 1 (text experts, image "
-                         f"experts), got {experts_per_modality!r}")
-    return epm
+    return check_experts(experts_per_modality, NUM_MODALITIES)

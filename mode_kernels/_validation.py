@@ -50,6 +50,20 @@ def check_modality_ids(ids: torch.Tensor, num_modalities: int, name: str) -> tor
     return ids
 
 
+def check_experts_per_modality(experts_per_modality, num_modalities: int | None = None) -> tuple[int, ...]:
+    """Experts per modality as a tuple of ints >= 1: ``num_modalities`` of them when given, else at least one."""
+    try:
+        experts = tuple(int(e) for e in experts_per_modality)
+        ok = all(e >= 1 and e == f for e, f in zip(experts, experts_per_modality)) and \
+            (len(experts) == num_modalities if num_modalities is not None else len(experts) >= 1)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        count = f"{num_modalities}" if num_modalities is not None else "a non-empty tuple of"
+        raise ValueError(f"experts_per_modality: expected {count} ints >= 1, got {experts_per_modality!r}")
+    return experts
+
+
 def check_float(t: torch.Tensor, name: str, allow_float64: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")

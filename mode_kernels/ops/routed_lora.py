@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._validation import check_float, check_same_device, check_shape
+from .._validation import check_experts_per_modality, check_float, check_same_device, check_shape
 from ..routing import RoutingPlan, plan_routing
 
 # Order of the differentiable inputs in the backward op's outputs.
@@ -112,17 +112,6 @@ def _backward(ctx, grad_y, _grad_h, _grad_gates):
 _routed_lora.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_experts(experts_per_modality) -> tuple[int, ...]:
-    try:
-        epm = tuple(int(e) for e in experts_per_modality)
-        ok = len(epm) >= 1 and all(e >= 1 and e == f for e, f in zip(epm, experts_per_modality))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"experts_per_modality: expected a non-empty tuple of ints >= 1, got {experts_per_modality!r}")
-    return epm
-
-
 def modality_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, modality: Tensor | RoutingPlan,
                          lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None = None, *,
                          experts_per_modality: Sequence[int], scaling: float, lora_input: Tensor | None = None,
@@ -147,8 +136,8 @@ def modality_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, modalit
     Returns:
         y [..., N] in x's dtype.
     """
-    epm = _check_experts(experts_per_modality)
-    num_modalities, num_experts = len(epm), sum(epm)
+    experts = check_experts_per_modality(experts_per_modality)
+    num_modalities, num_experts = len(experts), sum(experts)
     check_float(x, "x")
     if x.dim() < 1:
         raise ValueError("x: expected at least 1 dimension [..., K], got a scalar")
@@ -170,9 +159,9 @@ def modality_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, modalit
     if router_weight is not None:
         check_float(router_weight, "router_weight")
         check_shape(router_weight, "router_weight", (num_experts, k), "[E, K]")
-    elif max(epm) > 1:
+    elif max(experts) > 1:
         raise ValueError(f"router_weight: required when a modality has more than one expert "
-                         f"(experts_per_modality={epm})")
+                         f"(experts_per_modality={experts})")
     if lora_input is not None:
         check_float(lora_input, "lora_input")
         check_shape(lora_input, "lora_input", tuple(x.shape), "the shape of x")
@@ -202,5 +191,5 @@ def modality_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, modalit
     x2 = x.reshape(num_tokens, k)
     u2 = None if lora_input is None else lora_input.reshape(num_tokens, k)
     y, _, _ = _routed_lora(x2, weight, bias, u2, plan.order, plan.offsets, plan.modality, lora_a, lora_b,
-                           router_weight, list(epm), float(scaling), resolved)
+                           router_weight, list(experts), float(scaling), resolved)
     return y.reshape(*lead, n)
