@@ -99,7 +99,8 @@ def test_smoke_run_writes_metrics_tables_and_plots(reference_run):
     results = (reference_run / "results.md").read_text()
     assert "| mode |" in results and "| lora |" in results
     kd = {name: m["loss_history"]["kd"] for name, m in metrics["methods"].items()}
-    assert all(isinstance(v, float) and v >= 0 for v in kd["mode"]) and set(kd["lora"]) == {None}
+    # a KL divergence, >= 0 up to rounding (at the first step the student is the teacher: 0)
+    assert all(isinstance(v, float) and v > -1e-6 for v in kd["mode"]) and set(kd["lora"]) == {None}
     for png in ("acc_matrix_mode.png", "acc_matrix_lora.png", "gen_acc.png", "generated_digits.png", "loss.png"):
         assert (reference_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -245,4 +246,4 @@ def test_kd_topk_reaches_the_distillation_loss(tmp_path, cache_dir, monkeypatch)
                                 "--methods", "mode", "--kd-topk", "3"])
     metrics = loop.run(config, tmp_path, cache_dir=cache_dir, progress=False)
     assert seen and set(seen) == {3}
-    assert all(v >= 0 for v in metrics["methods"]["mode"]["loss_history"]["kd"])
+    assert all(v > -1e-6 for v in metrics["methods"]["mode"]["loss_history"]["kd"])  # a KL, up to rounding
