@@ -31,6 +31,9 @@ class TrainConfig:
     methods: tuple[str, ...] = field(default=("mode", "lora"), metadata=field_metadata(
         f"comma-separated, of: {', '.join(METHODS)}"))
     seed: int = field(default=0, metadata=field_metadata("adapter init, data order, dropout and sampling"))
+    seeds: tuple[int, ...] = field(default=(), metadata=field_metadata(
+        "comma-separated seeds (instead of --seed): every method runs once per seed on the same pretrained "
+        "model; metrics.json keeps each seed's results and their mean and standard error"))
     steps_per_task: int = field(default=60, metadata=field_metadata("optimizer steps per task"))
     batch_size: int = field(default=16, metadata=field_metadata("rows per micro-batch, over all processes"))
     grad_accum: int = field(default=1, metadata=field_metadata("micro-batches per optimizer step"))
@@ -78,10 +81,14 @@ class TrainConfig:
     report_to: str = field(default="none", metadata=field_metadata(
         "also log each step's losses and each evaluation to DIR/tensorboard", choices=("none", "tensorboard")))
 
-
     def __post_init__(self):
         if self.lr is None:
             self.lr = PAPER_LR if self.model is not None else DIGITS_LR
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds each method runs with: --seeds, else --seed."""
+        return tuple(self.seeds) or (self.seed,)
 
 
 def config_dict(config: TrainConfig) -> dict:
@@ -116,6 +123,8 @@ def check_config(config: TrainConfig) -> None:
                  "image_tokens", "gen_samples"):
         if getattr(config, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} {getattr(config, name)}: expected an integer >= 1")
+    if len(set(config.run_seeds)) != len(config.run_seeds):
+        raise RunError(f"--seeds {','.join(map(str, config.seeds))}: each seed once")
     if config.fsdp and config.probe_conflict:
         raise RunError("--fsdp and --probe-conflict exclude each other: the probe needs unsharded gradients")
     if config.probe_conflict < 0:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from . import distributed, probe
 from .checkpointing import load_adapters, load_progress, save_checkpoint
 from .config import RunError, TrainConfig, check_config, config_dict
 from .methods import METHODS, Method, trainable_params
-from .metrics import average_accuracy, backward_transfer, metrics_json, retention
+from .metrics import metrics_json, retention, task_score_metrics
 from .report import LossBoard, results_markdown, write_plots
 from .schedule import cosine_lr
 
@@ -133,11 +133,8 @@ def method_results(model: nn.Module, workload: Workload, method: Method, name: s
                    output: Path) -> dict:
     """What metrics.json keeps of a finished method."""
     results = current["results"]
-    acc_matrix = [r["accs"] for r in results]
     return {
-        "acc_matrix": acc_matrix,
-        "avg_acc": average_accuracy(acc_matrix),
-        "bwt": backward_transfer(acc_matrix),
+        **task_score_metrics(results),
         "gen_acc": [r["gen_acc"] for r in results],
         "gen_retention": retention(results[-1]["gen_acc"], state["pretrained"]["gen_acc"]),
         "image_nll": [r["image_nll"] for r in results],
@@ -149,10 +146,16 @@ def method_results(model: nn.Module, workload: Workload, method: Method, name: s
     }
 
 
+def run_label(name: str, config: TrainConfig) -> str:
+    """How a method's run is named in logs and files: the method, and its seed when there are several."""
+    return name if len(config.run_seeds) == 1 else f"{name}-seed{config.seed}"
+
+
 def run_method(name: str, workload: Workload, config: TrainConfig, device: torch.device, output: Path, state: dict,
                progress: bool, board: LossBoard) -> None:
-    """Train the tasks of one method in order, continuing from `state["current"]` if it is this method."""
-    method = METHODS[name]
+    """Train the tasks of one method in order with ``config.seed``, continuing from
+    `state["current"]` if it is this method and seed; its results go to ``state["done"][name][seed]``."""
+    method, label = METHODS[name], run_label(name, config)
     checkpoint_path = output / "checkpoint"
     model = wrap(workload.build(method), config, device)
     if state["pretrained"] is None:
@@ -160,21 +163,22 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
         # model, as this run computes it (with --fsdp on GPUs its base in bf16).
         state["pretrained"] = workload.evaluate_pretrained(distributed.unwrap(model))
     current = state["current"]
-    if current is not None and current["method"] == name:
+    if current is not None and (current["method"], current["seed"]) == (name, config.seed):
         if current["step"] == 0:
             load_adapters(checkpoint_path, model)  # saved at a task boundary: adapters only
     else:
-        current = {"method": name, "task": 0, "step": 0, "results": [], "train_seconds": 0.0,
+        current = {"method": name, "seed": config.seed, "task": 0, "step": 0, "results": [], "train_seconds": 0.0,
                    "loss_history": {"ce": [], "kd": []}}
     for task_index in range(current["task"], len(workload.task_names)):
-        train_task(model, workload, method, name, config, task_index, current, state, checkpoint_path, device,
+        train_task(model, workload, method, label, config, task_index, current, state, checkpoint_path, device,
                    progress, board)
         current["results"].append(workload.evaluate(distributed.unwrap(model)))
-        board.add_evaluation(name, (task_index + 1) * config.steps_per_task, workload.task_names,
+        board.add_evaluation(label, (task_index + 1) * config.steps_per_task, workload.task_names,
                              current["results"][-1])
         current.update(task=task_index + 1, step=0)
         save_checkpoint(checkpoint_path, model, extra=state | {"current": current})
-    state["done"][name] = method_results(model, workload, method, name, current, state, output)
+    results = method_results(model, workload, method, label, current, state, output)
+    state["done"].setdefault(name, {})[str(config.seed)] = results
     state["current"] = None
     save_checkpoint(checkpoint_path, model, extra=state)
 
@@ -216,11 +220,14 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     if state is None:
         state = {"config": config_dict(config), "pretrained": None, "done": {}, "current": None}
     with LossBoard(output if config.report_to == "tensorboard" and distributed.is_main() else None) as board:
-        for name in config.methods:
-            if name not in state["done"]:
-                run_method(name, workload, config, device, output, state, progress, board)
+        for seed in config.run_seeds:  # every method of a seed, then the next seed: one seed's table comes first
+            seed_config = replace(config, seed=seed)
+            workload.config = seed_config  # the workload seeds the adapters' init and its sampling from it
+            for name in config.methods:
+                if str(seed) not in state["done"].get(name, {}):
+                    run_method(name, workload, seed_config, device, output, state, progress, board)
 
-    metrics = metrics_json(state, workload.name, workload.task_names)
+    metrics = metrics_json(state, workload.name, workload.task_names, config.run_seeds)
     distributed.atomic_write_json(output / "metrics.json", metrics)
     summary = workload.summary(state["pretrained"])
     distributed.atomic_write_text(output / "results.md", results_markdown(metrics, summary))

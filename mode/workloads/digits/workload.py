@@ -61,9 +61,9 @@ class DigitsWorkload:
         model = apply_method(model, method, self.config, self.spec, len(vocab), vocab.image_code_range)
         return model.to(self.device)
 
-    def _accuracy(self, model: nn.Module, task: digits.Task) -> float:
-        return digits_model.task_accuracy(model, self.pretrained.vocab, task, self.test.test_images,
-                                          self.test.test_labels, progress=self.progress)
+    def _scores(self, model: nn.Module, task: digits.Task) -> dict[str, float]:
+        return digits_model.task_scores(model, self.pretrained.vocab, task, self.test.test_images,
+                                        self.test.test_labels, progress=self.progress)
 
     def _generation(self, model: nn.Module) -> dict:
         generation = digits_model.GenerationConfig(self.config.gen_samples, self.config.gen_temperature,
@@ -77,11 +77,14 @@ class DigitsWorkload:
                                           self.config.seed).tolist()
 
     def evaluate(self, model: nn.Module) -> dict:
-        """Accuracy on every continual task and generation quality, on the first eval_size test images."""
-        return {"accs": [self._accuracy(model, task) for task in digits.CONTINUAL_TASKS], **self._generation(model)}
+        """Exact match, digit named right and answer NLL on every continual task, and generation
+        quality, on the first eval_size test images."""
+        scores = [self._scores(model, task) for task in digits.CONTINUAL_TASKS]
+        return {"accs": [s["acc"] for s in scores], "digit_accs": [s["digit_acc"] for s in scores],
+                "answer_nlls": [s["answer_nll"] for s in scores], **self._generation(model)}
 
     def evaluate_pretrained(self, model: nn.Module) -> dict:
-        return {**self._generation(model), "digit_acc": self._accuracy(model, digits.DIGIT),
+        return {**self._generation(model), "digit_acc": self._scores(model, digits.DIGIT)["acc"],
                 "classifier_acc": self.classifier.test_accuracy, "samples": self._samples(model)}
 
     def summary(self, pretrained: dict) -> str:
