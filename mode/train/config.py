@@ -49,6 +49,17 @@ class TrainConfig:
         "adapter dropout (0 for results equal to one process under torchrun)"))
     kd_lambda: float = field(default=0.3, metadata=field_metadata("weight of the KD term (methods with KD)"))
     kd_temperature: float = field(default=2.0, metadata=field_metadata("KD softmax temperature"))
+    kd_routing: str = field(default="tokens", metadata=field_metadata(
+        "MoDE's generation stream under KD: 'tokens' routes each token by its id (the caption to the text "
+        "experts, the image to the image expert); 'image' sends the whole stream to the image expert, as the "
+        "official code does (an ablation; methods without a modality split route everything alike)",
+        choices=("tokens", "image")))
+    replay_size: int = field(default=100, metadata=field_metadata("replay: buffered rows of each earlier task"))
+    replay_share: float = field(default=0.3, metadata=field_metadata(
+        "replay: share of each batch's rows drawn from the buffer (after the first task)"))
+    ewc_lambda: float = field(default=100.0, metadata=field_metadata("ewc: weight of the Fisher penalty"))
+    ewc_samples: int = field(default=100, metadata=field_metadata(
+        "ewc: training rows of a finished task whose gradients estimate its Fisher diagonal"))
     eval_size: int = field(default=200, metadata=field_metadata(
         "test images per evaluation (tasks and image NLL); --model: eval records per task and generation records"))
     gen_samples: int = field(default=GenerationConfig.samples_per_digit, metadata=field_metadata(
@@ -120,11 +131,18 @@ def check_config(config: TrainConfig) -> None:
         if given:
             raise RunError(f"{', '.join(given)} need(s) --model (the digits benchmark brings its own data)")
     for name in ("steps_per_task", "batch_size", "grad_accum", "eval_size", "rank", "checkpoint_every",
-                 "image_tokens", "gen_samples"):
+                 "image_tokens", "gen_samples", "replay_size", "ewc_samples"):
         if getattr(config, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} {getattr(config, name)}: expected an integer >= 1")
     if len(set(config.run_seeds)) != len(config.run_seeds):
         raise RunError(f"--seeds {','.join(map(str, config.seeds))}: each seed once")
+    if not 0.0 <= config.replay_share < 1.0:
+        raise RunError(f"--replay-share {config.replay_share}: expected a share in [0, 1)")
+    if config.ewc_lambda < 0:
+        raise RunError(f"--ewc-lambda {config.ewc_lambda}: expected a weight >= 0")
+    ewc = [m for m in config.methods if m in METHODS and METHODS[m].ewc]
+    if config.fsdp and ewc:
+        raise RunError(f"--fsdp and {ewc} exclude each other: the EWC penalty needs unsharded adapters")
     if config.fsdp and config.probe_conflict:
         raise RunError("--fsdp and --probe-conflict exclude each other: the probe needs unsharded gradients")
     if config.probe_conflict < 0:

@@ -16,12 +16,15 @@ from tqdm.auto import tqdm
 
 from ..constants import IGNORE_INDEX
 from ..kd import kd_loss, kd_positions
+from ..modality import IMAGE
 from ..workloads import Workload
 from . import distributed, probe
 from .checkpointing import load_adapters, load_progress, save_checkpoint
 from .config import RunError, TrainConfig, check_config, config_dict
+from .ewc import consolidate, ewc_penalty
 from .methods import METHODS, Method, trainable_params
 from .metrics import metrics_json, retention, task_score_metrics
+from .rehearsal import StepRows, step_rows
 from .report import LossBoard, results_markdown, write_plots
 from .schedule import cosine_lr
 
@@ -46,11 +49,12 @@ def draw_batch(rng: np.random.Generator, rows: list, collate: Callable[[list], d
     return distributed.to_device(distributed.shard_batch(collate([rows[i] for i in picked])), device)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload, task_rows: list,
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload, task_rows: StepRows,
                method: Method, config: TrainConfig, task_index: int, step: int, device: torch.device) -> dict:
     """One optimizer step (grad_accum micro-batches); data and dropout seeded by (seed, task, step).
     Returns the step's losses, means over its global batch: ``ce`` (the task's cross-entropy), ``kd``
-    (the distillation term before kd_lambda; None without KD) and ``loss`` (what was minimised)."""
+    (the distillation term before kd_lambda; None without KD) and ``loss`` (what was minimised, with
+    the EWC penalty of an EWC method)."""
     rng = np.random.default_rng(step_seed(config, task_index, step))
     torch.manual_seed(int(rng.integers(2**62)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -61,7 +65,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
         # DDP: all-reduce the gradients once, in the last micro-batch's backward
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         with model.no_sync() if ddp and not last else contextlib.nullcontext():
-            batch = draw_batch(rng, task_rows, workload.collate, config, device)
+            batch = task_rows.draw(rng, workload.collate, config, device)
             # right padding under a causal mask: no attention mask needed (pads carry no loss)
             with autocast:
                 out = model(input_ids=batch["input_ids"], labels=batch["labels"])
@@ -71,11 +75,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
                 ce = loss = distributed.global_mean(out.loss * targets, targets)
                 if method.kd:
                     kd_batch = draw_batch(rng, workload.generation_rows, workload.collate, config, device)
+                    if config.kd_routing == "image" and method.split_modality:
+                        kd_batch["modality_ids"] = torch.full_like(kd_batch["input_ids"], IMAGE)
                     # the teacher pass needs the Hugging Face model, not the DDP wrapper
                     kd_sum = kd_loss(distributed.unwrap(model), kd_batch, reduction="sum")
                     kd = distributed.global_mean(kd_sum, kd_positions(kd_batch).sum())
                     loss = loss + config.kd_lambda * kd
                     losses["kd"] += distributed.all_reduce_mean(kd.detach().clone()).item() / config.grad_accum
+                if method.ewc:
+                    loss = loss + ewc_penalty(model, config.ewc_lambda)  # the same on every process
             (loss / config.grad_accum).backward()
         losses["loss"] += distributed.all_reduce_mean(loss.detach().clone()).item() / config.grad_accum
         losses["ce"] += distributed.all_reduce_mean(ce.detach().clone()).item() / config.grad_accum
@@ -84,12 +92,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
     return losses
 
 
-def probe_step(model: nn.Module, workload: Workload, method: Method, config: TrainConfig, task_rows: list,
+def probe_step(model: nn.Module, workload: Workload, method: Method, config: TrainConfig, task_rows: StepRows,
                task_index: int, step: int, device: torch.device) -> dict:
     """The gradient-conflict cosines of this step, on batches from a stream of their own (the
     training draws stay as they are)."""
     rng = np.random.default_rng(step_seed(config, task_index, step) + [1])
-    task_batch = draw_batch(rng, task_rows, workload.collate, config, device)
+    task_batch = task_rows.draw(rng, workload.collate, config, device)
     generation_batch = draw_batch(rng, workload.generation_rows, workload.collate, config, device)
     # The real image spec: a text-only method's own spec matches no token.
     cosines = probe.conflict_cosines(model, task_batch, generation_batch, spec=workload.spec,
@@ -102,7 +110,7 @@ def train_task(model: nn.Module, workload: Workload, method: Method, name: str, 
                progress: bool, board: LossBoard) -> None:
     """Train task ``task_index`` from step ``current["step"]``, checkpointing every checkpoint_every steps;
     each step's losses go to ``current["loss_history"]`` (kept in the checkpoint) and ``board``."""
-    rows = workload.task_rows(task_index)
+    rows = step_rows(workload, method, config, task_index)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if current["step"]:
@@ -175,6 +183,9 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
         current["results"].append(workload.evaluate(distributed.unwrap(model)))
         board.add_evaluation(label, (task_index + 1) * config.steps_per_task, workload.task_names,
                              current["results"][-1])
+        if method.ewc:  # before the task-boundary checkpoint, which then carries the new penalty
+            consolidate(model, workload.task_rows(task_index), workload.collate, config.ewc_samples,
+                        [config.seed, task_index, 3])
         current.update(task=task_index + 1, step=0)
         save_checkpoint(checkpoint_path, model, extra=state | {"current": current})
     results = method_results(model, workload, method, label, current, state, output)
