@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from ..workloads.digits.data import TASK_DESIGNS
 from ..workloads.digits.model import GenerationConfig, PretrainConfig
 from .distributed import world_size
 from .methods import METHODS
@@ -68,6 +69,11 @@ class TrainConfig:
         "sampling temperature of generated images"))
     pretrain_steps: int = field(default=PretrainConfig.steps, metadata=field_metadata(
         "digits: pretraining steps of the cached model"))
+    pretrain_seed: int = field(default=PretrainConfig.seed, metadata=field_metadata(
+        "digits: seed of the cached model's pretraining"))
+    digits_tasks: str = field(default="shared", metadata=field_metadata(
+        "digits: the continual tasks' images: the same upright images for every task ('shared'), or each task "
+        "its own view of them ('domains': upright, inverted, transposed, thickened)", choices=tuple(TASK_DESIGNS)))
     checkpoint_every: int = field(default=20, metadata=field_metadata("steps between mid-task checkpoints"))
     model: str | None = field(default=None, metadata=field_metadata(
         "local Hugging Face checkpoint directory (instead of --benchmark digits)"))

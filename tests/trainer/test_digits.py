@@ -268,3 +268,23 @@ def test_decoding_works_on_a_mode_model(tiny):
             if "lora_B" in name:
                 p.normal_(std=0.5)
     assert dm.sample_images(model, vocab, labels, seed=3).shape == (2, 8, 8)
+
+
+def test_domains_design_shows_each_task_its_own_view_of_the_same_images(vocab):
+    data = digits.load_digits_split()
+    image, label = data.test_images[0], data.test_labels[0]
+    shared, domains = digits.TASK_DESIGNS["shared"], digits.TASK_DESIGNS["domains"]
+    assert [t.name for t in shared] == [t.name for t in domains] == [t.name for t in digits.CONTINUAL_TASKS]
+    images = [vocab.codes_to_image(digits.understanding_prompt(vocab, t, image)[-66:-2]) for t in domains]
+    np.testing.assert_array_equal(images[0], image)
+    np.testing.assert_array_equal(images[1], 16 - image)
+    np.testing.assert_array_equal(images[2], image.T)
+    assert (images[3] >= image).all() and images[3].sum() > image.sum()  # dilated strokes
+    assert len({im.tobytes() for im in images}) == 4
+    for task in shared:  # the shared design keeps every task's images upright
+        assert digits.understanding_example(vocab, task, image, label).prompt[-66:-2] == vocab.image_to_codes(image)
+    for task in domains:  # answers do not depend on the view
+        same = next(t for t in shared if t.name == task.name)
+        assert task.answer(image, label) == same.answer(image, label)
+        for x in data.test_images[:50]:
+            vocab.image_to_codes(task.view(x))  # valid gray levels
