@@ -73,7 +73,8 @@ class TrainConfig:
         "digits: seed of the cached model's pretraining"))
     digits_tasks: str = field(default="shared", metadata=field_metadata(
         "digits: the continual tasks' images: the same upright images for every task ('shared'), or each task "
-        "its own view of them ('domains': upright, inverted, transposed, thickened)", choices=tuple(TASK_DESIGNS)))
+        "its own view of them ('domains': upright, inverted, transposed, thickened; 'marked': upright with a bar "
+        "on the top, left, bottom, right border)", choices=tuple(TASK_DESIGNS)))
     checkpoint_every: int = field(default=20, metadata=field_metadata("steps between mid-task checkpoints"))
     model: str | None = field(default=None, metadata=field_metadata(
         "local Hugging Face checkpoint directory (instead of --benchmark digits)"))

@@ -283,7 +283,13 @@ def test_domains_design_shows_each_task_its_own_view_of_the_same_images(vocab):
     assert len({im.tobytes() for im in images}) == 4
     for task in shared:  # the shared design keeps every task's images upright
         assert digits.understanding_example(vocab, task, image, label).prompt[-66:-2] == vocab.image_to_codes(image)
-    for task in domains:  # answers do not depend on the view
+    marked = [t.view(image) for t in digits.TASK_DESIGNS["marked"]]
+    for view, border in zip(marked, ("top", "left", "bottom", "right")):
+        bar = digits.BORDERS[border]
+        assert (view[bar] == 16).all()
+        view[bar] = image[bar]
+        np.testing.assert_array_equal(view, image)  # the rest of the image untouched
+    for task in domains + digits.TASK_DESIGNS["marked"]:  # answers do not depend on the view
         same = next(t for t in shared if t.name == task.name)
         assert task.answer(image, label) == same.answer(image, label)
         for x in data.test_images[:50]:

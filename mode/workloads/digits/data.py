@@ -151,6 +151,20 @@ def thickened(image: np.ndarray) -> np.ndarray:
     return np.maximum.reduce([padded[:-1, :-1], padded[1:, :-1], padded[:-1, 1:], padded[1:, 1:]])
 
 
+BORDERS = {"top": (0, slice(None)), "left": (slice(None), 0), "bottom": (-1, slice(None)), "right": (slice(None), -1)}
+
+
+def barred(border: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A view: the upright image with one border line (top, left, bottom, right) at full ink;
+    load_digits' strokes seldom reach the border, so the digit stays as readable as upright."""
+    def view(image: np.ndarray) -> np.ndarray:
+        out = image.copy()
+        out[BORDERS[border]] = GRAY_LEVELS - 1
+        return out
+
+    return view
+
+
 @dataclass(frozen=True)
 class Task:
     """An understanding task: a fixed question about the image (shown in its ``view``) and its answer words."""
@@ -208,10 +222,13 @@ CONTINUAL_TASKS = (
 #            completely (answer-format collapse: the right digit in the last task's format)
 #   domains  each task shows its images its own way (upright, inverted, transposed, thickened), as
 #            real task sequences differ in their images: the task is visible in 64 of the prompt's tokens
+#   marked   upright images with a bar of full ink on one border per task (top, left, bottom, right):
+#            the task is visible in 8 image tokens, the digit as readable as in pretraining
 TASK_DESIGNS = {
     "shared": CONTINUAL_TASKS,
     "domains": tuple(replace(task, view=view)
                      for task, view in zip(CONTINUAL_TASKS, (upright, inverted, transposed, thickened))),
+    "marked": tuple(replace(task, view=barred(border)) for task, border in zip(CONTINUAL_TASKS, BORDERS)),
 }
 TASKS = {task.name: task for task in (DIGIT,) + CONTINUAL_TASKS}
 MAX_ANSWER_TOKENS = 7  # longest answer ("nine times two is one eight") + eos
