@@ -12,10 +12,12 @@ Every field of ``mode.train.config.TrainConfig`` is a flag (``--steps-per-task``
 
 Writes to the output directory (under torchrun: rank 0 only):
     config.json    the run's TrainConfig
-    metrics.json   acc matrix, avg_acc, bwt, gen_acc / image_nll after each task, per method
-                   (and the gradient-conflict cosines with --probe-conflict)
-    results.md     a table per method and a comparison table
-    *.png          accuracy matrices, generation quality after each task, generated digits
+    metrics.json   per method and seed (methods.NAME.per_seed): the matrices of exact match,
+                   answer NLL and (digits) digit named right, avg_acc, bwt, gen_acc / image_nll
+                   after each task (and the gradient-conflict cosines with --probe-conflict);
+                   methods.NAME.summary: [mean, standard error] over --seeds of the scalars
+    results.md     a comparison table (mean ± se with several seeds) and the matrices per method
+    *.png          score matrices, generation quality after each task, generated digits
                    (digits), conflict.png (--probe-conflict)
     images/        --gen-prompts: images/METHOD/PROMPT.image_tokens.json
     adapters/      adapters/METHOD/: each finished method's adapters (mode.save_adapter), loadable
@@ -39,8 +41,9 @@ import torch
 from . import distributed
 from .config import RunError, TrainConfig
 
-# Fields given as one comma-separated string on the command line (a list in a config file).
-_COMMA_SEPARATED = ("methods",)
+# Fields given as one comma-separated string on the command line (a list in a config file), and
+# the type of their items.
+_COMMA_SEPARATED = {"methods": str, "seeds": int}
 
 
 def _flag(name: str) -> str:
@@ -55,10 +58,10 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, defaul
                             help=help_text, **options)
         return
     if field.name in _COMMA_SEPARATED:
-        default = default if isinstance(default, str) else ",".join(default)
-        parser.add_argument(_flag(field.name), default=default, help=help_text,
-                            type=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
-                            **options)
+        item = _COMMA_SEPARATED[field.name]
+        default = default if isinstance(default, str) else ",".join(map(str, default))
+        parser.add_argument(_flag(field.name), default=default, help=help_text, type=lambda text: tuple(
+            item(part.strip()) for part in text.split(",") if part.strip()), **options)
         return
     if isinstance(field.default, tuple):  # nargs="*" in the field's metadata
         parser.add_argument(_flag(field.name), default=list(default), help=help_text, **options)
@@ -125,9 +128,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if values["benchmark"] is None and values["model"] is None:
         values["benchmark"] = TrainConfig.benchmark
-    for name in ("methods", "gen_prompts"):
+    for name, item in (("methods", str), ("seeds", int), ("gen_prompts", str)):
         value = values[name]
-        values[name] = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+        values[name] = tuple(map(item, value.split(",") if isinstance(value, str) else value))
     return TrainConfig(**values), args
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from ..workloads.digits.data import TASK_DESIGNS
 from ..workloads.digits.model import GenerationConfig, PretrainConfig
 from .distributed import world_size
 from .methods import METHODS
@@ -31,6 +32,9 @@ class TrainConfig:
     methods: tuple[str, ...] = field(default=("mode", "lora"), metadata=field_metadata(
         f"comma-separated, of: {', '.join(METHODS)}"))
     seed: int = field(default=0, metadata=field_metadata("adapter init, data order, dropout and sampling"))
+    seeds: tuple[int, ...] = field(default=(), metadata=field_metadata(
+        "comma-separated seeds (instead of --seed): every method runs once per seed on the same pretrained "
+        "model; metrics.json keeps each seed's results and their mean and standard error"))
     steps_per_task: int = field(default=60, metadata=field_metadata("optimizer steps per task"))
     batch_size: int = field(default=16, metadata=field_metadata("rows per micro-batch, over all processes"))
     grad_accum: int = field(default=1, metadata=field_metadata("micro-batches per optimizer step"))
@@ -49,6 +53,17 @@ class TrainConfig:
     kd_topk: int | None = field(default=None, metadata=field_metadata(
         "distil only the teacher's k most likely image codes, both distributions renormalised on them (the "
         "official MoDE code: 256); default: the whole image-code slice"))
+    kd_routing: str = field(default="tokens", metadata=field_metadata(
+        "MoDE's generation stream under KD: 'tokens' routes each token by its id (the caption to the text "
+        "experts, the image to the image expert); 'image' sends the whole stream to the image expert, as the "
+        "official code does (an ablation; methods without a modality split route everything alike)",
+        choices=("tokens", "image")))
+    replay_size: int = field(default=100, metadata=field_metadata("replay: buffered rows of each earlier task"))
+    replay_share: float = field(default=0.3, metadata=field_metadata(
+        "replay: share of each batch's rows drawn from the buffer (after the first task)"))
+    ewc_lambda: float = field(default=100.0, metadata=field_metadata("ewc: weight of the Fisher penalty"))
+    ewc_samples: int = field(default=100, metadata=field_metadata(
+        "ewc: training rows of a finished task whose gradients estimate its Fisher diagonal"))
     eval_size: int = field(default=200, metadata=field_metadata(
         "test images per evaluation (tasks and image NLL); --model: eval records per task and generation records"))
     gen_samples: int = field(default=GenerationConfig.samples_per_digit, metadata=field_metadata(
@@ -57,6 +72,12 @@ class TrainConfig:
         "sampling temperature of generated images"))
     pretrain_steps: int = field(default=PretrainConfig.steps, metadata=field_metadata(
         "digits: pretraining steps of the cached model"))
+    pretrain_seed: int = field(default=PretrainConfig.seed, metadata=field_metadata(
+        "digits: seed of the cached model's pretraining"))
+    digits_tasks: str = field(default="shared", metadata=field_metadata(
+        "digits: the continual tasks' images: the same upright images for every task ('shared'), or each task "
+        "its own view of them ('domains': upright, inverted, transposed, thickened; 'marked': upright with a bar "
+        "on the top, left, bottom, right border)", choices=tuple(TASK_DESIGNS)))
     checkpoint_every: int = field(default=20, metadata=field_metadata("steps between mid-task checkpoints"))
     model: str | None = field(default=None, metadata=field_metadata(
         "local Hugging Face checkpoint directory (instead of --benchmark digits)"))
@@ -92,10 +113,14 @@ class TrainConfig:
     report_to: str = field(default="none", metadata=field_metadata(
         "also log each step's losses and each evaluation to DIR/tensorboard", choices=("none", "tensorboard")))
 
-
     def __post_init__(self):
         if self.lr is None:
             self.lr = PAPER_LR if self.model is not None else DIGITS_LR
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds each method runs with: --seeds, else --seed."""
+        return tuple(self.seeds) or (self.seed,)
 
 
 def config_dict(config: TrainConfig) -> dict:
@@ -127,11 +152,20 @@ def check_config(config: TrainConfig) -> None:
         if given:
             raise RunError(f"{', '.join(given)} need(s) --model (the digits benchmark brings its own data)")
     for name in ("steps_per_task", "batch_size", "grad_accum", "eval_size", "rank", "checkpoint_every",
-                 "image_tokens", "gen_samples"):
+                 "image_tokens", "gen_samples", "replay_size", "ewc_samples"):
         if getattr(config, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} {getattr(config, name)}: expected an integer >= 1")
     if config.kd_topk is not None and config.kd_topk < 1:
         raise RunError(f"--kd-topk {config.kd_topk}: expected an integer >= 1")
+    if len(set(config.run_seeds)) != len(config.run_seeds):
+        raise RunError(f"--seeds {','.join(map(str, config.seeds))}: each seed once")
+    if not 0.0 <= config.replay_share < 1.0:
+        raise RunError(f"--replay-share {config.replay_share}: expected a share in [0, 1)")
+    if config.ewc_lambda < 0:
+        raise RunError(f"--ewc-lambda {config.ewc_lambda}: expected a weight >= 0")
+    ewc = [m for m in config.methods if m in METHODS and METHODS[m].ewc]
+    if config.fsdp and ewc:
+        raise RunError(f"--fsdp and {ewc} exclude each other: the EWC penalty needs unsharded adapters")
     if config.fsdp and config.probe_conflict:
         raise RunError("--fsdp and --probe-conflict exclude each other: the probe needs unsharded gradients")
     if config.probe_conflict < 0:

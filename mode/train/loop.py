@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +16,16 @@ from tqdm.auto import tqdm
 
 from ..constants import IGNORE_INDEX
 from ..kd import kd_loss, kd_positions
+from ..modality import IMAGE
 from ..workloads import Workload
 from . import distributed, probe
 from .adapters import export_adapters
 from .checkpointing import load_adapters, load_progress, save_checkpoint
 from .config import RunError, TrainConfig, check_config, config_dict
+from .ewc import consolidate, ewc_penalty
 from .methods import METHODS, Method, trainable_params
-from .metrics import average_accuracy, backward_transfer, metrics_json, retention
+from .metrics import metrics_json, retention, task_score_metrics
+from .rehearsal import StepRows, step_rows
 from .report import LossBoard, results_markdown, write_plots
 from .schedule import cosine_lr
 
@@ -47,11 +50,12 @@ def draw_batch(rng: np.random.Generator, rows: list, collate: Callable[[list], d
     return distributed.to_device(distributed.shard_batch(collate([rows[i] for i in picked])), device)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload, task_rows: list,
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload, task_rows: StepRows,
                method: Method, config: TrainConfig, task_index: int, step: int, device: torch.device) -> dict:
     """One optimizer step (grad_accum micro-batches); data and dropout seeded by (seed, task, step).
     Returns the step's losses, means over its global batch: ``ce`` (the task's cross-entropy), ``kd``
-    (the distillation term before kd_lambda; None without KD) and ``loss`` (what was minimised)."""
+    (the distillation term before kd_lambda; None without KD) and ``loss`` (what was minimised, with
+    the EWC penalty of an EWC method)."""
     rng = np.random.default_rng(step_seed(config, task_index, step))
     torch.manual_seed(int(rng.integers(2**62)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -62,7 +66,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
         # DDP: all-reduce the gradients once, in the last micro-batch's backward
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         with model.no_sync() if ddp and not last else contextlib.nullcontext():
-            batch = draw_batch(rng, task_rows, workload.collate, config, device)
+            batch = task_rows.draw(rng, workload.collate, config, device)
             # right padding under a causal mask: no attention mask needed (pads carry no loss)
             with autocast:
                 out = model(input_ids=batch["input_ids"], labels=batch["labels"])
@@ -72,11 +76,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
                 ce = loss = distributed.global_mean(out.loss * targets, targets)
                 if method.kd:
                     kd_batch = draw_batch(rng, workload.generation_rows, workload.collate, config, device)
+                    if config.kd_routing == "image" and method.split_modality:
+                        kd_batch["modality_ids"] = torch.full_like(kd_batch["input_ids"], IMAGE)
                     # the teacher pass needs the Hugging Face model, not the DDP wrapper
                     kd_sum = kd_loss(distributed.unwrap(model), kd_batch, topk=config.kd_topk, reduction="sum")
                     kd = distributed.global_mean(kd_sum, kd_positions(kd_batch).sum())
                     loss = loss + config.kd_lambda * kd
                     losses["kd"] += distributed.all_reduce_mean(kd.detach().clone()).item() / config.grad_accum
+                if method.ewc:
+                    loss = loss + ewc_penalty(model, config.ewc_lambda)  # the same on every process
             (loss / config.grad_accum).backward()
         losses["loss"] += distributed.all_reduce_mean(loss.detach().clone()).item() / config.grad_accum
         losses["ce"] += distributed.all_reduce_mean(ce.detach().clone()).item() / config.grad_accum
@@ -85,12 +93,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
     return losses
 
 
-def probe_step(model: nn.Module, workload: Workload, method: Method, config: TrainConfig, task_rows: list,
+def probe_step(model: nn.Module, workload: Workload, method: Method, config: TrainConfig, task_rows: StepRows,
                task_index: int, step: int, device: torch.device) -> dict:
     """The gradient-conflict cosines of this step, on batches from a stream of their own (the
     training draws stay as they are)."""
     rng = np.random.default_rng(step_seed(config, task_index, step) + [1])
-    task_batch = draw_batch(rng, task_rows, workload.collate, config, device)
+    task_batch = task_rows.draw(rng, workload.collate, config, device)
     generation_batch = draw_batch(rng, workload.generation_rows, workload.collate, config, device)
     # The real image spec: a text-only method's own spec matches no token.
     cosines = probe.conflict_cosines(model, task_batch, generation_batch, spec=workload.spec,
@@ -103,7 +111,7 @@ def train_task(model: nn.Module, workload: Workload, method: Method, name: str, 
                progress: bool, board: LossBoard) -> None:
     """Train task ``task_index`` from step ``current["step"]``, checkpointing every checkpoint_every steps;
     each step's losses go to ``current["loss_history"]`` (kept in the checkpoint) and ``board``."""
-    rows = workload.task_rows(task_index)
+    rows = step_rows(workload, method, config, task_index)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if current["step"]:
@@ -134,11 +142,8 @@ def method_results(model: nn.Module, workload: Workload, method: Method, name: s
                    output: Path) -> dict:
     """What metrics.json keeps of a finished method."""
     results = current["results"]
-    acc_matrix = [r["accs"] for r in results]
     return {
-        "acc_matrix": acc_matrix,
-        "avg_acc": average_accuracy(acc_matrix),
-        "bwt": backward_transfer(acc_matrix),
+        **task_score_metrics(results),
         "gen_acc": [r["gen_acc"] for r in results],
         "gen_retention": retention(results[-1]["gen_acc"], state["pretrained"]["gen_acc"]),
         "image_nll": [r["image_nll"] for r in results],
@@ -150,10 +155,16 @@ def method_results(model: nn.Module, workload: Workload, method: Method, name: s
     }
 
 
+def run_label(name: str, config: TrainConfig) -> str:
+    """How a method's run is named in logs and files: the method, and its seed when there are several."""
+    return name if len(config.run_seeds) == 1 else f"{name}-seed{config.seed}"
+
+
 def run_method(name: str, workload: Workload, config: TrainConfig, device: torch.device, output: Path, state: dict,
                progress: bool, board: LossBoard) -> None:
-    """Train the tasks of one method in order, continuing from `state["current"]` if it is this method."""
-    method = METHODS[name]
+    """Train the tasks of one method in order with ``config.seed``, continuing from
+    `state["current"]` if it is this method and seed; its results go to ``state["done"][name][seed]``."""
+    method, label = METHODS[name], run_label(name, config)
     checkpoint_path = output / "checkpoint"
     model = wrap(workload.build(method), config, device)
     if state["pretrained"] is None:
@@ -161,22 +172,26 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
         # model, as this run computes it (with --fsdp on GPUs its base in bf16).
         state["pretrained"] = workload.evaluate_pretrained(distributed.unwrap(model))
     current = state["current"]
-    if current is not None and current["method"] == name:
+    if current is not None and (current["method"], current["seed"]) == (name, config.seed):
         if current["step"] == 0:
             load_adapters(checkpoint_path, model)  # saved at a task boundary: adapters only
     else:
-        current = {"method": name, "task": 0, "step": 0, "results": [], "train_seconds": 0.0,
+        current = {"method": name, "seed": config.seed, "task": 0, "step": 0, "results": [], "train_seconds": 0.0,
                    "loss_history": {"ce": [], "kd": []}}
     for task_index in range(current["task"], len(workload.task_names)):
-        train_task(model, workload, method, name, config, task_index, current, state, checkpoint_path, device,
+        train_task(model, workload, method, label, config, task_index, current, state, checkpoint_path, device,
                    progress, board)
         current["results"].append(workload.evaluate(distributed.unwrap(model)))
-        board.add_evaluation(name, (task_index + 1) * config.steps_per_task, workload.task_names,
+        board.add_evaluation(label, (task_index + 1) * config.steps_per_task, workload.task_names,
                              current["results"][-1])
+        if method.ewc:  # before the task-boundary checkpoint, which then carries the new penalty
+            consolidate(model, workload.task_rows(task_index), workload.collate, config.ewc_samples,
+                        [config.seed, task_index, 3])
         current.update(task=task_index + 1, step=0)
         save_checkpoint(checkpoint_path, model, extra=state | {"current": current})
-    state["done"][name] = method_results(model, workload, method, name, current, state, output)
-    state["done"][name]["adapters"] = str(export_adapters(model, output, name).relative_to(output))
+    results = method_results(model, workload, method, label, current, state, output)
+    results["adapters"] = str(export_adapters(model, output, label).relative_to(output))
+    state["done"].setdefault(name, {})[str(config.seed)] = results
     state["current"] = None
     save_checkpoint(checkpoint_path, model, extra=state)
 
@@ -218,11 +233,14 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     if state is None:
         state = {"config": config_dict(config), "pretrained": None, "done": {}, "current": None}
     with LossBoard(output if config.report_to == "tensorboard" and distributed.is_main() else None) as board:
-        for name in config.methods:
-            if name not in state["done"]:
-                run_method(name, workload, config, device, output, state, progress, board)
+        for seed in config.run_seeds:  # every method of a seed, then the next seed: one seed's table comes first
+            seed_config = replace(config, seed=seed)
+            workload.config = seed_config  # the workload seeds the adapters' init and its sampling from it
+            for name in config.methods:
+                if str(seed) not in state["done"].get(name, {}):
+                    run_method(name, workload, seed_config, device, output, state, progress, board)
 
-    metrics = metrics_json(state, workload.name, workload.task_names)
+    metrics = metrics_json(state, workload.name, workload.task_names, config.run_seeds)
     distributed.atomic_write_json(output / "metrics.json", metrics)
     summary = workload.summary(state["pretrained"])
     distributed.atomic_write_text(output / "results.md", results_markdown(metrics, summary))

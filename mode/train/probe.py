@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from ..constants import IGNORE_INDEX
-from ..hf.models import decoder_of, hf_model
 from ..modality import IMAGE, ModalitySpec
 from ..model import routed_layers, routing_state
+from ..workloads.scoring import target_logits
 from . import distributed
 
 MODALITY_GROUPS = ("text_experts", "image_expert")  # group of the experts of modality 0, 1
@@ -73,14 +73,10 @@ def adapter_groups(model: nn.Module, shared: bool = False) -> Groups:
 def next_token_ce(model: nn.Module, batch: Mapping[str, Tensor], targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy over the positions whose *next* token is selected by
     ``targets`` (bool [B, T], aligned with input_ids), normalised over the global batch under
-    DDP. Logits come from the decoder and the head weight on those positions only: no full
-    [B, T, vocab] logits, and no model-specific logit masking (Chameleon masks image codes)."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "modality_ids") if batch.get(k) is not None}
-    hidden = decoder_of(model)(**inputs, use_cache=False)[0]
-    selected = targets[:, 1:]
-    logits = hf_model(model).get_output_embeddings()(hidden[:, :-1][selected]).float()
-    loss_sum = torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][selected], reduction="sum")
-    return distributed.global_mean(loss_sum, selected.sum())
+    DDP (logits as ``mode.workloads.scoring.target_logits`` computes them)."""
+    logits, target_ids = target_logits(model, batch, targets)
+    loss_sum = torch.nn.functional.cross_entropy(logits, target_ids, reduction="sum")
+    return distributed.global_mean(loss_sum, target_ids.numel())
 
 
 def scored(batch: Mapping[str, Tensor]) -> Tensor:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..modality import ModalitySpec
 
 if TYPE_CHECKING:
+    from ..train.config import TrainConfig
     from ..train.methods import Method
 
 
@@ -20,6 +21,9 @@ class Workload(Protocol):
     with the same seeds; rank 0 records them.
     """
 
+    config: TrainConfig
+    """The run's config; for each seed of --seeds the trainer sets it to a copy with that ``seed``,
+    which seeds the adapters' init (``build``) and the workload's sampling."""
     name: str
     """Shown in results.md and metrics.json: the benchmark's or the checkpoint's name."""
     task_names: list[str]
@@ -39,8 +43,10 @@ class Workload(Protocol):
         """A fresh copy of the pretrained model with the method's adapters, on the run's device."""
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """After a task: ``accs`` (one accuracy per task, in order), ``gen_acc`` and ``image_nll``
-        (None where the workload has no such score)."""
+        """After a task: ``accs`` (exact match per task, in order), ``answer_nlls`` (teacher-forced
+        NLL of the answers per task, nats per token; ``mode.workloads.scoring.answer_nll``),
+        optionally ``digit_accs`` (digits: the answer's first word names the digit), ``gen_acc``
+        and ``image_nll`` (None where the workload has no such score)."""
 
     def evaluate_pretrained(self, model: nn.Module) -> dict[str, Any]:
         """The model before any task: at least ``gen_acc`` and ``image_nll``."""

@@ -202,20 +202,28 @@ def test_greedy_decode_matches_full_forward(tiny):
     assert torch.equal(new, expected)
 
 
-def test_task_accuracy_scores_exact_match(tiny, monkeypatch):
+def test_task_scores_exact_match_digit_named_and_teacher_forced_answer_nll(tiny, monkeypatch):
     vocab, data = tiny.vocab, tiny.data
     images, labels = data.test_images[:6], data.test_labels[:6]
-    # replace decoding by the right answers for even rows and a wrong one for odd rows
     task = digits.CONTINUAL_TASKS[2]
-    targets = [digits.understanding_example(vocab, task, x, y).target for x, y in zip(images, labels)]
+    examples = [digits.understanding_example(vocab, task, x, y) for x, y in zip(images, labels)]
+    targets = [e.target for e in examples]
+    # the gold NLL: the model's own full-vocabulary logits, one example at a time
+    with torch.no_grad():
+        nlls = [torch.nn.functional.cross_entropy(
+            tiny.model(input_ids=torch.tensor([e.prompt + e.target])).logits[0, len(e.prompt) - 1:-1],
+            torch.tensor(e.target), reduction="sum").item() for e in examples]
 
+    # decoding replaced: rows 0, 3: right; rows 1, 4: the right digit in a wrong format; rows 2, 5: wrong
     def fake_decode(model, prompts, max_new_tokens, eos_id):
-        rows = [t + [eos_id] * (max_new_tokens - len(t)) if i % 2 == 0 else [vocab.sep] * max_new_tokens
-                for i, t in enumerate(targets)]
-        return torch.tensor(rows)
+        answers = {tuple(e.prompt): (e.target if i % 3 == 0 else e.target[:1] + [vocab.sep] if i % 3 == 1
+                                     else [vocab.sep]) + [eos_id] * max_new_tokens for i, e in enumerate(examples)}
+        return torch.tensor([answers[tuple(p)][:max_new_tokens] for p in prompts.tolist()])
 
     monkeypatch.setattr(dm, "greedy_decode", fake_decode)
-    assert dm.task_accuracy(tiny.model, vocab, digits.CONTINUAL_TASKS[2], images, labels) == 0.5
+    scores = dm.task_scores(tiny.model, vocab, task, images, labels, batch_size=4)
+    assert scores["acc"] == pytest.approx(2 / 6) and scores["digit_acc"] == pytest.approx(4 / 6)
+    assert scores["answer_nll"] == pytest.approx(sum(nlls) / sum(len(t) for t in targets), rel=1e-5)
 
 
 def test_sampled_images_are_valid_and_seeded(tiny):
@@ -260,3 +268,29 @@ def test_decoding_works_on_a_mode_model(tiny):
             if "lora_B" in name:
                 p.normal_(std=0.5)
     assert dm.sample_images(model, vocab, labels, seed=3).shape == (2, 8, 8)
+
+
+def test_domains_design_shows_each_task_its_own_view_of_the_same_images(vocab):
+    data = digits.load_digits_split()
+    image, label = data.test_images[0], data.test_labels[0]
+    shared, domains = digits.TASK_DESIGNS["shared"], digits.TASK_DESIGNS["domains"]
+    assert [t.name for t in shared] == [t.name for t in domains] == [t.name for t in digits.CONTINUAL_TASKS]
+    images = [vocab.codes_to_image(digits.understanding_prompt(vocab, t, image)[-66:-2]) for t in domains]
+    np.testing.assert_array_equal(images[0], image)
+    np.testing.assert_array_equal(images[1], 16 - image)
+    np.testing.assert_array_equal(images[2], image.T)
+    assert (images[3] >= image).all() and images[3].sum() > image.sum()  # dilated strokes
+    assert len({im.tobytes() for im in images}) == 4
+    for task in shared:  # the shared design keeps every task's images upright
+        assert digits.understanding_example(vocab, task, image, label).prompt[-66:-2] == vocab.image_to_codes(image)
+    marked = [t.view(image) for t in digits.TASK_DESIGNS["marked"]]
+    for view, border in zip(marked, ("top", "left", "bottom", "right")):
+        bar = digits.BORDERS[border]
+        assert (view[bar] == 16).all()
+        view[bar] = image[bar]
+        np.testing.assert_array_equal(view, image)  # the rest of the image untouched
+    for task in domains + digits.TASK_DESIGNS["marked"]:  # answers do not depend on the view
+        same = next(t for t in shared if t.name == task.name)
+        assert task.answer(image, label) == same.answer(image, label)
+        for x in data.test_images[:50]:
+            vocab.image_to_codes(task.view(x))  # valid gray levels

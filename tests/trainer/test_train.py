@@ -77,38 +77,71 @@ def reference_run(tmp_path_factory, cache_dir):
     return output
 
 
+RUN_KEYS = {"seed", "acc_matrix", "avg_acc", "bwt", "digit_acc_matrix", "avg_digit_acc", "digit_bwt",
+            "answer_nll_matrix", "avg_answer_nll", "answer_nll_bwt", "gen_acc", "gen_retention", "image_nll",
+            "train_seconds", "trainable_params", "loss_history", "adapters"}
+
+
 def test_smoke_run_writes_metrics_tables_and_plots(reference_run):
     metrics = json.loads((reference_run / "metrics.json").read_text())
-    assert metrics["benchmark"] == "digits"
+    assert metrics["benchmark"] == "digits" and metrics["seeds"] == [0]
     tasks = [task.name for task in digits.CONTINUAL_TASKS]
     assert metrics["tasks"] == tasks
     assert set(metrics["pretrained"]) == {"gen_acc", "image_nll"}
     assert list(metrics["methods"]) == ["mode", "lora"]
-    for m in metrics["methods"].values():
-        assert set(m) == {"acc_matrix", "avg_acc", "bwt", "gen_acc", "gen_retention", "image_nll",
-                          "train_seconds", "trainable_params", "loss_history", "adapters"}
+    for method in metrics["methods"].values():
+        [m] = method["per_seed"]
+        assert set(m) == RUN_KEYS and m["seed"] == 0
         history = m["loss_history"]
         assert len(history["ce"]) == len(history["kd"]) == 4 * len(tasks)  # --steps-per-task 4
         assert all(isinstance(v, float) and v > 0 for v in history["ce"])
-        assert len(m["acc_matrix"]) == len(tasks) and all(len(row) == len(tasks) for row in m["acc_matrix"])
+        for key in ("acc_matrix", "digit_acc_matrix", "answer_nll_matrix"):
+            assert len(m[key]) == len(tasks) and all(len(row) == len(tasks) for row in m[key]), key
+        assert all(0 <= a <= d <= 1 for r, dr in zip(m["acc_matrix"], m["digit_acc_matrix"]) for a, d in zip(r, dr))
+        assert all(v > 0 for row in m["answer_nll_matrix"] for v in row)
         assert len(m["gen_acc"]) == len(m["image_nll"]) == len(tasks)
         assert isinstance(m["trainable_params"], int) and m["train_seconds"] > 0
         assert m["avg_acc"] == pytest.approx(average_accuracy(m["acc_matrix"]))
+        assert m["answer_nll_bwt"] == pytest.approx(backward_transfer(m["answer_nll_matrix"]))
+        # one seed: the summary is each value with no standard error
+        assert method["summary"]["avg_acc"] == [m["avg_acc"], None]
+        assert method["summary"]["gen_acc_last"] == [m["gen_acc"][-1], None]
     # every method's adapters survive the run (the checkpoint holds the last method's only)
     assert all((reference_run / "adapters" / name / "adapter_config.json").is_file() for name in ("mode", "lora"))
     results = (reference_run / "results.md").read_text()
-    assert "| mode |" in results and "| lora |" in results
-    kd = {name: m["loss_history"]["kd"] for name, m in metrics["methods"].items()}
+    assert "| mode |" in results and "| lora |" in results and "answer NLL" in results and "±" not in results
+    kd = {name: m["per_seed"][0]["loss_history"]["kd"] for name, m in metrics["methods"].items()}
     # a KL divergence, >= 0 up to rounding (at the first step the student is the teacher: 0)
     assert all(isinstance(v, float) and v > -1e-6 for v in kd["mode"]) and set(kd["lora"]) == {None}
     for png in ("acc_matrix_mode.png", "acc_matrix_lora.png", "gen_acc.png", "generated_digits.png", "loss.png"):
         assert (reference_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_seeds_run_every_method_per_seed_and_summarise_mean_and_standard_error(tmp_path, cache_dir, reference_run):
+    done = _run_cli(tmp_path, cache_dir, "--methods", "lora", "--seeds", "0,1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1]
+    lora = metrics["methods"]["lora"]
+    assert [m["seed"] for m in lora["per_seed"]] == [0, 1]
+    # seed 0 of --seeds is the run of --seed 0 (the pretrained model is scored with the first seed)
+    seed0 = {k: v for k, v in lora["per_seed"][0].items() if k != "train_seconds"}
+    reference = _without_timing(reference_run / "metrics.json")["methods"]["lora"]["per_seed"][0]
+    assert seed0 == reference
+    values = [m["bwt"] for m in lora["per_seed"]]
+    mean, se = lora["summary"]["bwt"]
+    assert mean == pytest.approx(sum(values) / 2)
+    assert se == pytest.approx(abs(values[0] - values[1]) / 2)  # sample std / sqrt(2) of two values
+    assert set(lora["summary"]) >= {"avg_acc", "bwt", "gen_retention", "avg_digit_acc", "avg_answer_nll"}
+    assert "± " in (tmp_path / "results.md").read_text()
+
+
 def _without_timing(path):
     metrics = json.loads(path.read_text())
-    for m in metrics["methods"].values():
-        m.pop("train_seconds")
+    for method in metrics["methods"].values():
+        method["summary"].pop("train_seconds")
+        for m in method["per_seed"]:
+            m.pop("train_seconds")
     return metrics
 
 
@@ -151,8 +184,8 @@ def test_gradient_checkpointing_changes_no_result(tmp_path, cache_dir, reference
                                 "--methods", "mode,lora", "--gradient-checkpointing"])
     loop.run(config, tmp_path, cache_dir=cache_dir, progress=False)
     metrics, reference = _without_timing(tmp_path / "metrics.json"), _without_timing(reference_run / "metrics.json")
-    for name, m in metrics["methods"].items():
-        ref = reference["methods"][name]
+    for name, method in metrics["methods"].items():
+        [m], [ref] = method["per_seed"], reference["methods"][name]["per_seed"]
         assert m["acc_matrix"] == ref["acc_matrix"] and m["gen_acc"] == ref["gen_acc"], name
         assert m["image_nll"] == pytest.approx(ref["image_nll"], rel=1e-5), name
         assert m["loss_history"]["ce"] == pytest.approx(ref["loss_history"]["ce"], rel=1e-5), name
@@ -163,7 +196,7 @@ def test_conflict_probe_is_logged_and_plotted_and_changes_no_result(tmp_path, ca
                                   "--methods", "mode,lora", "--probe-conflict", "2"])
     loop.run(config, tmp_path, cache_dir=cache_dir, progress=False)
     metrics = _without_timing(tmp_path / "metrics.json")
-    conflict = {name: m.pop("conflict") for name, m in metrics["methods"].items()}
+    conflict = {name: m["per_seed"][0].pop("conflict") for name, m in metrics["methods"].items()}
     assert metrics == _without_timing(reference_run / "metrics.json")  # the probe changes no training result
     groups = {"mode": {"text_experts", "image_expert", "total"}, "lora": {"shared", "total"}}
     for name, entries in conflict.items():
@@ -246,4 +279,5 @@ def test_kd_topk_reaches_the_distillation_loss(tmp_path, cache_dir, monkeypatch)
                                 "--methods", "mode", "--kd-topk", "3"])
     metrics = loop.run(config, tmp_path, cache_dir=cache_dir, progress=False)
     assert seen and set(seen) == {3}
-    assert all(v > -1e-6 for v in metrics["methods"]["mode"]["loss_history"]["kd"])  # a KL, up to rounding
+    [run] = metrics["methods"]["mode"]["per_seed"]
+    assert all(v > -1e-6 for v in run["loss_history"]["kd"])  # a KL, up to rounding

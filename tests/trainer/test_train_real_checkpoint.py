@@ -84,9 +84,12 @@ def test_llama_run_scores_every_task_file_and_draws_the_prompts(tmp_path, llama_
     metrics = run(argv)
     assert metrics["tasks"] == ["a", "b"]  # one task per file, in file order
     assert metrics["pretrained"]["gen_acc"] is None and metrics["pretrained"]["image_nll"] > 0
-    for name, m in metrics["methods"].items():
+    for name, method in metrics["methods"].items():
+        m = method["per_seed"][0]
         assert len(m["acc_matrix"]) == 2 and all(len(row) == 2 for row in m["acc_matrix"])
         assert all(0.0 <= a <= 1.0 for row in m["acc_matrix"] for a in row)
+        assert len(m["answer_nll_matrix"]) == 2 and all(v > 0 for row in m["answer_nll_matrix"] for v in row)
+        assert "digit_acc_matrix" not in m
         assert m["gen_acc"] == [None, None] and m["gen_retention"] is None
         assert len(m["image_nll"]) == 2 and all(nll > 0 for nll in m["image_nll"])
         drawn = json.loads((output / "images" / name / "cat.image_tokens.json").read_text())
@@ -117,7 +120,7 @@ def test_chameleon_run(tmp_path):
     metrics = run(["--output", str(tmp_path / "out"), "--model", str(model_dir), "--modality", "chameleon",
                    "--data", str(data), "--gen-data", str(gen), "--methods", "mode", *TINY])
     assert metrics["tasks"] == ["vqa", "caption"]  # tasks by the "task" field, in first-record order
-    assert len(metrics["methods"]["mode"]["acc_matrix"]) == 2
+    assert len(metrics["methods"]["mode"]["per_seed"][0]["acc_matrix"]) == 2
 
 
 @pytest.mark.parametrize("record, reason", [

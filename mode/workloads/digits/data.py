@@ -22,7 +22,7 @@ The pretrained model and the evaluation functions are in `mode.digits_model`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -130,12 +130,48 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> DigitsData:
 
 # ----------------------------------------------------------------------------- tasks
 
+def upright(image: np.ndarray) -> np.ndarray:
+    """The image as load_digits has it: the only view pretraining shows."""
+    return image
+
+
+def inverted(image: np.ndarray) -> np.ndarray:
+    """Light strokes on a dark ground: every gray level g becomes 16 - g."""
+    return (GRAY_LEVELS - 1) - image
+
+
+def transposed(image: np.ndarray) -> np.ndarray:
+    """Mirrored across the main diagonal (a quarter turn and a flip)."""
+    return image.T.copy()
+
+
+def thickened(image: np.ndarray) -> np.ndarray:
+    """Strokes dilated by a 2x2 maximum filter."""
+    padded = np.pad(image, ((0, 1), (0, 1)))
+    return np.maximum.reduce([padded[:-1, :-1], padded[1:, :-1], padded[:-1, 1:], padded[1:, 1:]])
+
+
+BORDERS = {"top": (0, slice(None)), "left": (slice(None), 0), "bottom": (-1, slice(None)), "right": (slice(None), -1)}
+
+
+def barred(border: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A view: the upright image with one border line (top, left, bottom, right) at full ink;
+    load_digits' strokes seldom reach the border, so the digit stays as readable as upright."""
+    def view(image: np.ndarray) -> np.ndarray:
+        out = image.copy()
+        out[BORDERS[border]] = GRAY_LEVELS - 1
+        return out
+
+    return view
+
+
 @dataclass(frozen=True)
 class Task:
-    """An understanding task: a fixed question about the image and its answer words."""
+    """An understanding task: a fixed question about the image (shown in its ``view``) and its answer words."""
     name: str
     question: tuple[str, ...]
     answer: Callable[[np.ndarray, int], tuple[str, ...]]  # (image [8, 8], digit label) -> words
+    view: Callable[[np.ndarray], np.ndarray] = upright  # how the task shows its images
 
 
 def _digit_name(image, label):
@@ -179,6 +215,21 @@ CONTINUAL_TASKS = (
     Task("plus_one", ("what", "is", "this", "digit", "plus", "one", "?"), _plus_one),
     Task("times_two", ("what", "is", "this", "digit", "times", "two", "?"), _times_two),
 )
+# The continual tasks of each benchmark design (--digits-tasks):
+#   shared   every task on the same upright images: a task is told apart by its question alone,
+#            which comes 66 tokens before the answer; the attention, frozen, never had to read it
+#            in pretraining (one question), and every sequential method forgot each earlier task
+#            completely (answer-format collapse: the right digit in the last task's format)
+#   domains  each task shows its images its own way (upright, inverted, transposed, thickened), as
+#            real task sequences differ in their images: the task is visible in 64 of the prompt's tokens
+#   marked   upright images with a bar of full ink on one border per task (top, left, bottom, right):
+#            the task is visible in 8 image tokens, the digit as readable as in pretraining
+TASK_DESIGNS = {
+    "shared": CONTINUAL_TASKS,
+    "domains": tuple(replace(task, view=view)
+                     for task, view in zip(CONTINUAL_TASKS, (upright, inverted, transposed, thickened))),
+    "marked": tuple(replace(task, view=barred(border)) for task, border in zip(CONTINUAL_TASKS, BORDERS)),
+}
 TASKS = {task.name: task for task in (DIGIT,) + CONTINUAL_TASKS}
 MAX_ANSWER_TOKENS = 7  # longest answer ("nine times two is one eight") + eos
 
@@ -200,7 +251,7 @@ class Example:
 def understanding_prompt(vocab: DigitsVocab, task: Task, image: np.ndarray) -> list[int]:
     # The question comes first, so the positions that read the image and answer end every prompt
     # in the same way (<eoi> sep): what pretraining learnt there carries over to new questions.
-    return [vocab.bos] + vocab.encode_words(task.question) + vocab.encode_image(image) + [vocab.sep]
+    return [vocab.bos] + vocab.encode_words(task.question) + vocab.encode_image(task.view(image)) + [vocab.sep]
 
 
 def understanding_example(vocab: DigitsVocab, task: Task, image: np.ndarray, label: int) -> Example:

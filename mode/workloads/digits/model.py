@@ -8,7 +8,8 @@ A tiny random-init Llama (`LlamaForCausalLM`) is trained on CPU on both modaliti
 
 Evaluation, all batched with a KV cache and calling the model with `input_ids` only (so it
 works unchanged once MoDE layers are applied: they derive each token's modality from its id):
-- `task_accuracy`: exact match of the greedy answer of an understanding task.
+- `task_scores`: exact match of the greedy answer of an understanding task, whether its first word
+  names the digit, and the teacher-forced NLL of the answer.
 - `sample_images`: images drawn from "draw a <digit>", with sampling restricted to the
   image codes for the 64 pixels (logits outside the code range are masked), so every
   sample decodes to an image.
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ...hf.models import continue_sequences, model_device
 from ...train.schedule import cosine_lr
+from ..scoring import answer_nll
 from . import data as digits
 from .data import DigitsData, DigitsVocab, Task
 
@@ -248,21 +250,29 @@ def _batches(n: int, batch_size: int):
         yield slice(start, min(n, start + batch_size))
 
 
-def task_accuracy(model: nn.Module, vocab: DigitsVocab, task: Task, images: np.ndarray, labels: np.ndarray,
-                  batch_size: int = 512, progress: bool = False) -> float:
-    """Exact-match accuracy of the greedy answer (answer words followed by eos)."""
+def task_scores(model: nn.Module, vocab: DigitsVocab, task: Task, images: np.ndarray, labels: np.ndarray,
+                batch_size: int = 512, progress: bool = False) -> dict[str, float]:
+    """An understanding task's scores on these images:
+    ``acc``: exact match of the greedy answer (answer words followed by eos);
+    ``digit_acc``: the greedy answer's first word is the target's (every digits answer opens with
+    the digit's name), a skill that survives a changed answer format;
+    ``answer_nll``: teacher-forced NLL of the target answer, nats per token (``scoring.answer_nll``)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = digit_correct = 0
     examples = digits.task_examples(vocab, task, images, labels)
-    for rows in tqdm(list(_batches(len(examples), batch_size)), desc=f"eval {task.name}", disable=not progress):
-        chunk = examples[rows]
+    chunks = [examples[rows] for rows in _batches(len(examples), batch_size)]
+    for chunk in tqdm(chunks, desc=f"eval {task.name}", disable=not progress):
         prompts = torch.tensor([e.prompt for e in chunk])  # one task: all prompts have the same length
         answers = greedy_decode(model, prompts, digits.MAX_ANSWER_TOKENS, vocab.eos)
         for e, answer in zip(chunk, answers.tolist()):
             correct += answer[: len(e.target)] == e.target
+            digit_correct += answer[0] == e.target[0]
+    device = model_device(model)
+    nll = answer_nll(model, ({k: v.to(device) for k, v in digits.collate(chunk, vocab.pad).items()}
+                             for chunk in chunks))
     model.train(was_training)
-    return correct / len(examples)
+    return {"acc": correct / len(examples), "digit_acc": digit_correct / len(examples), "answer_nll": nll}
 
 
 @torch.no_grad()

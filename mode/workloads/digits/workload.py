@@ -21,7 +21,8 @@ class DigitsWorkload:
 
     def __init__(self, config: TrainConfig, device: torch.device, cache_dir: str | Path | None, progress: bool):
         def load() -> digits_model.Pretrained:
-            pretrain_config = replace(digits_model.PretrainConfig(), steps=config.pretrain_steps)
+            pretrain_config = replace(digits_model.PretrainConfig(), steps=config.pretrain_steps,
+                                      seed=config.pretrain_seed)
             return digits_model.load_or_pretrain(pretrain_config=pretrain_config, cache_dir=cache_dir,
                                                  progress=progress)
 
@@ -36,7 +37,8 @@ class DigitsWorkload:
         vocab, data = self.pretrained.vocab, self.pretrained.data
         self.base_state = {k: v.clone() for k, v in self.pretrained.model.state_dict().items()}
         self.name = config.benchmark
-        self.task_names = [task.name for task in digits.CONTINUAL_TASKS]
+        self.tasks = digits.TASK_DESIGNS[config.digits_tasks]
+        self.task_names = [task.name for task in self.tasks]
         self.spec = ModalitySpec(**vocab.modality_spec_args())
         self.generation_rows = digits.generation_examples(vocab, data.train_images, data.train_labels)
         self.classifier = digits_model.fit_digit_classifier(data)
@@ -46,7 +48,7 @@ class DigitsWorkload:
 
     def task_rows(self, index: int) -> list[digits.Example]:
         data = self.pretrained.data
-        return digits.task_examples(self.pretrained.vocab, digits.CONTINUAL_TASKS[index], data.train_images,
+        return digits.task_examples(self.pretrained.vocab, self.tasks[index], data.train_images,
                                     data.train_labels)
 
     def collate(self, rows: list[digits.Example]) -> dict[str, torch.Tensor]:
@@ -61,9 +63,9 @@ class DigitsWorkload:
         model = apply_method(model, method, self.config, self.spec, len(vocab), vocab.image_code_range)
         return model.to(self.device)
 
-    def _accuracy(self, model: nn.Module, task: digits.Task) -> float:
-        return digits_model.task_accuracy(model, self.pretrained.vocab, task, self.test.test_images,
-                                          self.test.test_labels, progress=self.progress)
+    def _scores(self, model: nn.Module, task: digits.Task) -> dict[str, float]:
+        return digits_model.task_scores(model, self.pretrained.vocab, task, self.test.test_images,
+                                        self.test.test_labels, progress=self.progress)
 
     def _generation(self, model: nn.Module) -> dict:
         generation = digits_model.GenerationConfig(self.config.gen_samples, self.config.gen_temperature,
@@ -77,11 +79,14 @@ class DigitsWorkload:
                                           self.config.seed).tolist()
 
     def evaluate(self, model: nn.Module) -> dict:
-        """Accuracy on every continual task and generation quality, on the first eval_size test images."""
-        return {"accs": [self._accuracy(model, task) for task in digits.CONTINUAL_TASKS], **self._generation(model)}
+        """Exact match, digit named right and answer NLL on every continual task, and generation
+        quality, on the first eval_size test images."""
+        scores = [self._scores(model, task) for task in self.tasks]
+        return {"accs": [s["acc"] for s in scores], "digit_accs": [s["digit_acc"] for s in scores],
+                "answer_nlls": [s["answer_nll"] for s in scores], **self._generation(model)}
 
     def evaluate_pretrained(self, model: nn.Module) -> dict:
-        return {**self._generation(model), "digit_acc": self._accuracy(model, digits.DIGIT),
+        return {**self._generation(model), "digit_acc": self._scores(model, digits.DIGIT)["acc"],
                 "classifier_acc": self.classifier.test_accuracy, "samples": self._samples(model)}
 
     def summary(self, pretrained: dict) -> str:

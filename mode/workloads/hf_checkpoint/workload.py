@@ -13,6 +13,7 @@ from ...modality import IMAGE
 from ...train import distributed, probe
 from ...train.config import RunError, TrainConfig
 from ...train.methods import Method, apply_method
+from ..scoring import answer_nll
 from . import loading
 from .data import JsonlDataset, collate, load_jsonl
 from .emu3 import Emu3Tokens, pixel_stats
@@ -117,9 +118,15 @@ class CheckpointWorkload:
         return total / count
 
     def evaluate(self, model: nn.Module) -> dict:
-        """Exact match per task on the held-out records, and image_nll (gen_acc is digits' only)."""
-        accs = loading.exact_match_accuracy(model, self.evals, batch_size=self.config.batch_size)
-        return {"accs": [accs[name] for name in self.task_names], "gen_acc": None, "image_nll": self.image_nll(model)}
+        """Exact match and teacher-forced answer NLL per task on the held-out records, and image_nll
+        (gen_acc is digits' only)."""
+        size = self.config.batch_size
+        accs = loading.exact_match_accuracy(model, self.evals, batch_size=size)
+        held_out = [[r for r, t in zip(self.evals.records, self.evals.tasks) if t == name] for name in self.task_names]
+        nlls = [answer_nll(model, (distributed.to_device(self.collate(rows[i:i + size]), self.device)
+                                   for i in range(0, len(rows), size))) for rows in held_out]
+        return {"accs": [accs[name] for name in self.task_names], "answer_nlls": nlls, "gen_acc": None,
+                "image_nll": self.image_nll(model)}
 
     def evaluate_pretrained(self, model: nn.Module) -> dict:
         return {"gen_acc": None, "image_nll": self.image_nll(model)}

@@ -1,0 +1,42 @@
+"""Teacher-forced scores shared by the workloads: the logits of selected positions, and the mean
+NLL of the answer tokens (a graded companion of exact match: it moves before the greedy answer flips)."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..constants import IGNORE_INDEX
+from ..hf.models import decoder_of, hf_model
+
+
+def target_logits(model: nn.Module, batch: Mapping[str, Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(float32 logits [N, vocab], target ids [N]) of the positions whose *next* token is selected
+    by ``targets`` (bool [B, T], aligned with input_ids). Logits come from the decoder and the head
+    weight on those positions only: no full [B, T, vocab] logits, and no model-specific logit
+    masking (Chameleon masks image codes), so the softmax is over the whole vocabulary."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "modality_ids") if batch.get(k) is not None}
+    hidden = decoder_of(model)(**inputs, use_cache=False)[0]
+    selected = targets[:, 1:]
+    logits = hf_model(model).get_output_embeddings()(hidden[:, :-1][selected]).float()
+    return logits, batch["input_ids"][:, 1:][selected]
+
+
+@torch.no_grad()
+def answer_nll(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> float:
+    """Mean NLL (nats per answer token) of the labelled tokens (labels != -100) given everything
+    before them, over all ``batches``, in eval mode (the model's train flag is restored)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            logits, targets = target_logits(model, batch, batch["labels"] != IGNORE_INDEX)
+            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            count += targets.numel()
+    finally:
+        model.train(was_training)
+    if not count:
+        raise ValueError("answer_nll: the batches hold no labelled token")
+    return total / count
