@@ -95,7 +95,7 @@ def test_prepare_train_reload_generate(tmp_path, kind):
     assert (output / "adapters" / "mode" / "adapter_config.json").is_file()
     reloaded = mode.load_adapter(load_model(model_dir), output / "adapters" / "mode")
     accs = exact_match_accuracy(reloaded.eval(), load_jsonl(data, vocab_size(reloaded)))
-    assert [accs["color"], accs["shape"]] == metrics["methods"]["mode"]["acc_matrix"][-1]
+    assert [accs["color"], accs["shape"]] == metrics["methods"]["mode"]["per_seed"][0]["acc_matrix"][-1]
 
     # generation: Emu3 in its layout, decoded by its VQ decoder; Chameleon through --decoder
     drawn = json.loads((output / "images" / "mode" / "square.image_tokens.json").read_text())
