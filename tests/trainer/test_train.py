@@ -127,6 +127,8 @@ def test_seeds_run_every_method_per_seed_and_summarise_mean_and_standard_error(t
     # seed 0 of --seeds is the run of --seed 0 (the pretrained model is scored with the first seed)
     seed0 = {k: v for k, v in lora["per_seed"][0].items() if k != "train_seconds"}
     reference = _without_timing(reference_run / "metrics.json")["methods"]["lora"]["per_seed"][0]
+    # each seed's adapters in their own directory
+    assert (seed0.pop("adapters"), reference.pop("adapters")) == ("adapters/lora-seed0", "adapters/lora")
     assert seed0 == reference
     values = [m["bwt"] for m in lora["per_seed"]]
     mean, se = lora["summary"]["bwt"]
