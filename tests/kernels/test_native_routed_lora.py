@@ -9,62 +9,16 @@ import os
 
 import pytest
 import torch
-from naive import routed_lora as naive_routed_lora
+from routed_lora_cases import F64, GRAD_NAMES, LOW_PRECISION_TOL, cast, make_case, naive_same_dtype, run
 
 import mode_kernels as mk
 from mode_kernels import native
 from mode_kernels.native import routed_lora as nat
 from mode_kernels.reference import routed_lora as reference
-from mode_kernels.routing import plan_routing
 
 if os.environ.get("MODE_KERNELS_NATIVE") == "0":
     pytest.skip("MODE_KERNELS_NATIVE=0 switches the native backend off", allow_module_level=True)
 native.extension()  # a failed build fails these tests, with the compiler's reason
-
-F64 = torch.float64
-GRAD_NAMES = ("x", "lora_input", "weight", "bias", "lora_a", "lora_b", "router_weight")
-ALL_NEEDS = (True,) * 7
-LOW_PRECISION_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
-
-
-def make_case(num_tokens, k, n, r, epm, *, ids=None, bias=True, separate=False, router=True, seed=0):
-    """float64 tensors (x, lora_input, weight, bias, lora_a, lora_b, router_weight), ids, plan, dy."""
-    g = torch.Generator().manual_seed(seed)
-    e = sum(epm)
-
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, dtype=F64) * scale
-
-    if ids is None:
-        ids = torch.randint(0, len(epm), (num_tokens,), generator=g)
-    ids = torch.as_tensor(ids, dtype=torch.int64)
-    tensors = dict(x=rnd(num_tokens, k), lora_input=rnd(num_tokens, k) if separate else None,
-                   weight=rnd(n, k, scale=k ** -0.5), bias=rnd(n) if bias else None,
-                   lora_a=rnd(e, r, k, scale=k ** -0.5), lora_b=rnd(e, n, r, scale=r ** -0.5),
-                   router_weight=rnd(e, k) if router else None)
-    return tensors, ids, plan_routing(ids, len(epm)), rnd(num_tokens, n)
-
-
-def cast(tensors, dtype):
-    return {name: None if t is None else t.to(dtype) for name, t in tensors.items()}
-
-
-def run(impl, t, plan, dy, epm, needs=ALL_NEEDS, scaling=2.0):
-    args = (t["x"], t["weight"], t["bias"], t["lora_input"], plan, t["lora_a"], t["lora_b"], t["router_weight"],
-            epm, scaling)
-    y = impl.routed_lora_forward(*args)
-    needs = tuple(bool(n) and t[name] is not None for n, name in zip(needs, GRAD_NAMES))
-    return (y, *impl.routed_lora_backward(dy.to(y.dtype), *args, needs))
-
-
-def gold(t, ids, dy, epm, scaling=2.0):
-    """Output and gradients of the naive dense formula under autograd, in t's dtype."""
-    leaves = {name: None if v is None else v.detach().clone().requires_grad_() for name, v in t.items()}
-    y = naive_routed_lora(leaves["x"], leaves["weight"], leaves["bias"], ids, leaves["lora_a"], leaves["lora_b"],
-                          leaves["router_weight"], epm, scaling, leaves["lora_input"])
-    y.backward(dy.to(y.dtype))
-    return (y.detach(), *(None if leaves[name] is None else leaves[name].grad for name in GRAD_NAMES))
-
 
 def check(ours, ref, rel):
     for name, o, g in zip(("y",) + GRAD_NAMES, ours, ref):
@@ -98,7 +52,7 @@ CASES = {
 def test_float64_matches_naive_gold(case):
     num_tokens, k, n, r, epm, opts = CASES[case]
     t, ids, plan, dy = make_case(num_tokens, k, n, r, epm, **opts)
-    check(run(nat, t, plan, dy, epm), gold(t, ids, dy, epm), 1e-10)
+    check(run(nat, t, plan, dy, epm), naive_same_dtype(t, ids, dy, epm), 1e-10)
 
 
 @pytest.mark.parametrize("case", ["text_image_4_1", "image_spans", "2_3_1_middle_modality_empty",
@@ -118,7 +72,7 @@ def test_low_precision_no_worse_than_naive(case, dtype):
     t, ids, plan, dy = make_case(num_tokens, k, n, r, epm, seed=1, **opts)
     low, dy_low = cast(t, dtype), dy.to(dtype)
     ref = run(reference, cast(low, F64), plan, dy_low.to(F64), epm)
-    naive_same = gold(low, ids, dy_low, epm)
+    naive_same = naive_same_dtype(low, ids, dy_low, epm)
     tol = LOW_PRECISION_TOL[dtype]
     for name, o, nv, g in zip(("y",) + GRAD_NAMES, run(nat, low, plan, dy_low, epm), naive_same, ref):
         if g is None:

@@ -12,7 +12,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from naive import routed_lora as naive_routed_lora  # noqa: E402
+from routed_lora_cases import ALL_NEEDS, F64, GRAD_NAMES, LOW_PRECISION_TOL, cast, naive_same_dtype, run  # noqa: E402
+from routed_lora_cases import make_case as make_case_on_cpu  # noqa: E402
 
 import mode_kernels as mk  # noqa: E402
 from mode_kernels.reference import routed_lora as reference  # noqa: E402
@@ -24,54 +25,10 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from mode_kernels.triton import routed_lora as tri  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-F64 = torch.float64
-GRAD_NAMES = ("x", "lora_input", "weight", "bias", "lora_a", "lora_b", "router_weight")
-ALL_NEEDS = (True,) * 7
-LOW_PRECISION_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
-def make_case(num_tokens, k, n, r, epm, *, ids=None, bias=True, separate=False, router=True,
-              seed=0):
-    """float64 master tensors (x, lora_input, weight, bias, lora_a, lora_b, router_weight), ids, plan, dy."""
-    g = torch.Generator().manual_seed(seed)
-    e = sum(epm)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(DEVICE)
-
-    if ids is None:
-        ids = torch.randint(0, len(epm), (num_tokens,), generator=g)
-    ids = torch.as_tensor(ids, dtype=torch.int64).to(DEVICE)
-    tensors = dict(x=rnd(num_tokens, k), lora_input=rnd(num_tokens, k) if separate else None,
-                   weight=rnd(n, k, scale=k ** -0.5), bias=rnd(n) if bias else None,
-                   lora_a=rnd(e, r, k, scale=k ** -0.5), lora_b=rnd(e, n, r, scale=r ** -0.5),
-                   router_weight=rnd(e, k) if router else None)
-    return tensors, ids, plan_routing(ids, len(epm)), rnd(num_tokens, n)
-
-
-def cast(tensors, dtype):
-    return {name: None if t is None else t.to(dtype) for name, t in tensors.items()}
-
-
-def run(impl, t, plan, dy, epm, needs=ALL_NEEDS, scaling=2.0):
-    args = (t["x"], t["weight"], t["bias"], t["lora_input"], plan, t["lora_a"], t["lora_b"], t["router_weight"],
-            epm, scaling)
-    y = impl.routed_lora_forward(*args)
-    # Only inputs that exist can need a gradient (the op layer's contract).
-    needs = tuple(bool(n) and t[name] is not None for n, name in zip(needs, GRAD_NAMES))
-    grads = impl.routed_lora_backward(dy.to(y.dtype), *args, needs)
-    return (y, *grads)
-
-
-def naive_same_dtype(t, ids, dy, epm, scaling=2.0):
-    """Output and gradients of the naive dense formula, computed in t's dtype under autograd."""
-    leaves = {name: None if v is None else v.detach().clone().requires_grad_() for name, v in t.items()}
-    y = naive_routed_lora(leaves["x"], leaves["weight"], leaves["bias"], ids, leaves["lora_a"], leaves["lora_b"],
-                          leaves["router_weight"], epm, scaling, leaves["lora_input"])
-    y.backward(dy.to(y.dtype))
-    return (y.detach(), *(None if leaves[name] is None else leaves[name].grad for name in GRAD_NAMES))
-
-
+def make_case(*args, **kwargs):
+    return make_case_on_cpu(*args, device=DEVICE, **kwargs)
 def check_fp32(ours, gold):
     for name, o, g in zip(("y",) + GRAD_NAMES, ours, gold):
         assert (o is None) == (g is None), name

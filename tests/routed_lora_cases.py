@@ -1,0 +1,53 @@
+"""Shared by the routed-LoRA backend tests (Triton, native): random cases in float64, the backend
+interface run on them, and the naive formula's output and gradients in the same dtype."""
+import torch
+from naive import routed_lora as naive_routed_lora
+
+from mode_kernels.routing import plan_routing
+
+F64 = torch.float64
+GRAD_NAMES = ("x", "lora_input", "weight", "bias", "lora_a", "lora_b", "router_weight")
+ALL_NEEDS = (True,) * 7
+LOW_PRECISION_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def make_case(num_tokens, k, n, r, epm, *, ids=None, bias=True, separate=False, router=True, seed=0,
+              device="cpu"):
+    """float64 tensors (x, lora_input, weight, bias, lora_a, lora_b, router_weight), ids, plan, dy."""
+    g = torch.Generator().manual_seed(seed)
+    e = sum(epm)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(device)
+
+    if ids is None:
+        ids = torch.randint(0, len(epm), (num_tokens,), generator=g)
+    ids = torch.as_tensor(ids, dtype=torch.int64).to(device)
+    tensors = dict(x=rnd(num_tokens, k), lora_input=rnd(num_tokens, k) if separate else None,
+                   weight=rnd(n, k, scale=k ** -0.5), bias=rnd(n) if bias else None,
+                   lora_a=rnd(e, r, k, scale=k ** -0.5), lora_b=rnd(e, n, r, scale=r ** -0.5),
+                   router_weight=rnd(e, k) if router else None)
+    return tensors, ids, plan_routing(ids, len(epm)), rnd(num_tokens, n)
+
+
+def cast(tensors, dtype):
+    return {name: None if t is None else t.to(dtype) for name, t in tensors.items()}
+
+
+def run(impl, t, plan, dy, epm, needs=ALL_NEEDS, scaling=2.0):
+    """(y, *grads) of a backend module's routed_lora_forward / routed_lora_backward."""
+    args = (t["x"], t["weight"], t["bias"], t["lora_input"], plan, t["lora_a"], t["lora_b"], t["router_weight"],
+            epm, scaling)
+    y = impl.routed_lora_forward(*args)
+    # Only inputs that exist can need a gradient (the op layer's contract).
+    needs = tuple(bool(n) and t[name] is not None for n, name in zip(needs, GRAD_NAMES))
+    return (y, *impl.routed_lora_backward(dy.to(y.dtype), *args, needs))
+
+
+def naive_same_dtype(t, ids, dy, epm, scaling=2.0):
+    """Output and gradients of the naive dense formula, computed in t's dtype under autograd."""
+    leaves = {name: None if v is None else v.detach().clone().requires_grad_() for name, v in t.items()}
+    y = naive_routed_lora(leaves["x"], leaves["weight"], leaves["bias"], ids, leaves["lora_a"], leaves["lora_b"],
+                          leaves["router_weight"], epm, scaling, leaves["lora_input"])
+    y.backward(dy.to(y.dtype))
+    return (y.detach(), *(None if leaves[name] is None else leaves[name].grad for name in GRAD_NAMES))
