@@ -123,18 +123,19 @@ def test_lora_matched_has_about_modes_trainable_parameters():
 @pytest.fixture(scope="module")
 def baselines_run(tmp_path_factory):
     """One tiny run of the baselines with a mechanism of their own (joint and lora-matched differ from
-    them only in what the unit tests above check) with --kd-routing image, recording each KD batch's
-    modality ids."""
+    them only in what the unit tests above check) with --kd-routing image and --kd-topk 3, recording
+    each KD batch's modality ids and top-k."""
     output = tmp_path_factory.mktemp("baselines")
     cache = str(tmp_path_factory.mktemp("pretrained"))
     names = ("replay", "ewc", "lora-kd", "mode")
     config, _ = cli.parse_args(["--output", str(output), "--cache-dir", cache, *SMOKE_ARGS, "--methods",
-                                ",".join(names), "--kd-routing", "image", "--replay-size", "3", "--ewc-samples", "2"])
+                                ",".join(names), "--kd-routing", "image", "--kd-topk", "3", "--replay-size", "3",
+                                "--ewc-samples", "2"])
     seen = []
     real_kd_loss = loop.kd_loss
 
     def recording_kd_loss(model, batch, **kwargs):
-        seen.append((methods.trainable_params(model, methods.METHODS["mode"]), batch.get("modality_ids")))
+        seen.append((batch.get("modality_ids"), kwargs.get("topk")))
         return real_kd_loss(model, batch, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -160,5 +161,14 @@ def test_kd_routing_image_sends_modes_generation_stream_to_the_image_expert(base
     steps = 4 * 4  # --steps-per-task 4, four tasks, for each of lora-kd and mode
     assert len(seen) == 2 * steps
     lora_kd, mode = seen[:steps], seen[steps:]
-    assert all(ids is None for _, ids in lora_kd)  # no modality split: every token routed alike
-    assert all(ids is not None and bool((ids == IMAGE).all()) for _, ids in mode)
+    assert all(ids is None for ids, _ in lora_kd)  # no modality split: every token routed alike
+    assert all(ids is not None and bool((ids == IMAGE).all()) for ids, _ in mode)
+
+
+def test_kd_topk_reaches_the_distillation_loss(baselines_run):
+    output, _, seen = baselines_run
+    assert seen and {topk for _, topk in seen} == {3}
+    metrics = json.loads((output / "metrics.json").read_text())
+    for name in ("lora-kd", "mode"):
+        [run] = metrics["methods"][name]["per_seed"]
+        assert all(v > -1e-6 for v in run["loss_history"]["kd"]), name  # a KL, up to rounding
