@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from torch import nn
 from .hf.models import hf_model
 from .layer import MoDELinear
 from .model import apply_mode, routed_layers, routing_state
+
+if TYPE_CHECKING:
+    from .peft import MoDEPeftConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -68,7 +72,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def read_adapter_config(path: str | os.PathLike):
+def read_adapter_config(path: str | os.PathLike) -> MoDEPeftConfig:
     """The ``mode.MoDEPeftConfig`` saved in the directory ``path``; ValueError if it holds another
     kind of adapter."""
     from .peft import MODE_PEFT_TYPE, MoDEPeftConfig

@@ -1,6 +1,7 @@
 """MoDEConfig: what apply_mode builds and how kd_loss distils."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mode_kernels._validation import check_experts_per_modality as check_experts
@@ -79,6 +80,6 @@ class MoDEConfig:
         return ranges[0]
 
 
-def check_experts_per_modality(experts_per_modality) -> tuple[int, ...]:
+def check_experts_per_modality(experts_per_modality: Sequence[int]) -> tuple[int, ...]:
     """(text experts, image experts), each an int >= 1."""
     return check_experts(experts_per_modality, NUM_MODALITIES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -117,10 +118,10 @@ class ModalityRoutedLayer:
                                        experts_per_modality=self.experts_per_modality, scaling=scaling,
                                        lora_input=lora_input)
 
-    def merge(self, *args, **kwargs):
+    def merge(self, *args, **kwargs) -> NoReturn:
         raise RuntimeError(f"{self.module_name}: {MERGE_IMPOSSIBLE}")
 
-    def unmerge(self, *args, **kwargs):
+    def unmerge(self, *args, **kwargs) -> NoReturn:
         raise RuntimeError(f"{self.module_name}: {MERGE_IMPOSSIBLE}")
 
 

@@ -181,7 +181,7 @@ class MoDEPeftLinear(ModalityRoutedLayer, nn.Module, BaseTunerLayer):
         self.scaling[adapter_name] = lora_alpha / r
         self.set_adapter(adapter_name)
 
-    def forward(self, x: Tensor, *args, modality=None, **kwargs) -> Tensor:
+    def forward(self, x: Tensor, *args, modality: Tensor | None = None, **kwargs) -> Tensor:
         active = [name for name in self.active_adapters if name in self.mode_A]
         if self.disable_adapters or self.teacher or not active:
             return self.base_layer(x, *args, **kwargs)

@@ -17,8 +17,10 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
@@ -74,7 +76,8 @@ class MoDETrainer(Trainer):
 
     # ------------------------------------------------------------------ the loss
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training and self.gen_dataset is not None and self.kd_lambda > 0:
             kd = self.kd_term(model)
@@ -82,7 +85,7 @@ class MoDETrainer(Trainer):
             loss = loss + self.kd_lambda * kd * self._kd_scale(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
-    def kd_term(self, model) -> torch.Tensor:
+    def kd_term(self, model: nn.Module) -> torch.Tensor:
         """``mode.kd_loss`` of ``model`` on the next generation-stream batch."""
         batch = self._prepare_inputs(self._next_gen_batch())
         topk = {"topk": self.kd_topk} if self.kd_topk is not None else {}

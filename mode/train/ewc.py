@@ -11,6 +11,8 @@ trainer's checkpoints carry them and a resumed run continues with the same penal
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -63,7 +65,7 @@ def ewc_penalty(model: nn.Module, ewc_lambda: float) -> Tensor:
                                 for p, f, a in zip(params, state.fisher(), state.anchors()))
 
 
-def consolidate(model: nn.Module, rows: list, collate, samples: int, seed: list[int]) -> None:
+def consolidate(model: nn.Module, rows: list, collate: Callable[[list], dict], samples: int, seed: list[int]) -> None:
     """Add the diagonal empirical Fisher of the task whose training ``rows`` are given (``samples``
     rows drawn by ``seed``, one gradient each, in eval mode: no dropout) and anchor the penalty at
     the current adapters. Gradients come from ``torch.autograd.grad`` (no ``.grad`` touched, no

@@ -245,6 +245,40 @@ def prompt_image_size(path: PathLike) -> tuple[int, int]:
     return size
 
 
+def _image_prompts(prompt_files: Sequence[PathLike], vocab: int, spec: ModalitySpec,
+                   emu3: Emu3Tokens | None) -> tuple[list[list[int]], list[tuple[int, int] | None]]:
+    """Each prompt file's ids, ready to continue with image codes, and (Emu3) its image size in latents."""
+    prompts, sizes = [], []
+    for path in prompt_files:
+        ids = load_prompt(path, vocab)
+        if emu3 is not None:
+            sizes.append(prompt_image_size(path))
+            if ids[-1] != emu3.wrapper:
+                raise ValueError(f"{path}: an Emu3 image prompt ends with <|image start|> \"h*w\" <|image token|> "
+                                 f"(id {emu3.wrapper}), as the processor's return_for_image_generation writes it")
+        else:
+            sizes.append(None)
+            if spec.has_markers and ids[-1] != spec.begin_image:
+                ids = ids + [spec.begin_image]
+        prompts.append(ids)
+    return prompts, sizes
+
+
+def _image_sampler(allowed: Tensor, temperature: float, generator: torch.Generator,
+                   forced: dict[int, int]) -> Callable[[Tensor], Tensor]:
+    """A next-token chooser for one image: the token of `forced` at its step (Emu3's row and frame
+    markers), else a code sampled at `temperature` among the `allowed` ids."""
+    steps = itertools.count()
+
+    def choose(logits: Tensor) -> Tensor:
+        step = next(steps)
+        if step in forced:
+            return torch.full(logits.shape[:1], forced[step], dtype=torch.long, device=logits.device)
+        logits = logits.masked_fill(~allowed, float("-inf")) / temperature
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+    return choose
+
+
 def generate_images(model: nn.Module, prompt_files: Sequence[PathLike], out_dir: PathLike,
                     spec: ModalitySpec | None = None, image_tokens: int = 1024, temperature: float = 1.0,
                     seed: int = 0, batch_size: int = 8,
@@ -280,19 +314,9 @@ def generate_images(model: nn.Module, prompt_files: Sequence[PathLike], out_dir:
         raise ValueError(f"generate_images: prompt files share a name, their outputs would overwrite each other: "
                          f"{stems}")
     vocab, device = vocab_size(model), model_device(model)
-    prompts, sizes = [], []
-    for path in prompt_files:
-        ids = load_prompt(path, vocab)
-        if emu3 is not None:
-            sizes.append(prompt_image_size(path))
-            if ids[-1] != emu3.wrapper:
-                raise ValueError(f"{path}: an Emu3 image prompt ends with <|image start|> \"h*w\" <|image token|> "
-                                 f"(id {emu3.wrapper}), as the processor's return_for_image_generation writes it")
-        elif spec.has_markers and ids[-1] != spec.begin_image:
-            ids = ids + [spec.begin_image]
-        prompts.append(ids)
+    prompts, sizes = _image_prompts(prompt_files, vocab, spec, emu3)
     if emu3 is None:
-        sizes, decoders = [None] * len(prompts), [decode_fn] * len(prompts)
+        decoders = [decode_fn] * len(prompts)
     else:
         decoders = [decode_fn or functools.partial(emu3_decode_image, model, height=h, width=w,
                                                    **({"stats": pixel_stats} if pixel_stats else {}))
@@ -301,18 +325,6 @@ def generate_images(model: nn.Module, prompt_files: Sequence[PathLike], out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     allowed = image_code_mask(spec, vocab, device)
     generator = torch.Generator(device=device).manual_seed(seed)
-
-    def sampler(forced: dict[int, int]) -> Callable[[Tensor], Tensor]:
-        steps = itertools.count()
-
-        def choose(logits: Tensor) -> Tensor:
-            step = next(steps)
-            if step in forced:
-                return torch.full(logits.shape[:1], forced[step], dtype=torch.long, device=logits.device)
-            logits = logits.masked_fill(~allowed, float("-inf")) / temperature
-            return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-        return choose
-
     results: list[dict | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
@@ -322,7 +334,7 @@ def generate_images(model: nn.Module, prompt_files: Sequence[PathLike], out_dir:
             size = sizes[batch[0]]
             forced = {} if size is None else emu3.forced_tokens(*size)
             steps = image_tokens if size is None else max(forced) + 1
-            codes = continue_sequences(model, ids, steps, sampler(forced)).cpu()
+            codes = continue_sequences(model, ids, steps, _image_sampler(allowed, temperature, generator, forced)).cpu()
             for i, row in zip(batch, codes):
                 tokens_path = out_dir / f"{stems[i]}.image_tokens.json"
                 tokens_path.write_text(json.dumps({"prompt": prompts[i], "image_tokens": row.tolist()}) + "\n")

@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ from tqdm.auto import tqdm
 from ...hf.models import hf_model, model_device
 from .data import REPORTED_ERRORS, parse_record
 from .loading import load_model, modality_spec_for, token_checks, vocab_size
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 FAMILIES = ("chameleon", "emu3")
 
@@ -54,7 +58,7 @@ class RawRecord:
     fields: dict
     image: Path | None = None  # checked readable; decoded batch by batch (a data set's pixels need not fit in memory)
 
-    def load_image(self):
+    def load_image(self) -> Image.Image:
         from PIL import Image
 
         try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from .data import JsonlDataset, collate, load_jsonl
 from .emu3 import Emu3Tokens, pixel_stats
 
 
-def load_decoder(target: str):
+def load_decoder(target: str) -> Callable[..., Any]:
     """The function named by ``--decoder module:function`` (imported now, so that a typo fails
     before training)."""
     module_name, _, function_name = target.partition(":")
