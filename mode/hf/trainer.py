@@ -10,7 +10,7 @@
 Every training step's loss is the Trainer's loss on the task batch (for TRL, SFTTrainer's) plus
 ``kd_lambda * mode.kd_loss`` on a batch of the generation stream (the frozen model, i.e. the adapters
 switched off, as teacher). Checkpoints and ``save_model`` hold the adapters only, in the format of
-``mode.save_adapter`` (PEFT's), and ``resume_from_checkpoint`` reads them back.
+``mode.save_adapter`` (PEFT's); ``resume_from_checkpoint`` and ``load_best_model_at_end`` read them back.
 """
 from __future__ import annotations
 
@@ -149,3 +149,13 @@ class MoDETrainer(Trainer):
             raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} has no {CONFIG_NAME} (MoDETrainer "
                              "checkpoints hold the adapters only)")
         load_adapter(unwrapped, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        # load_best_model_at_end: the Trainer reads a PEFT model's adapters itself, but for any other
+        # model it looks for the full weights, which MoDETrainer's checkpoints do not hold.
+        from peft import PeftModel
+
+        if isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
+            super()._load_best_model()
+            return
+        self._load_from_checkpoint(self.state.best_model_checkpoint)

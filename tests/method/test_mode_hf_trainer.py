@@ -157,6 +157,27 @@ def test_resume_from_adapter_checkpoint(builder, tmp_path):
     torch.testing.assert_close(resumed(input_ids=ids).logits, straight(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("builder", ["apply_mode", "peft"])
+def test_load_best_model_at_end_restores_the_best_checkpoints_adapters(builder, tmp_path):
+    from transformers import TrainingArguments
+
+    scores = iter([1.0, 0.0])  # the evaluation after step 1 scores best, so checkpoint-1 is the best model
+    args = TrainingArguments(output_dir=str(tmp_path), **{
+        **COMMON_ARGS, "save_strategy": "steps", "save_steps": 1, "eval_strategy": "steps", "eval_steps": 1,
+        "load_best_model_at_end": True, "metric_for_best_model": "score", "greater_is_better": True})
+    model = _model(builder)
+    trainer = mode.hf.MoDETrainer(model=model, args=args, train_dataset=_task_rows(), eval_dataset=_task_rows(4),
+                                  gen_dataset=_gen_rows(), compute_metrics=lambda _: {"score": next(scores)})
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    ids = torch.tensor([_task_rows()[0]["input_ids"]])
+    model.eval()
+    logits = model(input_ids=ids).logits
+    best, last = (mode.load_adapter(tiny_model(), tmp_path / f"checkpoint-{step}") for step in (1, 2))
+    torch.testing.assert_close(logits, best(input_ids=ids).logits, rtol=0, atol=0)
+    assert not torch.allclose(logits, last(input_ids=ids).logits)  # step 2 moved the adapters: a real restore
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """2 micro-batches of 2 (and 2 generation batches of 2) step like one batch of 4: the KD term is
     scaled like the task loss, which the Trainer normalises over the accumulated batch. SGD (whose
