@@ -121,18 +121,22 @@ def test_collate_right_pads():
         collate([], pad_id=0)
 
 
-# codes 10..19, begin 21, end 20, placeholder 22 (a text id outside image spans)
+# codes 10..19, begin 21, end 20, placeholder 22
 CHECKS = TokenChecks(ModalitySpec(image_token_ranges=((10, 20),), begin_image=21, end_image=20), placeholder_id=22,
                      image_logits_masked=True)
 
 
-def test_placeholder_left_inside_an_image_span_is_refused(tmp_path):
-    path = write_lines(tmp_path / "t.jsonl", [
-        {"input_ids": [1, 21, 11, 12, 20, 22, 3], "answer_start": 6},  # the placeholder as text: accepted
-        {"input_ids": [1, 21, 22, 22, 20, 3], "answer_start": 5},
-    ])
-    with pytest.raises(ValueError, match=r"t.jsonl:2: input_ids\[2\] = 22 is the processor's image placeholder, "
-                                         r"inside an image span \(2 such ids\): the image's VQ codes were not spliced"):
+@pytest.mark.parametrize("bad, message", [
+    ({"input_ids": [1, 21, 22, 22, 20, 3], "answer_start": 5},
+     r"t.jsonl:2: input_ids\[2\] = 22 is the processor's image placeholder, inside an image span \(2 such ids\): "
+     "the image's VQ codes were not spliced in"),
+    ({"input_ids": [1, 22, 4, 3], "answer_start": 3},
+     r"t.jsonl:2: input_ids\[1\] = 22 is the processor's image placeholder, in the text \(1 such ids\): an image the "
+     "processor never expanded"),
+])
+def test_placeholder_left_in_the_data_is_refused(tmp_path, bad, message):
+    path = write_lines(tmp_path / "t.jsonl", [{"input_ids": [1, 21, 11, 12, 20, 4, 3], "answer_start": 6}, bad])
+    with pytest.raises(ValueError, match=message):
         load_jsonl(path, VOCAB, checks=CHECKS)
     assert len(load_jsonl(path, VOCAB)) == 2  # without the model's checks both pass
 

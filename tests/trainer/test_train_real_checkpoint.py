@@ -111,8 +111,8 @@ def test_chameleon_run(tmp_path):
     model_dir = tmp_path / "chameleon"
     tiny_model("chameleon").save_pretrained(model_dir)
     rng = random.Random(1)
-    text, codes = [1, 2, 3, 8198, 8199], list(range(4, 8196))
-    records = [{**image_question(rng, text, codes, 8197, 8196, [8198, 2]), "task": task}
+    text, codes = [1, 2, 3, 8200, 8201], list(range(4, 8196))  # 8198 is <image>: not text
+    records = [{**image_question(rng, text, codes, 8197, 8196, [8200, 2]), "task": task}
                for task in ("vqa", "caption") for _ in range(3)]
     generation = [{"input_ids": [1, 8197] + [rng.choice(codes) for _ in range(5)] + [8196], "answer_start": 2}
                   for _ in range(4)]

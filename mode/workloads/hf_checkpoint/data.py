@@ -80,7 +80,9 @@ class TokenChecks:
 
     ``spec``: the image tokens; ``placeholder_id``: the processor's image placeholder (Chameleon's
     and Emu3's ``<image>``, ``config.image_token_id``), which the VQ codes must replace: left in an
-    image span it is embedded and routed as an image token although it is no image;
+    image span it is embedded and routed as an image token although it is no image; left in the
+    text, it stands for an image that was never expanded into a span, and the model sees a
+    placeholder's embedding where the prompt meant an image;
     ``image_logits_masked``: the model's forward sets the logits of the image codes to the lowest
     float (Chameleon / Anole), so a task label on an image code has an infinite loss. Not for the
     generation stream, which scores image codes on purpose (KD, image NLL) outside that forward.
@@ -94,12 +96,15 @@ class TokenChecks:
         """ValueError with the first offending position and the reason."""
         ids = torch.tensor(input_ids)
         if self.placeholder_id is not None:
-            inside = (self.spec.modality_ids(ids) == IMAGE) & (ids == self.placeholder_id)
-            if inside.any():
-                i = int(inside.nonzero()[0])
-                raise ValueError(f"input_ids[{i}] = {self.placeholder_id} is the processor's image placeholder, inside "
-                                 f"an image span ({int(inside.sum())} such ids): the image's VQ codes were not spliced "
-                                 "in (mode-prepare does it with the checkpoint's VQ encoder)")
+            placeholder = ids == self.placeholder_id
+            if placeholder.any():
+                i = int(placeholder.nonzero()[0])
+                where = ("inside an image span", "the image's VQ codes were not spliced in") \
+                    if self.spec.modality_ids(ids)[i] == IMAGE else \
+                    ("in the text", "an image the processor never expanded into a span of codes")
+                raise ValueError(f"input_ids[{i}] = {self.placeholder_id} is the processor's image placeholder, "
+                                 f"{where[0]} ({int(placeholder.sum())} such ids): {where[1]} (mode-prepare "
+                                 "expands and splices images with the checkpoint's processor and VQ encoder)")
         if self.image_logits_masked:
             codes = torch.tensor(labels)
             on_code = torch.zeros_like(codes, dtype=torch.bool)
