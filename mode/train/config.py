@@ -157,6 +157,9 @@ def check_config(config: TrainConfig) -> None:
             raise RunError(f"--{name.replace('_', '-')} {getattr(config, name)}: expected an integer >= 1")
     if config.kd_topk is not None and config.kd_topk < 1:
         raise RunError(f"--kd-topk {config.kd_topk}: expected an integer >= 1")
+    if config.seeds and config.seed != TrainConfig.seed:
+        raise RunError(f"--seed {config.seed} and --seeds {','.join(map(str, config.seeds))}: give one (--seeds runs "
+                       "every method once per seed in the list)")
     if len(set(config.run_seeds)) != len(config.run_seeds):
         raise RunError(f"--seeds {','.join(map(str, config.seeds))}: each seed once")
     if not 0.0 <= config.replay_share < 1.0:

@@ -243,6 +243,12 @@ def test_bad_settings_are_clear_errors_that_leave_no_output_directory(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_seed_and_seeds_together_are_refused(tmp_path, cache_dir):
+    code, _, err = _main(tmp_path / "out", cache_dir, "--seed", "3", "--seeds", "1,2")
+    assert code == 2 and "--seed 3 and --seeds 1,2: give one" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_loss_board_writes_tensorboard_scalars(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
