@@ -11,7 +11,7 @@ PROBE = """
 import warnings, torch, mode_kernels as mk
 warnings.simplefilter("always")
 cpu = torch.device("cpu")
-print("auto:", mk.backends.resolve("auto", cpu, "routed_lora"), mk.backends.resolve("auto", cpu, "routed_lora"))
+print("auto:", *(mk.backends.resolve("auto", cpu, op) for op in ("routed_lora", "fused_linear_kd_kl", "kd_kl")))
 try:
     mk.backends.resolve("native", cpu, "routed_lora")
     print("native: ok")
@@ -32,19 +32,19 @@ def test_a_built_extension_is_imported_not_rebuilt():
     from mode_kernels import native
     native.extension()  # built (or imported) in this process first
     out, err = probe()
-    assert "auto: native native" in out and "native: ok" in out
+    assert "auto: native native native" in out and "native: ok" in out
     assert "compiling" not in err
 
 
 def test_switched_off_by_the_environment():
     out, err = probe(MODE_KERNELS_NATIVE="0")
-    assert "auto: torch torch" in out
+    assert "auto: torch torch torch" in out
     assert "native error: backend='native' is unavailable" in out and "MODE_KERNELS_NATIVE=0" in out
     assert "RuntimeWarning" not in err
 
 
 def test_missing_compiler_warns_once_and_falls_back_to_torch(tmp_path):
     out, err = probe(CXX=str(tmp_path / "no-such-compiler"), MODE_KERNELS_CACHE=str(tmp_path / "cache"))
-    assert "auto: torch torch" in out
+    assert "auto: torch torch torch" in out
     assert "native error: backend='native' is unavailable: building the native CPU kernels failed" in out
     assert err.count("RuntimeWarning: mode_kernels: building the native CPU kernels failed") == 1
