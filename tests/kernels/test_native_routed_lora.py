@@ -109,6 +109,22 @@ def test_non_contiguous_inputs():
     check(run(nat, f, plan, dy.t().contiguous().t(), (2, 3)), ref, 1e-10)
 
 
+@pytest.mark.parametrize("case", ["text_image_4_1", "long_and_short_runs", "separate_lora_input", "zero_tokens"])
+def test_backward_with_the_saved_shrink_equals_recomputing_it(case):
+    num_tokens, k, n, r, epm, opts = CASES[case]
+    t, _, plan, dy = make_case(num_tokens, k, n, r, epm, **opts)
+    args = (t["x"], t["weight"], t["bias"], t["lora_input"], plan, t["lora_a"], t["lora_b"], t["router_weight"],
+            epm, 2.0)
+    y, saved = nat.routed_lora_forward_saving(*args)
+    assert [s.shape for s in saved] == [s.shape for s in nat.saved_like(t["x"], t["lora_a"], t["router_weight"], epm)]
+    needs = tuple(t[name] is not None for name in GRAD_NAMES)
+    for with_saved, recomputed in zip(nat.routed_lora_backward(dy, *args, needs, saved=saved),
+                                      nat.routed_lora_backward(dy, *args, needs)):
+        assert (with_saved is None) == (recomputed is None)
+        if recomputed is not None:
+            assert torch.equal(with_saved, recomputed)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("runs", ["random", "long"])
 def test_threads_give_the_same_result(threads, runs):
