@@ -159,7 +159,9 @@ def test_fused_linear_results_do_not_depend_on_how_positions_are_split(separate_
     """Data-parallel runs give each process a part of the positions, so each part has its own chunks: a
     position's loss and d hs must come out bit for bit as in one call with all positions (every column of a
     chunk gets the same vector arithmetic, and GEMMs never run on fewer than 16 positions, whose kernels round
-    differently). The parts cut chunks at odd places and leave parts of 1 and 2 positions."""
+    differently). The parts cut chunks at odd places and leave parts of 1 and 2 positions. (This also relies
+    on the BLAS computing each output of a GEMM of 16 or more columns the same way whatever their number, as
+    the MKL of torch's x86 wheels does.)"""
     hs, ht, w, wt = (x.float() for x in fused_case(250, 32, 1100, seed=22))
     tw = wt if separate_teacher else None
     mask = rnd(250, seed=23) > -0.5
