@@ -84,10 +84,10 @@ PROFILES = {
                           "Anole-7B shapes, bfloat16 (quick subset)"),
     ("cpu", False): Sizes(((256, 688), (688, 256)), (128, 512, 1024), (0.0, 0.3, 1.0), 64, (8, 16), DIRECTIONS,
                           (1026, 8192), (256, 1024), 256, _cpu_model(2, 256), torch.float32, True,
-                          _CPU_SHAPES, _CPU_EXTRA_LORA),
+                          _CPU_SHAPES, extra_lora_shapes=_CPU_EXTRA_LORA),
     ("cpu", True): Sizes(((256, 688), (688, 256)), (512,), (0.3,), 64, (8,), DIRECTIONS,
                          (1026, 8192), (512,), 256, _cpu_model(2, 128), torch.float32, True,
-                         _CPU_SHAPES + ", quick subset", _CPU_EXTRA_LORA),
+                         _CPU_SHAPES + ", quick subset", extra_lora_shapes=_CPU_EXTRA_LORA),
 }
 
 # For the smoke test of the runner: every case in seconds.

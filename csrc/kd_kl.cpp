@@ -200,29 +200,34 @@ c10::optional<at::Tensor> contiguous_mask(const c10::optional<at::Tensor>& mask)
 constexpr int64_t kFusedMinPositions = 16, kFusedMaxPositions = 128;
 constexpr int64_t kSumBlock = 256;  // rows summed in the acc dtype before adding to the double totals
 
+// Every column goes through the same vector arithmetic, the last (partial) vector of a chunk included: a
+// position's results must not depend on where it falls in a chunk, since the chunks change with the number
+// of positions (one process with the whole batch, or several with parts of it, must agree to rounding).
+// `lanes` of W at column c: the last one loads and stores only the columns that exist (count < W).
+template <typename acc_t>
+int64_t lanes_at(int64_t c, int64_t width) {
+  return std::min<int64_t>(Vectorized<acc_t>::size(), width - c);
+}
+
 // Per position (column c in [c0, c1) of s, t: n rows, ld apart): loss, lse_s, lse_t; dead positions (masked out or
-// no teacher logit above `masked`) get 0, 0, 0 and alive[c] = false.
+// no teacher logit above `masked`) get 0, 0, 0.
 template <typename acc_t>
 void kl_columns(const acc_t* s, const acc_t* t, int64_t n, int64_t ld, int64_t c0, int64_t c1, acc_t inv_temp,
                 acc_t temp, acc_t masked, const bool* counted, acc_t* loss, acc_t* lse_s, acc_t* lse_t) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t width = c1 - c0;
-  std::vector<acc_t> max_s(width, neg_inf), max_t(width, neg_inf), z_s(width, 0), z_t(width, 0), w(width, 0);
+  const int64_t width = c1 - c0, padded = (width + W - 1) / W * W;  // per-column buffers in whole vectors
+  std::vector<acc_t> max_s(padded, neg_inf), max_t(padded, neg_inf), z_s(padded, 0), z_t(padded, 0), w(padded, 0);
   const Vec vmasked(masked), vneg_inf(neg_inf), vinv(inv_temp), zero(0);
   for (int64_t v = 0; v < n; ++v) {
     const acc_t* sr = s + v * ld + c0;
     const acc_t* tr = t + v * ld + c0;
-    int64_t c = 0;
-    for (; c + W <= width; c += W) {
-      auto vs = Vec::loadu(sr + c), vt = Vec::loadu(tr + c);
+    for (int64_t c = 0; c < width; c += W) {
+      const int64_t k = lanes_at<acc_t>(c, width);
+      auto vs = Vec::loadu(sr + c, k), vt = Vec::loadu(tr + c, k);
       at::vec::maximum(Vec::loadu(&max_s[c]), vs).store(&max_s[c]);
       at::vec::maximum(Vec::loadu(&max_t[c]), Vec::blendv(vneg_inf, vt, vt > vmasked)).store(&max_t[c]);
-    }
-    for (; c < width; ++c) {
-      max_s[c] = std::max(max_s[c], sr[c]);
-      if (tr[c] > masked) max_t[c] = std::max(max_t[c], tr[c]);
     }
   }
   // Each lane sums a whole column: float partial sums over blocks of rows, added up in double, keep the
@@ -238,22 +243,14 @@ void kl_columns(const acc_t* s, const acc_t* t, int64_t n, int64_t ld, int64_t c
     if (v % kSumBlock == 0) flush();
     const acc_t* sr = s + v * ld + c0;
     const acc_t* tr = t + v * ld + c0;
-    int64_t c = 0;
-    for (; c + W <= width; c += W) {
-      auto vs = Vec::loadu(sr + c), vt = Vec::loadu(tr + c);
+    for (int64_t c = 0; c < width; c += W) {
+      const int64_t k = lanes_at<acc_t>(c, width);
+      auto vs = Vec::loadu(sr + c, k), vt = Vec::loadu(tr + c, k);
       auto keep = vt > vmasked;
       (Vec::loadu(&z_s[c]) + ((vs - Vec::loadu(&max_s[c])) * vinv).exp()).store(&z_s[c]);
       auto et = Vec::blendv(zero, ((vt - Vec::loadu(&max_t[c])) * vinv).exp(), keep);
       (Vec::loadu(&z_t[c]) + et).store(&z_t[c]);
       (Vec::loadu(&w[c]) + et * Vec::blendv(zero, vt - vs, keep)).store(&w[c]);
-    }
-    for (; c < width; ++c) {
-      z_s[c] += std::exp((sr[c] - max_s[c]) * inv_temp);
-      if (tr[c] > masked) {
-        const acc_t et = std::exp((tr[c] - max_t[c]) * inv_temp);
-        z_t[c] += et;
-        w[c] += et * (tr[c] - sr[c]);
-      }
     }
   }
   flush();
@@ -279,15 +276,11 @@ void dlogits_columns(acc_t* s, const acc_t* t, int64_t n, int64_t ld, int64_t c0
   for (int64_t v = 0; v < n; ++v) {
     acc_t* sr = s + v * ld;
     const acc_t* tr = t + v * ld;
-    int64_t c = c0;
-    for (; c + W <= c1; c += W) {
-      auto vs = Vec::loadu(sr + c), vt = Vec::loadu(tr + c);
-      auto pt = Vec::blendv(zero, (vt * vinv - Vec::loadu(shift_t + c)).exp(), vt > vmasked);
-      (((vs * vinv - Vec::loadu(shift_s + c)).exp() - pt) * Vec::loadu(scale + c)).store(sr + c);
-    }
-    for (; c < c1; ++c) {
-      const acc_t pt = tr[c] > masked ? std::exp(tr[c] * inv_temp - shift_t[c]) : acc_t(0);
-      sr[c] = (std::exp(sr[c] * inv_temp - shift_s[c]) - pt) * scale[c];
+    for (int64_t c = c0; c < c1; c += W) {
+      const int64_t k = lanes_at<acc_t>(c, c1);
+      auto vs = Vec::loadu(sr + c, k), vt = Vec::loadu(tr + c, k);
+      auto pt = Vec::blendv(zero, (vt * vinv - Vec::loadu(shift_t + c, k)).exp(), vt > vmasked);
+      (((vs * vinv - Vec::loadu(shift_s + c, k)).exp() - pt) * Vec::loadu(scale + c, k)).store(sr + c, k);
     }
   }
 }
@@ -297,6 +290,7 @@ void dlogits_columns(acc_t* s, const acc_t* t, int64_t n, int64_t ld, int64_t c0
 struct ColumnChunk {
   at::Tensor s, t;
   int64_t r0;
+  at::Tensor padded;  // the student's columns with the chunk's padding (see chunk_logits)
 };
 
 void stats_columns(const ColumnChunk& ch, const c10::optional<at::Tensor>& mask, Rows& out, double temperature,
@@ -365,22 +359,37 @@ struct FusedInputs {
   bool shared;                // the teacher uses the student's weight
 };
 
-// The transposed logits of positions [r0, r0 + n): [s | t] side by side in one [V, 2n] buffer. With one
-// shared weight (the teacher is the student without adapters) that is a single GEMM over 2n positions.
+// The transposed logits of positions [r0, r0 + n): [s | t] side by side in one [V, 2 cols] buffer, cols =
+// max(n, kFusedMinPositions): a short last chunk is padded with positions of zero hidden state. ATen runs
+// GEMMs of a few columns through other kernels, with other rounding; padded, every GEMM has at least
+// kFusedMinPositions columns, so a position's logits and d hs do not depend on the chunk it falls in, nor
+// on how many positions the call has (one process with the whole batch, or several with parts of it).
+// With one shared weight (the teacher is the student without adapters) both halves are one GEMM.
 ColumnChunk chunk_logits(const FusedInputs& in, at::Tensor& buffer, at::Tensor& staging, int64_t r0, int64_t n) {
-  if (buffer.size(1) != 2 * n) {
-    buffer = at::empty({in.vocab, 2 * n}, in.hs.options());
-    staging = at::empty({2 * n, in.hs.size(1)}, in.hs.options());
+  const int64_t cols = std::max(n, kFusedMinPositions);
+  if (buffer.size(1) != 2 * cols) {
+    buffer = at::empty({in.vocab, 2 * cols}, in.hs.options());
+    staging = at::zeros({2 * cols, in.hs.size(1)}, in.hs.options());
   }
+  staging.narrow(0, 0, n).copy_(in.hs.narrow(0, r0, n));
+  staging.narrow(0, cols, n).copy_(in.ht.narrow(0, r0, n));
   if (in.shared) {
-    staging.narrow(0, 0, n).copy_(in.hs.narrow(0, r0, n));
-    staging.narrow(0, n, n).copy_(in.ht.narrow(0, r0, n));
     mm_into(buffer, in.ws, staging.t());
   } else {
-    mm_into(buffer.narrow(1, 0, n), in.ws, in.hs.narrow(0, r0, n).t());
-    mm_into(buffer.narrow(1, n, n), in.wt, in.ht.narrow(0, r0, n).t());
+    mm_into(buffer.narrow(1, 0, cols), in.ws, staging.narrow(0, 0, cols).t());
+    mm_into(buffer.narrow(1, cols, cols), in.wt, staging.narrow(0, cols, cols).t());
   }
-  return {buffer.narrow(1, 0, n), buffer.narrow(1, n, n), r0};
+  return {buffer.narrow(1, 0, n), buffer.narrow(1, cols, n), r0, buffer.narrow(1, 0, cols)};
+}
+
+// d hs of the chunk's positions from its student d-logits (ch.padded: padding columns hold finite values).
+void d_hidden_into(at::Tensor& d_hs, const ColumnChunk& ch, const at::Tensor& ws) {
+  const int64_t n = ch.s.size(1);
+  if (ch.padded.size(1) == n) {
+    mm_into(d_hs.narrow(0, ch.r0, n), ch.padded.t(), ws);
+  } else {
+    d_hs.narrow(0, ch.r0, n).copy_(at::mm(ch.padded.t(), ws).narrow(0, 0, n));
+  }
 }
 
 FusedInputs fused_inputs(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& ws,
@@ -451,18 +460,19 @@ std::vector<at::Tensor> fused_linear_kd_kl_forward(const at::Tensor& hs, const a
   at::Tensor buffer = at::empty({0, 0}, in.hs.options()), staging;
   for (int64_t r0 = 0; r0 < rows; r0 += step) {
     const int64_t n = std::min(step, rows - r0);
-    ColumnChunk ch = chunk_logits(in, buffer, staging, r0, n);
-    at::Tensor index, logits = ch.s;
+    const ColumnChunk full = chunk_logits(in, buffer, staging, r0, n);
+    ColumnChunk ch = full;
+    at::Tensor index;
     if (topk > 0) {
-      auto [t_top, idx] = at::topk(ch.t, topk, 0);
+      auto [t_top, idx] = at::topk(full.t, topk, 0);
       index = idx;
-      ch = {ch.s.gather(0, index).contiguous(), t_top.contiguous(), r0};
+      ch = {full.s.gather(0, index).contiguous(), t_top.contiguous(), r0, at::Tensor()};
     }
     stats_columns(ch, m, out, temperature, ht.scalar_type());
     if (!with_grad) continue;
     dlogits_columns_of(ch, m, out.lse_s, out.lse_t, g, temperature, ht.scalar_type());
-    if (topk > 0) ch.s = logits.zero_().scatter_(0, index, ch.s);
-    mm_into(d_hs.narrow(0, r0, n), ch.s.t(), in.ws);
+    if (topk > 0) full.s.zero_().scatter_(0, index, ch.s);
+    d_hidden_into(d_hs, full, in.ws);
   }
   std::vector<at::Tensor> result{out.loss, out.lse_s, out.lse_t};
   result.push_back(with_grad ? d_hs.to(hs.scalar_type()) : at::Tensor());
@@ -488,17 +498,16 @@ std::vector<at::Tensor> fused_linear_kd_kl_backward(const at::Tensor& grad_rows,
   for (int64_t r0 = 0; r0 < rows; r0 += step) {
     const int64_t n = std::min(step, rows - r0);
     ColumnChunk ch = chunk_logits(in, buffer, staging, r0, n);
-    at::Tensor logits = ch.s;
     if (topk > 0) {
       auto [t_top, index] = at::topk(ch.t, topk, 0);
-      ColumnChunk top{ch.s.gather(0, index).contiguous(), t_top.contiguous(), r0};
+      ColumnChunk top{ch.s.gather(0, index).contiguous(), t_top.contiguous(), r0, at::Tensor()};
       dlogits_columns_of(top, m, ls, lt, g, temperature, ht.scalar_type());
-      logits.zero_().scatter_(0, index, top.s);
+      ch.s.zero_().scatter_(0, index, top.s);
     } else {
       dlogits_columns_of(ch, m, ls, lt, g, temperature, ht.scalar_type());
     }
-    mm_into(d_hs.narrow(0, r0, n), logits.t(), in.ws);
-    if (need_dw) d_ws_slice.addmm_(logits, in.hs.narrow(0, r0, n));
+    d_hidden_into(d_hs, ch, in.ws);
+    if (need_dw) d_ws_slice.addmm_(ch.s, in.hs.narrow(0, r0, n));
   }
   at::Tensor d_ws;
   if (need_dw) {

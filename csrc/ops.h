@@ -6,16 +6,18 @@
 #include <vector>
 
 namespace mode_kernels {
-at::Tensor routed_lora_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                               const c10::optional<at::Tensor>& lora_input, const at::Tensor& order,
-                               const at::Tensor& offsets, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                               const c10::optional<at::Tensor>& router_weight,
-                               const std::vector<int64_t>& experts_per_modality, double scaling);
+std::vector<at::Tensor> routed_lora_forward(const at::Tensor& x, const at::Tensor& weight,
+                                            const c10::optional<at::Tensor>& bias,
+                                            const c10::optional<at::Tensor>& lora_input, const at::Tensor& order,
+                                            const at::Tensor& offsets, const at::Tensor& lora_a,
+                                            const at::Tensor& lora_b, const c10::optional<at::Tensor>& router_weight,
+                                            const std::vector<int64_t>& experts_per_modality, double scaling);
 std::vector<at::Tensor> routed_lora_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& lora_input, const at::Tensor& order, const at::Tensor& offsets,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const c10::optional<at::Tensor>& router_weight,
-    const std::vector<int64_t>& experts_per_modality, double scaling, const std::vector<bool>& needs);
+    const std::vector<int64_t>& experts_per_modality, double scaling, const std::vector<bool>& needs,
+    const c10::optional<at::Tensor>& saved_shrink);
 std::vector<at::Tensor> kd_kl_forward(const at::Tensor& student, const at::Tensor& teacher,
                                       const c10::optional<at::Tensor>& mask, double temperature, int64_t lo,
                                       int64_t hi);

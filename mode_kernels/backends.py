@@ -21,10 +21,6 @@ _REFERENCE = {
 
 # Ops with a native CPU implementation, and the mode_kernels.native module that holds it.
 _NATIVE = {"routed_lora": "routed_lora", "kd_kl": "kd_kl", "fused_linear_kd_kl": "kd_kl"}
-# The ones "auto" picks on CPU. Not the KD ops yet: their native results change with how the positions are
-# split across processes by up to ~1e-4 relative after training (tests/trainer/test_train_distributed.py
-# allows 1e-5; the torch reference meets it), so they run only when asked for with backend="native".
-_AUTO_NATIVE = ("routed_lora",)
 
 
 def _triton_module(op: str) -> ModuleType:
@@ -62,7 +58,7 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     if backend == "auto":
         if device.type == "cuda":
             return "triton" if triton_available(op) else "torch"
-        return "native" if device.type == "cpu" and op in _AUTO_NATIVE and native_available() else "torch"
+        return "native" if device.type == "cpu" and op in _NATIVE and native_available() else "torch"
     if backend == "native":
         if op not in _NATIVE:
             raise NotImplementedError(f"backend='native' has no implementation of {op} yet")

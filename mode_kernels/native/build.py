@@ -21,9 +21,21 @@ from types import ModuleType
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("routed_lora.cpp", "kd_kl.cpp", "bindings.cpp")
 HEADERS = ("common.h", "ops.h")
+
+
+def _sources_directory() -> Path:
+    """The C++ sources: mode_kernels/csrc in an installed package (pyproject.toml ships the top-level csrc/
+    there), the top-level csrc/ of a source tree (an editable install, or the repository on the path)."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / SOURCES[0]).is_file():
+            return candidate
+    return package / "csrc"  # absent: the build fails and says which file is missing
+
+
+CSRC = _sources_directory()
 ENV_SWITCH = "MODE_KERNELS_NATIVE"
 ENV_CACHE = "MODE_KERNELS_CACHE"
 

@@ -45,6 +45,9 @@ def _(hs, ht, ws, wt, mask, row_weight, temperature, lo, hi, topk, backend, need
 
 def _reduced_setup(ctx, inputs, output):
     ctx.need = inputs[-2:]
+    ctx.mark_non_differentiable(*output[1:])
+    # No zero gradients allocated for the returned gradients (each as large as hs or ws) in the backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output[1:])
 
 
@@ -52,6 +55,8 @@ def _reduced_backward(ctx, grad_loss, _grad_d_hs, _grad_d_ws):
     d_hs, d_ws = ctx.saved_tensors
     need_dh, need_dw = ctx.need
     grads = [None] * 13
+    if grad_loss is None:  # the loss did not reach the output (gradients are not materialised)
+        return tuple(grads)
     if need_dh:
         grads[0] = (d_hs * grad_loss).to(d_hs.dtype)
     if need_dw:

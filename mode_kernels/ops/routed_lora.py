@@ -4,8 +4,8 @@ The forward and the backward are each one custom op (``mode_kernels::routed_lora
 ``mode_kernels::routed_lora_backward``) whose implementation is picked by the ``backend``
 string, so ``torch.compile(fullgraph=True)`` sees two opaque nodes and no graph break.
 A routing plan travels into the ops as its tensors. The forward op also returns what the
-backend's backward reuses (the Triton kernels' gated rank intermediate H and gates; empty for
-the reference), saved for the backward and never differentiated.
+backend's backward reuses (the Triton kernels' gated rank intermediate H and gates, the native
+kernels' shrink; empty for the reference), saved for the backward and never differentiated.
 """
 from __future__ import annotations
 

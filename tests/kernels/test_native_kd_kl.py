@@ -153,6 +153,35 @@ def test_low_precision_no_worse_than_naive_same_dtype(dtype):
     assert (g_ours.double() - g_gold).abs().max() <= (g_naive.double() - g_gold).abs().max() + tol
 
 
+@pytest.mark.parametrize("separate_teacher", [False, True])
+@pytest.mark.parametrize("topk", [None, 40])
+def test_fused_linear_results_do_not_depend_on_how_positions_are_split(separate_teacher, topk):
+    """Data-parallel runs give each process a part of the positions, so each part has its own chunks: a
+    position's loss and d hs must come out bit for bit as in one call with all positions (every column of a
+    chunk gets the same vector arithmetic, and GEMMs never run on fewer than 16 positions, whose kernels round
+    differently). The parts cut chunks at odd places and leave parts of 1 and 2 positions. (This also relies
+    on the BLAS computing each output of a GEMM of 16 or more columns the same way whatever their number, as
+    the MKL of torch's x86 wheels does.)"""
+    hs, ht, w, wt = (x.float() for x in fused_case(250, 32, 1100, seed=22))
+    tw = wt if separate_teacher else None
+    mask = rnd(250, seed=23) > -0.5
+    grad_rows = rnd(250, seed=24).float()
+    args = (2.0, 4, 1030)
+
+    def run(a, b):
+        loss, lse_s, lse_t, d_hs = nat.fused_linear_kd_kl_forward(hs[a:b], ht[a:b], w, tw, mask[a:b], *args,
+                                                                  topk=topk, grad_rows=grad_rows[a:b])
+        d_hs_bwd, _ = nat.fused_linear_kd_kl_backward(grad_rows[a:b], hs[a:b], ht[a:b], w, tw, mask[a:b], lse_s,
+                                                      lse_t, *args, False, topk=topk)
+        return loss, d_hs, d_hs_bwd
+
+    whole = run(0, 250)
+    for cut in (1, 2, 17, 125, 249):
+        parts = [run(0, cut), run(cut, 250)]
+        for ours, full in zip(zip(*parts), whole):
+            assert torch.equal(torch.cat(ours), full), cut
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_threads_give_the_same_result(threads):
     hs, ht, w, _ = (x.float() for x in fused_case(200, 16, 300, seed=20))
@@ -168,10 +197,11 @@ def test_threads_give_the_same_result(threads):
     torch.testing.assert_close(logits[0].double(), gold, rtol=1e-4, atol=1e-5)
 
 
-def test_public_api_native_backend_is_selectable():
+def test_public_api_native_backend_is_selectable_and_auto_picks_it():
     cpu = torch.device("cpu")
-    assert mk.backends.resolve("native", cpu, "kd_kl") == "native"
-    assert mk.backends.resolve("native", cpu, "fused_linear_kd_kl") == "native"
+    for op in ("kd_kl", "fused_linear_kd_kl"):
+        assert mk.backends.resolve("native", cpu, op) == "native"
+        assert mk.backends.resolve("auto", cpu, op) == "native"
     hs, ht, w, _ = fused_case(30, 8, 40, seed=21)
     native_loss = mk.fused_linear_kd_kl_loss(hs, ht, w, temperature=2.0, backend="native")
     torch.testing.assert_close(native_loss, mk.fused_linear_kd_kl_loss(hs, ht, w, temperature=2.0, backend="torch"),

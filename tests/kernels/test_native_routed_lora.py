@@ -36,6 +36,9 @@ def check(ours, ref, rel):
 CASES = {
     "text_image_4_1": (37, 24, 40, 8, (4, 1), {}),
     "image_spans": (300, 19, 23, 8, (4, 1), dict(ids=[0] * 100 + [1] * 70 + [0] * 60 + [1] * 70)),
+    # long runs (blocks of one modality's experts) between short ones (merged, dense-masked blocks)
+    "long_and_short_runs": (190, 21, 26, 4, (2, 3, 1), dict(ids=[2] * 5 + [0] * 40 + [1, 2, 0] * 7 + [1] * 33
+                                                                 + [0] * 31 + [2] * 32 + [1] * 4 + [0] * 24)),
     "one_one_no_router_no_bias": (21, 19, 33, 4, (1, 1), dict(router=False, bias=False)),
     "one_one_router_ignored": (18, 16, 16, 8, (1, 1), {}),
     "2_3_1_middle_modality_empty": (30, 20, 17, 16, (2, 3, 1), dict(ids=[0, 2] * 15)),
@@ -55,8 +58,8 @@ def test_float64_matches_naive_gold(case):
     check(run(nat, t, plan, dy, epm), naive_same_dtype(t, ids, dy, epm), 1e-10)
 
 
-@pytest.mark.parametrize("case", ["text_image_4_1", "image_spans", "2_3_1_middle_modality_empty",
-                                  "separate_lora_input"])
+@pytest.mark.parametrize("case", ["text_image_4_1", "image_spans", "long_and_short_runs",
+                                  "2_3_1_middle_modality_empty", "separate_lora_input"])
 def test_float32_matches_reference(case):
     num_tokens, k, n, r, epm, opts = CASES[case]
     t, _, plan, dy = make_case(num_tokens, k, n, r, epm, **opts)
@@ -66,7 +69,8 @@ def test_float32_matches_reference(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["text_image_4_1", "2_3_1_middle_modality_empty", "separate_lora_input"])
+@pytest.mark.parametrize("case", ["text_image_4_1", "long_and_short_runs", "2_3_1_middle_modality_empty",
+                                  "separate_lora_input"])
 def test_low_precision_no_worse_than_naive(case, dtype):
     num_tokens, k, n, r, epm, opts = CASES[case]
     t, ids, plan, dy = make_case(num_tokens, k, n, r, epm, seed=1, **opts)
@@ -105,9 +109,27 @@ def test_non_contiguous_inputs():
     check(run(nat, f, plan, dy.t().contiguous().t(), (2, 3)), ref, 1e-10)
 
 
+@pytest.mark.parametrize("case", ["text_image_4_1", "long_and_short_runs", "separate_lora_input", "zero_tokens"])
+def test_backward_with_the_saved_shrink_equals_recomputing_it(case):
+    num_tokens, k, n, r, epm, opts = CASES[case]
+    t, _, plan, dy = make_case(num_tokens, k, n, r, epm, **opts)
+    args = (t["x"], t["weight"], t["bias"], t["lora_input"], plan, t["lora_a"], t["lora_b"], t["router_weight"],
+            epm, 2.0)
+    y, saved = nat.routed_lora_forward_saving(*args)
+    assert [s.shape for s in saved] == [s.shape for s in nat.saved_like(t["x"], t["lora_a"], t["router_weight"], epm)]
+    needs = tuple(t[name] is not None for name in GRAD_NAMES)
+    for with_saved, recomputed in zip(nat.routed_lora_backward(dy, *args, needs, saved=saved),
+                                      nat.routed_lora_backward(dy, *args, needs)):
+        assert (with_saved is None) == (recomputed is None)
+        if recomputed is not None:
+            assert torch.equal(with_saved, recomputed)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_threads_give_the_same_result(threads):
-    t, _, plan, dy = make_case(600, 24, 40, 8, (4, 1), separate=True)
+@pytest.mark.parametrize("runs", ["random", "long"])
+def test_threads_give_the_same_result(threads, runs):
+    ids = None if runs == "random" else [0] * 300 + [1] * 150 + [0] * 10 + [1] * 140
+    t, _, plan, dy = make_case(600, 24, 40, 8, (4, 1), separate=True, ids=ids)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -117,17 +139,23 @@ def test_threads_give_the_same_result(threads):
     check(ours, run(reference, t, plan, dy, (4, 1)), 1e-5)
 
 
-def test_public_api_native_matches_torch_and_auto_picks_native():
+@pytest.mark.parametrize("runs", ["random", "long"])
+def test_public_api_native_matches_torch_and_auto_picks_native(runs):
+    """Through the custom op, whose backward reuses the forward's saved shrink. "long": runs of one modality
+    long enough to be blocks of their own experts' columns."""
     assert mk.backends.resolve("auto", torch.device("cpu"), "routed_lora") == "native"
-    t, _, _, dy = make_case(2 * 23, 20, 24, 8, (4, 1))
-    ids = torch.randint(0, 2, (2, 23), generator=torch.Generator().manual_seed(3))
+    seq = 40
+    t, _, _, dy = make_case(2 * seq, 20, 24, 8, (4, 1))
+    ids = torch.randint(0, 2, (2, seq), generator=torch.Generator().manual_seed(3))
+    if runs == "long":
+        ids = torch.tensor([[0] * seq, [0] * 5 + [1] * (seq - 5)])
     results = []
     for backend in ("torch", "native"):
         leaves = {name: None if v is None else v.float().requires_grad_() for name, v in t.items()}
-        y = mk.modality_lora_linear(leaves["x"].view(2, 23, 20), leaves["weight"], leaves["bias"], ids,
+        y = mk.modality_lora_linear(leaves["x"].view(2, seq, 20), leaves["weight"], leaves["bias"], ids,
                                     leaves["lora_a"], leaves["lora_b"], leaves["router_weight"],
                                     experts_per_modality=(4, 1), scaling=2.0, backend=backend)
-        y.backward(dy.float().view(2, 23, 24))
+        y.backward(dy.float().view(2, seq, 24))
         results.append([y] + [leaves[name].grad for name in GRAD_NAMES if leaves[name] is not None])
     for ours, ref in zip(results[1], results[0]):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
