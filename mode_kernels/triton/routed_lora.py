@@ -62,9 +62,10 @@ def _mma(acc, a, b, DOT_FP32: tl.constexpr, dtype: tl.constexpr):
 
 @triton.jit
 def _columns(j, NUM_EXPERTS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr):
-    """Rank column j -> (expert, rank index, whether the column exists)."""
-    expert = j // RANK_P
-    rank = j % RANK_P
+    """Rank column j -> (expert, rank index, whether the column exists); expert and rank in int64, as
+    every index that multiplies a stride (weights may span more than 2^31 elements)."""
+    expert = (j // RANK_P).to(tl.int64)
+    rank = (j % RANK_P).to(tl.int64)
     return expert, rank, (expert < NUM_EXPERTS) & (rank < RANK)
 
 
@@ -125,11 +126,11 @@ def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, str
     # Rows past T read row T - 1 (never stored): no row predicate in the K loop.
     u_rows = u_ptr + tl.minimum(rows, T - 1).to(tl.int64)[:, None] * stride_ut
     a_cols = a_ptr + (expert * stride_ae + rank * stride_ar)[None, :]
-    r_cols = router_ptr + e[None, :] * stride_re
+    r_cols = router_ptr + e.to(tl.int64)[None, :] * stride_re
     h = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
     logits = tl.zeros((BLOCK_M, E_W), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         u = tl.load(u_rows + k[None, :] * stride_uk, mask=k[None, :] < K, other=0.0)
         a = tl.load(a_cols + k[:, None] * stride_ak, mask=exists[None, :] & (k[:, None] < K), other=0.0)
         h = _mma(h, u, a, DOT_FP32, dtype)
@@ -181,7 +182,7 @@ def _grad_rows_kernel(dy_ptr, stride_dt, stride_dn, b_ptr, stride_be, stride_bn,
         b_cols = b_ptr + (expert * stride_be + rank * stride_br)[None, :]
         z = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
+            n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             dy = tl.load(dy_rows + n[None, :] * stride_dn, mask=n[None, :] < N, other=0.0)
             b = tl.load(b_cols + n[:, None] * stride_bn, mask=exists[None, :] & (n[:, None] < N), other=0.0)
             z = _mma(z, dy, b, DOT_FP32, dtype)
@@ -294,20 +295,20 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
                      mask=exists[:, None], other=0.0)
         if ROUTER_ROWS:
             is_router = (j >= C) & (j < C + NUM_EXPERTS)
-            lw += tl.load(router_ptr + (tl.where(is_router, j - C, 0) * stride_re)[:, None]
+            lw += tl.load(router_ptr + (tl.where(is_router, j - C, 0).to(tl.int64) * stride_re)[:, None]
                           + safe_cols[None, :] * stride_ro, mask=is_router[:, None], other=0.0)
         acc = _mma(acc, ext, lw, DOT_FP32, dtype)
     a_rows = a_ptr + safe_rows[:, None] * stride_at
     w_cols = w_ptr + safe_cols[None, :] * stride_wo
     for k0 in range(0, IN, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         a = tl.load(a_rows + k[None, :] * stride_ai, mask=k[None, :] < IN, other=0.0)
-        w = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wi, mask=k[:, None] < IN, other=0.0)
+        w = tl.load(w_cols + k[:, None] * stride_wi, mask=k[:, None] < IN, other=0.0)
         acc = _mma(acc, a, w, DOT_FP32, dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < OUT, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_ot + cols[None, :] * stride_oo, acc.to(dtype),
-             mask=(rows[:, None] < T) & (cols[None, :] < OUT))
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_ot + cols.to(tl.int64)[None, :] * stride_oo,
+             acc.to(dtype), mask=(rows[:, None] < T) & (cols[None, :] < OUT))
 
 
 @triton.jit
@@ -344,7 +345,7 @@ def _weight_grads_kernel(g_ptr, h_ptr, u_ptr, stride_ut, stride_uk, dy_ptr, stri
     if pid < programs_a:
         col_blocks = tl.cdiv(K, BLOCK_C)
         j = (pid // col_blocks) * CHUNK_A + tl.arange(0, CHUNK_A)
-        cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cols = ((pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
         acc = _sum_over_tokens(g_ptr, CG, u_ptr, stride_ut, stride_uk, T, K, j, cols, DOT_FP32, BLOCK_M)
         expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
         in_k = cols[None, :] < K
@@ -353,13 +354,14 @@ def _weight_grads_kernel(g_ptr, h_ptr, u_ptr, stride_ut, stride_uk, dy_ptr, stri
                      acc.to(da_ptr.dtype.element_ty), mask=exists[:, None] & in_k)
         if WRITE_R:
             is_router = (j >= C) & (j < CG)
-            tl.store(dr_ptr + (tl.where(is_router, j - C, 0) * stride_dre)[:, None] + cols[None, :] * stride_drk,
+            router_rows = tl.where(is_router, j - C, 0).to(tl.int64)
+            tl.store(dr_ptr + (router_rows * stride_dre)[:, None] + cols[None, :] * stride_drk,
                      acc.to(dr_ptr.dtype.element_ty), mask=is_router[:, None] & in_k)
     elif pid < programs_a + programs_b:
         pid -= programs_a
         col_blocks = tl.cdiv(N, BLOCK_C)
         j = (pid // col_blocks) * CHUNK_B + tl.arange(0, CHUNK_B)
-        cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cols = ((pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
         acc = _sum_over_tokens(h_ptr, C, dy_ptr, stride_dt, stride_dn, T, N, j, cols, DOT_FP32, BLOCK_M)
         expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
         tl.store(db_ptr + (expert * stride_dbe + rank * stride_dbr)[:, None] + cols[None, :] * stride_dbn,
