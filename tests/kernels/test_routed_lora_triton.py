@@ -91,6 +91,27 @@ def test_low_precision_no_worse_than_naive(case, dtype):
     check_low_precision(run(tri, low, plan, dy_low, epm), naive_same_dtype(low, ids, dy_low, epm), gold, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [(37, 24, 40, 8, (4, 1)), (45, 40, 24, 16, (2, 2))])
+def test_tma_path_no_worse_than_naive(case, dtype, monkeypatch):
+    """On sm_90+ the GEMMs copy x, dy, W and the outputs by TMA (tensor descriptors): run that path
+    (the interpreter executes descriptor loads and stores) with rows and columns past the tiles."""
+    num_tokens, k, n, r, epm = case
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(tri, "device_arch", lambda device: 90)
+    elif tri.device_arch(torch.device(DEVICE)) < tri.TMA_MIN_ARCH:
+        pytest.skip("this GPU has no TMA")
+    made = []
+    real = tri._tma_descriptors
+    monkeypatch.setattr(tri, "_tma_descriptors", lambda *a: made.append(real(*a)) or made[-1])
+    t, ids, plan, dy = make_case(num_tokens, k, n, r, epm, seed=2)
+    low, dy_low = cast(t, dtype), dy.to(dtype)
+    gold = run(reference, cast(low, F64), plan, dy_low.to(F64), epm)
+    check_low_precision(run(tri, low, plan, dy_low, epm), naive_same_dtype(low, ids, dy_low, epm), gold, dtype)
+    assert len(made) == 2 and all(m is not None for m in made)  # the forward and the dx GEMM
+    assert [m[1] for m in made] == [True, False]  # W's rows are the forward's outputs, dx's inputs
+
+
 def test_zero_tokens_returns_empty_and_zero_grads():
     t, _, plan, dy = make_case(0, 20, 12, 8, (4, 1), separate=True)
     out = run(tri, cast(t, torch.float32), plan, dy, (4, 1))
