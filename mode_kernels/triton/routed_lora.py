@@ -291,8 +291,11 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
     then unused. The adapters' tile keeps pointer loads (narrow, and their rows need no alignment).
     """
     C: tl.constexpr = NUM_EXPERTS * RANK_P
-    # The adapter tile is no wider than the K tile (registers, as in the base loop).
-    BJ: tl.constexpr = BLOCK_K if BLOCK_K < BLOCK_J else BLOCK_J
+    # The adapter tile is no wider than the K tile; when the adapters take several tiles, their
+    # [BJ, BLOCK_N] tile is at most 64 x 128 (registers: the dx GEMM at ranks 16-64 spilled with
+    # 64 x 256 tiles on sm_90 under Triton 3.6; one 64 x 256 tile, as at rank 8, does not).
+    BJ_K: tl.constexpr = BLOCK_K if BLOCK_K < BLOCK_J else BLOCK_J
+    BJ: tl.constexpr = BJ_K if BJ_K * BLOCK_N <= 8192 or EXT <= BJ_K else 8192 // BLOCK_N
     dtype = out_ptr.dtype.element_ty
     # Grouped ordering: GROUP_M row blocks share each weight column block while it is in L2.
     pid = tl.program_id(0)
