@@ -37,6 +37,19 @@ def routed_lora_launches(t: int, k: int, n: int, backward: bool = True):
     return launches
 
 
+def db_in_grad_rows_launches(t: int, k: int, n: int, rows_per_program: int):
+    """The v2 backward with dB = H^T dy moved into grad rows (a design considered, not built): each
+    grad-rows program streams dy for rows_per_program tokens once, for Z and for its float32 partial
+    of dB [C, N]; the weight-grads pass reduces the T / rows_per_program partials in a fixed order
+    instead of reading dy again."""
+    grad_rows, dx, weight_grads = routed_lora_launches(t, k, n)[2:]
+    partials = t // rows_per_program * COLS * n * 4
+    db_flops = 2 * t * n * PADDED_COLS
+    return [("grad rows + dB partials", grad_rows[1] + db_flops, grad_rows[2] + partials), dx,
+            ("weight grads: G^T u, sum of dB partials", weight_grads[1] - db_flops,
+             weight_grads[2] - t * n * ITEM + partials)]
+
+
 def base_launches(t: int, k: int, n: int, backward: bool = True):
     gemm = (2 * t * k * n, (t * k + n * k + t * n) * ITEM)
     return [("base GEMM y = x W^T", *gemm)] + ([("base GEMM dx = dy W", *gemm)] if backward else [])
@@ -60,6 +73,16 @@ def main() -> None:
             print(f"\n{gpu}: ours {seconds(ours, gpu) * 1e3:.3f} ms, base {seconds(base, gpu) * 1e3:.3f} ms, "
                   f"ratio {seconds(ours, gpu) / seconds(base, gpu):.3f}x", end="")
         print("\n")
+        v2 = routed_lora_launches(TOKENS, k, n)[2:]
+        print(f"dB fused into grad rows (not built), backward after the forward, T={TOKENS}, K={k}, N={n}:\n")
+        print("| rows per program | programs | dB partials MB | H100 us (v2: "
+              f"{seconds(v2, 'H100 SXM') * 1e6:.0f}) | H200 us (v2: {seconds(v2, 'H200') * 1e6:.0f}) |")
+        print("|---:|---:|---:|---:|---:|")
+        for rows in (128, 256, 512):
+            fused = db_in_grad_rows_launches(TOKENS, k, n, rows)
+            print(f"| {rows} | {TOKENS // rows} | {TOKENS // rows * COLS * n * 4 / 1e6:.1f} | "
+                  f"{seconds(fused, 'H100 SXM') * 1e6:.0f} | {seconds(fused, 'H200') * 1e6:.0f} |")
+        print()
     print("### Routed LoRA decode forward (text tokens)\n")
     print("| T | K | N | MB ours | MB base | H100 us ours | H100 us base | ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -10,9 +10,9 @@ the test suite's run, compiles; without it the first target of each kernel funct
 compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 (ptxas and cuobjdump ship inside the triton wheel) and reported as one row: registers, spilled
 bytes (stack frame + local memory, from ``cuobjdump -res-usage``), shared memory, whether it fits
-the arch's shared memory, and on sm_90 whether the PTX uses wgmma. The exit status is non-zero
-on a compile error, a spill, a shared-memory overflow, or an sm_90 GEMM target (``gemm=True``)
-without wgmma.
+the arch's shared memory, and on sm_90 whether the PTX uses wgmma and TMA (``cp.async.bulk.tensor``).
+The exit status is non-zero on a compile error, a spill, a shared-memory overflow, an sm_90 GEMM
+target (``gemm=True``) without wgmma, or an sm_90 TMA target (``tma=True``) without TMA copies.
 """
 from __future__ import annotations
 
@@ -44,13 +44,15 @@ class CompileTarget(NamedTuple):
     name: row label, e.g. ``"expand[fwd bf16] BM128 BN256 BK64"``.
     fn: the ``@triton.jit`` function (for an ``@triton.autotune`` kernel, its ``.fn``).
     signature: runtime argument name -> Triton type, as in ``triton.tools.compile``: ``"*bf16"``,
-        ``"*fp32"``, ``"*i64"``, ``"i32"``, ``"fp32"``; ``"i32:16"`` marks an int known to be a
+        ``"*fp32"``, ``"*i64"``, ``"i32"``, ``"fp32"``, ``"tensordesc<bf16[128,64]>"`` (a host TMA
+        descriptor and its block shape); ``"i32:16"`` marks an int known to be a
         multiple of 16 (Triton's launcher specialises those; pointers are always taken as 16-byte
         aligned). Arguments listed in ``constexprs`` are left out.
     constexprs: argument name -> value for every ``tl.constexpr`` argument, and for int arguments
         equal to 1 (unit strides), which Triton's launcher also specialises to constants.
     num_warps, num_stages: launch options.
     gemm: a tensor-core GEMM: on sm_90 its PTX must use wgmma (else it runs at a fraction of Hopper's rate).
+    tma: copies tiles by TMA: on sm_90 its PTX must hold cp.async.bulk.tensor.
     """
 
     name: str
@@ -60,6 +62,7 @@ class CompileTarget(NamedTuple):
     num_warps: int
     num_stages: int
     gemm: bool = False
+    tma: bool = False
 
 
 class Row(NamedTuple):
@@ -72,11 +75,13 @@ class Row(NamedTuple):
     wgmma: bool | None
     error: str | None
     needs_wgmma: bool = False
+    tma: bool | None = None
+    needs_tma: bool = False
 
     @property
     def ok(self) -> bool:
         return (self.error is None and self.spilled == 0 and self.shared <= MAX_SHARED.get(self.arch, 0)
-                and not (self.needs_wgmma and self.wgmma is False))
+                and not (self.needs_wgmma and self.wgmma is False) and not (self.needs_tma and self.tma is False))
 
 
 def _tool(name: str) -> str:
@@ -137,8 +142,9 @@ def compile_one(module: str, target: CompileTarget, arch: int) -> Row:
     except Exception as exc:  # a compile error is a result to report, not a crash
         return Row(module, target.name, arch, 0, 0, 0, None, f"{type(exc).__name__}: {exc}".splitlines()[0])
     wgmma = ("wgmma" in kernel.asm["ptx"]) if arch >= 90 else None
+    tma = ("cp.async.bulk.tensor" in kernel.asm["ptx"]) if arch >= 90 else None
     return Row(module, target.name, arch, registers, spilled, kernel.metadata.shared, wgmma, None,
-               target.gemm and arch >= 90)
+               target.gemm and arch >= 90, tma, target.tma and arch >= 90)
 
 
 def _targets_of(module, default_only: bool, arch: int) -> list[CompileTarget]:
@@ -179,10 +185,11 @@ def collect(default_only: bool, arch: int) -> list[tuple[str, CompileTarget]]:
 def _format(row: Row) -> str:
     if row.error:
         return f"{row.arch:>4}  {'ERROR':>4}  {row.module}.{row.name}: {row.error}"
-    wgmma = "-" if row.wgmma is None else ("yes" if row.wgmma else "no")
+    wgmma, tma = ("-" if v is None else ("yes" if v else "no") for v in (row.wgmma, row.tma))
     flag = "" if row.ok else ("  <-- SPILL" if row.spilled else "  <-- NO WGMMA" if row.needs_wgmma and not row.wgmma
+                              else "  <-- NO TMA" if row.needs_tma and not row.tma
                               else "  <-- SHARED MEMORY OVER LIMIT")
-    return (f"sm{row.arch:<3} {row.registers:>4} {row.spilled:>6} {row.shared:>7} {wgmma:>5}  "
+    return (f"sm{row.arch:<3} {row.registers:>4} {row.spilled:>6} {row.shared:>7} {wgmma:>5} {tma:>4}  "
             f"{row.module}.{row.name}{flag}")
 
 
@@ -199,7 +206,7 @@ def main(argv=None) -> int:
         print("error: unset TRITON_INTERPRET: the interpreter replaces the kernels the check compiles")
         return 2
     rows = []
-    print(f"{'arch':<5} {'regs':>4} {'spill':>6} {'shared':>7} {'wgmma':>5}  kernel")
+    print(f"{'arch':<5} {'regs':>4} {'spill':>6} {'shared':>7} {'wgmma':>5} {'tma':>4}  kernel")
     for arch in args.arch:
         for module, target in collect(args.default_only, arch):
             if args.filter not in f"{module}.{target.name}":
@@ -207,8 +214,8 @@ def main(argv=None) -> int:
             rows.append(compile_one(module, target, arch))
             print(_format(rows[-1]), flush=True)
     bad = [r for r in rows if not r.ok]
-    print(f"{len(rows)} compilations, {len(bad)} failed (compile error, spill, shared memory over the limit "
-          f"or an sm_90 GEMM without wgmma)")
+    print(f"{len(rows)} compilations, {len(bad)} failed (compile error, spill, shared memory over the limit, "
+          f"an sm_90 GEMM without wgmma or an sm_90 TMA kernel without TMA copies)")
     return 1 if bad or not rows else 0
 
 

@@ -11,6 +11,8 @@ Forward (2 launches):
   float32 gates [T, E] (kept for the backward), in one pass over u.
 * ``_gemm_kernel``: y = [x | H] . [W | B_cat]^T + b, one GEMM whose K loop has the adapters as
   one extra tile; rows and columns in token order, no gathers, no padded tiles.
+  On sm_90+ with half-precision tensors TMA can copy (inner stride 1, 16-byte aligned rows), x,
+  W and y move by TMA block copies (host tensor descriptors); elsewhere by pointer loads.
 
 Backward (3 launches):
 
@@ -27,9 +29,12 @@ integer, so nothing is copied to the device at first use and nothing waits on th
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..routing import RoutingPlan
 from ._common import INTERPRET
@@ -44,6 +49,10 @@ MAX_MODALITIES = 63 // BOUND_BITS - 1
 MAX_EXPERTS = (1 << BOUND_BITS) - 1
 # Rank columns are walked in chunks of at most this many (registers).
 MAX_CHUNK = 64
+# Hopper and later copy the GEMM's tiles by TMA (tensor descriptors); MODE_KERNELS_TMA=0 keeps
+# pointer loads everywhere (a switch for a first GPU run: the TMA path has run only in the interpreter).
+TMA_MIN_ARCH = 90
+TMA_ENABLED = os.environ.get("MODE_KERNELS_TMA", "1") != "0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,9 +71,10 @@ def _mma(acc, a, b, DOT_FP32: tl.constexpr, dtype: tl.constexpr):
 
 @triton.jit
 def _columns(j, NUM_EXPERTS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr):
-    """Rank column j -> (expert, rank index, whether the column exists)."""
-    expert = j // RANK_P
-    rank = j % RANK_P
+    """Rank column j -> (expert, rank index, whether the column exists); expert and rank in int64, as
+    every index that multiplies a stride (weights may span more than 2^31 elements)."""
+    expert = (j // RANK_P).to(tl.int64)
+    rank = (j % RANK_P).to(tl.int64)
     return expert, rank, (expert < NUM_EXPERTS) & (rank < RANK)
 
 
@@ -125,11 +135,11 @@ def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, str
     # Rows past T read row T - 1 (never stored): no row predicate in the K loop.
     u_rows = u_ptr + tl.minimum(rows, T - 1).to(tl.int64)[:, None] * stride_ut
     a_cols = a_ptr + (expert * stride_ae + rank * stride_ar)[None, :]
-    r_cols = router_ptr + e[None, :] * stride_re
+    r_cols = router_ptr + e.to(tl.int64)[None, :] * stride_re
     h = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
     logits = tl.zeros((BLOCK_M, E_W), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         u = tl.load(u_rows + k[None, :] * stride_uk, mask=k[None, :] < K, other=0.0)
         a = tl.load(a_cols + k[:, None] * stride_ak, mask=exists[None, :] & (k[:, None] < K), other=0.0)
         h = _mma(h, u, a, DOT_FP32, dtype)
@@ -181,7 +191,7 @@ def _grad_rows_kernel(dy_ptr, stride_dt, stride_dn, b_ptr, stride_be, stride_bn,
         b_cols = b_ptr + (expert * stride_be + rank * stride_br)[None, :]
         z = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
+            n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             dy = tl.load(dy_rows + n[None, :] * stride_dn, mask=n[None, :] < N, other=0.0)
             b = tl.load(b_cols + n[:, None] * stride_bn, mask=exists[None, :] & (n[:, None] < N), other=0.0)
             z = _mma(z, dy, b, DOT_FP32, dtype)
@@ -212,9 +222,20 @@ DECODE_TOKENS = 64
 T_BUCKETS = (16, 32, 64, 128)  # tokens above the last share one bucket
 
 
+def _set_tma_blocks(nargs):
+    """Config pre-hook: the TMA descriptors' block shapes are the config's tiles (part of the kernel's
+    signature, so each config compiles its own)."""
+    if nargs["a_desc"] is None:
+        return
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk] if nargs["W_ROWS_OUT"] else [bk, bn]
+    nargs["out_desc"].block_shape = [bm, bn]
+
+
 def _config(bm, bn, bk, num_warps, num_stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=num_warps,
-                         num_stages=num_stages)
+                         num_stages=num_stages, pre_hook=_set_tma_blocks)
 
 
 def t_bucket(num_tokens: int) -> int:
@@ -247,14 +268,15 @@ _ALL_GEMM_CONFIGS = gemm_configs(90, 16, False) if INTERPRET else [
 
 @triton.autotune(configs=_ALL_GEMM_CONFIGS,
                  key=["t_bucket", "IN", "OUT", "EXT", "HAS_BIAS", "ROUTER_ROWS", "NUM_EXPERTS", "RANK", "RANK_P",
-                      "DOT_FP32", "BLOCK_J"],
+                      "DOT_FP32", "BLOCK_J", "USE_TMA", "W_ROWS_OUT"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
 def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_ptr, lw_ptr, stride_le, stride_li,
                  stride_lo, router_ptr, stride_re, stride_ro, bias_ptr, out_ptr, stride_ot, stride_oo,
-                 T, IN, OUT, t_bucket,
+                 a_desc, w_desc, out_desc, T, IN, OUT, t_bucket,
                  EXT: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTER_ROWS: tl.constexpr, NUM_EXPERTS: tl.constexpr,
                  RANK: tl.constexpr, RANK_P: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_J: tl.constexpr,
+                 USE_TMA: tl.constexpr, W_ROWS_OUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out = [a | ext] . [Wt ; L] (+ bias): a [T, IN] by strides, Wt [IN, OUT] by strides, ext [T, EXT]
     row-major, L [EXT, OUT]: rank column j is expert j // RANK_P's row j % RANK_P of lw (a 3-D tensor
@@ -262,10 +284,18 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
 
     Forward: a = x, Wt = W^T, ext = H, L = B_cat^T. Input gradient: a = dy, Wt = W, ext = G,
     L = [A_cat ; R]. IN = 0 leaves only the adapters' term.
+
+    USE_TMA (sm_90+): a, W and out move by TMA block copies through host descriptors (a [T, IN],
+    W as stored: [OUT, IN] when W_ROWS_OUT, else [IN, OUT]; out [T, OUT]), out-of-bounds rows and
+    columns zero-filled on load and dropped on store; the pointers and strides of a, W, out are
+    then unused. The adapters' tile keeps pointer loads (narrow, and their rows need no alignment).
     """
     C: tl.constexpr = NUM_EXPERTS * RANK_P
-    # The adapter tile is no wider than the K tile (registers, as in the base loop).
-    BJ: tl.constexpr = BLOCK_K if BLOCK_K < BLOCK_J else BLOCK_J
+    # The adapter tile is no wider than the K tile; when the adapters take several tiles, their
+    # [BJ, BLOCK_N] tile is at most 64 x 128 (registers: the dx GEMM at ranks 16-64 spilled with
+    # 64 x 256 tiles on sm_90 under Triton 3.6; one 64 x 256 tile, as at rank 8, does not).
+    BJ_K: tl.constexpr = BLOCK_K if BLOCK_K < BLOCK_J else BLOCK_J
+    BJ: tl.constexpr = BJ_K if BJ_K * BLOCK_N <= 8192 or EXT <= BJ_K else 8192 // BLOCK_N
     dtype = out_ptr.dtype.element_ty
     # Grouped ordering: GROUP_M row blocks share each weight column block while it is in L2.
     pid = tl.program_id(0)
@@ -294,20 +324,34 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
                      mask=exists[:, None], other=0.0)
         if ROUTER_ROWS:
             is_router = (j >= C) & (j < C + NUM_EXPERTS)
-            lw += tl.load(router_ptr + (tl.where(is_router, j - C, 0) * stride_re)[:, None]
+            lw += tl.load(router_ptr + (tl.where(is_router, j - C, 0).to(tl.int64) * stride_re)[:, None]
                           + safe_cols[None, :] * stride_ro, mask=is_router[:, None], other=0.0)
         acc = _mma(acc, ext, lw, DOT_FP32, dtype)
-    a_rows = a_ptr + safe_rows[:, None] * stride_at
-    w_cols = w_ptr + safe_cols[None, :] * stride_wo
-    for k0 in range(0, IN, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_rows + k[None, :] * stride_ai, mask=k[None, :] < IN, other=0.0)
-        w = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wi, mask=k[:, None] < IN, other=0.0)
-        acc = _mma(acc, a, w, DOT_FP32, dtype)
+    if USE_TMA:
+        first_row = row_block * BLOCK_M
+        first_col = col_block * BLOCK_N
+        for k0 in range(0, IN, BLOCK_K):
+            a = a_desc.load([first_row, k0])
+            if W_ROWS_OUT:
+                w = tl.trans(w_desc.load([first_col, k0]))
+            else:
+                w = w_desc.load([k0, first_col])
+            acc = _mma(acc, a, w, DOT_FP32, dtype)
+    else:
+        a_rows = a_ptr + safe_rows[:, None] * stride_at
+        w_cols = w_ptr + safe_cols[None, :] * stride_wo
+        for k0 in range(0, IN, BLOCK_K):
+            k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            a = tl.load(a_rows + k[None, :] * stride_ai, mask=k[None, :] < IN, other=0.0)
+            w = tl.load(w_cols + k[:, None] * stride_wi, mask=k[:, None] < IN, other=0.0)
+            acc = _mma(acc, a, w, DOT_FP32, dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < OUT, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_ot + cols[None, :] * stride_oo, acc.to(dtype),
-             mask=(rows[:, None] < T) & (cols[None, :] < OUT))
+    if USE_TMA:
+        out_desc.store([first_row, first_col], acc.to(dtype))
+    else:
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_ot + cols.to(tl.int64)[None, :] * stride_oo,
+                 acc.to(dtype), mask=(rows[:, None] < T) & (cols[None, :] < OUT))
 
 
 @triton.jit
@@ -344,7 +388,7 @@ def _weight_grads_kernel(g_ptr, h_ptr, u_ptr, stride_ut, stride_uk, dy_ptr, stri
     if pid < programs_a:
         col_blocks = tl.cdiv(K, BLOCK_C)
         j = (pid // col_blocks) * CHUNK_A + tl.arange(0, CHUNK_A)
-        cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cols = ((pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
         acc = _sum_over_tokens(g_ptr, CG, u_ptr, stride_ut, stride_uk, T, K, j, cols, DOT_FP32, BLOCK_M)
         expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
         in_k = cols[None, :] < K
@@ -353,13 +397,14 @@ def _weight_grads_kernel(g_ptr, h_ptr, u_ptr, stride_ut, stride_uk, dy_ptr, stri
                      acc.to(da_ptr.dtype.element_ty), mask=exists[:, None] & in_k)
         if WRITE_R:
             is_router = (j >= C) & (j < CG)
-            tl.store(dr_ptr + (tl.where(is_router, j - C, 0) * stride_dre)[:, None] + cols[None, :] * stride_drk,
+            router_rows = tl.where(is_router, j - C, 0).to(tl.int64)
+            tl.store(dr_ptr + (router_rows * stride_dre)[:, None] + cols[None, :] * stride_drk,
                      acc.to(dr_ptr.dtype.element_ty), mask=is_router[:, None] & in_k)
     elif pid < programs_a + programs_b:
         pid -= programs_a
         col_blocks = tl.cdiv(N, BLOCK_C)
         j = (pid // col_blocks) * CHUNK_B + tl.arange(0, CHUNK_B)
-        cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cols = ((pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
         acc = _sum_over_tokens(h_ptr, C, dy_ptr, stride_dt, stride_dn, T, N, j, cols, DOT_FP32, BLOCK_M)
         expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
         tl.store(db_ptr + (expert * stride_dbe + rank * stride_dbr)[:, None] + cols[None, :] * stride_dbn,
@@ -466,13 +511,44 @@ def _gemm(out, a, w_in_out, ext, lora_in_out, router_weight, bias, lay: Layout, 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(OUT, meta["BLOCK_N"]),)
 
+    tma = _tma_descriptors(a, w, stride_wi, out)
     _gemm_kernel[grid](a_arg, *a_arg.stride(), w, stride_wi, stride_wo, ext if ext is not None else out, lw,
                        stride_le, stride_li, stride_lo, router, stride_re, stride_ro,
-                       bias if bias is not None else out, out, *out.stride(), T, IN, OUT, t_bucket(T),
+                       bias if bias is not None else out, out, *out.stride(), *(tma[0] if tma else (None,) * 3),
+                       T, IN, OUT, t_bucket(T),
                        EXT=ext_cols, HAS_BIAS=bias is not None, ROUTER_ROWS=router_rows, NUM_EXPERTS=lay.num_experts,
                        RANK=lay.rank, RANK_P=lay.rank_p, DOT_FP32=_dot_fp32(out),
-                       BLOCK_J=min(MAX_CHUNK, max(16, _next_pow2(ext_cols))))
+                       BLOCK_J=min(MAX_CHUNK, max(16, _next_pow2(ext_cols))), USE_TMA=tma is not None,
+                       W_ROWS_OUT=tma is not None and tma[1])
     return out
+
+
+def device_arch(device: torch.device) -> int:
+    """10 * major + minor of a CUDA device's compute capability; 0 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A 2-D tensor TMA can copy blocks of: innermost stride 1, base and other stride 16-byte aligned."""
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0 and min(t.shape) > 0)
+
+
+def _tma_descriptors(a, w, stride_wi, out):
+    """(descriptors of a, W, out; whether W's rows are the outputs) for the GEMM on sm_90+ with
+    half-precision tensors TMA can copy, else None (pointer loads). W is described as stored:
+    [OUT, IN] when its IN stride is its column stride. Block shapes are placeholders until the
+    config's pre-hook sets them."""
+    if not TMA_ENABLED or a is None or device_arch(out.device) < TMA_MIN_ARCH \
+            or out.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if not all(_tma_ready(t) for t in (a, w, out)):
+        return None
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16]) for t in (a, w, out)), \
+        stride_wi == w.stride(1)
 
 
 def _grad_rows(grad_y, lora_b, h, gates, ids, lay: Layout, scaling):

@@ -21,4 +21,7 @@ def test_default_configs_compile_for_sm90_without_spills():
     rows = [line for line in result.stdout.splitlines() if line.startswith("sm90")]
     assert any("routed_lora.gemm[forward" in row for row in rows), result.stdout
     assert any("routed_lora.gemm[dx" in row for row in rows), result.stdout
-    assert all(" yes " in row for row in rows if "routed_lora.gemm" in row), "fused GEMM without wgmma on sm_90"
+    gemms = [row.split() for row in rows if "routed_lora.gemm" in row]
+    assert all(row[4] == "yes" for row in gemms), "fused GEMM without wgmma on sm_90"
+    assert all(row[5] == "yes" for row in gemms if row[-1] == "tma"), "TMA GEMM without cp.async.bulk.tensor"
+    assert any(row[-1] == "tma" for row in gemms), "no TMA variant of the GEMM compiled for sm_90"

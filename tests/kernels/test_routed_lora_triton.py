@@ -5,6 +5,7 @@ there is no GPU). float32 must match the float64 gold to 1e-5 of its largest mag
 bf16/fp16 must be, elementwise, no further from the gold than the naive dense formula computed
 in the same dtype, plus tol times the gold's largest magnitude.
 """
+import inspect
 import os
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from host_sync import NoHostSync  # noqa: E402
 from routed_lora_cases import ALL_NEEDS, F64, GRAD_NAMES, LOW_PRECISION_TOL, cast, naive_same_dtype, run  # noqa: E402
 from routed_lora_cases import make_case as make_case_on_cpu  # noqa: E402
 
@@ -87,6 +89,27 @@ def test_low_precision_no_worse_than_naive(case, dtype):
     dy_low = dy.to(dtype)
     gold = run(reference, cast(low, F64), plan, dy_low.to(F64), epm)
     check_low_precision(run(tri, low, plan, dy_low, epm), naive_same_dtype(low, ids, dy_low, epm), gold, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [(37, 24, 40, 8, (4, 1)), (45, 40, 24, 16, (2, 2))])
+def test_tma_path_no_worse_than_naive(case, dtype, monkeypatch):
+    """On sm_90+ the GEMMs copy x, dy, W and the outputs by TMA (tensor descriptors): run that path
+    (the interpreter executes descriptor loads and stores) with rows and columns past the tiles."""
+    num_tokens, k, n, r, epm = case
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(tri, "device_arch", lambda device: 90)
+    elif tri.device_arch(torch.device(DEVICE)) < tri.TMA_MIN_ARCH:
+        pytest.skip("this GPU has no TMA")
+    made = []
+    real = tri._tma_descriptors
+    monkeypatch.setattr(tri, "_tma_descriptors", lambda *a: made.append(real(*a)) or made[-1])
+    t, ids, plan, dy = make_case(num_tokens, k, n, r, epm, seed=2)
+    low, dy_low = cast(t, dtype), dy.to(dtype)
+    gold = run(reference, cast(low, F64), plan, dy_low.to(F64), epm)
+    check_low_precision(run(tri, low, plan, dy_low, epm), naive_same_dtype(low, ids, dy_low, epm), gold, dtype)
+    assert len(made) == 2 and all(m is not None for m in made)  # the forward and the dx GEMM
+    assert [m[1] for m in made] == [True, False]  # W's rows are the forward's outputs, dx's inputs
 
 
 def test_zero_tokens_returns_empty_and_zero_grads():
@@ -179,3 +202,63 @@ def test_bad_inputs_raise():
         big = cast(make_case(8, 16, 16, 8, (17,))[0], torch.float32)
         tri.routed_lora_forward(*args(big)[:4], plan_routing(torch.zeros(8, dtype=torch.int64), 1), *args(big)[5:],
                                 (17,), 2.0)
+
+
+def test_offsets_past_2_31_elements():
+    """Every index times a stride is int64: x, W and dy with a column stride of 2^29, A, B and the
+    router with an expert stride of 2^29, so the last column (expert) lies 2^31 elements past the
+    first. The views share one buffer, allocated and never written except at their elements (the
+    untouched pages are never mapped: a few MiB resident). An int32 offset wraps and reads elsewhere."""
+    stride = 1 << 29
+    t, _, plan, dy = make_case(33, 5, 5, 8, (4, 1))
+    gold = run(reference, t, plan, dy, (4, 1))
+    buf = torch.empty(4 * stride + (1 << 16), dtype=torch.float32, device=DEVICE)
+    slots = iter(range(0, 1 << 16, 4096))
+
+    def spread(v, big_dim):
+        """v copied into buf, dimension big_dim with the big stride, the others packed in a slot."""
+        strides, inner = [0] * v.dim(), 1
+        for d in reversed(range(v.dim())):
+            if d != big_dim:
+                strides[d], inner = inner, inner * v.shape[d]
+        strides[big_dim] = stride
+        return buf.as_strided(v.shape, strides, next(slots)).copy_(v)
+
+    f = cast(t, torch.float32)
+    for name, big_dim in (("x", 1), ("weight", 1), ("lora_a", 0), ("lora_b", 0), ("router_weight", 0)):
+        f[name] = spread(f[name], big_dim)
+    check_fp32(run(tri, f, plan, spread(dy.float(), 1), (4, 1)), gold)
+
+
+def test_no_host_sync_and_no_host_copy(monkeypatch):
+    """plan_routing and the Triton forward and backward never wait on the device or copy host data
+    to it (with sync checks off, the default on CUDA): CUDA-graph capturable, no cache at first use."""
+    from mode_kernels import _validation
+
+    monkeypatch.setattr(_validation, "sync_checks_enabled", lambda device: False)
+    t, ids, _, dy = make_case(40, 18, 20, 8, (4, 1), separate=True)
+    f = cast(t, torch.float32)
+    with NoHostSync():
+        plan = plan_routing(ids, 2)
+        out = run(tri, f, plan, dy.float(), (4, 1))
+    check_fp32(out, run(reference, t, plan, dy, (4, 1)))
+
+
+def test_gemm_autotune_key_holds_every_constexpr(monkeypatch):
+    """Every constexpr of the GEMM kernel is either tuned (set by the configs) or in the autotune key,
+    so no two specialisations share a tuned config; the token count enters only as its bucket; and
+    a key tunes a handful of configs at most."""
+    kernel = tri._gemm_kernel
+    tuned = {name for config in kernel.configs for name in config.kwargs}
+    params = inspect.signature(kernel.fn.fn).parameters.values()
+    constexprs = {p.name for p in params if p.annotation in ("tl.constexpr", triton.language.constexpr)}
+    assert {"EXT", "HAS_BIAS", "ROUTER_ROWS", "DOT_FP32", "BLOCK_M"} <= constexprs
+    assert constexprs - tuned <= set(kernel.keys), sorted(constexprs - tuned - set(kernel.keys))
+    assert "T" not in kernel.keys and "t_bucket" in kernel.keys
+    assert [tri.t_bucket(n) for n in (1, 16, 17, 64, 65, 128, 129, 8192, 10 ** 6)] == [16, 16, 32, 64, 128, 128,
+                                                                                         256, 256, 256]
+    monkeypatch.setattr(tri, "INTERPRET", False)  # the compiled code's config lists
+    for arch in (80, 90):
+        for bucket in (*tri.T_BUCKETS, tri.t_bucket(10 ** 6)):
+            for fp32 in (False, True):
+                assert 1 <= len(tri.gemm_configs(arch, bucket, fp32)) <= 4

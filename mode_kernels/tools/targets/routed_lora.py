@@ -6,6 +6,7 @@ from ...triton.routed_lora import (
     DECODE_TOKENS,
     MAX_CHUNK,
     T_BUCKETS,
+    TMA_MIN_ARCH,
     Layout,
     _gemm_kernel,
     _grad_rows_kernel,
@@ -26,12 +27,19 @@ LAYOUTS = [((4, 1), 8), ((2, 1), 8), ((3, 1), 8), ((8, 1), 8), ((16,), 8), ((1, 
 _LARGE_BUCKET = 2 * T_BUCKETS[-1]
 
 
-def _compile_target(name, fn, dtype, unit_strides, constexprs, num_warps, num_stages, gemm=False):
-    """A CompileTarget for contiguous tensors: unit strides are constants, other strides and sizes multiples of 16."""
+def _compile_target(name, fn, dtype, unit_strides, constexprs, num_warps, num_stages, gemm=False, descriptors=None):
+    """A CompileTarget for contiguous tensors: unit strides are constants, other strides and sizes multiples of 16.
+    descriptors: TMA descriptor argument -> block shape (the others, if any, are None)."""
     constexprs = {**constexprs, **{stride: 1 for stride in unit_strides}}
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
+            continue
+        if arg.endswith("_desc"):
+            if descriptors:
+                signature[arg] = f"tensordesc<{dtype}[{','.join(map(str, descriptors[arg]))}]>"
+            else:
+                constexprs[arg] = None
             continue
         if arg.endswith("_ptr"):
             signature[arg] = _POINTER_TYPES.get(arg, f"*{dtype}")
@@ -41,7 +49,7 @@ def _compile_target(name, fn, dtype, unit_strides, constexprs, num_warps, num_st
             signature[arg] = "i32:16"
         else:
             signature[arg] = "i32"
-    return CompileTarget(name, fn, signature, constexprs, num_warps, num_stages, gemm)
+    return CompileTarget(name, fn, signature, constexprs, num_warps, num_stages, gemm, bool(descriptors))
 
 
 def _launch(meta: dict) -> tuple[dict, dict]:
@@ -70,25 +78,31 @@ def _per_token_targets(lay: Layout, dtype: str, tag: str) -> list[CompileTarget]
     return targets
 
 
-def _gemm_targets(lay: Layout, dtype: str, tag: str, configs) -> list[CompileTarget]:
+def _gemm_targets(lay: Layout, dtype: str, tag: str, configs, tma: bool = False) -> list[CompileTarget]:
+    """The forward and dx GEMMs for each config; tma: with TMA descriptors for x/dy, W and the output
+    (what the launcher picks on sm_90 for aligned half-precision tensors), else pointer loads."""
     fp32 = dtype == "fp32"
-    layout = dict(NUM_EXPERTS=lay.num_experts, RANK=lay.rank, RANK_P=lay.rank_p, DOT_FP32=fp32)
+    layout = dict(NUM_EXPERTS=lay.num_experts, RANK=lay.rank, RANK_P=lay.rank_p, DOT_FP32=fp32, USE_TMA=tma)
     targets = []
     for config in configs:
         tiles = " ".join(f"{k}{v}" for k, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
+        tiles += " tma" if tma else ""
         launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        bm, bn, bk = (config.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         # y = [x | H] [W^T ; B_cat^T] + b: W^T read along W's rows (K), B^T along B's rank.
-        fwd = dict(layout, EXT=lay.columns, HAS_BIAS=True, ROUTER_ROWS=False,
+        fwd = dict(layout, EXT=lay.columns, HAS_BIAS=True, ROUTER_ROWS=False, W_ROWS_OUT=True,
                    BLOCK_J=min(MAX_CHUNK, _next_pow2(lay.columns)), **config.kwargs)
         targets.append(_compile_target(f"gemm[forward {tag}] {tiles}", _gemm_kernel.fn, dtype,
                                        ("stride_ai", "stride_wi", "stride_li", "stride_oo"), fwd, **launch,
-                                       gemm=not fp32))
+                                       gemm=not fp32,
+                                       descriptors=tma and dict(a_desc=(bm, bk), w_desc=(bn, bk), out_desc=(bm, bn))))
         # dx = [dy | dh | dlogit] [W ; A_cat ; R].
-        dx = dict(layout, EXT=lay.grad_columns, HAS_BIAS=False, ROUTER_ROWS=lay.has_router,
+        dx = dict(layout, EXT=lay.grad_columns, HAS_BIAS=False, ROUTER_ROWS=lay.has_router, W_ROWS_OUT=False,
                   BLOCK_J=min(MAX_CHUNK, _next_pow2(lay.grad_columns)), **config.kwargs)
         targets.append(_compile_target(f"gemm[dx {tag}] {tiles}", _gemm_kernel.fn, dtype,
                                        ("stride_ai", "stride_wo", "stride_lo", "stride_ro", "stride_oo"), dx,
-                                       **launch, gemm=not fp32))
+                                       **launch, gemm=not fp32,
+                                       descriptors=tma and dict(a_desc=(bm, bk), w_desc=(bk, bn), out_desc=(bm, bn))))
     return targets
 
 
@@ -96,15 +110,22 @@ def compile_targets(default_only: bool = False, arch: int = 90):
     """Every kernel and config the launchers and the autotuner can pick on ``arch``: for bf16 every
     layout in LAYOUTS (per-token kernels, the first large-T and the first decode GEMM config), every
     GEMM config for MoDE's layout ((4, 1), r 8); fp16 (same code as bf16) for MoDE's layout;
-    float32 (exact products, the slow correctness path) for every layout. default_only: MoDE's
-    layout in bf16, the first large-T and the first decode GEMM config."""
+    float32 (exact products, the slow correctness path) for every layout. On sm_90 the half-precision
+    GEMMs are the TMA variants, plus the pointer variant of the first config per layout (tensors
+    TMA cannot copy). default_only: MoDE's layout in bf16, the first large-T and the first decode
+    GEMM config (TMA on sm_90)."""
+    tma = arch >= TMA_MIN_ARCH
     large = gemm_configs(arch, _LARGE_BUCKET, False)
     decode = gemm_configs(arch, DECODE_TOKENS, False)
     firsts = large[:1] + decode[:1]
     mode = Layout((4, 1), 8, True)
+
+    def half(lay, dtype, tag, configs):
+        fallback = _gemm_targets(lay, dtype, tag, configs[:1]) if tma and not default_only else []
+        return _gemm_targets(lay, dtype, tag, configs, tma) + fallback
+
     if default_only:
-        return _per_token_targets(mode, "bf16", "bf16 E(4, 1) r8") + _gemm_targets(mode, "bf16", "bf16 E(4, 1) r8",
-                                                                                   firsts)
+        return _per_token_targets(mode, "bf16", "bf16 E(4, 1) r8") + half(mode, "bf16", "bf16 E(4, 1) r8", firsts)
     targets = []
     for experts, rank in LAYOUTS:
         lay = Layout(experts, rank, True)
@@ -114,9 +135,8 @@ def compile_targets(default_only: bool = False, arch: int = 90):
             if dtype == "fp32":
                 targets += _gemm_targets(lay, dtype, tag, gemm_configs(arch, _LARGE_BUCKET, True))
             elif (experts, rank) == ((4, 1), 8):
-                targets += _gemm_targets(lay, dtype, tag, large + decode)
+                targets += half(lay, dtype, tag, large + decode)
             else:
-                targets += _gemm_targets(lay, dtype, tag, firsts)
-    targets += _per_token_targets(mode, "fp16", "fp16 E(4, 1) r8") + _gemm_targets(mode, "fp16", "fp16 E(4, 1) r8",
-                                                                                   firsts)
+                targets += half(lay, dtype, tag, firsts)
+    targets += _per_token_targets(mode, "fp16", "fp16 E(4, 1) r8") + half(mode, "fp16", "fp16 E(4, 1) r8", firsts)
     return targets
