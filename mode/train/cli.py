@@ -107,7 +107,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     other.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="without torchrun (under torchrun: each process's GPU, else the CPU)")
     other.add_argument("--cache-dir", default=None,
-                       help="pretrained-model cache (default $MODE_CACHE_DIR or ~/.cache/mode-kernels)")
+                       help="pretrained-model cache (default $MODE_CACHE_DIR, else $XDG_CACHE_HOME/mode-kernels "
+                            "or ~/.cache/mode-kernels)")
     other.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     other.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

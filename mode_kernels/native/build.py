@@ -21,6 +21,8 @@ from types import ModuleType
 
 import torch
 
+from ..cache import cache_dir
+
 SOURCES = ("routed_lora.cpp", "kd_kl.cpp", "bindings.cpp")
 HEADERS = ("common.h", "ops.h")
 
@@ -37,7 +39,6 @@ def _sources_directory() -> Path:
 
 CSRC = _sources_directory()
 ENV_SWITCH = "MODE_KERNELS_NATIVE"
-ENV_CACHE = "MODE_KERNELS_CACHE"
 
 
 class NativeUnavailable(RuntimeError):
@@ -49,10 +50,7 @@ def disabled() -> bool:
 
 
 def cache_root() -> Path:
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mode_kernels"
+    return cache_dir() / "native"
 
 
 def _cflags() -> list[str]:

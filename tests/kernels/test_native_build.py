@@ -47,7 +47,7 @@ def test_switched_off_by_the_environment():
 
 
 def test_missing_compiler_warns_once_and_falls_back_to_torch(tmp_path):
-    out, err = probe(CXX=str(tmp_path / "no-such-compiler"), MODE_KERNELS_CACHE=str(tmp_path / "cache"))
+    out, err = probe(CXX=str(tmp_path / "no-such-compiler"), MODE_CACHE_DIR=str(tmp_path / "cache"))
     assert "auto: torch torch torch" in out
     assert "native error: backend='native' is unavailable: building the native CPU kernels failed" in out
     assert err.count("RuntimeWarning: mode_kernels: building the native CPU kernels failed") == 1

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mode_kernels.cache import cache_dir
+
 from ...hf.models import continue_sequences, model_device
 from ...train.schedule import cosine_lr
 from ..scoring import answer_nll
@@ -151,7 +153,7 @@ class Pretrained:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MODE_CACHE_DIR") or Path.home() / ".cache" / "mode-kernels")
+    return cache_dir()
 
 
 def cache_key(vocab: DigitsVocab, model_config: DigitsModelConfig, config: PretrainConfig) -> str:
