@@ -133,20 +133,25 @@ def _shrink_kernel(u_ptr, stride_ut, stride_uk, a_ptr, stride_ae, stride_ar, str
     e = tl.arange(0, E_W)
     dtype = u_ptr.dtype.element_ty
     # Rows past T read row T - 1 (never stored): no row predicate in the K loop.
-    u_rows = u_ptr + tl.minimum(rows, T - 1).to(tl.int64)[:, None] * stride_ut
-    a_cols = a_ptr + (expert * stride_ae + rank * stride_ar)[None, :]
-    r_cols = router_ptr + e.to(tl.int64)[None, :] * stride_re
+    # 64-bit pointers advanced by a 64-bit step per K tile (no per-tile 64-bit offset products).
+    k_first = tl.arange(0, BLOCK_K).to(tl.int64)
+    u_ptrs = u_ptr + tl.minimum(rows, T - 1).to(tl.int64)[:, None] * stride_ut + k_first[None, :] * stride_uk
+    a_ptrs = a_ptr + (expert * stride_ae + rank * stride_ar)[None, :] + k_first[:, None] * stride_ak
+    r_ptrs = router_ptr + e.to(tl.int64)[None, :] * stride_re + k_first[:, None] * stride_rk
+    step = tl.full([], BLOCK_K, tl.int64)
     h = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
     logits = tl.zeros((BLOCK_M, E_W), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        u = tl.load(u_rows + k[None, :] * stride_uk, mask=k[None, :] < K, other=0.0)
-        a = tl.load(a_cols + k[:, None] * stride_ak, mask=exists[None, :] & (k[:, None] < K), other=0.0)
+        k = k0 + tl.arange(0, BLOCK_K)
+        u = tl.load(u_ptrs, mask=k[None, :] < K, other=0.0)
+        a = tl.load(a_ptrs, mask=exists[None, :] & (k[:, None] < K), other=0.0)
         h = _mma(h, u, a, DOT_FP32, dtype)
         if HAS_ROUTER:
-            r = tl.load(r_cols + k[:, None] * stride_rk, mask=(e[None, :] < NUM_EXPERTS) & (k[:, None] < K),
-                        other=0.0)
+            r = tl.load(r_ptrs, mask=(e[None, :] < NUM_EXPERTS) & (k[:, None] < K), other=0.0)
             logits = _mma(logits, u, r, DOT_FP32, dtype)
+            r_ptrs += step * stride_rk
+        u_ptrs += step * stride_uk
+        a_ptrs += step * stride_ak
     own, several = _own_experts(ids_ptr, rows, row_mask, BOUNDS, NUM_MODALITIES, E_W, BOUND_BITS)
     gates = _gates(logits, own, several)
     column_gates = tl.dot(gates * scaling, _expert_onehot(expert, exists, E_W), input_precision="ieee")
@@ -217,7 +222,10 @@ _TILES = {
     80: [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
 }
 _DECODE_TILES = [(64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3)]
-_FP32_TILES = [(32, 64, 32, 4, 3)]  # float32: exact products on CUDA cores, small tiles
+# float32: exact products on CUDA cores, small tiles, per GPU family: each spill-free under Triton 3.6
+# and 3.9 for every layout (on sm_80, BLOCK_K 32 spilled 8-24 bytes with 3 stages under 3.9 or 2
+# stages under 3.6; on sm_90, BLOCK_K 16 spilled 8 bytes under both).
+_FP32_TILES = {90: [(32, 64, 32, 4, 3)], 80: [(32, 64, 16, 4, 3)]}
 DECODE_TOKENS = 64
 T_BUCKETS = (16, 32, 64, 128)  # tokens above the last share one bucket
 
@@ -248,7 +256,7 @@ def gemm_configs(arch: int, bucket: int, dot_fp32: bool) -> list:
     if INTERPRET:  # the interpreter is slow: one config, no autotuning
         return [_config(min(bucket, 32), 32, 32, 4, 1)]
     if dot_fp32:
-        return [_config(*t) for t in _FP32_TILES]
+        return [_config(*t) for t in _FP32_TILES[90 if arch >= 90 else 80]]
     if bucket <= DECODE_TOKENS:
         return [_config(*t) for t in _DECODE_TILES]
     return [_config(*t) for t in _TILES[90 if arch >= 90 else 80]]
@@ -263,7 +271,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
 
 
 _ALL_GEMM_CONFIGS = gemm_configs(90, 16, False) if INTERPRET else [
-    _config(*t) for t in [*_TILES[90], *_TILES[80], *_FP32_TILES, *_DECODE_TILES]]
+    _config(*t) for t in [*_TILES[90], *_TILES[80], *_FP32_TILES[90], *_FP32_TILES[80], *_DECODE_TILES]]
 
 
 @triton.autotune(configs=_ALL_GEMM_CONFIGS,
@@ -466,7 +474,7 @@ def rows_config(dot_fp32: bool) -> dict:
     """Launch meta of the per-token kernels (shrink, grad rows): [64, 64] float32 accumulators over 8 warps."""
     if INTERPRET:
         return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_K=32 if dot_fp32 else 64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_K=16 if dot_fp32 else 64, num_warps=8, num_stages=3)
 
 
 def weight_grads_config(lay: Layout, dot_fp32: bool) -> dict:
