@@ -14,6 +14,11 @@ from __future__ import annotations
 import torch
 
 EXTRA_MEMORY_FRACTION = 0.1
+# The bound holds from this many logits up. A smaller problem may use the budget of this size
+# (a tenth of the naive path's floor at 2^24 logits: 19.2 MiB for 16-bit logits), so it runs in
+# one or a few chunks, not in chunks of single positions (16 positions of an 8192-entry slice
+# would otherwise get chunks of one position: a tile of 32-128 rows run for 1, 16 times over).
+BOUNDED_FROM_LOGITS = 1 << 24
 
 
 def naive_bytes_per_logit(dtype: torch.dtype) -> int:
@@ -23,14 +28,16 @@ def naive_bytes_per_logit(dtype: torch.dtype) -> int:
 
 
 def chunk_rows(n_rows: int, n_vocab: int, dtype: torch.dtype, bytes_per_row: int, align: int = 1) -> int:
-    """Positions per chunk: as many as keep ``bytes_per_row`` per position within the bound,
-    rounded down to a multiple of ``align`` (the kernels' largest row tile), or to half of it, so
-    no row tile runs partly empty; below half of it, as many as fit (at least 1: tiles then pad).
+    """Positions per chunk: as many as keep ``bytes_per_row`` per position within the bound (of
+    n_rows x n_vocab logits, or of BOUNDED_FROM_LOGITS when fewer), rounded down to a multiple of
+    ``align`` (the kernels' largest row tile), or to half of it, so no row tile runs partly empty;
+    below half of it, as many as fit (at least 1: tiles then pad).
 
     (One position per chunk can still exceed the bound when P is tiny and the slice huge: P below
-    about 1 / EXTRA_MEMORY_FRACTION. Every shape with 2^24 logits or more and a slice of at most
-    2^20 entries has P >= 16 and stays within it.)"""
-    budget = EXTRA_MEMORY_FRACTION * n_rows * n_vocab * naive_bytes_per_logit(dtype)
+    about 1 / EXTRA_MEMORY_FRACTION. Every shape with 2^24 logits or more, a slice of at most
+    2^20 entries and top-k at most 4096 stays within it: tests/kernels/test_kd_memory.py.)"""
+    logits = max(n_rows * n_vocab, BOUNDED_FROM_LOGITS)
+    budget = EXTRA_MEMORY_FRACTION * logits * naive_bytes_per_logit(dtype)
     rows = int(budget // max(bytes_per_row, 1))
     if rows >= n_rows:
         return n_rows

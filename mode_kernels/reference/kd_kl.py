@@ -17,8 +17,8 @@ from ..kd_memory import chunk_rows
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 logits
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_chunks(rows: int, cols: int):
@@ -63,7 +63,7 @@ def dlogits_rows(s, t, lse_s, lse_t, grad_rows, temperature, alive):
 
 def kd_kl_forward(student, teacher, mask, temperature, lo, hi):
     """student, teacher: [P, V]; mask: bool [P] or None. Returns (loss [P], lse_s [P], lse_t [P])."""
-    acc = _acc_dtype(student)
+    acc = _acc_dtype(student.dtype)
     rows = student.shape[0]
     loss = torch.zeros(rows, dtype=acc, device=student.device)
     lse_s, lse_t = torch.zeros_like(loss), torch.zeros_like(loss)
@@ -76,7 +76,7 @@ def kd_kl_forward(student, teacher, mask, temperature, lo, hi):
 
 def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, temperature, lo, hi):
     """d loss / d student [P, V] in the student's dtype (zero outside [lo, hi))."""
-    acc = _acc_dtype(student)
+    acc = _acc_dtype(student.dtype)
     grad = torch.zeros_like(student)
     for r0, r1 in _row_chunks(student.shape[0], hi - lo):
         t = teacher_logits(teacher[r0:r1, lo:hi], acc)
@@ -123,6 +123,13 @@ def fused_bytes_per_row(n_vocab: int, topk: int | None, acc: torch.dtype) -> int
     return n_vocab * (3 * size + 1) + (topk or 0) * (5 * size + 9)
 
 
+def chunk_plan(n_rows: int, n_vocab: int, topk: int | None, dtype: torch.dtype):
+    """(positions per chunk, bytes one position of a chunk holds) of ``fused_linear_kd_kl`` for
+    inputs of ``dtype``: the memory bound's chunk."""
+    per_row = fused_bytes_per_row(n_vocab, topk, _acc_dtype(dtype))
+    return chunk_rows(n_rows, n_vocab, dtype, per_row), per_row
+
+
 def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weight, need_dh, need_dw):
     """The fused-linear KD loss per position and, when asked, the gradients of
     sum_p row_weight[p] * loss[p] (the teacher is a constant).
@@ -136,7 +143,7 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weig
     three GEMMs per chunk with a frozen weight, four with a trainable one, nothing recomputed.
     d ws accumulates in float32 (float64) into the slice's rows only: in place in the output when
     ws is float32 (float64), else in one extra [hi - lo, H] buffer."""
-    acc = _acc_dtype(hs)
+    acc = _acc_dtype(hs.dtype)
     rows, n_vocab = hs.shape[0], hi - lo
     ws_slice = ws[lo:hi].to(acc)
     wt_slice = ws_slice if wt is None else wt[lo:hi].to(acc)
@@ -149,7 +156,7 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weig
         d_ws_slice = d_ws[lo:hi] if accumulate_in_place else torch.zeros(n_vocab, ws.shape[1], dtype=acc,
                                                                              device=ws.device)
     need_grad = need_dh or need_dw
-    step = chunk_rows(rows, n_vocab, hs.dtype, fused_bytes_per_row(n_vocab, topk, acc))
+    step = chunk_plan(rows, n_vocab, topk, hs.dtype)[0]
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         h = hs[r0:r1].to(acc)

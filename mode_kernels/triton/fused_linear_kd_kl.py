@@ -12,7 +12,8 @@ Positions are processed in chunks sized by the memory bound (``mode_kernels.kd_m
    then d logits = T * w * (p_s - p_t) in the dots' 16-bit dtype (w: the row's weight in the
    reduction, or its output gradient). With top-k the row pass runs on the teacher's k largest
    logits (torch.topk of the chunk) and the gathered student logits, and the d logits are
-   scattered back.
+   scattered back. A chunk of few positions runs the row pass split over the vocabulary (see
+   mode_kernels.triton.kd_kl).
 3. ``_matmul_kernel``: d hidden[chunk] = d logits @ W, and d W[slice] += d logits^T @ hidden[chunk]
    (float32, when the weight is trainable).
 So a frozen weight costs three GEMM-sized products (student logits, teacher logits, d hidden),
@@ -38,6 +39,7 @@ from .kd_kl import (
     kd_kl_forward,
     kd_kl_forward_backward,
     like_with_unit_stride_rows,
+    split_bytes_per_row,
     unit_stride_rows,
 )
 
@@ -202,8 +204,21 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) 
 def _fused_bytes_per_row(n_pad: int, topk: int | None, operand: torch.dtype) -> int:
     """What one position of a chunk holds: float32 student and teacher logits and the d logits
     (padded rows); with top-k also the selected values and indices, the gathered student logits
-    and their d logits."""
-    return n_pad * (8 + operand.itemsize) + (topk or 0) * (16 + operand.itemsize)
+    and their d logits; with few positions the split row pass's scratch."""
+    return (n_pad * (8 + operand.itemsize) + (topk or 0) * (16 + operand.itemsize)
+            + split_bytes_per_row(topk or n_pad))
+
+
+def chunk_plan(n_rows: int, n_vocab: int, topk: int | None, dtype: torch.dtype, operand: torch.dtype):
+    """(positions per chunk, bytes one position of a chunk holds) for n_rows positions of a slice
+    of n_vocab entries, inputs of ``dtype`` and dots in ``operand``: the memory bound's chunk."""
+    per_row = _fused_bytes_per_row(padded_width(n_vocab), topk, operand)
+    return chunk_rows(n_rows, n_vocab, dtype, per_row, CHUNK_ALIGN), per_row
+
+
+def padded_width(n_vocab: int) -> int:
+    """Rows of the chunk buffers padded to 16 entries stay 16-byte aligned for any slice width."""
+    return triton.cdiv(n_vocab, 16) * 16
 
 
 def _logits_grid(n_rows: int, n_vocab: int):
@@ -245,9 +260,8 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weig
     dot = _dot_args(operand)
     mask = None if mask is None else mask.contiguous()
     need_grad = need_dh or need_dw
-    # Rows padded to 16 entries keep every row of the buffers 16-byte aligned for any slice width.
-    n_pad = triton.cdiv(n_vocab, 16) * 16
-    step = chunk_rows(n_rows, n_vocab, hs.dtype, _fused_bytes_per_row(n_pad, topk, operand), CHUNK_ALIGN)
+    n_pad = padded_width(n_vocab)
+    step = chunk_plan(n_rows, n_vocab, topk, hs.dtype, operand)[0]
     logits = torch.empty(2, step, n_pad, dtype=torch.float32, device=hs.device)
     d_buffer = torch.empty(step, n_pad, dtype=operand, device=hs.device) if need_grad else None
     for r0 in range(0, n_rows, step):

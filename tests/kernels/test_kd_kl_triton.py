@@ -11,7 +11,7 @@ import torch
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import mode_kernels as mk  # noqa: E402
 from mode_kernels import kd_memory  # noqa: E402
@@ -20,10 +20,29 @@ from mode_kernels.triton import fused_linear_kd_kl as tfused  # noqa: E402
 from mode_kernels.triton import kd_kl as tkd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The interpreter runs the kernels' -inf arithmetic (masked entries, dead rows) in numpy,
-# which warns about it; the results are selected away by tl.where and checked below.
+# The interpreter runs the kernels' -inf arithmetic (absent entries, dead rows) in numpy, which
+# warns about it; the results are selected away by tl.where and checked below (why the kernels
+# compute them: mode_kernels/triton/kd_kl.py, online_kl_update).
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+@pytest.fixture(params=[False, True], ids=["row-programs", "vocab-split"])
+def vocab_split(request, monkeypatch):
+    """Both forms of the row passes: one program per row block, or (True) the split over the
+    vocabulary with merged statistics, forced on these small shapes by segments of 64 columns and
+    more (the GPU's minimum is 1024; the interpreter plans for 132 SMs, so every test shape has
+    few rows). Returns (split, the segment widths of the split passes that ran)."""
+    monkeypatch.setattr(tkd, "MIN_SPLIT_COLS", 64 if request.param else 1 << 30)
+    widths = []
+    real = tkd._split_forward
+    monkeypatch.setattr(tkd, "_split_forward", lambda *args: widths.append(args[-1]) or real(*args))
+    return request.param, widths
+
+
+def assert_split_ran(vocab_split, n_cols):
+    split, widths = vocab_split
+    assert bool(widths) == (split and n_cols > tkd.MIN_SPLIT_COLS), widths  # more than one segment
 
 
 def special_rows(teacher, mask, lo, hi):
@@ -71,10 +90,11 @@ LOGIT_CASES = [  # vocab, (lo, hi), temperature
 
 
 @pytest.mark.parametrize("vocab,vocab_range,temperature", LOGIT_CASES)
-def test_kd_kl_float32_matches_reference(vocab, vocab_range, temperature):
+def test_kd_kl_float32_matches_reference(vocab, vocab_range, temperature, vocab_split):
     lo, hi = vocab_range
     student, teacher, mask, grad_rows = make_logits(7, vocab, lo, hi, torch.float32, seed=vocab + lo)
     ours = tkd.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
+    assert_split_ran(vocab_split, hi - lo)
     gold = ref.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
     for name, a, b in zip(("loss", "lse_s", "lse_t"), ours, gold):
         assert a.dtype == torch.float32
@@ -114,7 +134,7 @@ def naive_rows(student, teacher, temperature, lo, hi):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab,vocab_range,temperature", [(1000, (100, 900), 0.5), (8194, (0, 8194), 4.0)])
-def test_kd_kl_half_no_worse_than_naive(dtype, vocab, vocab_range, temperature):
+def test_kd_kl_half_no_worse_than_naive(dtype, vocab, vocab_range, temperature, vocab_split):
     lo, hi = vocab_range
     g = torch.Generator().manual_seed(7)
     student, teacher = [(torch.randn(5, vocab, generator=g) * 2).to(dtype).to(DEVICE) for _ in range(2)]
@@ -129,9 +149,46 @@ def test_kd_kl_half_no_worse_than_naive(dtype, vocab, vocab_range, temperature):
 
     ours = tkd.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
     d_ours = tkd.kd_kl_backward(grad_rows, student, teacher, mask, ours[1], ours[2], temperature, lo, hi)
+    assert_split_ran(vocab_split, hi - lo)
     assert d_ours.dtype == dtype
     assert_no_worse(ours[0], naive.detach(), gold[0], TOL[dtype], "loss")
     assert_no_worse(d_ours, s.grad, d_gold, TOL[dtype], "d student")
+
+
+@pytest.mark.parametrize("sms", [108, 132])
+def test_vocab_split_fills_the_gpu_when_rows_are_few(sms):
+    """The launchers' plan (arithmetic only): no split once the rows alone give PROGRAMS_PER_SM
+    programs per SM or the slice is under two segments; otherwise power-of-two segments of at least
+    MIN_SPLIT_COLS columns, at most MAX_SPLITS (+1 for alignment) of them, enough for the target
+    unless the minimum width stops it, and the segments cover the slice exactly."""
+    target = tkd.PROGRAMS_PER_SM * sms
+    for rows in (1, 3, 16, 100, target - 1, target, 4 * target):
+        for lo, hi in ((0, 1000), (0, 2048), (4, 8196), (2, 8194), (0, 65536), (0, 1 << 20), (100, 70000)):
+            cols = tkd.vocab_split_cols(rows, lo, hi, sms)
+            if rows >= target or hi - lo <= tkd.MIN_SPLIT_COLS:
+                assert cols == 0
+                continue
+            assert cols >= tkd.MIN_SPLIT_COLS and cols & (cols - 1) == 0
+            segments = tkd.n_segments(lo, hi, cols)
+            assert 2 <= segments <= tkd.MAX_SPLITS + 1
+            fewest = triton.next_power_of_2(triton.cdiv(hi - lo, tkd.MAX_SPLITS))
+            assert rows * segments >= target or cols in (tkd.MIN_SPLIT_COLS, fewest)
+            bounds = [(max(lo, (lo // cols + j) * cols), min(hi, (lo // cols + j + 1) * cols)) for j in range(segments)]
+            assert bounds[0][0] == lo and bounds[-1][1] == hi and all(a < b for a, b in bounds)
+            assert all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+    assert tkd.vocab_split_cols(16, 4, 8196, 132) == 1024  # MoDE's image codes, a 16-position chunk: 9 segments
+
+
+def test_vocab_split_is_deterministic(monkeypatch):
+    """No atomics: the same inputs give bitwise the same losses and gradients."""
+    monkeypatch.setattr(tkd, "MIN_SPLIT_COLS", 64)
+    student, teacher, mask, grad_rows = make_logits(5, 300, 7, 290, torch.float32, seed=8)
+    runs = []
+    for _ in range(2):
+        loss, lse_s, lse_t = tkd.kd_kl_forward(student, teacher, mask, 2.0, 7, 290)
+        runs.append((loss, lse_s, tkd.kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, 2.0, 7, 290)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_kd_kl_float64_is_refused():
@@ -163,13 +220,6 @@ def gold_fused(hs, ht, ws, wt, mask, temperature, lo, hi, topk, grad_rows, need_
                                   True, need_dw)
 
 
-@pytest.fixture
-def one_chunk(monkeypatch):
-    """The memory bound makes chunks of about a tenth of the positions: on the interpreter's tiny
-    shapes that is many slow launches, so most tests take one chunk (the chunked test keeps it)."""
-    monkeypatch.setattr(kd_memory, "EXTRA_MEMORY_FRACTION", 1.0)
-
-
 FUSED_CASES = [  # rows, vocab, hidden, (lo, hi), temperature, teacher weight shared, need_dw, topk
     (13, 1, 20, (0, 1), 1.0, True, True, None),
     (21, 17, 40, (0, 17), 0.5, False, True, None),
@@ -181,11 +231,12 @@ FUSED_CASES = [  # rows, vocab, hidden, (lo, hi), temperature, teacher weight sh
 
 @pytest.mark.parametrize("rows,vocab,hidden,vocab_range,temperature,shared,need_dw,topk", FUSED_CASES)
 def test_fused_float32_matches_float64_gold(rows, vocab, hidden, vocab_range, temperature, shared, need_dw, topk,
-                                            one_chunk):
+                                            vocab_split):
     lo, hi = vocab_range
     hs, ht, ws, wt, mask, grad_rows = make_hidden(rows, hidden, vocab, torch.float32, shared, seed=vocab + hidden)
     loss, d_hs, d_ws = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, grad_rows,
                                                  True, need_dw)
+    assert_split_ran(vocab_split, hi - lo if topk is None else topk)
     gold = gold_fused(hs, ht, ws, wt, mask, temperature, lo, hi, topk, grad_rows, need_dw)
     assert loss.dtype == torch.float32 and d_hs.dtype == torch.float32
     torch.testing.assert_close(loss.double(), gold[0], rtol=1e-5, atol=1e-5)
@@ -205,8 +256,9 @@ def test_fused_float32_matches_float64_gold(rows, vocab, hidden, vocab_range, te
 
 @pytest.mark.parametrize("topk", [None, 5])
 def test_fused_chunks_follow_the_memory_bound(topk, monkeypatch):
-    """With the real bound, P = 40 positions take chunks of a few rows; the d weight is accumulated
-    across them, and each chunk's buffers stay within the bound."""
+    """With the bound of 2^24 logits and more applied to P = 40 positions, chunks of a few rows;
+    the d weight is accumulated across them."""
+    monkeypatch.setattr(kd_memory, "BOUNDED_FROM_LOGITS", 0)
     hs, ht, ws, wt, mask, grad_rows = make_hidden(40, 16, 64, torch.float32, False, seed=2)
     steps = []
     real = tfused.chunk_rows
@@ -218,13 +270,15 @@ def test_fused_chunks_follow_the_memory_bound(topk, monkeypatch):
         torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_masked_teacher_logits(one_chunk):
-    """Teacher logits near the float32 minimum (weights of -1e38 against positive hidden states)
-    have probability 0 and count 0, here in every position, with and without top-k."""
+def test_fused_masked_teacher_logits(vocab_split):
+    """Teacher logits near the float32 minimum or -inf (weights of -1e38 against positive hidden
+    states) have probability 0 and count 0, here in every position, with and without top-k; with
+    the split, whole segments hold nothing else."""
     hs, ht, ws, _, mask, grad_rows = make_hidden(11, 16, 50, torch.float32, True, seed=4)
     ht = ht.abs() + 0.5
     wt = ws.clone()
     wt[[3, 10, 11, 40], 0] = -1e38
+    wt[16:32, 0] = -1e38
     for topk in (None, 20):
         loss, d_hs, _ = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, 0.5, 0, 50, topk, grad_rows, True, False)
         gold = gold_fused(hs, ht, ws, wt, mask, 0.5, 0, 50, topk, grad_rows, False)
@@ -234,8 +288,8 @@ def test_fused_masked_teacher_logits(one_chunk):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shared,topk", [(True, None), (False, 16)])
-def test_fused_half_no_worse_than_naive(dtype, shared, topk, one_chunk):
+@pytest.mark.parametrize("shared,topk", [(True, None), (False, 100)])
+def test_fused_half_no_worse_than_naive(dtype, shared, topk, vocab_split):
     vocab, hidden, lo, hi, temperature = 300, 48, 20, 290, 2.0
     hs, ht, ws, wt, mask, grad_rows = make_hidden(21, hidden, vocab, dtype, shared, seed=3)
     gold = gold_fused(hs, ht, ws, wt, mask, temperature, lo, hi, topk, grad_rows, True)
@@ -251,6 +305,7 @@ def test_fused_half_no_worse_than_naive(dtype, shared, topk, one_chunk):
 
     loss, d_hs, d_ws = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, grad_rows,
                                                  True, True)
+    assert_split_ran(vocab_split, hi - lo if topk is None else topk)
     assert d_hs.dtype == dtype and d_ws.dtype == dtype
     assert_no_worse(loss, naive.detach(), gold[0], TOL[dtype], "loss")
     assert_no_worse(d_hs, h.grad, gold[1], TOL[dtype], "d hidden")
@@ -263,7 +318,7 @@ def test_fused_float64_is_refused():
         tfused.fused_linear_kd_kl(x.float(), x.float(), x, None, None, 1.0, 0, 2, None, None, False, False)
 
 
-def test_grid_stride_loops_cover_every_row(monkeypatch, one_chunk):
+def test_grid_stride_loops_cover_every_row(monkeypatch):
     """With more row blocks (tiles) than the grid may hold (P up to ~1M), programs loop over them."""
     monkeypatch.setattr(tkd, "MAX_GRID", 1)
     monkeypatch.setattr(tfused, "MAX_GRID", 1)
@@ -283,7 +338,7 @@ def test_grid_stride_loops_cover_every_row(monkeypatch, one_chunk):
 
 # ----------------------------------------------------------------------------- through the public API
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_public_api_triton_matches_torch(reduction, one_chunk):
+def test_public_api_triton_matches_torch(reduction):
     g = torch.Generator().manual_seed(11)
     student = torch.randn(2, 5, 300, generator=g).to(DEVICE)
     teacher = torch.randn(2, 5, 300, generator=g).to(DEVICE)
