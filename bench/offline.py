@@ -288,9 +288,13 @@ WORKLOADS = [
              _routed_lora(2048, 128, 256, 8, (4, 1), 512, True)),
     Workload("routed LoRA decode fwd", "T=8 K=128 N=256 r=8 E=(4,1) text only",
              _routed_lora(8, 128, 256, 8, (4, 1), 0, False)),
-    Workload("kd_kl_loss fwd+bwd", "P=64 V=1032 slice [4, 1028) T=2", _kd(64, 1032, 64, 4, 1028, False)),
-    Workload("fused_linear_kd_kl_loss fwd+bwd", "P=64 H=64 V=1032 slice [4, 1028) T=2",
-             _kd(64, 1032, 64, 4, 1028, True)),
+    # KD: enough positions for one program per row, and few (16, a short batch or a small chunk:
+    # the launchers plan the split over the vocabulary for 132 SMs under the interpreter).
+    Workload("kd_kl_loss fwd+bwd", "P=1024 V=4100 slice [4, 4100) T=2", _kd(1024, 4100, 64, 4, 4100, False)),
+    Workload("kd_kl_loss fwd+bwd", "P=16 V=8196 slice [4, 8196) T=2", _kd(16, 8196, 64, 4, 8196, False)),
+    Workload("fused_linear_kd_kl_loss fwd+bwd", "P=1024 H=64 V=4096 T=2", _kd(1024, 4096, 64, 0, 4096, True)),
+    Workload("fused_linear_kd_kl_loss fwd+bwd", "P=16 H=64 V=8196 slice [4, 8196) T=2",
+             _kd(16, 8196, 64, 4, 8196, True)),
 ]
 
 

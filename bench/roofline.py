@@ -1,4 +1,5 @@
-"""Roofline ESTIMATES of the routed-LoRA kernels and the KD ideals at Anole-7B shapes (no GPU run).
+"""Roofline ESTIMATES of the routed-LoRA kernels, the KD ideals and the fused-linear KD's launches at
+Anole-7B shapes (no GPU run).
 
     python -m bench.roofline
 
@@ -55,6 +56,30 @@ def base_launches(t: int, k: int, n: int, backward: bool = True):
     return [("base GEMM y = x W^T", *gemm)] + ([("base GEMM dx = dy W", *gemm)] if backward else [])
 
 
+def fused_kd_launches(positions: int, hidden: int, vocab: int):
+    """(name, FLOPs, bytes) of the fused-linear KD's Triton launches with a frozen weight and reduction
+    "mean", bf16 inputs, summed over its chunks of positions (``chunk_plan``: the memory bound):
+    per chunk the logits kernel (both dots; writes float32 logits), the row pass (reads them, writes
+    bf16 d logits; a long row stays in L2 between its two sweeps) and d hidden = d logits @ W."""
+    import torch
+
+    from mode_kernels.triton.fused_linear_kd_kl import chunk_plan
+
+    chunk = chunk_plan(positions, vocab, None, torch.bfloat16, torch.bfloat16)[0]
+    launches = []
+    for r0 in range(0, positions, chunk):
+        rows = min(chunk, positions - r0)
+        logits = rows * vocab * 4
+        launches += [
+            ("logits (student, teacher)", 2 * 2 * rows * hidden * vocab,
+             2 * rows * hidden * ITEM + vocab * hidden * ITEM + 2 * logits),
+            ("row pass: KL, d logits", 0, 2 * logits + rows * vocab * ITEM),
+            ("d hidden = d logits @ W", 2 * rows * vocab * hidden, rows * vocab * ITEM + vocab * hidden * ITEM
+             + rows * hidden * ITEM),
+        ]
+    return chunk, launches
+
+
 def seconds(launches, gpu: str) -> float:
     flops_peak, bandwidth = GPUS[gpu]
     return sum(max(f / flops_peak, b / bandwidth) for _, f, b in launches)
@@ -99,6 +124,23 @@ def main() -> None:
     for name, launches in (("fused_linear_kd_kl_loss", fused), ("kd_kl_loss on logits", logits)):
         print(f"- {name} ({launches[0][0]}): " + ", ".join(f"{gpu} {seconds(launches, gpu) * 1e3:.3f} ms"
                                                        for gpu in GPUS))
+    for vocab in (8192, 65536):
+        chunk, ours = fused_kd_launches(positions, hidden, vocab)
+        ideal = [("three GEMMs", 3 * 2 * positions * hidden * vocab,
+                  (3 * vocab * hidden + 3 * positions * hidden) * ITEM)]
+        print(f"\n### fused_linear_kd_kl_loss launches, P={positions}, H={hidden}, V={vocab} "
+              f"(chunks of {chunk} positions)\n")
+        print("| launch (summed over chunks) | GFLOP | MB | H100 us | H200 us |\n|---|---:|---:|---:|---:|")
+        for name in dict.fromkeys(n for n, _, _ in ours):
+            part = [la for la in ours if la[0] == name]
+            f, b = sum(la[1] for la in part), sum(la[2] for la in part)
+            print(f"| {name} | {f / 1e9:.1f} | {b / 1e6:.1f} | {seconds(part, 'H100 SXM') * 1e6:.0f} | "
+                  f"{seconds(part, 'H200') * 1e6:.0f} |")
+        for gpu in GPUS:
+            ours_s, ideal_s = seconds(ours, gpu), seconds(ideal, gpu)
+            print(f"\n{gpu}: ours {ours_s * 1e3:.3f} ms, three-GEMM ideal {ideal_s * 1e3:.3f} ms, "
+                  f"ratio {ours_s / ideal_s:.3f}x", end="")
+        print()
 
 
 if __name__ == "__main__":

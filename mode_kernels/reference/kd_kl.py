@@ -159,6 +159,7 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weig
     step = chunk_plan(rows, n_vocab, topk, hs.dtype)[0]
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
+        s = d = s_full = None  # free the last chunk's logits before this chunk's are made
         h = hs[r0:r1].to(acc)
         s = h @ ws_slice.t()
         t = ht[r0:r1].to(acc) @ wt_slice.t()

@@ -47,3 +47,20 @@ def test_routed_lora_decode_is_two_launches_reading_the_weights_about_once():
     row = offline.run_workload(decode)
     assert row["total"]["launches"] == 2
     assert row["ratio"]["bytes"] <= 1.05
+
+
+def test_fused_kd_counts_the_three_gemm_flops_with_a_frozen_weight():
+    """Forward + backward of the fused-linear KD (reduction mean, frozen weight): the two logits
+    GEMMs and d hidden, nothing recomputed; at tile-multiple sizes exactly the ideal."""
+    run, ideal = offline._kd(256, 1024, 64, 0, 1024, True)()
+    flops = sum(la.flops for la in offline.measure(run))
+    assert abs(flops / ideal.flops - 1) <= 0.10, flops / ideal.flops
+
+
+def test_kd_workloads_cover_the_split_over_the_vocabulary():
+    """bench.offline's few-positions KD workloads run the split row pass (partial statistics, merge)."""
+    few = [w for w in offline.WORKLOADS if w.op.startswith("kd_kl_loss") and "P=16 " in w.shape]
+    assert few
+    run, _ = few[0].build()
+    kernels = [la.kernel for la in offline.measure(run)]
+    assert "_kd_kl_partial_stats_kernel" in kernels and "_kd_kl_merge_kernel" in kernels, kernels
