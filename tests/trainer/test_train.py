@@ -20,8 +20,8 @@ from mode.workloads.digits import data as digits
 
 REPO = Path(__file__).resolve().parents[2]
 # a few steps of everything: checks plumbing and files, not accuracy
-SMOKE_ARGS = ["--pretrain-steps", "2", "--steps-per-task", "4", "--eval-size", "8", "--gen-samples", "1",
-              "--checkpoint-every", "2", "--no-progress", "--device", "cpu"]
+SMOKE_ARGS = ["--pretrain-steps", "2", "--steps-per-task", "4", "--batch-size", "4", "--eval-size", "8",
+              "--gen-samples", "1", "--checkpoint-every", "2", "--no-progress", "--device", "cpu"]
 # tiny tensors: more threads only add overhead, and on a busy machine a lot of it
 ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
