@@ -43,17 +43,23 @@ WORDS = DIGIT_NAMES + (
     "what", "digit", "is", "this", "?", "draw", "a",
     "even", "or", "odd", "greater", "than", "not", "plus", "times",
 )
+# Words that only the extra pretraining questions use (`PRETRAIN_QUESTIONS`): in the vocabulary
+# only when pretraining asks those questions, so the default model is the same with or without them.
+PRETRAIN_QUESTION_WORDS = {"one": (), "several": ("prime", "squared")}
 
 
 class DigitsVocab:
-    """Token ids: specials, then words, then the 17 image codes, then <boi> and <eoi>.
+    """Token ids: specials, then words (with those of the pretraining ``questions``), then the 17
+    image codes, then <boi> and <eoi>.
 
     Every id below `image_code_base` is text; ids in [image_code_base, image_code_base + 17)
     are gray levels 0..16; `begin_image` / `end_image` are the markers around the 64 codes.
     """
 
-    def __init__(self):
-        self.tokens: list[str] = list(SPECIAL_TOKENS) + list(WORDS)
+    def __init__(self, questions: str = "one"):
+        if questions not in PRETRAIN_QUESTION_WORDS:
+            raise ValueError(f"questions must be one of {sorted(PRETRAIN_QUESTION_WORDS)}, got {questions!r}")
+        self.tokens: list[str] = list(SPECIAL_TOKENS) + list(WORDS) + list(PRETRAIN_QUESTION_WORDS[questions])
         self.image_code_base = len(self.tokens)
         self.tokens += [f"<img{level}>" for level in range(GRAY_LEVELS)]
         self.begin_image = len(self.tokens)
@@ -208,7 +214,23 @@ def _times_two(image, label):
     return (DIGIT_NAMES[label], "times", "two", "is") + _spelled(2 * label)
 
 
+def _prime(image, label):
+    verdict = ("is",) if label in (2, 3, 5, 7) else ("is", "not")
+    return (DIGIT_NAMES[label],) + verdict + ("prime",)
+
+
+def _squared(image, label):
+    return (DIGIT_NAMES[label], "squared", "is") + _spelled(label * label)
+
+
 DIGIT = Task("digit", ("what", "digit", "is", "this", "?"), _digit_name)
+# Pretraining questions about the image (--pretrain-questions). 'one' asks only what the digit is,
+# so the answer never depends on the question; 'several' adds two questions, each with its own
+# answer format after the digit's name and disjoint from the continual tasks' skills, so that the
+# frozen attention learns to carry the question to the answer positions (the issue's suggestion).
+PRIME = Task("prime", ("is", "this", "digit", "prime", "?"), _prime)
+SQUARED = Task("squared", ("what", "is", "this", "digit", "squared", "?"), _squared)
+PRETRAIN_QUESTIONS = {"one": (DIGIT,), "several": (DIGIT, PRIME, SQUARED)}
 CONTINUAL_TASKS = (
     Task("parity", ("is", "this", "digit", "even", "or", "odd", "?"), _parity),
     Task("greater_than_four", ("is", "this", "digit", "greater", "than", "four", "?"), _greater_than_four),
