@@ -1,7 +1,7 @@
 """The pretrained unified model of the `digits` benchmark, and its evaluation.
 
 A tiny random-init Llama (`LlamaForCausalLM`) is trained on CPU on both modalities of
-`mode.digits`: naming the digit in an image (understanding) and drawing a digit from
+`mode.digits`: answering questions about the digit in an image (understanding) and drawing a digit from
 "draw a <digit>" (generation), plus the text-only facts the continual tasks answer with
 ("seven is odd"). `load_or_pretrain` caches the weights on disk under a hash of
 (vocabulary, model config, pretraining config), so later runs skip pretraining.
@@ -69,7 +69,7 @@ class PretrainConfig:
     understanding_rows: int = 24  # rows per batch of "what digit is this ? <image>" -> digit
     generation_rows: int = 40  # rows per batch of "draw a <digit>" -> image
     text_rows: int = 8  # rows per batch of text-only sentences (`digits.text_facts`)
-    questions: str = "one"  # the understanding rows' questions: a key of `digits.PRETRAIN_QUESTIONS`
+    questions: str = digits.DEFAULT_PRETRAIN_QUESTIONS  # the understanding rows' `digits.PRETRAIN_QUESTIONS`
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
