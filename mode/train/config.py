@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from ..workloads.digits.data import TASK_DESIGNS
+from ..workloads.digits.data import PRETRAIN_QUESTIONS, TASK_DESIGNS
 from ..workloads.digits.model import GenerationConfig, PretrainConfig
 from .distributed import world_size
 from .methods import METHODS
@@ -74,6 +74,10 @@ class TrainConfig:
         "digits: pretraining steps of the cached model"))
     pretrain_seed: int = field(default=PretrainConfig.seed, metadata=field_metadata(
         "digits: seed of the cached model's pretraining"))
+    pretrain_questions: str = field(default=PretrainConfig.questions, metadata=field_metadata(
+        "digits: the pretraining's questions about the image: 'one' (what digit is this ?) or 'several' (also "
+        "'is this digit prime ?' and 'what is this digit squared ?', each answered in its own format)",
+        choices=tuple(PRETRAIN_QUESTIONS)))
     digits_tasks: str = field(default="shared", metadata=field_metadata(
         "digits: the continual tasks' images: the same upright images for every task ('shared'), or each task "
         "its own view of them ('domains': upright, inverted, transposed, thickened; 'marked': upright with a bar "

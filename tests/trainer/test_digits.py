@@ -56,7 +56,8 @@ def test_modality_spec_args_split_image_from_text(vocab):
     assert hi - lo == digits.GRAY_LEVELS
     image_ids = set(range(lo, hi)) | {args["begin_image"], args["end_image"]}
     assert all(_is_image_token(vocab, i) for i in image_ids)
-    text_ids = [vocab.id_of[t] for t in digits.SPECIAL_TOKENS + digits.WORDS]
+    words = digits.WORDS + digits.PRETRAIN_QUESTION_WORDS[digits.DEFAULT_PRETRAIN_QUESTIONS]
+    text_ids = [vocab.id_of[t] for t in digits.SPECIAL_TOKENS + words]
     assert not any(_is_image_token(vocab, i) for i in text_ids)
     assert sorted(image_ids | set(text_ids)) == list(range(len(vocab)))  # every id is one or the other
 

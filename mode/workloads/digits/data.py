@@ -14,7 +14,8 @@ The codes form one contiguous id range and the markers sit right after it, which
 
     text:           bos seven is odd eos
 
-Pretraining teaches the `DIGIT` task, generation and the text facts; the continual tasks
+Pretraining teaches questions about the image (`PRETRAIN_QUESTIONS`: by default what the digit
+is, whether it is prime, and its square), generation and the text facts; the continual tasks
 (`CONTINUAL_TASKS`, understanding only, in this fixed order) each ask something else about the
 same images and answer with one of those facts ("is this digit even or odd ?" -> seven is odd).
 The pretrained model and the evaluation functions are in `mode.digits_model`.
@@ -43,17 +44,24 @@ WORDS = DIGIT_NAMES + (
     "what", "digit", "is", "this", "?", "draw", "a",
     "even", "or", "odd", "greater", "than", "not", "plus", "times",
 )
+# Words that only the extra pretraining questions use (`PRETRAIN_QUESTIONS`): in the vocabulary
+# only when pretraining asks those questions, so the default model is the same with or without them.
+PRETRAIN_QUESTION_WORDS = {"one": (), "several": ("prime", "squared")}
+DEFAULT_PRETRAIN_QUESTIONS = "several"  # see `PRETRAIN_QUESTIONS`
 
 
 class DigitsVocab:
-    """Token ids: specials, then words, then the 17 image codes, then <boi> and <eoi>.
+    """Token ids: specials, then words (with those of the pretraining ``questions``), then the 17
+    image codes, then <boi> and <eoi>.
 
     Every id below `image_code_base` is text; ids in [image_code_base, image_code_base + 17)
     are gray levels 0..16; `begin_image` / `end_image` are the markers around the 64 codes.
     """
 
-    def __init__(self):
-        self.tokens: list[str] = list(SPECIAL_TOKENS) + list(WORDS)
+    def __init__(self, questions: str = DEFAULT_PRETRAIN_QUESTIONS):
+        if questions not in PRETRAIN_QUESTION_WORDS:
+            raise ValueError(f"questions must be one of {sorted(PRETRAIN_QUESTION_WORDS)}, got {questions!r}")
+        self.tokens: list[str] = list(SPECIAL_TOKENS) + list(WORDS) + list(PRETRAIN_QUESTION_WORDS[questions])
         self.image_code_base = len(self.tokens)
         self.tokens += [f"<img{level}>" for level in range(GRAY_LEVELS)]
         self.begin_image = len(self.tokens)
@@ -208,7 +216,26 @@ def _times_two(image, label):
     return (DIGIT_NAMES[label], "times", "two", "is") + _spelled(2 * label)
 
 
+def _prime(image, label):
+    verdict = ("is",) if label in (2, 3, 5, 7) else ("is", "not")
+    return (DIGIT_NAMES[label],) + verdict + ("prime",)
+
+
+def _squared(image, label):
+    return (DIGIT_NAMES[label], "squared", "is") + _spelled(label * label)
+
+
 DIGIT = Task("digit", ("what", "digit", "is", "this", "?"), _digit_name)
+# Pretraining questions about the image (--pretrain-questions). 'one' asks only what the digit is,
+# so the answer never depends on the question; 'several' (the default) adds two questions, each with
+# its own answer format after the digit's name and disjoint from the continual tasks' skills, so that
+# the frozen attention learns to carry the question to the answer positions. Measured (pretraining
+# seed 0, seed 0, 60 steps a task): sequential LoRA learns the four continual tasks to 0.71 0.74 0.62
+# 0.53 exact match after 'several' against 0.34 0.28 0.17 0.21 after 'one', and joint training ends
+# at 0.73 0.79 0.72 0.64 against 0.51 0.45 0.18 0.40; sequential LoRA still forgets every earlier task.
+PRIME = Task("prime", ("is", "this", "digit", "prime", "?"), _prime)
+SQUARED = Task("squared", ("what", "is", "this", "digit", "squared", "?"), _squared)
+PRETRAIN_QUESTIONS = {"one": (DIGIT,), "several": (DIGIT, PRIME, SQUARED)}
 CONTINUAL_TASKS = (
     Task("parity", ("is", "this", "digit", "even", "or", "odd", "?"), _parity),
     Task("greater_than_four", ("is", "this", "digit", "greater", "than", "four", "?"), _greater_than_four),
@@ -217,9 +244,9 @@ CONTINUAL_TASKS = (
 )
 # The continual tasks of each benchmark design (--digits-tasks):
 #   shared   every task on the same upright images: a task is told apart by its question alone,
-#            which comes 66 tokens before the answer; the attention, frozen, never had to read it
-#            in pretraining (one question), and every sequential method forgot each earlier task
-#            completely (answer-format collapse: the right digit in the last task's format)
+#            which comes 66 tokens before the answer (pretrained with --pretrain-questions one, every
+#            sequential method forgot each earlier task completely: answer-format collapse, the right
+#            digit in the last task's format)
 #   domains  each task shows its images its own way (upright, inverted, transposed, thickened), as
 #            real task sequences differ in their images: the task is visible in 64 of the prompt's tokens
 #   marked   upright images with a bar of full ink on one border per task (top, left, bottom, right):

@@ -22,7 +22,7 @@ class DigitsWorkload:
     def __init__(self, config: TrainConfig, device: torch.device, cache_dir: str | Path | None, progress: bool):
         def load() -> digits_model.Pretrained:
             pretrain_config = replace(digits_model.PretrainConfig(), steps=config.pretrain_steps,
-                                      seed=config.pretrain_seed)
+                                      seed=config.pretrain_seed, questions=config.pretrain_questions)
             return digits_model.load_or_pretrain(pretrain_config=pretrain_config, cache_dir=cache_dir,
                                                  progress=progress)
 
