@@ -51,3 +51,28 @@ def naive_same_dtype(t, ids, dy, epm, scaling=2.0):
                           leaves["router_weight"], epm, scaling, leaves["lora_input"])
     y.backward(dy.to(y.dtype))
     return (y.detach(), *(None if leaves[name] is None else leaves[name].grad for name in GRAD_NAMES))
+
+
+def check_close(ours, gold, rel, dtype=None):
+    """Every output and gradient within rel * max|gold| of gold (and in ``dtype`` when given); None where gold is."""
+    for name, o, g in zip(("y",) + GRAD_NAMES, ours, gold):
+        assert (o is None) == (g is None), name
+        if g is None:
+            continue
+        assert o.shape == g.shape and (dtype is None or o.dtype == dtype), name
+        err = (o.double() - g.double()).abs().max().item() if g.numel() else 0.0
+        scale = g.abs().max().item() if g.numel() else 0.0
+        assert err <= rel * max(scale, 1e-30), f"{name}: max error {err:.3g} vs {rel} * {scale:.3g}"
+
+
+def check_low_precision(ours, naive, gold, dtype):
+    """The precision rule: |ours - gold| <= |naive in the same dtype - gold| + tol * max|gold|, elementwise."""
+    tol = LOW_PRECISION_TOL[dtype]
+    for name, o, nv, g in zip(("y",) + GRAD_NAMES, ours, naive, gold):
+        if g is None:
+            assert o is None, name
+            continue
+        assert o.shape == g.shape and o.dtype == dtype, name
+        bound = (nv.double() - g).abs() + tol * g.abs().max()
+        excess = ((o.double() - g).abs() - bound).max().item()
+        assert excess <= 0, f"{name}: exceeds the same-dtype naive error by {excess:.3g}"
