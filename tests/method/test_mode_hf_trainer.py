@@ -1,6 +1,11 @@
 """mode.hf.MoDETrainer: two steps with transformers' Trainer and with TRL's SFTTrainer (the mixin) lower
-the task loss on a toy task, add the KD term, and save the adapters only."""
+the task loss on a toy task, add the KD term, and save the adapters only; under torchrun (2 gloo
+processes, the Trainer's own DDP) it steps like one process on the global batch."""
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +224,57 @@ def test_kd_topk_reaches_a_kd_loss_that_takes_it(tmp_path, monkeypatch):
                                       kd_temperature=3.0, kd_topk=topk)
         trainer.kd_term(trainer.model)
     assert seen == [(3.0, 256), (3.0, None)]
+
+
+# ----------------------------------------------------------------------------- DDP (torchrun)
+
+def _sgd_steps(output_dir, per_device_batch: int) -> dict:
+    """Two SGD steps of MoDETrainer on the task (each row one answer label) with a large KD weight;
+    the generation rows are all the same, so every draw of them is the same KD batch whatever the
+    process or batch size, and the global step is comparable between world sizes."""
+    from transformers import TrainingArguments
+
+    model = _model("apply_mode")
+    args = TrainingArguments(output_dir=str(output_dir), **{
+        **COMMON_ARGS, "per_device_train_batch_size": per_device_batch, "optim": "sgd", "learning_rate": 0.5,
+        "max_grad_norm": 0.0})
+    trainer = mode.hf.MoDETrainer(model=model, args=args, train_dataset=_task_rows(8),
+                                  gen_dataset=_gen_rows(1) * 4, kd_lambda=1e3)
+    trainer.train()
+    assert [e["kd_loss"] > 0 for e in trainer.state.log_history if "kd_loss" in e] == [False, True]
+    trainer.save_model(str(Path(output_dir) / "final"))
+    return {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
+            if p.requires_grad}
+
+
+def _ddp_main(output_dir: str) -> None:
+    torch.set_num_threads(1)
+    trained = _sgd_steps(output_dir, per_device_batch=2)
+    torch.save(trained, Path(output_dir) / f"adapters_rank{os.environ['RANK']}.pt")
+
+
+def test_ddp_two_processes_step_like_one_process_on_the_global_batch(tmp_path):
+    """torchrun, 2 processes x 2 rows: the Trainer wraps the model in DDP, the KD term runs through the
+    unwrapped model, and both ranks end with the adapters of one process stepping on batches of 4;
+    only the main process saves, adapters only."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), str(root / "tests"), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"adapters_rank{r}.pt") for r in (0, 1)]
+    one = _sgd_steps(tmp_path / "one", per_device_batch=4)
+    initial = {n: p for n, p in _model("apply_mode").named_parameters() if p.requires_grad}
+    assert max((one[n] - initial[n]).abs().max() for n in one) > 1e-3  # the steps moved the adapters
+    for rank in ranks:
+        assert rank.keys() == one.keys()
+        for name in one:
+            torch.testing.assert_close(rank[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert {p.name for p in (tmp_path / "ddp" / "final").iterdir()} >= {"adapter_config.json",
+                                                                       "adapter_model.safetensors"}
+
+
+if __name__ == "__main__":
+    _ddp_main(sys.argv[1])
