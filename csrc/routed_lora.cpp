@@ -34,6 +34,9 @@ namespace {
 // passes keep a few values per token of a span on the stack).
 constexpr int64_t kTokenGrain = 256;
 constexpr int64_t kSpan = 128;
+// Tokens per piece of a block in the backward's dH and dB GEMMs (see for_each_piece): measured at T=2048,
+// K=512, N=1376 (1 thread), 64 beat whole blocks by about 3%.
+constexpr int64_t kDyPiece = 64;
 // Runs of one modality shorter than this are merged into dense-masked blocks: a GEMM on a few rows costs
 // more in calls than the masked columns cost in flops.
 constexpr int64_t kMinRun = 32;
@@ -161,6 +164,20 @@ at::Tensor shrink(const Operands& op, int64_t rank) {
   auto s = at::empty({op.width, op.u.size(0)}, op.u.options());
   for (const Block& b : op.blocks) mm_into(block_of(s, b, b.cols(rank)), op.block_a(b), rows_of(op.u, b).t());
   return s;
+}
+
+// Calls body(piece) on consecutive pieces of at most `tokens` tokens of every block (each a Block of the same
+// experts).
+template <typename F>
+void for_each_piece(const std::vector<Block>& blocks, int64_t tokens, const F& body) {
+  for (const Block& b : blocks) {
+    for (int64_t t0 = b.t0; t0 < b.t1; t0 += tokens) {
+      Block piece = b;
+      piece.t0 = t0;
+      piece.t1 = std::min(b.t1, t0 + tokens);
+      body(piece);
+    }
+  }
 }
 
 // Calls body(t0, t1, e0, e1, b) on spans [t0, t1) of at most kSpan consecutive tokens of one block b that share
@@ -328,11 +345,17 @@ std::vector<at::Tensor> routed_lora_backward(
   auto h = at::empty({er, num_tokens}, xa.options());
   const auto gates = gate_rows(op, ex, s, scaling, h);
 
-  // Per block dH^T = B_blk^T dy^T, then a token pass: [dS | dL]^T (the shrink's layout), dS = scaling g dH,
-  // dL the router logits' gradient via the softmax.
+  // Per piece of a block dH^T = B_blk^T dy^T and dB_cat^T [E*r, N] += H^T dy (the second GEMM finds the piece's
+  // rows of dy in cache), then a token pass: [dS | dL]^T (the shrink's layout), dS = scaling g dH, dL the router
+  // logits' gradient via the softmax.
   const auto bc = b_cat(lora_b, xa.scalar_type());
   auto d_h = at::empty({er, num_tokens}, xa.options());
-  for (const Block& b : op.blocks) mm_into(block_of(d_h, b, b.a_cols(r)), block_b(bc, b, r).t(), rows_of(dy, b).t());
+  at::Tensor d_bcat_t;
+  if (need_b) d_bcat_t = at::zeros({er, lora_b.size(1)}, xa.options());
+  for_each_piece(op.blocks, kDyPiece, [&](const Block& b) {
+    mm_into(block_of(d_h, b, b.a_cols(r)), block_b(bc, b, r).t(), rows_of(dy, b).t());
+    if (need_b) d_bcat_t.narrow(0, b.e_lo * r, b.a_cols(r)).addmm_(block_of(h, b, b.a_cols(r)), rows_of(dy, b));
+  });
   const auto d_s = gate_grad_rows(op, ex, s, gates, d_h, scaling);
 
   at::Tensor dx, du, dw, dbias, da, db, dr;
@@ -360,14 +383,7 @@ std::vector<at::Tensor> routed_lora_backward(
     if (need_a) da = d_a.reshape(lora_a.sizes()).to(lora_a.scalar_type());
     if (need_r) dr = d_router.to(router_weight->scalar_type());
   }
-  if (need_b) {
-    // dB_cat^T [E*r, N] += H^T dy per block, over the block's experts' rows only.
-    auto d_bcat_t = at::zeros({er, lora_b.size(1)}, xa.options());
-    for (const Block& b : op.blocks) {
-      d_bcat_t.narrow(0, b.e_lo * r, b.a_cols(r)).addmm_(block_of(h, b, b.a_cols(r)), rows_of(dy, b));
-    }
-    db = d_bcat_t.view({e, r, lora_b.size(1)}).transpose(1, 2).contiguous().to(lora_b.scalar_type());
-  }
+  if (need_b) db = d_bcat_t.view({e, r, lora_b.size(1)}).transpose(1, 2).contiguous().to(lora_b.scalar_type());
   if (need_w) dw = at::mm(dy.t(), xa).to(weight.scalar_type());
   if (need_bias) dbias = dy.sum(0).to(bias->scalar_type());
   if (need_x) dx = dx.to(x.scalar_type());
