@@ -306,6 +306,10 @@ std::vector<at::Tensor> routed_lora_forward(
     const c10::optional<at::Tensor>& lora_input, const at::Tensor& order, const at::Tensor& offsets,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const c10::optional<at::Tensor>& router_weight,
     const std::vector<int64_t>& experts_per_modality, double scaling) {
+  // Nothing made here is differentiated (the op layer's autograd function owns the gradients): without view
+  // tracking the dozens of narrow views per call cost less (measured at T=512 with K=N=16, 1 thread: the
+  // forward + backward's fixed cost 0.60 -> 0.39 ms).
+  const at::AutoDispatchBelowADInplaceOrView internal_views;
   const Experts ex(experts_per_modality, lora_a.size(1));
   const int64_t r = ex.rank;
   auto xa = to_acc(x);
@@ -331,6 +335,7 @@ std::vector<at::Tensor> routed_lora_backward(
     const std::vector<int64_t>& experts_per_modality, double scaling, const std::vector<bool>& needs,
     const c10::optional<at::Tensor>& saved_shrink) {
   TORCH_CHECK(needs.size() == 7, "routed_lora_backward: expected 7 flags in needs");
+  const at::AutoDispatchBelowADInplaceOrView internal_views;  // as in the forward
   const bool need_x = needs[0], need_u = needs[1], need_w = needs[2], need_bias = needs[3], need_a = needs[4],
              need_b = needs[5], need_r = needs[6] && router_weight.has_value();
   const Experts ex(experts_per_modality, lora_a.size(1));
