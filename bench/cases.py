@@ -23,6 +23,7 @@ from bench.model import (
     image_span_modality,
     training_step,
 )
+from bench.roofline import routed_lora_flop_floor
 
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 
@@ -39,6 +40,7 @@ class Case:
     build: Callable[[], Callable[[], object]]
     is_baseline: bool = False
     tokens: int | None = None   # tokens per call, for tokens/s
+    flop_floor: float | None = None   # routed LoRA fwd+bwd: bench.roofline.routed_lora_flop_floor at this shape
 
 
 @dataclass(frozen=True)
@@ -175,12 +177,17 @@ def routed_lora_cases(sizes: Sizes, device) -> Iterator[Case]:
         shape = f"K={k} N={n} T={tokens} img={share:.0%} r={rank} E=(4,1)"
         if span != sizes.image_span:
             shape += f" span={span}"
+        floor = None
+        if direction == "fwd+bwd":
+            modality = image_span_modality(1, tokens, share, span, "cpu")[0]
+            per_modality = modality.bincount(minlength=len(EXPERTS_PER_MODALITY)).tolist()
+            floor = routed_lora_flop_floor(k, n, per_modality, EXPERTS_PER_MODALITY, rank)
         for impl, is_baseline in ROUTED_LORA_IMPLS:
             for backend in backends if impl == "ours" else ("auto",):
                 label = f"ours ({backend})" if impl == "ours" else impl
                 build = routed_lora_build(impl, k, n, tokens, share, span, rank, direction, device, sizes.dtype,
                                           backend)
-                yield Case(f"routed LoRA {direction}", shape, label, build, is_baseline, tokens)
+                yield Case(f"routed LoRA {direction}", shape, label, build, is_baseline, tokens, floor)
 
     for direction in sizes.directions:
         for (k, n) in sizes.linear_shapes:

@@ -51,6 +51,23 @@ def db_in_grad_rows_launches(t: int, k: int, n: int, rows_per_program: int):
              weight_grads[2] - t * n * ITEM + partials)]
 
 
+def routed_lora_flop_floor(k: int, n: int, tokens_per_modality, experts_per_modality, rank: int) -> float:
+    """ESTIMATE: the least time routed LoRA forward + backward can take over the frozen base linear's (forward +
+    input gradient) if every GEMM ran at the same efficiency: 1 + the adapters' multiply-adds over the base's.
+
+    A token of a modality with e experts needs only their columns: c_s = e * rank shrink columns plus e router
+    logits when e > 1 (each over K), c_e = e * rank expand columns (each over N). Forward: shrink c_s K, expand
+    c_e N; backward: dH = dy B (c_e N), dB (c_e N), the adapters' share of dx (c_s K), dA and dR (c_s K): in all
+    3 (c_s K + c_e N) per token, against the base's 2 K N. Gates, softmax and memory traffic are not counted.
+    """
+    adapters = 0
+    for tokens, experts in zip(tokens_per_modality, experts_per_modality, strict=True):
+        shrink_cols = experts * rank + (experts if experts > 1 else 0)
+        adapters += tokens * 3 * (shrink_cols * k + experts * rank * n)
+    base = sum(tokens_per_modality) * 2 * k * n
+    return 1 + adapters / base if base else 1.0
+
+
 def base_launches(t: int, k: int, n: int, backward: bool = True):
     gemm = (2 * t * k * n, (t * k + n * k + t * n) * ITEM)
     return [("base GEMM y = x W^T", *gemm)] + ([("base GEMM dx = dy W", *gemm)] if backward else [])

@@ -76,7 +76,7 @@ def environment(device: torch.device, sizes: Sizes, quick: bool) -> dict:
 def _new_row(case: Case) -> dict:
     return {"op": case.op, "shape": case.shape, "impl": case.impl, "baseline": case.is_baseline, "status": "ok",
             "note": "", "median_ms": None, "min_ms": None, "max_ms": None, "peak_mem_mib": None,
-            "tokens_per_s": None, "ratios": {}}
+            "tokens_per_s": None, "ratios": {}, "flop_floor": case.flop_floor}
 
 
 def _record_failure(row: dict, case: Case, exc: BaseException) -> None:
@@ -173,9 +173,11 @@ def _format_number(value: float | None, digits: int = 3) -> str:
 
 def summary_table(rows: list[dict]) -> list[str]:
     """Forward + backward rows (and training steps) with time and memory over the group's naive path,
-    and time over the frozen base linear where there is one: the table README shows."""
-    lines = ["| op | shape | implementation | median ms | peak MiB | time / naive | memory / naive | time / floor |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    time over the frozen base linear where there is one, and on a group's first row the least time over
+    the base linear that its multiply-adds allow (routed LoRA: ``flop_floor``): the table README shows."""
+    lines = ["| op | shape | implementation | median ms | peak MiB | time / naive | memory / naive | time / floor "
+             "| FLOP floor (estimate) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     previous_group = None
     for row in rows:
         if row["status"] != "ok" or not ("fwd+bwd" in row["op"] or row["op"].startswith("training step")):
@@ -191,10 +193,13 @@ def summary_table(rows: list[dict]) -> list[str]:
             time_ratio = memory_ratio = ""
         floor = row["ratios"].get(FLOOR)
         group = (row["op"], row["shape"])
-        op, shape = group if group != previous_group else ("", "")
+        first = group != previous_group
+        op, shape = group if first else ("", "")
         previous_group = group
+        flop_floor = row.get("flop_floor") if first else None  # results.json of earlier runs have none
         cells = [op, shape, row["impl"], _format_number(row["median_ms"]), _format_number(row["peak_mem_mib"]),
-                 time_ratio, memory_ratio, "" if floor is None else f"{floor['time']:.2f}x"]
+                 time_ratio, memory_ratio, "" if floor is None else f"{floor['time']:.2f}x",
+                 "" if flop_floor is None else f"{flop_floor:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -211,7 +216,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append("Times: `triton.testing.do_bench` (L2 flushed); peak memory: `torch.cuda.max_memory_allocated` "
                      "above what was allocated before the case.")
     lines += ["", "Ratios are this row's time (and peak memory) over the named baseline's, same op and shape, "
-              "same run: below 1 is faster (smaller).", "", "## Summary: forward + backward against the naive path",
+              "same run: below 1 is faster (smaller). FLOP floor (estimate): 1 + the multiply-adds routed LoRA's "
+              "adapters need (each token on its own experts' columns only) over the base linear's, the least "
+              "time / floor possible at equal GEMM efficiency (`bench.roofline.routed_lora_flop_floor`).", "",
+              "## Summary: forward + backward against the naive path",
               "", *summary_table(rows), "", "## Every case", "",
               "| op | shape | implementation | median ms | min ms | max ms | peak MiB | vs baselines | note |",
               "|---|---|---|---:|---:|---:|---:|---|---|"]

@@ -28,6 +28,8 @@ CASES = {
     # long runs (blocks of one modality's experts) between short ones (merged, dense-masked blocks)
     "long_and_short_runs": (190, 21, 26, 4, (2, 3, 1), dict(ids=[2] * 5 + [0] * 40 + [1, 2, 0] * 7 + [1] * 33
                                                                  + [0] * 31 + [2] * 32 + [1] * 4 + [0] * 24)),
+    # runs longer than the token passes' spans (128 tokens), a mixed block of alternating and repeated ids
+    "runs_over_a_span": (400, 12, 14, 4, (4, 1), dict(ids=[0] * 150 + [1] * 140 + [0, 1] * 10 + [1] * 3 + [0] * 87)),
     "one_one_no_router_no_bias": (21, 19, 33, 4, (1, 1), dict(router=False, bias=False)),
     "one_one_router_ignored": (18, 16, 16, 8, (1, 1), {}),
     "2_3_1_middle_modality_empty": (30, 20, 17, 16, (2, 3, 1), dict(ids=[0, 2] * 15)),
