@@ -19,10 +19,14 @@ Backward (3 launches):
 * ``_grad_rows_kernel``: one pass over dy gives Z = dy B_cat, then per token in registers
   the gate and softmax backward: G = [dh | dlogit], dh = scaling g_e Z (the gradient of u A^T),
   dlogit the router logits' gradient.
-* ``_gemm_kernel`` again: dx = [dy | G] . [W ; A_cat ; R], the adapters one extra K tile.
-* ``_weight_grads_kernel``: dA, dR = G^T u and dB = H^T dy, each program reducing one block of
-  output columns over every token (deterministic: no atomics, no partial sums, grads written
-  once in their own dtype and layout).
+* ``_gemm_kernel`` again: dx = [dy | G] . [W ; A_cat ; R], the adapters one extra K tile. When
+  ``plan_weight_grads`` finds it pays (half precision, many tokens; u = x), the same GEMM also sums
+  dA, dR = G^T u and dB = H^T dy: a persistent grid of (token segment, column block) programs, each
+  adding its row blocks' products into its segment's float32 partials (dy's tiles are the ones its
+  K loop streams, u's tile has dx's tile shape), so neither x nor dy is read again.
+* ``_weight_grads_kernel``: dA, dR and dB in their own dtype and layout, each program one block of
+  output columns: the sum of the segments' partials in segment order, or, when the GEMM did not
+  make them, G^T u and H^T dy reduced over every token. Deterministic either way (no atomics).
 
 The expert layout (which modality owns which experts) is a compile-time constant packed in one
 integer, so nothing is copied to the device at first use and nothing waits on the host.
@@ -233,7 +237,7 @@ _FP32_TILES = {90: [(32, 64, 32, 4, 3)], 80: [(32, 64, 16, 4, 3)]}
 # and the partials' tiles PARTIAL_ROWS rank columns at a time (64 spilled).
 _WEIGHT_GRADS_TILES = {90: [(128, 128, 64, 8, 3)], 80: [(128, 128, 32, 8, 3)]}
 MIN_SEGMENTS = 8
-PARTIAL_ROWS = 32
+PARTIAL_ROWS = tl.constexpr(32)
 DECODE_TOKENS = 64
 T_BUCKETS = (16, 32, 64, 128)  # tokens above the last share one bucket
 
@@ -312,12 +316,13 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
     then unused. The adapters' tile keeps pointer loads (narrow, and their rows need no alignment).
 
     WEIGHT_GRADS (the dx GEMM, u = x): a persistent grid of (token segment, column block) programs,
-    each walking its segment's row blocks (segments split the row blocks as evenly as they can). Per row block
-    it also adds G^T u[rows, cols] (u's tile has the output tile's shape) to its segment's float32
-    partial of [dA ; dR] [EXT, OUT], and, for the columns of dy it owns (chunks of BLOCK_K, chunk c
-    owned by column block c % column blocks), H^T dy to the segment's partial of dB [C, IN]: dy's
-    tiles have just streamed through the K loops of the segment's programs, so they are read from L2,
-    not from memory. Each partial has one writer, in row-block order: deterministic, no atomics.
+    each walking its segment's row blocks (the segments split the row blocks as evenly as they can,
+    none empty). Per row block it also adds G^T u[rows, cols] (u's tile has the output tile's shape)
+    to its segment's float32 partial of [dA ; dR] [EXT, OUT], and, for the columns of dy it owns
+    (chunks of BLOCK_K, chunk c owned by column block c % column blocks), H^T dy to the segment's
+    partial of dB [C, IN]: dy's tiles have just streamed through the K loops of the segment's
+    programs, so they come from L2 if they are still there. Each partial has one writer, in row-block
+    order: deterministic, no atomics.
     """
     C: tl.constexpr = NUM_EXPERTS * RANK_P
     # The adapter tile is no wider than the K tile; when the adapters take several tiles, their
@@ -347,12 +352,12 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
                 cols = col_block * BLOCK_N + c0 + tl.arange(0, BLOCK_K)
                 _add_partials(partial_a_ptr, segment, EXT, OUT, ext_ptr, EXT, rows, T,
                               u_ptr + safe_rows[:, None] * stride_ut + (cols % OUT).to(tl.int64)[None, :] * stride_uk,
-                              cols, later, DOT_FP32, 32)
+                              cols, later, DOT_FP32, PARTIAL_ROWS)
             for chunk in range(col_block, tl.cdiv(IN, BLOCK_K), num_col_blocks):
                 n = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
                 _add_partials(partial_b_ptr, segment, C, IN, h_ptr, C, rows, T,
                               a_ptr + safe_rows[:, None] * stride_at + (n % IN).to(tl.int64)[None, :] * stride_ai,
-                              n, later, DOT_FP32, 32)
+                              n, later, DOT_FP32, PARTIAL_ROWS)
     else:
         # Grouped ordering: GROUP_M row blocks share each weight column block while it is in L2.
         group = GROUP_M * num_col_blocks
@@ -620,6 +625,16 @@ def weight_grad_segments(num_tokens: int, col_blocks: int, sms: int, block_m: in
     return max(1, min(waves * sms // col_blocks, triton.cdiv(num_tokens, block_m)))
 
 
+def _weight_grads_configs(num_tokens: int, dy: torch.Tensor) -> list:
+    return gemm_configs(device_arch(dy.device), t_bucket(num_tokens), _dot_fp32(dy), weight_grads=True)
+
+
+def max_weight_grad_segments(num_tokens: int, dy: torch.Tensor) -> int:
+    """The most segments the dx GEMM with the weight gradients takes: one per row block of the
+    largest tile its autotuner may pick (an empty segment would leave its partials unwritten)."""
+    return triton.cdiv(num_tokens, max(c.kwargs["BLOCK_M"] for c in _weight_grads_configs(num_tokens, dy)))
+
+
 def plan_weight_grads(num_tokens: int, out_cols: int, in_cols: int, lay: Layout, dy: torch.Tensor) -> int:
     """Token segments for the dx GEMM that also sums the weight gradients (x's columns out_cols,
     dy's in_cols), or 0 when its float32 partials, written once and read once, would move more bytes
@@ -627,7 +642,7 @@ def plan_weight_grads(num_tokens: int, out_cols: int, in_cols: int, lay: Layout,
     correctness path, whose tiles spilled with the extra work): then the weight-grads pass runs alone."""
     if dy.dtype == torch.float32:
         return 0
-    configs = gemm_configs(device_arch(dy.device), t_bucket(num_tokens), _dot_fp32(dy), weight_grads=True)
+    configs = _weight_grads_configs(num_tokens, dy)
     segments = weight_grad_segments(num_tokens, triton.cdiv(out_cols, configs[0].kwargs["BLOCK_N"]),
                                     sm_count(dy.device), max(c.kwargs["BLOCK_M"] for c in configs))
     partial_bytes = segments * (lay.grad_columns * out_cols + lay.columns * in_cols) * 4

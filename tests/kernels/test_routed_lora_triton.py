@@ -49,16 +49,17 @@ CASES = {
 
 
 # How the backward computes dA, dR, dB: in the weight-grads pass, or summed by the dx GEMM in
-# per-segment partials (plan_weight_grads picks it only at large sizes; forced here, 2 segments, or 1
-# for one row block: with the interpreter's 32-row tiles the cases' token counts make them uneven).
+# per-segment partials (plan_weight_grads picks it only at large sizes; forced here: 2 segments, or 1
+# for one row block; with the interpreter's 32-row tiles the cases' token counts make them uneven).
 WEIGHT_GRADS = {"weight_grads_apart": 0, "weight_grads_fused": 2}
 
 
 def force_weight_grads(monkeypatch, segments):
-    """Make the launcher plan this many segments (0: the separate pass), at most one per 32-row block
+    """Make the launcher plan this many segments (0: the separate pass), at most one per row block
     (as the planner does); returns the segment counts of the partials each weight-grads launch sums
     (None: it sums over the tokens)."""
-    monkeypatch.setattr(tri, "plan_weight_grads", lambda num_tokens, *args: min(segments, -(-num_tokens // 32)))
+    monkeypatch.setattr(tri, "plan_weight_grads", lambda num_tokens, out_cols, in_cols, lay, dy: min(
+        segments, tri.max_weight_grad_segments(num_tokens, dy)))
     summed = []
     real = tri._weight_grads
 
@@ -281,15 +282,16 @@ def test_fused_weight_grads_segments_match_reference(num_tokens, segments, monke
     t, _, plan, dy = make_case(num_tokens, 37, 45, 8, (4, 1), seed=4)
     check_close(run(tri, cast(t, torch.float32), plan, dy, (4, 1)), run(reference, t, plan, dy, (4, 1)), 1e-5,
                 torch.float32)
-    assert summed == [segments]
+    assert summed == [min(segments, tri.max_weight_grad_segments(num_tokens, dy.float()))]  # fewer with 128-row tiles
 
 
 def test_fused_weight_grads_are_deterministic(monkeypatch):
     """Each partial has one writer and the segments are summed in order: two runs are bit-equal."""
-    force_weight_grads(monkeypatch, 3)
+    summed = force_weight_grads(monkeypatch, 3)
     t, _, plan, dy = make_case(100, 37, 45, 8, (4, 1), seed=5)
     low = cast(t, torch.bfloat16)
     first, second = (run(tri, low, plan, dy.to(torch.bfloat16), (4, 1)) for _ in range(2))
+    assert summed[0] == min(3, tri.max_weight_grad_segments(100, low["x"]))
     for name, a, b in zip(("y",) + GRAD_NAMES, first, second):
         assert (a is None and b is None) or torch.equal(a, b), name
 
