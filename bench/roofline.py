@@ -20,7 +20,8 @@ PADDED_COLS, LOGIT_COLS = 64, 16        # dot widths
 
 
 def routed_lora_launches(t: int, k: int, n: int, backward: bool = True):
-    """(name, FLOPs, bytes) per launch of the v2 kernels: experts (4, 1), rank 8, bf16."""
+    """(name, FLOPs, bytes) per launch of the v2 kernels (the weight-grads pass apart; v3's forward is
+    the same): experts (4, 1), rank 8, bf16."""
     a_r = (EXPERTS * RANK * k + EXPERTS * k) * ITEM   # A and the router (read, or their gradients written)
     b = EXPERTS * RANK * n * ITEM
     h, g, gates = t * COLS * ITEM, t * GRAD_COLS * ITEM, t * EXPERTS * 4
@@ -68,6 +69,33 @@ def routed_lora_flop_floor(k: int, n: int, tokens_per_modality, experts_per_moda
     return 1 + adapters / base if base else 1.0
 
 
+def fused_weight_grads_launches(t: int, k: int, n: int, sms: int = 132):
+    """The v3 backward: the weight gradients summed by the dx GEMM (``WEIGHT_GRADS``) at its sm_90
+    tile, in the segments ``weight_grad_segments`` plans. A persistent grid of (token segment, column
+    block of dx) programs, each walking its segment's row blocks; per row block it adds G^T u (u's
+    tile has dx's tile shape) and, for the dy column chunks it owns, H^T dy (dy's tiles have just
+    streamed through the K loops of the segment's programs, so L2-resident) into its segment's
+    float32 partials of [dA ; dR] and dB; one launch sums the S partials in a fixed order.
+    Bytes: u read once; the partials written once (their per-row-block read-modify-writes are each
+    program's own, L2-resident: not counted), read once by the sum; and W re-streamed once per row
+    block of a segment (column blocks of all segments run together, and W does not fit in L2)."""
+    import triton
+
+    from mode_kernels.triton.routed_lora import T_BUCKETS, gemm_configs, weight_grad_segments
+
+    tile = gemm_configs(90, 2 * T_BUCKETS[-1], False, weight_grads=True)[0].kwargs
+    block_m, block_n = tile["BLOCK_M"], tile["BLOCK_N"]
+    segments = weight_grad_segments(t, triton.cdiv(k, block_n), sms, block_m)
+    w_reads = triton.cdiv(triton.cdiv(t, block_m), segments)
+    grad_rows, dx = routed_lora_launches(t, k, n)[2:4]
+    partials = segments * (GRAD_COLS * k + COLS * n) * 4
+    a_r = (EXPERTS * RANK * k + EXPERTS * k) * ITEM
+    b = EXPERTS * RANK * n * ITEM
+    fused = ("GEMM dx + weight-grad partials (persistent)", dx[1] + 2 * t * PADDED_COLS * (k + n),
+             dx[2] + (w_reads - 1) * n * k * ITEM + t * k * ITEM + t * COLS * ITEM + partials)
+    return [grad_rows, fused, ("sum of segment partials -> dA, dR, dB", 0, partials + a_r + b)], segments, w_reads
+
+
 def base_launches(t: int, k: int, n: int, backward: bool = True):
     gemm = (2 * t * k * n, (t * k + n * k + t * n) * ITEM)
     return [("base GEMM y = x W^T", *gemm)] + ([("base GEMM dx = dy W", *gemm)] if backward else [])
@@ -102,23 +130,32 @@ def seconds(launches, gpu: str) -> float:
     return sum(max(f / flops_peak, b / bandwidth) for _, f, b in launches)
 
 
+def _launch_table(launches) -> None:
+    print("| launch | GFLOP | MB | H100 us | H200 us |\n|---|---:|---:|---:|---:|")
+    for name, f, b in launches:
+        print(f"| {name} | {f / 1e9:.1f} | {b / 1e6:.1f} | {seconds([(name, f, b)], 'H100 SXM') * 1e6:.0f} | "
+              f"{seconds([(name, f, b)], 'H200') * 1e6:.0f} |")
+
+
 def main() -> None:
     print("ESTIMATES (roofline lower bounds, no GPU run). bf16, experts (4, 1), rank 8.\n")
     for k, n in ((4096, 11008), (11008, 4096)):
+        base, v2 = base_launches(TOKENS, k, n), routed_lora_launches(TOKENS, k, n)
+        backward, segments, w_reads = fused_weight_grads_launches(TOKENS, k, n)
+        ours = v2[:2] + backward
         print(f"### Routed LoRA forward + backward, T={TOKENS}, K={k}, N={n}\n")
-        print("| launch | GFLOP | MB | H100 us | H200 us |\n|---|---:|---:|---:|---:|")
-        ours, base = routed_lora_launches(TOKENS, k, n), base_launches(TOKENS, k, n)
-        for name, f, b in ours + base:
-            print(f"| {name} | {f / 1e9:.1f} | {b / 1e6:.1f} | {seconds([(name, f, b)], 'H100 SXM') * 1e6:.0f} | "
-                  f"{seconds([(name, f, b)], 'H200') * 1e6:.0f} |")
+        print(f"v3: the weight gradients summed by the dx GEMM ({segments} token segments, W read {w_reads} times "
+              "by it):\n")
+        _launch_table(ours + base)
         for gpu in GPUS:
             print(f"\n{gpu}: ours {seconds(ours, gpu) * 1e3:.3f} ms, base {seconds(base, gpu) * 1e3:.3f} ms, "
-                  f"ratio {seconds(ours, gpu) / seconds(base, gpu):.3f}x", end="")
-        print("\n")
-        v2 = routed_lora_launches(TOKENS, k, n)[2:]
-        print(f"dB fused into grad rows (not built), backward after the forward, T={TOKENS}, K={k}, N={n}:\n")
+                  f"ratio {seconds(ours, gpu) / seconds(base, gpu):.3f}x (v2, weight-grads pass apart: "
+                  f"{seconds(v2, gpu) / seconds(base, gpu):.3f}x)", end="")
+        print("\n\nv2's backward (the weight-grads pass apart: float32, a separate lora_input, few tokens):\n")
+        _launch_table(v2[2:])
+        print(f"\ndB fused into grad rows (not built), backward after the forward, T={TOKENS}, K={k}, N={n}:\n")
         print("| rows per program | programs | dB partials MB | H100 us (v2: "
-              f"{seconds(v2, 'H100 SXM') * 1e6:.0f}) | H200 us (v2: {seconds(v2, 'H200') * 1e6:.0f}) |")
+              f"{seconds(v2[2:], 'H100 SXM') * 1e6:.0f}) | H200 us (v2: {seconds(v2[2:], 'H200') * 1e6:.0f}) |")
         print("|---:|---:|---:|---:|---:|")
         for rows in (128, 256, 512):
             fused = db_in_grad_rows_launches(TOKENS, k, n, rows)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, MAX_GRID
+from ._common import INTERPRET, MAX_GRID, sm_count
 
 LOG2E = math.log2(math.e)
 # The same constants as seen from inside kernels (Triton globals must be constexpr).
@@ -304,9 +304,6 @@ MERGE_WARPS = 4
 PROGRAMS_PER_SM = 4
 MIN_SPLIT_COLS = 1024
 MAX_SPLITS = 64
-# Under the interpreter (no GPU) the split is planned for an H100 SXM's 132 SMs, so tests and
-# bench.offline run the launches such a GPU would.
-INTERPRET_SM_COUNT = 132
 
 
 def _configs(table):
@@ -356,12 +353,6 @@ def split_bytes_per_row(n_cols: int) -> int:
     if n_cols <= MIN_SPLIT_COLS:
         return 0
     return 4 * (N_STATS * min(MAX_SPLITS, triton.cdiv(n_cols, MIN_SPLIT_COLS)) + N_STATS + 2)
-
-
-def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRET_SM_COUNT
 
 
 # ----------------------------------------------------------------------------- launchers

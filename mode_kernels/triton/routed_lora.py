@@ -19,10 +19,14 @@ Backward (3 launches):
 * ``_grad_rows_kernel``: one pass over dy gives Z = dy B_cat, then per token in registers
   the gate and softmax backward: G = [dh | dlogit], dh = scaling g_e Z (the gradient of u A^T),
   dlogit the router logits' gradient.
-* ``_gemm_kernel`` again: dx = [dy | G] . [W ; A_cat ; R], the adapters one extra K tile.
-* ``_weight_grads_kernel``: dA, dR = G^T u and dB = H^T dy, each program reducing one block of
-  output columns over every token (deterministic: no atomics, no partial sums, grads written
-  once in their own dtype and layout).
+* ``_gemm_kernel`` again: dx = [dy | G] . [W ; A_cat ; R], the adapters one extra K tile. When
+  ``plan_weight_grads`` finds it pays (half precision, many tokens; u = x), the same GEMM also sums
+  dA, dR = G^T u and dB = H^T dy: a persistent grid of (token segment, column block) programs, each
+  adding its row blocks' products into its segment's float32 partials (dy's tiles are the ones its
+  K loop streams, u's tile has dx's tile shape), so neither x nor dy is read again.
+* ``_weight_grads_kernel``: dA, dR and dB in their own dtype and layout, each program one block of
+  output columns: the sum of the segments' partials in segment order, or, when the GEMM did not
+  make them, G^T u and H^T dy reduced over every token. Deterministic either way (no atomics).
 
 The expert layout (which modality owns which experts) is a compile-time constant packed in one
 integer, so nothing is copied to the device at first use and nothing waits on the host.
@@ -37,7 +41,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..routing import RoutingPlan
-from ._common import INTERPRET
+from ._common import INTERPRET, sm_count
 
 # At most 16 experts per modality and rank 64 (registers of the rank chunks below).
 MAX_EXPERTS_PER_MODALITY = 16
@@ -226,6 +230,14 @@ _DECODE_TILES = [(64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3)]
 # and 3.9 for every layout (on sm_80, BLOCK_K 32 spilled 8-24 bytes with 3 stages under 3.9 or 2
 # stages under 3.6; on sm_90, BLOCK_K 16 spilled 8 bytes under both).
 _FP32_TILES = {90: [(32, 64, 32, 4, 3)], 80: [(32, 64, 16, 4, 3)]}
+# The dx GEMM that also sums the weight gradients (WEIGHT_GRADS), for half precision at large T only
+# (see plan_weight_grads): tiles spill-free with the extra work, whose row-block loop holds shared
+# memory and registers across tiles (128 x 256 ran out of both on sm_90, 4 warps spilled, and so did
+# every float32 tile tried, 8-24 bytes), at least MIN_SEGMENTS token segments (weight_grad_segments),
+# and the partials' tiles PARTIAL_ROWS rank columns at a time (64 spilled).
+_WEIGHT_GRADS_TILES = {90: [(128, 128, 64, 8, 3)], 80: [(128, 128, 32, 8, 3)]}
+MIN_SEGMENTS = 8
+PARTIAL_ROWS = tl.constexpr(32)
 DECODE_TOKENS = 64
 T_BUCKETS = (16, 32, 64, 128)  # tokens above the last share one bucket
 
@@ -251,15 +263,19 @@ def t_bucket(num_tokens: int) -> int:
     return next((b for b in T_BUCKETS if num_tokens <= b), 2 * T_BUCKETS[-1])
 
 
-def gemm_configs(arch: int, bucket: int, dot_fp32: bool) -> list:
-    """The configs the GEMM autotuner tries for a GPU family, token bucket and precision."""
+def gemm_configs(arch: int, bucket: int, dot_fp32: bool, weight_grads: bool = False) -> list:
+    """The configs the GEMM autotuner tries for a GPU family, token bucket and precision, and for
+    the dx GEMM that also sums the weight gradients."""
     if INTERPRET:  # the interpreter is slow: one config, no autotuning
         return [_config(min(bucket, 32), 32, 32, 4, 1)]
+    family = 90 if arch >= 90 else 80
     if dot_fp32:
-        return [_config(*t) for t in _FP32_TILES[90 if arch >= 90 else 80]]
+        return [_config(*t) for t in _FP32_TILES[family]]
+    if weight_grads:
+        return [_config(*t) for t in _WEIGHT_GRADS_TILES[family]]
     if bucket <= DECODE_TOKENS:
         return [_config(*t) for t in _DECODE_TILES]
-    return [_config(*t) for t in _TILES[90 if arch >= 90 else 80]]
+    return [_config(*t) for t in _TILES[family]]
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
@@ -267,7 +283,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
         return configs
     args = {**named_args, **kwargs}
     major, minor = torch.cuda.get_device_capability()
-    return gemm_configs(10 * major + minor, args["t_bucket"], args["DOT_FP32"])
+    return gemm_configs(10 * major + minor, args["t_bucket"], args["DOT_FP32"], args["WEIGHT_GRADS"])
 
 
 _ALL_GEMM_CONFIGS = gemm_configs(90, 16, False) if INTERPRET else [
@@ -276,15 +292,16 @@ _ALL_GEMM_CONFIGS = gemm_configs(90, 16, False) if INTERPRET else [
 
 @triton.autotune(configs=_ALL_GEMM_CONFIGS,
                  key=["t_bucket", "IN", "OUT", "EXT", "HAS_BIAS", "ROUTER_ROWS", "NUM_EXPERTS", "RANK", "RANK_P",
-                      "DOT_FP32", "BLOCK_J", "USE_TMA", "W_ROWS_OUT"],
+                      "DOT_FP32", "BLOCK_J", "USE_TMA", "W_ROWS_OUT", "WEIGHT_GRADS"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
 def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_ptr, lw_ptr, stride_le, stride_li,
                  stride_lo, router_ptr, stride_re, stride_ro, bias_ptr, out_ptr, stride_ot, stride_oo,
-                 a_desc, w_desc, out_desc, T, IN, OUT, t_bucket,
+                 a_desc, w_desc, out_desc, u_ptr, stride_ut, stride_uk, h_ptr, partial_a_ptr, partial_b_ptr,
+                 T, IN, OUT, t_bucket, segments,
                  EXT: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTER_ROWS: tl.constexpr, NUM_EXPERTS: tl.constexpr,
                  RANK: tl.constexpr, RANK_P: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_J: tl.constexpr,
-                 USE_TMA: tl.constexpr, W_ROWS_OUT: tl.constexpr,
+                 USE_TMA: tl.constexpr, W_ROWS_OUT: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out = [a | ext] . [Wt ; L] (+ bias): a [T, IN] by strides, Wt [IN, OUT] by strides, ext [T, EXT]
     row-major, L [EXT, OUT]: rank column j is expert j // RANK_P's row j % RANK_P of lw (a 3-D tensor
@@ -297,6 +314,15 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
     W as stored: [OUT, IN] when W_ROWS_OUT, else [IN, OUT]; out [T, OUT]), out-of-bounds rows and
     columns zero-filled on load and dropped on store; the pointers and strides of a, W, out are
     then unused. The adapters' tile keeps pointer loads (narrow, and their rows need no alignment).
+
+    WEIGHT_GRADS (the dx GEMM, u = x): a persistent grid of (token segment, column block) programs,
+    each walking its segment's row blocks (the segments split the row blocks as evenly as they can,
+    none empty). Per row block it also adds G^T u[rows, cols] (u's tile has the output tile's shape)
+    to its segment's float32 partial of [dA ; dR] [EXT, OUT], and, for the columns of dy it owns
+    (chunks of BLOCK_K, chunk c owned by column block c % column blocks), H^T dy to the segment's
+    partial of dB [C, IN]: dy's tiles have just streamed through the K loops of the segment's
+    programs, so they come from L2 if they are still there. Each partial has one writer, in row-block
+    order: deterministic, no atomics.
     """
     C: tl.constexpr = NUM_EXPERTS * RANK_P
     # The adapter tile is no wider than the K tile; when the adapters take several tiles, their
@@ -304,17 +330,58 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
     # 64 x 256 tiles on sm_90 under Triton 3.6; one 64 x 256 tile, as at rank 8, does not).
     BJ_K: tl.constexpr = BLOCK_K if BLOCK_K < BLOCK_J else BLOCK_J
     BJ: tl.constexpr = BJ_K if BJ_K * BLOCK_N <= 8192 or EXT <= BJ_K else 8192 // BLOCK_N
-    dtype = out_ptr.dtype.element_ty
-    # Grouped ordering: GROUP_M row blocks share each weight column block while it is in L2.
     pid = tl.program_id(0)
     num_row_blocks = tl.cdiv(T, BLOCK_M)
     num_col_blocks = tl.cdiv(OUT, BLOCK_N)
-    group = GROUP_M * num_col_blocks
-    first_row_block = (pid // group) * GROUP_M
-    group_rows = tl.minimum(num_row_blocks - first_row_block, GROUP_M)
-    row_block = first_row_block + (pid % group) % group_rows
-    col_block = (pid % group) // group_rows
+    if WEIGHT_GRADS:
+        # Segment fastest: the programs running together share column blocks of W (and row blocks of dy).
+        segment = pid % segments
+        col_block = pid // segments
+        first_row_block = segment * num_row_blocks // segments
+        for row_block in range(first_row_block, (segment + 1) * num_row_blocks // segments):
+            _gemm_tile(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_ptr, lw_ptr, stride_le,
+                       stride_li, stride_lo, router_ptr, stride_re, stride_ro, bias_ptr, out_ptr, stride_ot,
+                       stride_oo, a_desc, w_desc, out_desc, T, IN, OUT, row_block, col_block, EXT, HAS_BIAS,
+                       ROUTER_ROWS, NUM_EXPERTS, RANK, RANK_P, DOT_FP32, USE_TMA, W_ROWS_OUT, BLOCK_M, BLOCK_N,
+                       BLOCK_K, BJ)
+            # The weight gradients' partials, [PARTIAL_ROWS, BLOCK_K] at a time (registers).
+            rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+            safe_rows = tl.minimum(rows, T - 1).to(tl.int64)
+            later = (row_block > first_row_block).to(tl.int32)
+            for c0 in range(0, BLOCK_N, BLOCK_K):
+                cols = col_block * BLOCK_N + c0 + tl.arange(0, BLOCK_K)
+                _add_partials(partial_a_ptr, segment, EXT, OUT, ext_ptr, EXT, rows, T,
+                              u_ptr + safe_rows[:, None] * stride_ut + (cols % OUT).to(tl.int64)[None, :] * stride_uk,
+                              cols, later, DOT_FP32, PARTIAL_ROWS)
+            for chunk in range(col_block, tl.cdiv(IN, BLOCK_K), num_col_blocks):
+                n = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+                _add_partials(partial_b_ptr, segment, C, IN, h_ptr, C, rows, T,
+                              a_ptr + safe_rows[:, None] * stride_at + (n % IN).to(tl.int64)[None, :] * stride_ai,
+                              n, later, DOT_FP32, PARTIAL_ROWS)
+    else:
+        # Grouped ordering: GROUP_M row blocks share each weight column block while it is in L2.
+        group = GROUP_M * num_col_blocks
+        first_row_block = (pid // group) * GROUP_M
+        group_rows = tl.minimum(num_row_blocks - first_row_block, GROUP_M)
+        row_block = first_row_block + (pid % group) % group_rows
+        col_block = (pid % group) // group_rows
+        _gemm_tile(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_ptr, lw_ptr, stride_le, stride_li,
+                   stride_lo, router_ptr, stride_re, stride_ro, bias_ptr, out_ptr, stride_ot, stride_oo,
+                   a_desc, w_desc, out_desc, T, IN, OUT, row_block, col_block, EXT, HAS_BIAS, ROUTER_ROWS,
+                   NUM_EXPERTS, RANK, RANK_P, DOT_FP32, USE_TMA, W_ROWS_OUT, BLOCK_M, BLOCK_N, BLOCK_K, BJ)
 
+
+@triton.jit
+def _gemm_tile(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_ptr, lw_ptr, stride_le, stride_li,
+               stride_lo, router_ptr, stride_re, stride_ro, bias_ptr, out_ptr, stride_ot, stride_oo,
+               a_desc, w_desc, out_desc, T, IN, OUT, row_block, col_block,
+               EXT: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTER_ROWS: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+               RANK: tl.constexpr, RANK_P: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
+               W_ROWS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               BJ: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of ``_gemm_kernel``'s output (its arguments)."""
+    C: tl.constexpr = NUM_EXPERTS * RANK_P
+    dtype = out_ptr.dtype.element_ty
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     # Loads need no row or column predicates: rows past T read row T - 1, columns past OUT wrap
@@ -363,6 +430,31 @@ def _gemm_kernel(a_ptr, stride_at, stride_ai, w_ptr, stride_wi, stride_wo, ext_p
 
 
 @triton.jit
+def _add_partials(partial_ptr, segment, ROWS: tl.constexpr, COLS, left_ptr, LEFT_COLS: tl.constexpr, rows, T,
+                  right_ptrs, cols, later, DOT_FP32: tl.constexpr, BJ: tl.constexpr):
+    """partial[segment, :ROWS, cols] (+)= left[rows, :ROWS]^T right[rows, cols] (added only when later):
+    one program's float32 partial sum over its segment's row blocks. left is row-major [T, LEFT_COLS];
+    right_ptrs point at the [rows, cols] tile (rows past T count as zero)."""
+    right = tl.load(right_ptrs)
+    dtype = right_ptrs.dtype.element_ty
+    in_rows = rows < T
+    in_cols = cols < COLS
+    for j0 in range(0, ROWS, BJ):
+        j = j0 + tl.arange(0, BJ)
+        left = tl.load(left_ptr + rows.to(tl.int64)[:, None] * LEFT_COLS + j[None, :],
+                       mask=in_rows[:, None] & (j[None, :] < ROWS), other=0.0)
+        part = _mma(tl.zeros((BJ, cols.shape[0]), dtype=tl.float32), tl.trans(left), right, DOT_FP32, dtype)
+        ptrs = partial_ptr + ((segment * ROWS + j).to(tl.int64) * COLS)[:, None] + cols[None, :]
+        mask = (j[:, None] < ROWS) & in_cols[None, :]
+        # The earlier row blocks' sum (none before the first); a block mask: the interpreter takes no scalar one.
+        earlier = (tl.zeros((BJ,), tl.int32) + later) > 0
+        part += tl.load(ptrs, mask=mask & earlier[:, None], other=0.0)
+        tl.store(ptrs, part, mask=mask)
+        # The next row block's read-modify-write may run on other threads of this program.
+        tl.debug_barrier()
+
+
+@triton.jit
 def _sum_over_tokens(left_ptr, LEFT_COLS: tl.constexpr, right_ptr, stride_rt, stride_rc, T, RIGHT_COLS, j, cols,
                      DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr):
     """sum_t left[t, j]^T right[t, cols] over every token: [len(j), len(cols)] float32."""
@@ -380,16 +472,29 @@ def _sum_over_tokens(left_ptr, LEFT_COLS: tl.constexpr, right_ptr, stride_rt, st
 
 
 @triton.jit
+def _sum_segments(partial_ptr, ROWS: tl.constexpr, COLS, segments, j, cols):
+    """sum_s partial[s, j, cols] over the segments in order: [len(j), len(cols)] float32."""
+    acc = tl.zeros((j.shape[0], cols.shape[0]), dtype=tl.float32)
+    mask = (j[:, None] < ROWS) & (cols[None, :] < COLS)
+    for s in range(segments):
+        acc += tl.load(partial_ptr + ((s * ROWS + j).to(tl.int64) * COLS)[:, None] + cols[None, :], mask=mask,
+                       other=0.0)
+    return acc
+
+
+@triton.jit
 def _weight_grads_kernel(g_ptr, h_ptr, u_ptr, stride_ut, stride_uk, dy_ptr, stride_dt, stride_dn,
+                         partial_a_ptr, partial_b_ptr, segments,
                          da_ptr, stride_dae, stride_dar, stride_dak, dr_ptr, stride_dre, stride_drk,
                          db_ptr, stride_dbe, stride_dbn, stride_dbr, T, K, N, programs_a, programs_b,
                          NUM_EXPERTS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr,
                          HAS_ROUTER: tl.constexpr, WRITE_A: tl.constexpr, WRITE_R: tl.constexpr,
-                         DOT_FP32: tl.constexpr, CHUNK_A: tl.constexpr, CHUNK_B: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                         FROM_PARTIALS: tl.constexpr, DOT_FP32: tl.constexpr, CHUNK_A: tl.constexpr,
+                         CHUNK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Programs [0, programs_a): [dA ; dR] = G^T u for one rank chunk and one block of K columns.
     Programs [programs_a, programs_a + programs_b): dB = H^T dy for one rank chunk and block of N columns.
-    Each reduces over every token, then stores once."""
+    Each reduces over every token, then stores once. FROM_PARTIALS: each sums instead the dx GEMM's
+    per-segment float32 partials ([segments, CG, K] and [segments, C, N]) in segment order."""
     C: tl.constexpr = NUM_EXPERTS * RANK_P
     CG: tl.constexpr = C + NUM_EXPERTS if HAS_ROUTER else C
     pid = tl.program_id(0)
@@ -397,7 +502,10 @@ def _weight_grads_kernel(g_ptr, h_ptr, u_ptr, stride_ut, stride_uk, dy_ptr, stri
         col_blocks = tl.cdiv(K, BLOCK_C)
         j = (pid // col_blocks) * CHUNK_A + tl.arange(0, CHUNK_A)
         cols = ((pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-        acc = _sum_over_tokens(g_ptr, CG, u_ptr, stride_ut, stride_uk, T, K, j, cols, DOT_FP32, BLOCK_M)
+        if FROM_PARTIALS:
+            acc = _sum_segments(partial_a_ptr, CG, K, segments, j, cols)
+        else:
+            acc = _sum_over_tokens(g_ptr, CG, u_ptr, stride_ut, stride_uk, T, K, j, cols, DOT_FP32, BLOCK_M)
         expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
         in_k = cols[None, :] < K
         if WRITE_A:
@@ -413,7 +521,10 @@ def _weight_grads_kernel(g_ptr, h_ptr, u_ptr, stride_ut, stride_uk, dy_ptr, stri
         col_blocks = tl.cdiv(N, BLOCK_C)
         j = (pid // col_blocks) * CHUNK_B + tl.arange(0, CHUNK_B)
         cols = ((pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-        acc = _sum_over_tokens(h_ptr, C, dy_ptr, stride_dt, stride_dn, T, N, j, cols, DOT_FP32, BLOCK_M)
+        if FROM_PARTIALS:
+            acc = _sum_segments(partial_b_ptr, C, N, segments, j, cols)
+        else:
+            acc = _sum_over_tokens(h_ptr, C, dy_ptr, stride_dt, stride_dn, T, N, j, cols, DOT_FP32, BLOCK_M)
         expert, rank, exists = _columns(j, NUM_EXPERTS, RANK, RANK_P)
         tl.store(db_ptr + (expert * stride_dbe + rank * stride_dbr)[:, None] + cols[None, :] * stride_dbn,
                  acc.to(db_ptr.dtype.element_ty), mask=exists[:, None] & (cols[None, :] < N))
@@ -505,9 +616,44 @@ def _shrink(u, lora_a, router_weight, ids, lay: Layout, scaling):
     return h, (gates if lay.has_router else None)
 
 
-def _gemm(out, a, w_in_out, ext, lora_in_out, router_weight, bias, lay: Layout, router_rows: bool):
+def weight_grad_segments(num_tokens: int, col_blocks: int, sms: int, block_m: int) -> int:
+    """Token segments of the dx GEMM with the weight gradients: at least MIN_SEGMENTS (W is re-read
+    once per row block of a segment), as many as col_blocks * segments programs fit in the waves of
+    sms SMs that MIN_SEGMENTS take, and at most one per row block of block_m (the largest BLOCK_M of
+    the configs, so no segment is empty)."""
+    waves = triton.cdiv(MIN_SEGMENTS * col_blocks, sms)
+    return max(1, min(waves * sms // col_blocks, triton.cdiv(num_tokens, block_m)))
+
+
+def _weight_grads_configs(num_tokens: int, dy: torch.Tensor) -> list:
+    return gemm_configs(device_arch(dy.device), t_bucket(num_tokens), _dot_fp32(dy), weight_grads=True)
+
+
+def max_weight_grad_segments(num_tokens: int, dy: torch.Tensor) -> int:
+    """The most segments the dx GEMM with the weight gradients takes: one per row block of the
+    largest tile its autotuner may pick (an empty segment would leave its partials unwritten)."""
+    return triton.cdiv(num_tokens, max(c.kwargs["BLOCK_M"] for c in _weight_grads_configs(num_tokens, dy)))
+
+
+def plan_weight_grads(num_tokens: int, out_cols: int, in_cols: int, lay: Layout, dy: torch.Tensor) -> int:
+    """Token segments for the dx GEMM that also sums the weight gradients (x's columns out_cols,
+    dy's in_cols), or 0 when its float32 partials, written once and read once, would move more bytes
+    than the read of dy they save (few tokens, high ranks), or for float32 tensors (the exact-products
+    correctness path, whose tiles spilled with the extra work): then the weight-grads pass runs alone."""
+    if dy.dtype == torch.float32:
+        return 0
+    configs = _weight_grads_configs(num_tokens, dy)
+    segments = weight_grad_segments(num_tokens, triton.cdiv(out_cols, configs[0].kwargs["BLOCK_N"]),
+                                    sm_count(dy.device), max(c.kwargs["BLOCK_M"] for c in configs))
+    partial_bytes = segments * (lay.grad_columns * out_cols + lay.columns * in_cols) * 4
+    return segments if 2 * partial_bytes <= num_tokens * in_cols * dy.element_size() else 0
+
+
+def _gemm(out, a, w_in_out, ext, lora_in_out, router_weight, bias, lay: Layout, router_rows: bool,
+          weight_grads=None):
     """out = a Wt + ext L (+ bias). w_in_out: (W, stride along IN, stride along OUT); lora_in_out:
-    (3-D adapter weights, stride per expert, per rank index, along OUT)."""
+    (3-D adapter weights, stride per expert, per rank index, along OUT). weight_grads: (u, H, the
+    float32 partials of [dA ; dR] and dB, token segments) for the dx GEMM that also sums them."""
     T, OUT = out.shape
     w, stride_wi, stride_wo = w_in_out
     lw, stride_le, stride_li, stride_lo = lora_in_out
@@ -515,19 +661,22 @@ def _gemm(out, a, w_in_out, ext, lora_in_out, router_weight, bias, lay: Layout, 
     a_arg = a if a is not None else out
     ext_cols = ext.shape[1] if ext is not None else 0
     router, stride_re, stride_ro = _router_args(lay, router_weight, lw) if router_rows else (lw, 0, 0)
+    u, h, partial_a, partial_b, segments = weight_grads if weight_grads is not None else (out, out, out, out, 0)
 
     def grid(meta):
+        if segments:
+            return (segments * triton.cdiv(OUT, meta["BLOCK_N"]),)
         return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(OUT, meta["BLOCK_N"]),)
 
     tma = _tma_descriptors(a, w, stride_wi, out)
     _gemm_kernel[grid](a_arg, *a_arg.stride(), w, stride_wi, stride_wo, ext if ext is not None else out, lw,
                        stride_le, stride_li, stride_lo, router, stride_re, stride_ro,
                        bias if bias is not None else out, out, *out.stride(), *(tma[0] if tma else (None,) * 3),
-                       T, IN, OUT, t_bucket(T),
+                       u, *u.stride(), h, partial_a, partial_b, T, IN, OUT, t_bucket(T), segments,
                        EXT=ext_cols, HAS_BIAS=bias is not None, ROUTER_ROWS=router_rows, NUM_EXPERTS=lay.num_experts,
                        RANK=lay.rank, RANK_P=lay.rank_p, DOT_FP32=_dot_fp32(out),
                        BLOCK_J=min(MAX_CHUNK, max(16, _next_pow2(ext_cols))), USE_TMA=tma is not None,
-                       W_ROWS_OUT=tma is not None and tma[1])
+                       W_ROWS_OUT=tma is not None and tma[1], WEIGHT_GRADS=bool(segments))
     return out
 
 
@@ -571,8 +720,10 @@ def _grad_rows(grad_y, lora_b, h, gates, ids, lay: Layout, scaling):
     return g
 
 
-def _weight_grads(g, h, u, grad_y, lay: Layout, lora_a, lora_b, router_weight, need_a, need_r, need_lb):
-    """(dA, dR, dB) in the weights' dtypes and layouts (None where not needed), one launch."""
+def _weight_grads(g, h, u, grad_y, lay: Layout, lora_a, lora_b, router_weight, need_a, need_r, need_lb,
+                  partials=None):
+    """(dA, dR, dB) in the weights' dtypes and layouts (None where not needed), one launch; from the
+    dx GEMM's per-segment partials ([S, CG, K], [S, C, N] float32) when given."""
     T, K = u.shape
     N = grad_y.shape[1]
     meta = weight_grads_config(lay, _dot_fp32(u))
@@ -588,11 +739,13 @@ def _weight_grads(g, h, u, grad_y, lay: Layout, lora_a, lora_b, router_weight, n
         some = da if da is not None else (dr if dr is not None else db)
         _weight_grads_kernel[(programs_a + programs_b,)](
             g if g is not None else h, h, u, *u.stride(), grad_y, *grad_y.stride(),
+            *(partials if partials is not None else (h, h)), partials[0].shape[0] if partials is not None else 0,
             *((da, *da.stride()) if da is not None else (some, 0, 0, 0)),
             *((dr, *dr.stride()) if dr is not None else (some, 0, 0)),
             *((db, *db.stride()) if db is not None else (some, 0, 0, 0)), T, K, N, programs_a, programs_b,
             NUM_EXPERTS=lay.num_experts, RANK=lay.rank, RANK_P=lay.rank_p, HAS_ROUTER=lay.has_router,
-            WRITE_A=need_a, WRITE_R=need_r, DOT_FP32=_dot_fp32(u), CHUNK_A=chunk_a, CHUNK_B=chunk_b, **meta)
+            WRITE_A=need_a, WRITE_R=need_r, FROM_PARTIALS=partials is not None, DOT_FP32=_dot_fp32(u),
+            CHUNK_A=chunk_a, CHUNK_B=chunk_b, **meta)
     return da, dr, db
 
 
@@ -661,15 +814,24 @@ def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora
         g = _grad_rows(grad_y, lora_b, h, gates, plan.modality, lay, scaling)
     # dx = dy W (+ dh A + dlogit R when the adapters see x); d lora_input = dh A + dlogit R.
     a_by_rank = (lora_a, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
+    partials = fused = None
+    if need_dx and not separate and (need_a or need_r or need_lb):
+        segments = plan_weight_grads(x.shape[0], x.shape[1], grad_y.shape[1], lay, grad_y)
+        if segments:
+            partials = (torch.empty(segments, lay.grad_columns, x.shape[1], device=x.device, dtype=torch.float32),
+                        torch.empty(segments, lay.columns, grad_y.shape[1], device=x.device, dtype=torch.float32))
+            fused = (x, h, *partials, segments)
     if need_dx:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         grads[0] = _gemm(dx, grad_y, (weight, weight.stride(0), weight.stride(1)), None if separate else g,
-                         a_by_rank, router_weight, None, lay, router_rows=lay.has_router and not separate)
+                         a_by_rank, router_weight, None, lay, router_rows=lay.has_router and not separate,
+                         weight_grads=fused)
     if need_du:
         du = torch.empty_like(u, memory_format=torch.contiguous_format)
         grads[1] = _gemm(du, None, (weight, 0, 0), g, a_by_rank, router_weight, None, lay,
                          router_rows=lay.has_router)
-    da, dr, db = _weight_grads(g, h, u, grad_y, lay, lora_a, lora_b, router_weight, need_a, need_r, need_lb)
+    da, dr, db = _weight_grads(g, h, u, grad_y, lay, lora_a, lora_b, router_weight, need_a, need_r, need_lb,
+                               partials)
     grads[4], grads[5] = da, db
     if need_r:
         # Without a multi-expert modality the router is unused: its gradient is zero.

@@ -48,19 +48,46 @@ CASES = {
 }
 
 
+# How the backward computes dA, dR, dB: in the weight-grads pass, or summed by the dx GEMM in
+# per-segment partials (plan_weight_grads picks it only at large sizes; forced here: 2 segments, or 1
+# for one row block; with the interpreter's 32-row tiles the cases' token counts make them uneven).
+WEIGHT_GRADS = {"weight_grads_apart": 0, "weight_grads_fused": 2}
+
+
+def force_weight_grads(monkeypatch, segments):
+    """Make the launcher plan this many segments (0: the separate pass), at most one per row block
+    (as the planner does); returns the segment counts of the partials each weight-grads launch sums
+    (None: it sums over the tokens)."""
+    monkeypatch.setattr(tri, "plan_weight_grads", lambda num_tokens, out_cols, in_cols, lay, dy: min(
+        segments, tri.max_weight_grad_segments(num_tokens, dy)))
+    summed = []
+    real = tri._weight_grads
+
+    def spy(*args):
+        summed.append(None if args[-1] is None else args[-1][0].shape[0])
+        return real(*args)
+
+    monkeypatch.setattr(tri, "_weight_grads", spy)
+    return summed
+
+
+@pytest.mark.parametrize("weight_grads", WEIGHT_GRADS)
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_fp32_matches_reference(case):
+def test_fp32_matches_reference(case, weight_grads, monkeypatch):
     num_tokens, k, n, r, epm, opts = CASES[case]
+    force_weight_grads(monkeypatch, WEIGHT_GRADS[weight_grads])
     t, _, plan, dy = make_case(num_tokens, k, n, r, epm, **opts)
     gold = run(reference, t, plan, dy, epm)
     check_close(run(tri, cast(t, torch.float32), plan, dy, epm), gold, 1e-5, torch.float32)
 
 
+@pytest.mark.parametrize("weight_grads", WEIGHT_GRADS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["layout_4_1_r8", "layout_2_2_r8", "2_3_1_middle_modality_empty",
                                   "separate_lora_input"])
-def test_low_precision_no_worse_than_naive(case, dtype):
+def test_low_precision_no_worse_than_naive(case, dtype, weight_grads, monkeypatch):
     num_tokens, k, n, r, epm, opts = CASES[case]
+    force_weight_grads(monkeypatch, WEIGHT_GRADS[weight_grads])
     t, ids, plan, dy = make_case(num_tokens, k, n, r, epm, seed=1, **opts)
     low = cast(t, dtype)
     dy_low = dy.to(dtype)
@@ -68,12 +95,14 @@ def test_low_precision_no_worse_than_naive(case, dtype):
     check_low_precision(run(tri, low, plan, dy_low, epm), naive_same_dtype(low, ids, dy_low, epm), gold, dtype)
 
 
+@pytest.mark.parametrize("weight_grads", WEIGHT_GRADS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", [(37, 24, 40, 8, (4, 1)), (45, 40, 24, 16, (2, 2))])
-def test_tma_path_no_worse_than_naive(case, dtype, monkeypatch):
+def test_tma_path_no_worse_than_naive(case, dtype, weight_grads, monkeypatch):
     """On sm_90+ the GEMMs copy x, dy, W and the outputs by TMA (tensor descriptors): run that path
     (the interpreter executes descriptor loads and stores) with rows and columns past the tiles."""
     num_tokens, k, n, r, epm = case
+    force_weight_grads(monkeypatch, WEIGHT_GRADS[weight_grads])
     if not torch.cuda.is_available():
         monkeypatch.setattr(tri, "device_arch", lambda device: 90)
     elif tri.device_arch(torch.device(DEVICE)) < tri.TMA_MIN_ARCH:
@@ -241,3 +270,45 @@ def test_gemm_autotune_key_holds_every_constexpr(monkeypatch):
         for bucket in (*tri.T_BUCKETS, tri.t_bucket(10 ** 6)):
             for fp32 in (False, True):
                 assert 1 <= len(tri.gemm_configs(arch, bucket, fp32)) <= 4
+
+
+@pytest.mark.parametrize("num_tokens, segments", [(100, 4), (100, 3), (100, 2), (100, 1), (20, 1)],
+                         ids=["4_segments", "3_uneven_segments", "2_segments", "1_segment", "tokens_under_a_block"])
+def test_fused_weight_grads_segments_match_reference(num_tokens, segments, monkeypatch):
+    """The dx GEMM's per-segment partials of dA, dR, dB, summed in one launch: 100 tokens (row blocks
+    of 32, the last of 4 tokens) in segments of 1, 1, 2 blocks (3 segments), 2 each, all in one; 20
+    tokens in one segment shorter than a block."""
+    summed = force_weight_grads(monkeypatch, segments)
+    t, _, plan, dy = make_case(num_tokens, 37, 45, 8, (4, 1), seed=4)
+    check_close(run(tri, cast(t, torch.float32), plan, dy, (4, 1)), run(reference, t, plan, dy, (4, 1)), 1e-5,
+                torch.float32)
+    assert summed == [min(segments, tri.max_weight_grad_segments(num_tokens, dy.float()))]  # fewer with 128-row tiles
+
+
+def test_fused_weight_grads_are_deterministic(monkeypatch):
+    """Each partial has one writer and the segments are summed in order: two runs are bit-equal."""
+    summed = force_weight_grads(monkeypatch, 3)
+    t, _, plan, dy = make_case(100, 37, 45, 8, (4, 1), seed=5)
+    low = cast(t, torch.bfloat16)
+    first, second = (run(tri, low, plan, dy.to(torch.bfloat16), (4, 1)) for _ in range(2))
+    assert summed[0] == min(3, tri.max_weight_grad_segments(100, low["x"]))
+    for name, a, b in zip(("y",) + GRAD_NAMES, first, second):
+        assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_fused_weight_grads_only_where_the_partials_save_bytes(monkeypatch):
+    """plan_weight_grads: at Anole's MLP shapes (T=8192, K and N 4096 and 11008, MoDE's layout, bf16)
+    the compiled sm_90 plan (132 SMs, 128 x 128 tiles) is 8 segments for K=4096 (32 column blocks:
+    256 programs, 2 waves) and 9 for K=11008 (86 column blocks: 774 programs, 6 waves); none for
+    float32, for rank 64 (partials of 325 + 320 rank columns), or at bench.offline's T=2048, K=128,
+    N=256, where 16 segments' partials outweigh a read of dy."""
+    monkeypatch.setattr(tri, "INTERPRET", False)
+    monkeypatch.setattr(tri, "device_arch", lambda device: 90)
+    mode, wide = tri.Layout((4, 1), 8, True), tri.Layout((4, 1), 64, True)
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert tri.plan_weight_grads(8192, 4096, 11008, mode, bf16) == 8
+    assert tri.plan_weight_grads(8192, 11008, 4096, mode, bf16) == 9
+    assert tri.plan_weight_grads(8192, 4096, 11008, mode, fp32) == 0
+    assert tri.plan_weight_grads(8192, 4096, 11008, wide, bf16) == 0
+    assert tri.plan_weight_grads(2048, 128, 256, mode, bf16) == 0
+    assert tri.weight_grad_segments(100, 1, 132, 32) == 4 and tri.weight_grad_segments(8192, 1, 132, 128) == 64
