@@ -1,9 +1,9 @@
 """Calling an op: through its torch.library custom op only where something needs the custom op.
 
-The custom op is what torch.compile, export, fake tensors, tensor subclasses, dispatch modes and functorch
-transforms see: one opaque node with a fake implementation. In plain eager mode it only adds dispatch work
-(schema defaults, redispatch, the dynamo-disabled wrapper, the custom op's own autograd wrapper): about 0.1 ms
-a forward + backward at tiny shapes, measured by ``python -m bench.overhead``. There the ops call the same
+The custom op is what torch.compile, export, torch.jit.trace, fake tensors, tensor subclasses, dispatch modes and
+functorch transforms see: one opaque node with a fake implementation. In plain eager mode it only adds dispatch
+work (schema defaults, redispatch, the dynamo-disabled wrapper, the custom op's own autograd wrapper): about
+0.1 ms a forward + backward at tiny shapes, measured by ``python -m bench.overhead``. There the ops call the same
 implementation directly, through a ``torch.autograd.Function`` built from the same forward, setup_context and
 backward that the custom op registers, so results and gradients are those of the custom op.
 """
@@ -21,7 +21,7 @@ def _plain_eager(args: tuple) -> bool:
     if torch.compiler.is_compiling():
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active()):
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
         return False
     return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
 
