@@ -14,7 +14,7 @@ from .._validation import (
     check_topk,
     check_vocab_range,
 )
-from ._dispatch import autograd_function, call
+from ._dispatch import autograd_function, call, call_differentiable
 from .kd_kl import loss_dtype, reduce_rows
 
 
@@ -188,11 +188,12 @@ def fused_linear_kd_kl_loss(student_hidden: Tensor, teacher_hidden: Tensor, weig
     args = (teacher_hidden.detach().reshape(-1, hidden), weight,
             None if teacher_weight is None else teacher_weight.detach(), flat_mask)
     if reduction == "none":
-        loss_rows = call(_fused_linear_kd_kl_rows, _FusedLinearKdKlRows.apply, hs, *args, temperature, lo, hi, topk,
-                         resolved)
+        loss_rows = call_differentiable(_fused_linear_kd_kl_rows, _FusedLinearKdKlRows, hs, *args, temperature, lo,
+                                        hi, topk, resolved)
         return reduce_rows(loss_rows, flat_mask, reduction, lead)
     grad = torch.is_grad_enabled()
     row_weight = row_weights(hs.shape[0], flat_mask, reduction, loss_dtype(hs), hs.device)
-    loss, _, _ = call(_fused_linear_kd_kl_reduced, _FusedLinearKdKlReduced.apply, hs, *args, row_weight, temperature,
-                      lo, hi, topk, resolved, grad and student_hidden.requires_grad, grad and weight.requires_grad)
+    loss, _, _ = call_differentiable(_fused_linear_kd_kl_reduced, _FusedLinearKdKlReduced, hs, *args, row_weight,
+                                     temperature, lo, hi, topk, resolved, grad and student_hidden.requires_grad,
+                                     grad and weight.requires_grad)
     return loss

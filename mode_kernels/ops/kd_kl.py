@@ -18,7 +18,7 @@ from .._validation import (
     check_topk,
     check_vocab_range,
 )
-from ._dispatch import autograd_function, call
+from ._dispatch import autograd_function, call, call_differentiable
 
 
 def _forward(student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, lo: int, hi: int,
@@ -128,5 +128,5 @@ def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
         teacher, index = teacher[:, lo:hi].topk(topk, dim=-1)
         student = student[:, lo:hi].gather(-1, index)
         lo, hi = 0, topk
-    loss_rows, _, _ = call(_kd_kl, _KdKl.apply, student, teacher, flat_mask, temperature, lo, hi, resolved)
+    loss_rows, _, _ = call_differentiable(_kd_kl, _KdKl, student, teacher, flat_mask, temperature, lo, hi, resolved)
     return reduce_rows(loss_rows, flat_mask, reduction, lead)

@@ -79,10 +79,13 @@ def test_custom_op_path_matches_the_direct_path(case, backend):
         return out, grads
 
     direct_out, direct_grads = values_and_grads()
+    with torch.no_grad():  # the forward alone, without the autograd.Function
+        direct_no_grad = run()
     with _RecordOps() as mode:  # a dispatch mode is active: the ops must take their custom op
         op_out, op_grads = values_and_grads()
     assert custom_ops <= mode.names
     torch.testing.assert_close(op_out, direct_out, rtol=0, atol=0)
+    torch.testing.assert_close(direct_no_grad, direct_out.detach(), rtol=0, atol=0)
     for a, b in zip(op_grads, direct_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
