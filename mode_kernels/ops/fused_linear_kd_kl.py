@@ -30,8 +30,8 @@ def _fake_grads(hs, ws, need_dh, need_dw):
 # reduction "mean" / "sum": the gradients are computed in the forward pass (no recompute); the
 # backward only scales them by the output's gradient.
 def _reduced_forward(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
-                                row_weight: Tensor, temperature: float, lo: int, hi: int, topk: int | None,
-                                backend: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     row_weight: Tensor, temperature: float, lo: int, hi: int, topk: int | None,
+                     backend: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.implementation(backend, "fused_linear_kd_kl")
     loss_rows, d_hs, d_ws = impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk,
                                                     row_weight, need_dh, need_dw)
@@ -75,7 +75,7 @@ _FusedLinearKdKlReduced = autograd_function(_reduced_forward, _reduced_setup, _r
 # reduction "none": the forward computes the losses only; the backward recomputes the logits with
 # the output's gradient as row weights.
 def _rows_forward(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
-                             temperature: float, lo: int, hi: int, topk: int | None, backend: str) -> Tensor:
+                  temperature: float, lo: int, hi: int, topk: int | None, backend: str) -> Tensor:
     impl = backends.implementation(backend, "fused_linear_kd_kl")
     return impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, None, False, False)[0]
 
@@ -90,8 +90,8 @@ def _(hs, ht, ws, wt, mask, temperature, lo, hi, topk, backend):
 
 
 def _rows_backward_grads(grad_rows: Tensor, hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None,
-                                      mask: Tensor | None, temperature: float, lo: int, hi: int, topk: int | None,
-                                      backend: str, need_dw: bool) -> tuple[Tensor, Tensor]:
+                         mask: Tensor | None, temperature: float, lo: int, hi: int, topk: int | None,
+                         backend: str, need_dw: bool) -> tuple[Tensor, Tensor]:
     impl = backends.implementation(backend, "fused_linear_kd_kl")
     _, d_hs, d_ws = impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk,
                                             grad_rows.contiguous(), True, need_dw)

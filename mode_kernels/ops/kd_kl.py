@@ -1,7 +1,8 @@
 """kd_kl_loss: T^2 * KL(teacher || student) on logits, as torch custom ops.
 
 The op computes one float32 loss per row and keeps only the two per-row logsumexps for the
-backward; masking and the reduction are plain (differentiable, sync-free) torch around it.
+backward; masking and the reduction are plain (differentiable, sync-free) torch around it. In plain eager
+mode the API calls the same forward and backward without the custom ops (``_dispatch``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ._dispatch import autograd_function, call, call_differentiable
 
 
 def _forward(student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, lo: int, hi: int,
-           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.implementation(backend, "kd_kl")
     return impl.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
 
@@ -37,7 +38,7 @@ def _(student, teacher, mask, temperature, lo, hi, backend):
 
 
 def _backward_grad(grad_rows: Tensor, student: Tensor, teacher: Tensor, mask: Tensor | None, lse_s: Tensor,
-                    lse_t: Tensor, temperature: float, lo: int, hi: int, backend: str) -> Tensor:
+                   lse_t: Tensor, temperature: float, lo: int, hi: int, backend: str) -> Tensor:
     impl = backends.implementation(backend, "kd_kl")
     return impl.kd_kl_backward(grad_rows.contiguous(), student, teacher, mask, lse_s, lse_t, temperature, lo, hi)
 

@@ -6,6 +6,7 @@ string, so ``torch.compile(fullgraph=True)`` sees two opaque nodes and no graph 
 A routing plan travels into the ops as its tensors. The forward op also returns what the
 backend's backward reuses (the Triton kernels' gated rank intermediate H and gates, the native
 kernels' shrink; empty for the reference), saved for the backward and never differentiated.
+In plain eager mode the API calls the same forward and backward without the custom ops (``_dispatch``).
 """
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ def _saved_like(impl, x, lora_a, router_weight, experts_per_modality) -> tuple[T
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_input: Tensor | None,
-                 order: Tensor, offsets: Tensor, modality: Tensor,
-                 lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
-                 experts_per_modality: list[int], scaling: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+             order: Tensor, offsets: Tensor, modality: Tensor,
+             lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
+             experts_per_modality: list[int], scaling: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(y, *saved): saved is what the backend's backward reuses (the Triton kernels' H and gates)."""
     impl = backends.implementation(backend, "routed_lora")
     plan = _plan(order, offsets, modality, len(experts_per_modality))
@@ -61,11 +62,11 @@ def _(x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b, rou
 
 
 def _backward_grads(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
-                          lora_input: Tensor | None, order: Tensor, offsets: Tensor, modality: Tensor,
-                          lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
-                          saved_h: Tensor, saved_gates: Tensor,
-                          experts_per_modality: list[int], scaling: float, backend: str,
-                          needs: list[bool]) -> list[Tensor]:
+                    lora_input: Tensor | None, order: Tensor, offsets: Tensor, modality: Tensor,
+                    lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
+                    saved_h: Tensor, saved_gates: Tensor,
+                    experts_per_modality: list[int], scaling: float, backend: str,
+                    needs: list[bool]) -> list[Tensor]:
     impl = backends.implementation(backend, "routed_lora")
     plan = _plan(order, offsets, modality, len(experts_per_modality))
     args = (grad_y.contiguous(), x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
