@@ -79,9 +79,10 @@ def check_shape(t: torch.Tensor, name: str, expected: tuple, what: str = "") -> 
 
 
 def check_same_device(ref: torch.Tensor, ref_name: str, **tensors) -> None:
+    device = ref.device
     for name, t in tensors.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected device {device} (that of {ref_name}), got {t.device}")
 
 
 def check_temperature(temperature) -> float:

@@ -14,6 +14,7 @@ from .._validation import (
     check_topk,
     check_vocab_range,
 )
+from ._dispatch import autograd_function, call, call_differentiable
 from .kd_kl import loss_dtype, reduce_rows
 
 
@@ -28,14 +29,17 @@ def _fake_grads(hs, ws, need_dh, need_dw):
 
 # reduction "mean" / "sum": the gradients are computed in the forward pass (no recompute); the
 # backward only scales them by the output's gradient.
-@torch.library.custom_op("mode_kernels::fused_linear_kd_kl_reduced", mutates_args=())
-def _fused_linear_kd_kl_reduced(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
-                                row_weight: Tensor, temperature: float, lo: int, hi: int, topk: int | None,
-                                backend: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _reduced_forward(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
+                     row_weight: Tensor, temperature: float, lo: int, hi: int, topk: int | None,
+                     backend: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.implementation(backend, "fused_linear_kd_kl")
     loss_rows, d_hs, d_ws = impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk,
                                                     row_weight, need_dh, need_dw)
     return ((loss_rows * row_weight).sum(), *_grads_or_empty(ws, d_hs, d_ws))
+
+
+_fused_linear_kd_kl_reduced = torch.library.custom_op("mode_kernels::fused_linear_kd_kl_reduced", _reduced_forward,
+                                                      mutates_args=())
 
 
 @_fused_linear_kd_kl_reduced.register_fake
@@ -65,15 +69,19 @@ def _reduced_backward(ctx, grad_loss, _grad_d_hs, _grad_d_ws):
 
 
 _fused_linear_kd_kl_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup)
+_FusedLinearKdKlReduced = autograd_function(_reduced_forward, _reduced_setup, _reduced_backward)
 
 
 # reduction "none": the forward computes the losses only; the backward recomputes the logits with
 # the output's gradient as row weights.
-@torch.library.custom_op("mode_kernels::fused_linear_kd_kl_rows", mutates_args=())
-def _fused_linear_kd_kl_rows(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
-                             temperature: float, lo: int, hi: int, topk: int | None, backend: str) -> Tensor:
+def _rows_forward(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
+                  temperature: float, lo: int, hi: int, topk: int | None, backend: str) -> Tensor:
     impl = backends.implementation(backend, "fused_linear_kd_kl")
     return impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, None, False, False)[0]
+
+
+_fused_linear_kd_kl_rows = torch.library.custom_op("mode_kernels::fused_linear_kd_kl_rows", _rows_forward,
+                                                   mutates_args=())
 
 
 @_fused_linear_kd_kl_rows.register_fake
@@ -81,14 +89,17 @@ def _(hs, ht, ws, wt, mask, temperature, lo, hi, topk, backend):
     return hs.new_empty(hs.shape[0], dtype=loss_dtype(hs))
 
 
-@torch.library.custom_op("mode_kernels::fused_linear_kd_kl_rows_backward", mutates_args=())
-def _fused_linear_kd_kl_rows_backward(grad_rows: Tensor, hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None,
-                                      mask: Tensor | None, temperature: float, lo: int, hi: int, topk: int | None,
-                                      backend: str, need_dw: bool) -> tuple[Tensor, Tensor]:
+def _rows_backward_grads(grad_rows: Tensor, hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None,
+                         mask: Tensor | None, temperature: float, lo: int, hi: int, topk: int | None,
+                         backend: str, need_dw: bool) -> tuple[Tensor, Tensor]:
     impl = backends.implementation(backend, "fused_linear_kd_kl")
     _, d_hs, d_ws = impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk,
                                             grad_rows.contiguous(), True, need_dw)
     return _grads_or_empty(ws, d_hs, d_ws)
+
+
+_fused_linear_kd_kl_rows_backward = torch.library.custom_op("mode_kernels::fused_linear_kd_kl_rows_backward",
+                                                            _rows_backward_grads, mutates_args=())
 
 
 @_fused_linear_kd_kl_rows_backward.register_fake
@@ -105,11 +116,13 @@ def _rows_setup(ctx, inputs, output):
 def _rows_backward(ctx, grad_rows):
     hs, ht, ws, wt, mask = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[2]
-    d_hs, d_ws = _fused_linear_kd_kl_rows_backward(grad_rows, hs, ht, ws, wt, mask, *ctx.meta, need_dw)
+    d_hs, d_ws = call(_fused_linear_kd_kl_rows_backward, _rows_backward_grads, grad_rows, hs, ht, ws, wt, mask,
+                      *ctx.meta, need_dw)
     return d_hs, None, d_ws if need_dw else None, None, None, None, None, None, None, None
 
 
 _fused_linear_kd_kl_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
+_FusedLinearKdKlRows = autograd_function(_rows_forward, _rows_setup, _rows_backward)
 
 
 def row_weights(rows: int, mask: Tensor | None, reduction: str, dtype: torch.dtype, device) -> Tensor:
@@ -175,10 +188,12 @@ def fused_linear_kd_kl_loss(student_hidden: Tensor, teacher_hidden: Tensor, weig
     args = (teacher_hidden.detach().reshape(-1, hidden), weight,
             None if teacher_weight is None else teacher_weight.detach(), flat_mask)
     if reduction == "none":
-        loss_rows = _fused_linear_kd_kl_rows(hs, *args, temperature, lo, hi, topk, resolved)
+        loss_rows = call_differentiable(_fused_linear_kd_kl_rows, _FusedLinearKdKlRows, hs, *args, temperature, lo,
+                                        hi, topk, resolved)
         return reduce_rows(loss_rows, flat_mask, reduction, lead)
     grad = torch.is_grad_enabled()
     row_weight = row_weights(hs.shape[0], flat_mask, reduction, loss_dtype(hs), hs.device)
-    loss, _, _ = _fused_linear_kd_kl_reduced(hs, *args, row_weight, temperature, lo, hi, topk, resolved,
-                                             grad and student_hidden.requires_grad, grad and weight.requires_grad)
+    loss, _, _ = call_differentiable(_fused_linear_kd_kl_reduced, _FusedLinearKdKlReduced, hs, *args, row_weight,
+                                     temperature, lo, hi, topk, resolved, grad and student_hidden.requires_grad,
+                                     grad and weight.requires_grad)
     return loss

@@ -1,7 +1,8 @@
 """kd_kl_loss: T^2 * KL(teacher || student) on logits, as torch custom ops.
 
 The op computes one float32 loss per row and keeps only the two per-row logsumexps for the
-backward; masking and the reduction are plain (differentiable, sync-free) torch around it.
+backward; masking and the reduction are plain (differentiable, sync-free) torch around it. In plain eager
+mode the API calls the same forward and backward without the custom ops (``_dispatch``).
 """
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from .._validation import (
     check_topk,
     check_vocab_range,
 )
+from ._dispatch import autograd_function, call, call_differentiable
 
 
-@torch.library.custom_op("mode_kernels::kd_kl", mutates_args=())
-def _kd_kl(student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, lo: int, hi: int,
-           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _forward(student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, lo: int, hi: int,
+             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.implementation(backend, "kd_kl")
     return impl.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
+
+
+_kd_kl = torch.library.custom_op("mode_kernels::kd_kl", _forward, mutates_args=())
 
 
 @_kd_kl.register_fake
@@ -33,11 +37,13 @@ def _(student, teacher, mask, temperature, lo, hi, backend):
     return rows, torch.empty_like(rows), torch.empty_like(rows)
 
 
-@torch.library.custom_op("mode_kernels::kd_kl_backward", mutates_args=())
-def _kd_kl_backward(grad_rows: Tensor, student: Tensor, teacher: Tensor, mask: Tensor | None, lse_s: Tensor,
-                    lse_t: Tensor, temperature: float, lo: int, hi: int, backend: str) -> Tensor:
+def _backward_grad(grad_rows: Tensor, student: Tensor, teacher: Tensor, mask: Tensor | None, lse_s: Tensor,
+                   lse_t: Tensor, temperature: float, lo: int, hi: int, backend: str) -> Tensor:
     impl = backends.implementation(backend, "kd_kl")
     return impl.kd_kl_backward(grad_rows.contiguous(), student, teacher, mask, lse_s, lse_t, temperature, lo, hi)
+
+
+_kd_kl_backward = torch.library.custom_op("mode_kernels::kd_kl_backward", _backward_grad, mutates_args=())
 
 
 @_kd_kl_backward.register_fake
@@ -54,11 +60,12 @@ def _kd_setup(ctx, inputs, output):
 
 def _kd_backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
     student, teacher, mask, lse_s, lse_t = ctx.saved_tensors
-    grad = _kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, *ctx.meta)
+    grad = call(_kd_kl_backward, _backward_grad, grad_rows, student, teacher, mask, lse_s, lse_t, *ctx.meta)
     return grad, None, None, None, None, None, None
 
 
 _kd_kl.register_autograd(_kd_backward, setup_context=_kd_setup)
+_KdKl = autograd_function(_forward, _kd_setup, _kd_backward)
 
 
 def loss_dtype(t: Tensor) -> torch.dtype:
@@ -122,5 +129,5 @@ def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
         teacher, index = teacher[:, lo:hi].topk(topk, dim=-1)
         student = student[:, lo:hi].gather(-1, index)
         lo, hi = 0, topk
-    loss_rows, _, _ = _kd_kl(student, teacher, flat_mask, temperature, lo, hi, resolved)
+    loss_rows, _, _ = call_differentiable(_kd_kl, _KdKl, student, teacher, flat_mask, temperature, lo, hi, resolved)
     return reduce_rows(loss_rows, flat_mask, reduction, lead)

@@ -6,6 +6,7 @@ string, so ``torch.compile(fullgraph=True)`` sees two opaque nodes and no graph 
 A routing plan travels into the ops as its tensors. The forward op also returns what the
 backend's backward reuses (the Triton kernels' gated rank intermediate H and gates, the native
 kernels' shrink; empty for the reference), saved for the backward and never differentiated.
+In plain eager mode the API calls the same forward and backward without the custom ops (``_dispatch``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import Tensor
 from .. import backends
 from .._validation import check_experts_per_modality, check_float, check_same_device, check_shape
 from ..routing import RoutingPlan, plan_routing
+from ._dispatch import autograd_function, call, call_differentiable
 
 # Order of the differentiable inputs in the backward op's outputs.
 _GRAD_NAMES = ("x", "lora_input", "weight", "bias", "lora_a", "lora_b", "router_weight")
@@ -34,11 +36,10 @@ def _saved_like(impl, x, lora_a, router_weight, experts_per_modality) -> tuple[T
     return x.new_empty(0), x.new_empty(0)
 
 
-@torch.library.custom_op("mode_kernels::routed_lora", mutates_args=())
-def _routed_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_input: Tensor | None,
-                 order: Tensor, offsets: Tensor, modality: Tensor,
-                 lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
-                 experts_per_modality: list[int], scaling: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_input: Tensor | None,
+             order: Tensor, offsets: Tensor, modality: Tensor,
+             lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
+             experts_per_modality: list[int], scaling: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(y, *saved): saved is what the backend's backward reuses (the Triton kernels' H and gates)."""
     impl = backends.implementation(backend, "routed_lora")
     plan = _plan(order, offsets, modality, len(experts_per_modality))
@@ -49,6 +50,9 @@ def _routed_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_input: Ten
     return impl.routed_lora_forward(*args), x.new_empty(0), x.new_empty(0)
 
 
+_routed_lora = torch.library.custom_op("mode_kernels::routed_lora", _forward, mutates_args=())
+
+
 @_routed_lora.register_fake
 def _(x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b, router_weight,
       experts_per_modality, scaling, backend):
@@ -57,13 +61,12 @@ def _(x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b, rou
                                                                   tuple(experts_per_modality))
 
 
-@torch.library.custom_op("mode_kernels::routed_lora_backward", mutates_args=())
-def _routed_lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
-                          lora_input: Tensor | None, order: Tensor, offsets: Tensor, modality: Tensor,
-                          lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
-                          saved_h: Tensor, saved_gates: Tensor,
-                          experts_per_modality: list[int], scaling: float, backend: str,
-                          needs: list[bool]) -> list[Tensor]:
+def _backward_grads(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
+                    lora_input: Tensor | None, order: Tensor, offsets: Tensor, modality: Tensor,
+                    lora_a: Tensor, lora_b: Tensor, router_weight: Tensor | None,
+                    saved_h: Tensor, saved_gates: Tensor,
+                    experts_per_modality: list[int], scaling: float, backend: str,
+                    needs: list[bool]) -> list[Tensor]:
     impl = backends.implementation(backend, "routed_lora")
     plan = _plan(order, offsets, modality, len(experts_per_modality))
     args = (grad_y.contiguous(), x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
@@ -74,6 +77,10 @@ def _routed_lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tenso
         grads = impl.routed_lora_backward(*args)
     # Custom ops cannot return None: an empty tensor stands for "not requested".
     return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+_routed_lora_backward = torch.library.custom_op("mode_kernels::routed_lora_backward", _backward_grads,
+                                                mutates_args=())
 
 
 @_routed_lora_backward.register_fake
@@ -103,13 +110,15 @@ def _backward(ctx, grad_y, _grad_h, _grad_gates):
         return (None,) * 13
     needs = [n[0], n[3] and lora_input is not None, n[1], n[2] and bias is not None, n[7], n[8],
              n[9] and router_weight is not None]
-    grads = _routed_lora_backward(grad_y, x, weight, bias, lora_input, order, offsets, modality, lora_a, lora_b,
-                                  router_weight, saved_h, saved_gates, experts_per_modality, scaling, backend, needs)
+    grads = call(_routed_lora_backward, _backward_grads, grad_y, x, weight, bias, lora_input, order, offsets,
+                 modality, lora_a, lora_b, router_weight, saved_h, saved_gates, experts_per_modality, scaling,
+                 backend, needs)
     dx, du, dw, db, da, dlb, dr = (g if need else None for g, need in zip(grads, needs))
     return dx, dw, db, du, None, None, None, da, dlb, dr, None, None, None
 
 
 _routed_lora.register_autograd(_backward, setup_context=_setup_context)
+_RoutedLora = autograd_function(_forward, _setup_context, _backward)
 
 
 def modality_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, modality: Tensor | RoutingPlan,
@@ -188,8 +197,10 @@ def modality_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, modalit
     check_same_device(x, "x", modality=plan.order)
 
     resolved = backends.resolve(backend, x.device, "routed_lora")
-    x2 = x.reshape(num_tokens, k)
-    u2 = None if lora_input is None else lora_input.reshape(num_tokens, k)
-    y, _, _ = _routed_lora(x2, weight, bias, u2, plan.order, plan.offsets, plan.modality, lora_a, lora_b,
-                           router_weight, list(experts), float(scaling), resolved)
-    return y.reshape(*lead, n)
+    # Skipped when already flat: a no-op reshape still costs a few microseconds a call.
+    x2 = x if x.dim() == 2 else x.reshape(num_tokens, k)
+    u2 = None if lora_input is None else lora_input.reshape(x2.shape)
+    y, _, _ = call_differentiable(_routed_lora, _RoutedLora, x2, weight, bias, u2, plan.order, plan.offsets,
+                                  plan.modality, lora_a, lora_b, router_weight, list(experts), float(scaling),
+                                  resolved)
+    return y if x.dim() == 2 else y.reshape(*lead, n)
