@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from mode.train import checkpointing, cli, loop
@@ -119,7 +118,13 @@ def test_fsdp_checkpoint_resumes_on_two_processes(tmp_path, cache_dir, fsdp_runs
         sharded, single = (load_file(str(run / "adapters" / "mode" / name)) for run in (output, whole))
         assert sharded.keys() == single.keys()
         for key in single:
-            torch.testing.assert_close(sharded[key], single[key], rtol=1e-3, atol=1e-4)
+            # Adam divides by the root of the squared-gradient average: where that is near zero, the
+            # rounding differences of 2 processes against 1 (and of the thread count: 1 thread each
+            # here) grow to a fraction of one step (lr 3e-3) in a few elements; elsewhere they stay
+            # at rounding level.
+            difference = (sharded[key] - single[key]).abs()
+            assert difference.max() < 1e-3, key
+            assert (difference > 1e-4).float().mean() < 1e-3, key
 
 
 def test_damaged_checkpoint_shard_is_refused_and_kept(tmp_path, cache_dir, fsdp_runs):
