@@ -2,9 +2,9 @@
 
 The compiled library lives in a per-user cache directory (one per checkout and torch version) with a
 stamp of the sources, compile flags, torch version and CPU vector capability it was built from: it is
-built once and then only imported; a source change rebuilds what changed. A file lock
+built once and then only loaded; a source change rebuilds what changed. A file lock
 (``fcntl.flock``, released if its holder dies) makes concurrent processes such as torchrun's ranks
-build it once: the others wait, then import. Without a working compiler the first use warns once and
+build it once: the others wait, then load it. Without a working compiler the first use warns once and
 the torch backend serves; ``MODE_KERNELS_NATIVE=0`` switches the native backend off.
 """
 from __future__ import annotations
