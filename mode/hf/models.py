@@ -60,17 +60,25 @@ def cache_keyword(module: nn.Module) -> str:
 
 
 @torch.no_grad()
+def prefill(model: nn.Module, prompts: Tensor) -> Any:
+    """The decoder's output on equal-length prompts [B, L], with their KV cache: what `continue_sequences`
+    starts from, computed once when the same prompts are also scored (``scoring.continuation_nll``)."""
+    return decoder_of(model)(input_ids=prompts.to(model_device(model)), use_cache=True)
+
+
+@torch.no_grad()
 def continue_sequences(model: nn.Module, prompts: Tensor, steps: int, choose: Callable[[Tensor], Tensor],
-                       eos_id: int | None = None) -> Tensor:
+                       eos_id: int | None = None, prefilled: Any = None) -> Tensor:
     """Extend equal-length prompts [B, L] by up to ``steps`` tokens with a KV cache -> new tokens [B, n].
 
     ``choose`` maps the float32 next-token logits [B, vocab] to the next tokens [B]. With ``eos_id``,
     a row that emitted it keeps emitting it and decoding stops once every row has (n <= steps).
+    ``prefilled``: `prefill` of these prompts, so they are not run again (its KV cache is extended).
     MoDE layers route every new token by its own id (an image code goes to the image expert).
     """
     decoder, head = decoder_of(model), hf_model(model).get_output_embeddings()
     keyword, device = cache_keyword(decoder), model_device(model)
-    out = decoder(input_ids=prompts.to(device), use_cache=True)
+    out = prefill(model, prompts) if prefilled is None else prefilled
     tokens = []
     done = None if eos_id is None else torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(steps):

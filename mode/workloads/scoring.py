@@ -2,13 +2,15 @@
 NLL of the answer tokens (a graded companion of exact match: it moves before the greedy answer flips)."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..constants import IGNORE_INDEX
-from ..hf.models import decoder_of, hf_model
+from ..hf.models import cache_in, cache_keyword, decoder_of, hf_model
 
 
 def target_logits(model: nn.Module, batch: Mapping[str, Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,3 +42,25 @@ def answer_nll(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> flo
     if not count:
         raise ValueError("answer_nll: the batches hold no labelled token")
     return total / count
+
+
+@torch.no_grad()
+def continuation_nll(model: nn.Module, prefilled: Any, continuation: Tensor, labels: Tensor) -> tuple[float, int]:
+    """(sum, count) of the NLL (softmax over the whole vocabulary) of the labelled tokens of continuations
+    [B, A] of prompts already run through the decoder (``prefilled``: `mode.hf.models.prefill`), each token
+    given the prompt and the continuation before it. ``labels`` [B, A]: the token to score or -100.
+
+    The same scores as `answer_nll` on the prompts followed by the continuations, without running the
+    prompts again: only the continuation's first A - 1 tokens go through the decoder, on a copy of the
+    prompts' KV cache (``prefilled`` is left as it was, for decoding). Call it in eval mode."""
+    decoder, head = decoder_of(model), hf_model(model).get_output_embeddings()
+    hidden = prefilled.last_hidden_state[:, -1:]  # predicts the continuation's first token
+    if continuation.shape[1] > 1:
+        cache = copy.deepcopy(cache_in(prefilled))
+        out = decoder(input_ids=continuation[:, :-1].to(hidden.device), use_cache=True,
+                      **{cache_keyword(decoder): cache})
+        hidden = torch.cat([hidden, out.last_hidden_state], dim=1)
+    labels = labels.to(hidden.device)
+    selected = labels != IGNORE_INDEX
+    logits = head(hidden[selected]).float()
+    return torch.nn.functional.cross_entropy(logits, labels[selected], reduction="sum").item(), int(selected.sum())

@@ -1,23 +1,22 @@
 """Build and load the native CPU kernels (csrc/) just in time, once per user and source version.
 
-The compiled module lives in a per-user cache directory (one per checkout and torch version) with a
+The compiled library lives in a per-user cache directory (one per checkout and torch version) with a
 stamp of the sources, compile flags, torch version and CPU vector capability it was built from: it is
-built once and then only imported; a source change rebuilds what changed. A file lock
+built once and then only loaded; a source change rebuilds what changed. A file lock
 (``fcntl.flock``, released if its holder dies) makes concurrent processes such as torchrun's ranks
-build it once: the others wait, then import. Without a working compiler the first use warns once and
+build it once: the others wait, then load it. Without a working compiler the first use warns once and
 the torch backend serves; ``MODE_KERNELS_NATIVE=0`` switches the native backend off.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -62,7 +61,10 @@ def _cflags() -> list[str]:
     return flags
 
 
+# The library's name: its file (mode_kernels_native.so) and its operators' namespace (torch.ops.mode_kernels_native).
 MODULE_NAME = "mode_kernels_native"
+# torch.ops.mode_kernels_native: the kernels as attributes (routed_lora_forward, ...), called like functions.
+Operators = Any
 
 
 def source_hash() -> str:
@@ -82,16 +84,20 @@ def build_directory() -> Path:
     return cache_root() / f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{where}"
 
 
-def _import_built(directory: Path, wanted: str) -> ModuleType | None:
-    """The built module if it was built from ``wanted`` sources, else None."""
+def _load(library: Path) -> Operators:
+    """The operators of a built library, loaded into this process (loading registers them, so only once)."""
+    if str(library) not in torch.ops.loaded_libraries:
+        torch.ops.load_library(str(library))
+    return getattr(torch.ops, MODULE_NAME)
+
+
+def _import_built(directory: Path, wanted: str) -> Operators | None:
+    """The built operators if they were built from ``wanted`` sources, else None."""
     stamp = directory / "source.sha256"
-    built = sorted(directory.glob(f"{MODULE_NAME}*.so"))
-    if not built or not stamp.exists() or stamp.read_text() != wanted:
+    library = directory / f"{MODULE_NAME}.so"
+    if not library.exists() or not stamp.exists() or stamp.read_text() != wanted:
         return None
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, built[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load(library)
 
 
 @contextlib.contextmanager
@@ -105,8 +111,8 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build(verbose: bool = False) -> ModuleType:
-    """Import the compiled kernels, compiling them first if these sources have no build yet."""
+def build(verbose: bool = False) -> Operators:
+    """Load the compiled kernels, compiling them first if these sources have no build yet."""
     wanted = source_hash()
     directory = build_directory()
     module = _import_built(directory, wanted)
@@ -121,19 +127,22 @@ def build(verbose: bool = False) -> ModuleType:
         # Compiling takes minutes on a small machine: say so, so a first test run does not look hung.
         print(f"mode_kernels.native: compiling {CSRC} into {directory} (once per source version)", file=sys.stderr)
         start = time.perf_counter()
-        module = load(name=MODULE_NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=_cflags(),
-             build_directory=str(directory), verbose=verbose)
+        # is_python_module=False: a plain shared library of operators (no Python bindings), which load() loads
+        library = load(name=MODULE_NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=_cflags(),
+                       build_directory=str(directory), verbose=verbose, is_python_module=False)
         (directory / "source.sha256").write_text(wanted)
+        module = _load(Path(library))
         print(f"mode_kernels.native: built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return module
 
 
-_module: ModuleType | None = None
+_module: Operators | None = None
 _failure: str | None = None
 
 
-def extension() -> ModuleType:
-    """The compiled module; raises NativeUnavailable (with the reason) when it is off or cannot be built.
+def extension() -> Operators:
+    """The compiled kernels (torch.ops.mode_kernels_native); raises NativeUnavailable (with the reason) when
+    they are off or cannot be built.
 
     The first failure warns once and is remembered: later calls raise at once without rebuilding.
     """

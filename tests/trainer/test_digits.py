@@ -216,7 +216,7 @@ def test_task_scores_exact_match_digit_named_and_teacher_forced_answer_nll(tiny,
             torch.tensor(e.target), reduction="sum").item() for e in examples]
 
     # decoding replaced: rows 0, 3: right; rows 1, 4: the right digit in a wrong format; rows 2, 5: wrong
-    def fake_decode(model, prompts, max_new_tokens, eos_id):
+    def fake_decode(model, prompts, max_new_tokens, eos_id, prefilled=None):
         answers = {tuple(e.prompt): (e.target if i % 3 == 0 else e.target[:1] + [vocab.sep] if i % 3 == 1
                                      else [vocab.sep]) + [eos_id] * max_new_tokens for i, e in enumerate(examples)}
         return torch.tensor([answers[tuple(p)][:max_new_tokens] for p in prompts.tolist()])
@@ -225,6 +225,26 @@ def test_task_scores_exact_match_digit_named_and_teacher_forced_answer_nll(tiny,
     scores = dm.task_scores(tiny.model, vocab, task, images, labels, batch_size=4)
     assert scores["acc"] == pytest.approx(2 / 6) and scores["digit_acc"] == pytest.approx(4 / 6)
     assert scores["answer_nll"] == pytest.approx(sum(nlls) / sum(len(t) for t in targets), rel=1e-5)
+
+
+def test_task_scores_decode_from_the_prompts_they_score(tiny, monkeypatch):
+    """task_scores runs the prompts once, scores the answers on a copy of their KV cache, then decodes
+    from the same prompts: the same greedy answers as decoding alone."""
+    vocab, data = tiny.vocab, tiny.data
+    images, labels = data.test_images[:7], data.test_labels[:7]
+    task = digits.CONTINUAL_TASKS[1]
+    prompts = torch.tensor([digits.understanding_prompt(vocab, task, x) for x in images])
+    alone = [dm.greedy_decode(tiny.model, rows, digits.MAX_ANSWER_TOKENS, vocab.eos) for rows in prompts.split(4)]
+    decoded, greedy_decode = [], dm.greedy_decode
+
+    def recorded(*args, **kwargs):
+        assert kwargs.get("prefilled") is not None
+        decoded.append(greedy_decode(*args, **kwargs))
+        return decoded[-1]
+
+    monkeypatch.setattr(dm, "greedy_decode", recorded)
+    dm.task_scores(tiny.model, vocab, task, images, labels, batch_size=4)
+    assert len(decoded) == 2 and all(torch.equal(a, b) for a, b in zip(decoded, alone))
 
 
 def test_sampled_images_are_valid_and_seeded(tiny):

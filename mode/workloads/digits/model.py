@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,9 +38,9 @@ from tqdm.auto import tqdm
 
 from mode_kernels.cache import cache_dir
 
-from ...hf.models import continue_sequences, model_device
+from ...hf.models import continue_sequences, model_device, prefill
 from ...train.schedule import cosine_lr
-from ..scoring import answer_nll
+from ..scoring import continuation_nll
 from . import data as digits
 from .data import DigitsData, DigitsVocab, Task
 
@@ -255,12 +256,15 @@ def load_or_pretrain(model_config: DigitsModelConfig | None = None, pretrain_con
 # ----------------------------------------------------------------------------- decoding
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, eos_id: int) -> torch.Tensor:
+def greedy_decode(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, eos_id: int,
+                  prefilled: Any = None) -> torch.Tensor:
     """Greedy continuation of equal-length prompts [B, L] with a KV cache -> new tokens [B, T].
 
     Rows that emitted eos keep emitting eos; decoding stops early once every row has.
+    ``prefilled``: the prompts already run through the decoder (`mode.hf.models.prefill`).
     """
-    return continue_sequences(model, prompts, max_new_tokens, lambda logits: logits.argmax(dim=-1), eos_id).cpu()
+    return continue_sequences(model, prompts, max_new_tokens, lambda logits: logits.argmax(dim=-1), eos_id,
+                              prefilled=prefilled).cpu()
 
 
 def _batches(n: int, batch_size: int):
@@ -268,29 +272,35 @@ def _batches(n: int, batch_size: int):
         yield slice(start, min(n, start + batch_size))
 
 
+@torch.no_grad()
 def task_scores(model: nn.Module, vocab: DigitsVocab, task: Task, images: np.ndarray, labels: np.ndarray,
                 batch_size: int = 512, progress: bool = False) -> dict[str, float]:
     """An understanding task's scores on these images:
     ``acc``: exact match of the greedy answer (answer words followed by eos);
     ``digit_acc``: the greedy answer's first word is the target's (every digits answer opens with
     the digit's name), a skill that survives a changed answer format;
-    ``answer_nll``: teacher-forced NLL of the target answer, nats per token (``scoring.answer_nll``)."""
+    ``answer_nll``: teacher-forced NLL of the target answer, nats per token (as ``scoring.answer_nll``).
+    The prompts go through the model once: greedy decoding and the answer NLL both continue from them."""
     was_training = model.training
     model.eval()
     correct = digit_correct = 0
+    nll_sum, nll_count = 0.0, 0
     examples = digits.task_examples(vocab, task, images, labels)
     chunks = [examples[rows] for rows in _batches(len(examples), batch_size)]
     for chunk in tqdm(chunks, desc=f"eval {task.name}", disable=not progress):
         prompts = torch.tensor([e.prompt for e in chunk])  # one task: all prompts have the same length
-        answers = greedy_decode(model, prompts, digits.MAX_ANSWER_TOKENS, vocab.eos)
+        prefilled = prefill(model, prompts)
+        batch = digits.collate(chunk, vocab.pad)  # prompt then target: the target starts at column L
+        chunk_sum, chunk_count = continuation_nll(model, prefilled, batch["input_ids"][:, prompts.shape[1]:],
+                                                  batch["labels"][:, prompts.shape[1]:])
+        nll_sum, nll_count = nll_sum + chunk_sum, nll_count + chunk_count
+        answers = greedy_decode(model, prompts, digits.MAX_ANSWER_TOKENS, vocab.eos, prefilled=prefilled)
         for e, answer in zip(chunk, answers.tolist()):
             correct += answer[: len(e.target)] == e.target
             digit_correct += answer[0] == e.target[0]
-    device = model_device(model)
-    nll = answer_nll(model, ({k: v.to(device) for k, v in digits.collate(chunk, vocab.pad).items()}
-                             for chunk in chunks))
     model.train(was_training)
-    return {"acc": correct / len(examples), "digit_acc": digit_correct / len(examples), "answer_nll": nll}
+    return {"acc": correct / len(examples), "digit_acc": digit_correct / len(examples),
+            "answer_nll": nll_sum / nll_count}
 
 
 @torch.no_grad()
