@@ -18,6 +18,7 @@ import torch
 
 import mode_kernels as mk
 from mode_kernels import backends
+from mode_kernels.contract import FusedLinearKdKlNeeds, KdOptions, RoutedLoraNeeds, RoutedLoraOptions
 
 TOKENS, K, N, RANK = 64, 16, 16, 4
 EXPERTS = (4, 1)
@@ -43,19 +44,17 @@ def _routed_lora(backend: str) -> dict[str, Callable[[], object]]:
     def fwd_bwd():
         mk.modality_lora_linear(x, w, b, plan, a, lb, r, **kw).sum().backward()
 
-    args = (x.detach(), w, b, None, plan, a.detach(), lb.detach(), r.detach(), EXPERTS, 2.0)
-    needs = (True, False, False, False, True, True, True)
+    args = (x.detach(), w, b, None, plan, a.detach(), lb.detach(), r.detach(), RoutedLoraOptions(EXPERTS, 2.0))
+    needs = RoutedLoraNeeds(x=True, lora_input=False, weight=False, bias=False, lora_a=True, lora_b=True,
+                            router_weight=True)
     grad_y = torch.ones(TOKENS, N)
 
     def impl_fwd():
         return impl.routed_lora_forward(*args)
 
     def impl_fwd_bwd():
-        if hasattr(impl, "routed_lora_forward_saving"):
-            _, saved = impl.routed_lora_forward_saving(*args)
-            return impl.routed_lora_backward(grad_y, *args, needs, saved=saved)
-        impl.routed_lora_forward(*args)
-        return impl.routed_lora_backward(grad_y, *args, needs)
+        _, saved = impl.routed_lora_forward(*args)
+        return impl.routed_lora_backward(grad_y, *args, needs, saved)
 
     return {"fwd": fwd, "fwd+bwd": fwd_bwd, "impl fwd": impl_fwd, "impl fwd+bwd": impl_fwd_bwd}
 
@@ -73,14 +72,14 @@ def _kd_kl(backend: str) -> dict[str, Callable[[], object]]:
     def fwd_bwd():
         mk.kd_kl_loss(s, t, temperature=2.0, backend=backend).backward()
 
-    sd, grad_rows = s.detach(), torch.full((TOKENS,), 1.0 / TOKENS)
+    sd, grad_rows, options = s.detach(), torch.full((TOKENS,), 1.0 / TOKENS), KdOptions(2.0, 0, VOCAB)
 
     def impl_fwd():
-        return impl.kd_kl_forward(sd, t, None, 2.0, 0, VOCAB)
+        return impl.kd_kl_forward(sd, t, None, options)
 
     def impl_fwd_bwd():
-        _, lse_s, lse_t = impl.kd_kl_forward(sd, t, None, 2.0, 0, VOCAB)
-        return impl.kd_kl_backward(grad_rows, sd, t, None, lse_s, lse_t, 2.0, 0, VOCAB)
+        _, lse_s, lse_t = impl.kd_kl_forward(sd, t, None, options)
+        return impl.kd_kl_backward(grad_rows, sd, t, None, lse_s, lse_t, options)
 
     return {"fwd": fwd, "fwd+bwd": fwd_bwd, "impl fwd": impl_fwd, "impl fwd+bwd": impl_fwd_bwd}
 
@@ -99,13 +98,13 @@ def _fused_linear_kd_kl(backend: str) -> dict[str, Callable[[], object]]:
     def fwd_bwd():
         mk.fused_linear_kd_kl_loss(hs, ht, w, temperature=2.0, backend=backend).backward()
 
-    hd, row_weight = hs.detach(), torch.full((TOKENS,), 1.0 / TOKENS)
+    hd, row_weight, options = hs.detach(), torch.full((TOKENS,), 1.0 / TOKENS), KdOptions(2.0, 0, VOCAB)
 
     def impl_fwd():
-        return impl.fused_linear_kd_kl(hd, ht, w, None, None, 2.0, 0, VOCAB, None, row_weight, False, False)
+        return impl.fused_linear_kd_kl(hd, ht, w, None, None, options, row_weight, FusedLinearKdKlNeeds(False, False))
 
     def impl_fwd_bwd():
-        return impl.fused_linear_kd_kl(hd, ht, w, None, None, 2.0, 0, VOCAB, None, row_weight, True, False)
+        return impl.fused_linear_kd_kl(hd, ht, w, None, None, options, row_weight, FusedLinearKdKlNeeds(True, False))
 
     return {"fwd": fwd, "fwd+bwd": fwd_bwd, "impl fwd": impl_fwd, "impl fwd+bwd": impl_fwd_bwd}
 

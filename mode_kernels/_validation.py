@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from .contract import KdOptions, RoutedLoraOptions
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Value checks (ids in range) need the data on the host. On CPU they are free and always run;
@@ -130,3 +132,91 @@ def check_mask(mask, lead_shape: tuple, ref: torch.Tensor) -> torch.Tensor | Non
         raise ValueError(f"mask: expected shape {list(lead_shape)} (the logits' leading dims), got {list(mask.shape)}")
     check_same_device(ref, "the logits", mask=mask)
     return mask
+
+
+def check_routed_lora(x, weight, bias, lora_a, lora_b, router_weight, experts_per_modality, scaling,
+                      lora_input) -> RoutedLoraOptions:
+    """The tensors and options of ``modality_lora_linear`` (its ``modality``: ``routing.routing_plan_for``)."""
+    experts = check_experts_per_modality(experts_per_modality)
+    num_experts = sum(experts)
+    check_float(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x: expected at least 1 dimension [..., K], got a scalar")
+    k = x.shape[-1]
+    check_float(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight: expected shape [N, {k}] (K = x.shape[-1]), got {list(weight.shape)}")
+    n = weight.shape[0]
+    check_float(lora_a, "lora_a")
+    check_float(lora_b, "lora_b")
+    if lora_a.dim() != 3 or lora_a.shape[0] != num_experts or lora_a.shape[2] != k:
+        raise ValueError(f"lora_a: expected shape [{num_experts}, r, {k}] (E = sum(experts_per_modality), "
+                         f"K = x.shape[-1]), got {list(lora_a.shape)}")
+    check_shape(lora_b, "lora_b", (num_experts, n, lora_a.shape[1]), "[E, N, r] with E, r from lora_a, N from weight")
+    if bias is not None:
+        check_float(bias, "bias")
+        check_shape(bias, "bias", (n,), "[N]")
+    if router_weight is not None:
+        check_float(router_weight, "router_weight")
+        check_shape(router_weight, "router_weight", (num_experts, k), "[E, K]")
+    elif max(experts) > 1:
+        raise ValueError(f"router_weight: required when a modality has more than one expert "
+                         f"(experts_per_modality={experts})")
+    if lora_input is not None:
+        check_float(lora_input, "lora_input")
+        check_shape(lora_input, "lora_input", tuple(x.shape), "the shape of x")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise ValueError(f"scaling: expected a number, got {scaling!r}")
+    check_same_device(x, "x", weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                      router_weight=router_weight, lora_input=lora_input)
+    return RoutedLoraOptions(experts, float(scaling))
+
+
+def check_student_teacher(student, teacher, student_name: str, teacher_name: str, last: str) -> None:
+    """A float student [..., last] and a float teacher of the same shape."""
+    check_float(student, student_name)
+    check_float(teacher, teacher_name)
+    if student.dim() < 1:
+        raise ValueError(f"{student_name}: expected shape [..., {last}], got a scalar")
+    if teacher.shape != student.shape:
+        raise ValueError(f"{teacher_name}: expected shape {list(student.shape)} (that of {student_name}), "
+                         f"got {list(teacher.shape)}")
+
+
+def check_kd_options(temperature, vocab_range, topk, reduction, mask, vocab: int,
+                     ref: torch.Tensor) -> tuple[KdOptions, str, torch.Tensor | None]:
+    """(options, reduction, mask) of a KD loss over ``vocab`` entries; ``ref`` [..., H or V] gives the mask's
+    shape and device."""
+    temperature = check_temperature(temperature)
+    reduction = check_reduction(reduction)
+    lo, hi = check_vocab_range(vocab_range, vocab)
+    mask = check_mask(mask, tuple(ref.shape[:-1]), ref)
+    return KdOptions(temperature, lo, hi, check_topk(topk, hi - lo)), reduction, mask
+
+
+def check_kd_kl(student_logits, teacher_logits, temperature, vocab_range, topk, reduction,
+                mask) -> tuple[KdOptions, str, torch.Tensor | None]:
+    """The arguments of ``kd_kl_loss``: (options, reduction, mask)."""
+    check_student_teacher(student_logits, teacher_logits, "student_logits", "teacher_logits", "V")
+    check_same_device(student_logits, "student_logits", teacher_logits=teacher_logits)
+    return check_kd_options(temperature, vocab_range, topk, reduction, mask, student_logits.shape[-1],
+                            student_logits)
+
+
+def check_fused_linear_kd_kl(student_hidden, teacher_hidden, weight, teacher_weight, temperature, vocab_range,
+                             topk, reduction, mask) -> tuple[KdOptions, str, torch.Tensor | None]:
+    """The arguments of ``fused_linear_kd_kl_loss``: (options, reduction, mask)."""
+    check_student_teacher(student_hidden, teacher_hidden, "student_hidden", "teacher_hidden", "H")
+    check_float(weight, "weight")
+    hidden = student_hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != hidden:
+        raise ValueError(f"weight: expected shape [V, {hidden}] (H = student_hidden.shape[-1]), "
+                         f"got {list(weight.shape)}")
+    if teacher_weight is not None:
+        check_float(teacher_weight, "teacher_weight")
+        if teacher_weight.shape != weight.shape:
+            raise ValueError(f"teacher_weight: expected shape {list(weight.shape)} (that of weight), "
+                             f"got {list(teacher_weight.shape)}")
+    check_same_device(student_hidden, "student_hidden", teacher_hidden=teacher_hidden, weight=weight,
+                      teacher_weight=teacher_weight)
+    return check_kd_options(temperature, vocab_range, topk, reduction, mask, weight.shape[0], student_hidden)

@@ -8,11 +8,12 @@ input shape alone, so building a plan never waits on the device (no ``.item()``,
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
-from ._validation import check_modality_ids
+from ._validation import check_modality_ids, check_same_device
 
 # Kept for the signature of plan_routing (its ``block_m`` argument): kernels no longer tile by modality.
 DEFAULT_BLOCK_M = 128
@@ -63,3 +64,25 @@ def plan_routing(modality: torch.Tensor, num_modalities: int, *, block_m: int = 
     offsets = torch.zeros(num_modalities + 1, dtype=torch.int64, device=ids.device)
     offsets[1:] = torch.cumsum(counts, 0)
     return RoutingPlan(order, offsets, ids.to(torch.int32), num_modalities)
+
+
+def routing_plan_for(modality: torch.Tensor | RoutingPlan, x: torch.Tensor, num_modalities: int) -> RoutingPlan:
+    """The plan of ``modality_lora_linear``'s ``modality`` argument (ids or a plan), checked against the tokens
+    of x [..., K]. (Here rather than in ``_validation``, which this module imports.)"""
+    lead = tuple(x.shape[:-1])
+    num_tokens = math.prod(lead)
+    if isinstance(modality, RoutingPlan):
+        plan = modality
+        if plan.num_modalities != num_modalities:
+            raise ValueError(f"modality: the plan has {plan.num_modalities} modalities, experts_per_modality "
+                             f"has {num_modalities}")
+        if plan.num_tokens != num_tokens:
+            raise ValueError(f"modality: the plan covers {plan.num_tokens} tokens, x has {num_tokens}")
+    elif isinstance(modality, torch.Tensor):
+        if tuple(modality.shape) != lead:
+            raise ValueError(f"modality: expected shape {list(lead)} (x.shape[:-1]), got {list(modality.shape)}")
+        plan = plan_routing(modality, num_modalities)
+    else:
+        raise ValueError(f"modality: expected an integer tensor or a RoutingPlan, got {type(modality).__name__}")
+    check_same_device(x, "x", modality=plan.order)
+    return plan

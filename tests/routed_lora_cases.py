@@ -3,11 +3,12 @@ interface run on them, and the naive formula's output and gradients in the same 
 import torch
 from naive import routed_lora as naive_routed_lora
 
+from mode_kernels.contract import RoutedLoraGrads, RoutedLoraNeeds, RoutedLoraOptions
 from mode_kernels.routing import plan_routing
 
 F64 = torch.float64
-GRAD_NAMES = ("x", "lora_input", "weight", "bias", "lora_a", "lora_b", "router_weight")
-ALL_NEEDS = (True,) * 7
+GRAD_NAMES = RoutedLoraGrads._fields
+ALL_NEEDS = RoutedLoraNeeds(*(True,) * 7)
 LOW_PRECISION_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
@@ -35,13 +36,18 @@ def cast(tensors, dtype):
 
 
 def run(impl, t, plan, dy, epm, needs=ALL_NEEDS, scaling=2.0):
-    """(y, *grads) of a backend module's routed_lora_forward / routed_lora_backward."""
-    args = (t["x"], t["weight"], t["bias"], t["lora_input"], plan, t["lora_a"], t["lora_b"], t["router_weight"],
-            epm, scaling)
-    y = impl.routed_lora_forward(*args)
+    """(y, *grads) of a backend module's routed_lora_forward / routed_lora_backward (given the forward's saved)."""
+    args = backend_args(t, plan, epm, scaling)
+    y, saved = impl.routed_lora_forward(*args)
     # Only inputs that exist can need a gradient (the op layer's contract).
-    needs = tuple(bool(n) and t[name] is not None for n, name in zip(needs, GRAD_NAMES))
-    return (y, *impl.routed_lora_backward(dy.to(y.dtype), *args, needs))
+    needs = RoutedLoraNeeds(*(bool(n) and t[name] is not None for n, name in zip(needs, GRAD_NAMES)))
+    return (y, *impl.routed_lora_backward(dy.to(y.dtype), *args, needs, saved))
+
+
+def backend_args(t, plan, epm, scaling=2.0):
+    """The arguments of a backend's routed_lora_forward for the tensors of ``make_case``."""
+    return (t["x"], t["weight"], t["bias"], t["lora_input"], plan, t["lora_a"], t["lora_b"], t["router_weight"],
+            RoutedLoraOptions(tuple(epm), scaling))
 
 
 def naive_same_dtype(t, ids, dy, epm, scaling=2.0):

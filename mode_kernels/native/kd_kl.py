@@ -4,15 +4,18 @@ Both the logits form and the fused-linear form live here, as in the reference mo
 """
 from __future__ import annotations
 
+from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, KdKlRows, KdOptions
 from .build import extension
 
 
-def kd_kl_forward(student, teacher, mask, temperature, lo, hi):
-    return tuple(extension().kd_kl_forward(student, teacher, mask, float(temperature), lo, hi))
+def kd_kl_forward(student, teacher, mask, options: KdOptions) -> KdKlRows:
+    return KdKlRows(*extension().kd_kl_forward(student, teacher, mask, float(options.temperature), options.lo,
+                                               options.hi))
 
 
-def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, temperature, lo, hi):
-    return extension().kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, float(temperature), lo, hi)
+def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, options: KdOptions):
+    return extension().kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, float(options.temperature),
+                                      options.lo, options.hi)
 
 
 def fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi, topk=None, grad_rows=None):
@@ -29,18 +32,21 @@ def fused_linear_kd_kl_backward(grad_rows, hs, ht, ws, wt, mask, lse_s, lse_t, t
     return d_hs, d_ws
 
 
-def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weight, need_dh, need_dw):
+def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
+                       needs: FusedLinearKdKlNeeds) -> FusedLinearKdKlResult:
     """The backend interface of ``mode_kernels.reference.kd_kl.fused_linear_kd_kl``: the loss per
     position and, when asked, the gradients of sum_p row_weight[p] * loss[p]. d hs alone comes
     from the forward pass itself (its row gradients are known up front); d ws needs the backward
     pass over the saved log-sum-exps."""
-    if row_weight is None or not (need_dh or need_dw):
-        return fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi, topk)[0], None, None
-    if not need_dw:
+    temperature, lo, hi, topk = options.temperature, options.lo, options.hi, options.topk
+    if row_weight is None or not (needs.hidden or needs.weight):
+        return FusedLinearKdKlResult(fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi, topk)[0],
+                                     None, None)
+    if not needs.weight:
         loss, _, _, d_hs = fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi, topk,
                                                       grad_rows=row_weight)
-        return loss, d_hs, None
+        return FusedLinearKdKlResult(loss, d_hs, None)
     loss, lse_s, lse_t = fused_linear_kd_kl_forward(hs, ht, ws, wt, mask, temperature, lo, hi, topk)
     d_hs, d_ws = fused_linear_kd_kl_backward(row_weight, hs, ht, ws, wt, mask, lse_s, lse_t, temperature, lo, hi,
                                              True, topk)
-    return loss, (d_hs if need_dh else None), d_ws
+    return FusedLinearKdKlResult(loss, d_hs if needs.hidden else None, d_ws)

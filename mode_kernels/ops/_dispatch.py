@@ -16,12 +16,40 @@ import torch
 # Exact types only: any other tensor subclass (FakeTensor, FunctionalTensor, DTensor, ...) takes the custom op.
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
+# Private torch functions that tell plain eager mode apart: no dispatch mode, torch function mode, functorch
+# transform or jit trace active. They are not public API and may move between torch versions (the GPU machine and
+# CI run different ones): each is looked up and called once here, and if any is missing or raises, every call
+# takes the custom op, which is always correct (only slower).
+_PRIVATE_STATE = ("_len_torch_dispatch_stack", "_is_torch_function_mode_enabled",
+                  "_are_functorch_transforms_active", "_get_tracing_state")
+
+
+def _probe_private_state() -> tuple[Callable[[], object], ...] | None:
+    """The functions of ``_PRIVATE_STATE`` when all exist and answer, else None."""
+    functions = tuple(getattr(torch._C, name, None) for name in _PRIVATE_STATE)
+    if not all(callable(f) for f in functions):
+        return None
+    try:
+        for f in functions:
+            f()
+    except Exception:
+        return None
+    return functions
+
+
+_STATE = _probe_private_state()
+# Whether plain eager calls may skip the custom op; False forces the custom op everywhere (tests set it so).
+FAST_PATH = _STATE is not None
+_dispatch_stack, _function_mode, _functorch_transforms, _tracing_state = _STATE or (None,) * 4
+
 
 def _plain_eager(args: tuple) -> bool:
-    if torch.compiler.is_compiling():
+    if not FAST_PATH or torch.compiler.is_compiling():
         return False
-    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
+    try:
+        if _dispatch_stack() or _function_mode() or _functorch_transforms() or _tracing_state() is not None:
+            return False
+    except Exception:  # a private function that changed behaviour: the custom op is always correct
         return False
     return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
 
@@ -59,3 +87,9 @@ def autograd_function(forward: Callable, setup_context: Callable, backward: Call
         "backward": staticmethod(backward),
         "implementation": staticmethod(forward),
     })
+
+
+def input_grads(input_names: tuple[str, ...], **grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """An autograd backward's return value from gradients given by input name: one entry per input of
+    ``input_names`` (the forward's parameters, in order), None for the inputs not named."""
+    return tuple(grads.get(name) for name in input_names)

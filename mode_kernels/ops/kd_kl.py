@@ -6,28 +6,25 @@ mode the API calls the same forward and backward without the custom ops (``_disp
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
 from .. import backends
-from .._validation import (
-    check_float,
-    check_mask,
-    check_reduction,
-    check_same_device,
-    check_temperature,
-    check_topk,
-    check_vocab_range,
-)
-from ._dispatch import autograd_function, call, call_differentiable
+from .._validation import check_kd_kl
+from ..contract import KdOptions
+from ._dispatch import autograd_function, call, call_differentiable, input_grads
 
 
 def _forward(student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, lo: int, hi: int,
              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, lse_s, lse_t) per row (``KdKlRows``, flat)."""
     impl = backends.implementation(backend, "kd_kl")
-    return impl.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
+    return tuple(impl.kd_kl_forward(student, teacher, mask, KdOptions(temperature, lo, hi)))
 
 
+_INPUTS = tuple(inspect.signature(_forward).parameters)
 _kd_kl = torch.library.custom_op("mode_kernels::kd_kl", _forward, mutates_args=())
 
 
@@ -40,7 +37,8 @@ def _(student, teacher, mask, temperature, lo, hi, backend):
 def _backward_grad(grad_rows: Tensor, student: Tensor, teacher: Tensor, mask: Tensor | None, lse_s: Tensor,
                    lse_t: Tensor, temperature: float, lo: int, hi: int, backend: str) -> Tensor:
     impl = backends.implementation(backend, "kd_kl")
-    return impl.kd_kl_backward(grad_rows.contiguous(), student, teacher, mask, lse_s, lse_t, temperature, lo, hi)
+    return impl.kd_kl_backward(grad_rows.contiguous(), student, teacher, mask, lse_s, lse_t,
+                               KdOptions(temperature, lo, hi))
 
 
 _kd_kl_backward = torch.library.custom_op("mode_kernels::kd_kl_backward", _backward_grad, mutates_args=())
@@ -61,7 +59,7 @@ def _kd_setup(ctx, inputs, output):
 def _kd_backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
     student, teacher, mask, lse_s, lse_t = ctx.saved_tensors
     grad = call(_kd_kl_backward, _backward_grad, grad_rows, student, teacher, mask, lse_s, lse_t, *ctx.meta)
-    return grad, None, None, None, None, None, None
+    return input_grads(_INPUTS, student=grad)
 
 
 _kd_kl.register_autograd(_kd_backward, setup_context=_kd_setup)
@@ -105,29 +103,17 @@ def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
     A vocab entry with teacher probability 0 (logit -inf or the dtype's most negative value)
     contributes 0; a position whose teacher has no finite logit in the slice contributes 0.
     """
-    check_float(student_logits, "student_logits")
-    check_float(teacher_logits, "teacher_logits")
-    if student_logits.dim() < 1:
-        raise ValueError("student_logits: expected shape [..., V], got a scalar")
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits: expected shape {list(student_logits.shape)} (that of student_logits), "
-                         f"got {list(teacher_logits.shape)}")
-    check_same_device(student_logits, "student_logits", teacher_logits=teacher_logits)
-    temperature = check_temperature(temperature)
-    reduction = check_reduction(reduction)
-    vocab = student_logits.shape[-1]
-    lo, hi = check_vocab_range(vocab_range, vocab)
-    lead = tuple(student_logits.shape[:-1])
-    mask = check_mask(mask, lead, student_logits)
+    options, reduction, mask = check_kd_kl(student_logits, teacher_logits, temperature, vocab_range, topk,
+                                           reduction, mask)
     resolved = backends.resolve(backend, student_logits.device, "kd_kl")
-
+    vocab, (lo, hi) = student_logits.shape[-1], (options.lo, options.hi)
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
     flat_mask = None if mask is None else mask.reshape(-1)
-    topk = check_topk(topk, hi - lo)
-    if topk is not None:
-        teacher, index = teacher[:, lo:hi].topk(topk, dim=-1)
+    if options.topk is not None:  # the backends see the gathered top-k logits as a whole vocab
+        teacher, index = teacher[:, lo:hi].topk(options.topk, dim=-1)
         student = student[:, lo:hi].gather(-1, index)
-        lo, hi = 0, topk
-    loss_rows, _, _ = call_differentiable(_kd_kl, _KdKl, student, teacher, flat_mask, temperature, lo, hi, resolved)
-    return reduce_rows(loss_rows, flat_mask, reduction, lead)
+        lo, hi = 0, options.topk
+    loss_rows, _, _ = call_differentiable(_kd_kl, _KdKl, student, teacher, flat_mask, options.temperature, lo, hi,
+                                          resolved)
+    return reduce_rows(loss_rows, flat_mask, reduction, tuple(student_logits.shape[:-1]))

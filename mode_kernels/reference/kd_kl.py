@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, KdKlRows, KdOptions
 from ..kd_memory import chunk_rows
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 logits
@@ -61,8 +62,9 @@ def dlogits_rows(s, t, lse_s, lse_t, grad_rows, temperature, alive):
     return torch.where(alive.unsqueeze(-1), d, torch.zeros_like(d))
 
 
-def kd_kl_forward(student, teacher, mask, temperature, lo, hi):
+def kd_kl_forward(student, teacher, mask, options: KdOptions) -> KdKlRows:
     """student, teacher: [P, V]; mask: bool [P] or None. Returns (loss [P], lse_s [P], lse_t [P])."""
+    temperature, lo, hi = options.temperature, options.lo, options.hi
     acc = _acc_dtype(student.dtype)
     rows = student.shape[0]
     loss = torch.zeros(rows, dtype=acc, device=student.device)
@@ -71,11 +73,12 @@ def kd_kl_forward(student, teacher, mask, temperature, lo, hi):
         m = None if mask is None else mask[r0:r1]
         out = kl_rows(student[r0:r1, lo:hi].to(acc), teacher_logits(teacher[r0:r1, lo:hi], acc), temperature, m)
         loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1] = out[:3]
-    return loss, lse_s, lse_t
+    return KdKlRows(loss, lse_s, lse_t)
 
 
-def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, temperature, lo, hi):
+def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, options: KdOptions):
     """d loss / d student [P, V] in the student's dtype (zero outside [lo, hi))."""
+    temperature, lo, hi = options.temperature, options.lo, options.hi
     acc = _acc_dtype(student.dtype)
     grad = torch.zeros_like(student)
     for r0, r1 in _row_chunks(student.shape[0], hi - lo):
@@ -130,19 +133,22 @@ def chunk_plan(n_rows: int, n_vocab: int, topk: int | None, dtype: torch.dtype):
     return chunk_rows(n_rows, n_vocab, dtype, per_row), per_row
 
 
-def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weight, need_dh, need_dw):
+def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
+                       needs: FusedLinearKdKlNeeds) -> FusedLinearKdKlResult:
     """The fused-linear KD loss per position and, when asked, the gradients of
     sum_p row_weight[p] * loss[p] (the teacher is a constant).
 
-    hs, ht: [P, H]; ws, wt: [V, H] (wt None means ws); mask: bool [P] or None; topk: int or None;
-    row_weight: [P] (used only for the gradients). Returns (loss [P] float32/float64,
-    d hs [P, H] in hs's dtype or None, d ws [V, H] in ws's dtype or None).
+    hs, ht: [P, H]; ws, wt: [V, H] (wt None means ws); mask: bool [P] or None; row_weight: [P] (used only for
+    the gradients). Returns (loss [P] float32/float64, d hs [P, H] in hs's dtype or None, d ws [V, H] in ws's
+    dtype or None).
 
     Chunks of positions (``kd_memory.chunk_rows``): per chunk both logits by one GEMM each, the
     softmaxes, loss and d logits in place, then d hs = d logits @ ws and d ws += d logits^T @ hs:
     three GEMMs per chunk with a frozen weight, four with a trainable one, nothing recomputed.
     d ws accumulates in float32 (float64) into the slice's rows only: in place in the output when
     ws is float32 (float64), else in one extra [hi - lo, H] buffer."""
+    temperature, lo, hi, topk = options.temperature, options.lo, options.hi, options.topk
+    need_dh, need_dw = needs
     acc = _acc_dtype(hs.dtype)
     rows, n_vocab = hs.shape[0], hi - lo
     ws_slice = ws[lo:hi].to(acc)
@@ -182,4 +188,4 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weig
             d_ws_slice.addmm_(d.t(), h)
     if need_dw and not accumulate_in_place:
         d_ws[lo:hi] = d_ws_slice
-    return loss, d_hs, d_ws
+    return FusedLinearKdKlResult(loss, d_hs, d_ws)

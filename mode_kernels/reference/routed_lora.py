@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..contract import RoutedLoraGrads, RoutedLoraNeeds, RoutedLoraOptions, RoutedLoraSaved
 from ..routing import RoutingPlan
 
 
@@ -22,12 +23,18 @@ def _expert_ranges(experts_per_modality):
         start += n
 
 
+def saved_like(x, lora_a, router_weight, options: RoutedLoraOptions) -> RoutedLoraSaved:
+    """The reference saves nothing: its backward recomputes."""
+    return RoutedLoraSaved.nothing(x)
+
+
 def routed_lora_forward(x, weight, bias, lora_input, plan: RoutingPlan, lora_a, lora_b, router_weight,
-                        experts_per_modality, scaling):
+                        options: RoutedLoraOptions) -> tuple[torch.Tensor, RoutedLoraSaved]:
     """y = x W^T + b + scaling * sum_e g_e (u A_e^T) B_e^T for each token's own modality.
 
-    x, lora_input (u; None means x): [T, K]. Returns y [T, N] in x's dtype.
+    x, lora_input (u; None means x): [T, K]. Returns (y [T, N] in x's dtype, nothing saved).
     """
+    experts_per_modality, scaling = options.experts_per_modality, options.scaling
     acc = _acc_dtype(x)
     u = x if lora_input is None else lora_input
     y = x.to(acc) @ weight.to(acc).t()
@@ -47,16 +54,16 @@ def routed_lora_forward(x, weight, bias, lora_input, plan: RoutingPlan, lora_a, 
             h = h * gates.unsqueeze(-1)
         b_m = lora_b[e0:e1].permute(1, 0, 2).reshape(num_out, n_exp * rank).to(acc)
         y = y.index_add(0, idx, (h.reshape(-1, n_exp * rank) * scaling) @ b_m.t())
-    return y.to(x.dtype)
+    return y.to(x.dtype), RoutedLoraSaved.nothing(x)
 
 
-def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
-                         experts_per_modality, scaling, needs):
-    """Gradients (dx, d lora_input, d weight, d bias, d lora_a, d lora_b, d router_weight).
-
-    ``needs`` is a sequence of 7 bools in that order; unneeded entries come back as None.
+def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan: RoutingPlan, lora_a, lora_b, router_weight,
+                         options: RoutedLoraOptions, needs: RoutedLoraNeeds,
+                         saved: RoutedLoraSaved | None = None) -> RoutedLoraGrads:
+    """The gradients in ``needs`` (None elsewhere); ``saved`` is unused (nothing is saved).
     With lora_input None the adapters' input gradient is part of dx.
     """
+    experts_per_modality, scaling = options.experts_per_modality, options.scaling
     need_x, need_u, need_w, need_bias, need_a, need_b, need_r = needs
     acc = _acc_dtype(x)
     u = (x if lora_input is None else lora_input).to(acc)
@@ -108,5 +115,7 @@ def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora
         du_in = du.to(lora_input.dtype)
     dw = (dy.t() @ x.to(acc)).to(weight.dtype) if need_w else None
     dbias = dy.sum(0).to(bias.dtype) if need_bias else None
-    return (dx, du_in, dw, dbias, None if da is None else da.to(lora_a.dtype),
-            None if db is None else db.to(lora_b.dtype), None if dr is None else dr.to(router_weight.dtype))
+    return RoutedLoraGrads(x=dx, lora_input=du_in, weight=dw, bias=dbias,
+                           lora_a=None if da is None else da.to(lora_a.dtype),
+                           lora_b=None if db is None else db.to(lora_b.dtype),
+                           router_weight=None if dr is None else dr.to(router_weight.dtype))

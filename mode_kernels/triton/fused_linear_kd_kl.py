@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, KdOptions
 from ..kd_memory import chunk_rows
 from ._common import INTERPRET, MAX_GRID
 from .kd_kl import (
@@ -227,15 +228,18 @@ def _logits_grid(n_rows: int, n_vocab: int):
     return grid
 
 
-def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weight, need_dh, need_dw):
-    """hs, ht: [P, H]; ws, wt: [V, H] (wt None means ws); mask: bool [P] or None; topk: int or
-    None; row_weight: float32 [P] (used for the gradients only). Returns (loss float32 [P],
+def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
+                       needs: FusedLinearKdKlNeeds) -> FusedLinearKdKlResult:
+    """hs, ht: [P, H]; ws, wt: [V, H] (wt None means ws); mask: bool [P] or None; row_weight: float32 [P]
+    (used for the gradients only). Returns (loss float32 [P],
     d hs [P, H] in hs's dtype or None, d ws [V, H] in ws's dtype or None): the gradients of
     sum_p row_weight[p] * loss[p], the teacher a constant.
 
     Memory beyond the inputs and outputs: one chunk (``_fused_bytes_per_row`` per position), and
     with a trainable 16-bit weight a float32 [hi - lo, H] accumulator of d ws (a float32 weight
     accumulates in place in the output's slice)."""
+    temperature, lo, hi, topk = options.temperature, options.lo, options.hi, options.topk
+    need_dh, need_dw = needs
     _check(hs, ht, ws, wt)
     d_hs = like_with_unit_stride_rows(hs) if need_dh else None
     hs, ht, ws = unit_stride_rows(hs), unit_stride_rows(ht), unit_stride_rows(ws)
@@ -255,7 +259,7 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weig
     if n_rows == 0:
         if need_dw:
             d_ws[lo:hi].zero_()
-        return loss, d_hs, d_ws
+        return FusedLinearKdKlResult(loss, d_hs, d_ws)
     operand = _operand_dtype(hs, ht, ws, wt_slice)
     dot = _dot_args(operand)
     mask = None if mask is None else mask.contiguous()
@@ -276,7 +280,7 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weig
             t, index = t.topk(topk, dim=-1)
             s = s.gather(-1, index)
         if not need_grad:
-            loss[r0:r1] = kd_kl_forward(s, t, chunk_mask, temperature, 0, s.shape[1])[0]
+            loss[r0:r1] = kd_kl_forward(s, t, chunk_mask, KdOptions(temperature, 0, s.shape[1])).loss
             continue
         d = d_buffer[: r1 - r0, :n_vocab]
         if topk is None:
@@ -291,4 +295,4 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, row_weig
             matmul(d.t(), hs[r0:r1], d_ws_acc, accumulate=r0 > 0)
     if need_dw and not accumulate_in_place:
         d_ws[lo:hi] = d_ws_acc
-    return loss, d_hs, d_ws
+    return FusedLinearKdKlResult(loss, d_hs, d_ws)

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import KdKlRows, KdOptions
 from ._common import INTERPRET, MAX_GRID, sm_count
 
 LOG2E = math.log2(math.e)
@@ -405,8 +406,9 @@ def _backward(grad_rows, student, teacher, mask, lse_s, lse_t, d_student, temper
         LOG2E / temperature, float(temperature), HAS_MASK=mask is not None)
 
 
-def kd_kl_forward(student, teacher, mask, temperature, lo, hi):
+def kd_kl_forward(student, teacher, mask, options: KdOptions) -> KdKlRows:
     """student, teacher: [P, V]; mask: bool [P] or None. Returns float32 (loss, lse_s, lse_t), each [P]."""
+    temperature, lo, hi = options.temperature, options.lo, options.hi
     check_triton_dtype(student, "student")
     check_triton_dtype(teacher, "teacher")
     student, teacher = unit_stride_rows(student), unit_stride_rows(teacher)
@@ -414,21 +416,22 @@ def kd_kl_forward(student, teacher, mask, temperature, lo, hi):
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
     if n_rows == 0:
-        return loss, lse_s, lse_t
+        return KdKlRows(loss, lse_s, lse_t)
     mask = None if mask is None else mask.contiguous()
     split_cols = vocab_split_cols(n_rows, lo, hi, sm_count(student.device))
     if split_cols:
         _split_forward(student, teacher, mask, loss, lse_s, lse_t, temperature, lo, hi, split_cols)
-        return loss, lse_s, lse_t
+        return KdKlRows(loss, lse_s, lse_t)
     _kd_kl_fwd[lambda meta: _grid(meta, n_rows)](
         student, teacher, loss if mask is None else mask, loss, lse_s, lse_t,
         n_rows, hi - lo, lo, student.stride(0), teacher.stride(0), LOG2E / temperature, float(temperature),
         HAS_MASK=mask is not None)
-    return loss, lse_s, lse_t
+    return KdKlRows(loss, lse_s, lse_t)
 
 
-def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, temperature, lo, hi):
+def kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, options: KdOptions):
     """d loss / d student [P, V] in the student's dtype (zero outside [lo, hi))."""
+    temperature, lo, hi = options.temperature, options.lo, options.hi
     check_triton_dtype(student, "student")
     check_triton_dtype(teacher, "teacher")
     d_student = like_with_unit_stride_rows(student)

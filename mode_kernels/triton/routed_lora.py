@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..contract import RoutedLoraGrads, RoutedLoraNeeds, RoutedLoraOptions, RoutedLoraSaved
 from ..routing import RoutingPlan
 from ._common import INTERPRET, sm_count
 
@@ -749,66 +750,58 @@ def _weight_grads(g, h, u, grad_y, lay: Layout, lora_a, lora_b, router_weight, n
     return da, dr, db
 
 
-def saved_like(x, lora_a, router_weight, experts_per_modality):
+def saved_like(x, lora_a, router_weight, options: RoutedLoraOptions) -> RoutedLoraSaved:
     """Empty tensors shaped like what the forward keeps for the backward (H, gates): for fake tensors."""
-    lay = Layout(experts_per_modality, lora_a.shape[1], router_weight is not None)
+    lay = Layout(options.experts_per_modality, lora_a.shape[1], router_weight is not None)
     gates = x.new_empty(x.shape[0], lay.num_experts, dtype=torch.float32) if lay.has_router else x.new_empty(0)
-    return x.new_empty(x.shape[0], lay.columns), gates
+    return RoutedLoraSaved(x.new_empty(x.shape[0], lay.columns), gates)
 
 
-def routed_lora_forward_saving(x, weight, bias, lora_input, plan: RoutingPlan, lora_a, lora_b, router_weight,
-                               experts_per_modality, scaling):
+def routed_lora_forward(x, weight, bias, lora_input, plan: RoutingPlan, lora_a, lora_b, router_weight,
+                        options: RoutedLoraOptions) -> tuple[torch.Tensor, RoutedLoraSaved]:
     """(y, (H, gates)): the forward and what the backward reuses (gates is empty without a router)."""
+    experts_per_modality, scaling = options.experts_per_modality, options.scaling
     _check_dtypes(x=x, weight=weight, bias=bias, lora_input=lora_input, lora_a=lora_a, lora_b=lora_b,
                   router_weight=router_weight)
     lay = Layout(experts_per_modality, lora_a.shape[1], router_weight is not None)
     T = x.shape[0]
     y = x.new_empty(T, weight.shape[0])
     if T == 0:
-        return y, saved_like(x, lora_a, router_weight, experts_per_modality)
+        return y, saved_like(x, lora_a, router_weight, options)
     u = x if lora_input is None else lora_input
     h, gates = _shrink(u, lora_a, router_weight, plan.modality, lay, scaling)
     # W^T as [K, N]: stride along K is W's column stride. B_e^T as [r, N] per expert.
     _gemm(y, x, (weight, weight.stride(1), weight.stride(0)), h,
           (lora_b, lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), None, bias, lay, router_rows=False)
-    return y, (h, gates if gates is not None else x.new_empty(0))
+    return y, RoutedLoraSaved(h, gates if gates is not None else x.new_empty(0))
 
 
-def routed_lora_forward(x, weight, bias, lora_input, plan: RoutingPlan, lora_a, lora_b, router_weight,
-                        experts_per_modality, scaling):
-    """Same contract as ``mode_kernels.reference.routed_lora.routed_lora_forward``."""
-    return routed_lora_forward_saving(x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
-                                      experts_per_modality, scaling)[0]
-
-
-def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora_b, router_weight,
-                         experts_per_modality, scaling, needs, saved=None):
-    """Same contract as ``mode_kernels.reference.routed_lora.routed_lora_backward``; ``saved`` is the
-    forward's (H, gates) (recomputed, one extra pass over u, when not given)."""
+def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan: RoutingPlan, lora_a, lora_b, router_weight,
+                         options: RoutedLoraOptions, needs: RoutedLoraNeeds,
+                         saved: RoutedLoraSaved | None = None) -> RoutedLoraGrads:
+    """``saved`` is the forward's (H, gates) (recomputed, one extra pass over u, when not given)."""
+    experts_per_modality, scaling = options.experts_per_modality, options.scaling
     _check_dtypes(grad_y=grad_y, x=x, weight=weight, bias=bias, lora_input=lora_input, lora_a=lora_a,
                   lora_b=lora_b, router_weight=router_weight)
     lay = Layout(experts_per_modality, lora_a.shape[1], router_weight is not None)
     need_dx, need_du, need_w, need_b, need_a, need_lb, need_r = (bool(n) for n in needs)
     need_du = need_du and lora_input is not None
     need_r = need_r and router_weight is not None
-    grads = [None] * 7
-    if need_w:
-        grads[2] = (grad_y.t() @ x.to(grad_y.dtype)).to(weight.dtype)
-    if need_b and bias is not None:
-        grads[3] = grad_y.sum(0, dtype=torch.float32).to(bias.dtype)
+    dw = (grad_y.t() @ x.to(grad_y.dtype)).to(weight.dtype) if need_w else None
+    dbias = grad_y.sum(0, dtype=torch.float32).to(bias.dtype) if need_b and bias is not None else None
     if x.shape[0] == 0:
-        for i, (need, t) in enumerate(zip((need_dx, need_du, False, False, need_a, need_lb, need_r),
-                                          (x, lora_input, weight, bias, lora_a, lora_b, router_weight))):
-            if need:
-                grads[i] = torch.zeros_like(t)
-        return tuple(grads)
+        def zeros(need, t):
+            return torch.zeros_like(t) if need else None
+        return RoutedLoraGrads(x=zeros(need_dx, x), lora_input=zeros(need_du, lora_input), weight=dw, bias=dbias,
+                               lora_a=zeros(need_a, lora_a), lora_b=zeros(need_lb, lora_b),
+                               router_weight=zeros(need_r, router_weight))
 
     separate = lora_input is not None
     u = lora_input if separate else x
     if saved is None:
         h, gates = _shrink(u, lora_a, router_weight, plan.modality, lay, scaling)
     else:
-        h, gates = saved[0], (saved[1] if lay.has_router else None)
+        h, gates = saved.rank, (saved.gates if lay.has_router else None)
     g = None
     if need_a or need_r or need_du or (need_dx and not separate):
         g = _grad_rows(grad_y, lora_b, h, gates, plan.modality, lay, scaling)
@@ -821,19 +814,16 @@ def routed_lora_backward(grad_y, x, weight, bias, lora_input, plan, lora_a, lora
             partials = (torch.empty(segments, lay.grad_columns, x.shape[1], device=x.device, dtype=torch.float32),
                         torch.empty(segments, lay.columns, grad_y.shape[1], device=x.device, dtype=torch.float32))
             fused = (x, h, *partials, segments)
+    dx = du = None
     if need_dx:
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        grads[0] = _gemm(dx, grad_y, (weight, weight.stride(0), weight.stride(1)), None if separate else g,
-                         a_by_rank, router_weight, None, lay, router_rows=lay.has_router and not separate,
-                         weight_grads=fused)
+        dx = _gemm(torch.empty_like(x, memory_format=torch.contiguous_format), grad_y,
+                   (weight, weight.stride(0), weight.stride(1)), None if separate else g, a_by_rank, router_weight,
+                   None, lay, router_rows=lay.has_router and not separate, weight_grads=fused)
     if need_du:
-        du = torch.empty_like(u, memory_format=torch.contiguous_format)
-        grads[1] = _gemm(du, None, (weight, 0, 0), g, a_by_rank, router_weight, None, lay,
-                         router_rows=lay.has_router)
+        du = _gemm(torch.empty_like(u, memory_format=torch.contiguous_format), None, (weight, 0, 0), g, a_by_rank,
+                   router_weight, None, lay, router_rows=lay.has_router)
     da, dr, db = _weight_grads(g, h, u, grad_y, lay, lora_a, lora_b, router_weight, need_a, need_r, need_lb,
                                partials)
-    grads[4], grads[5] = da, db
-    if need_r:
-        # Without a multi-expert modality the router is unused: its gradient is zero.
-        grads[6] = dr if dr is not None else torch.zeros_like(router_weight)
-    return tuple(grads)
+    if need_r and dr is None:
+        dr = torch.zeros_like(router_weight)  # without a multi-expert modality the router is unused
+    return RoutedLoraGrads(x=dx, lora_input=du, weight=dw, bias=dbias, lora_a=da, lora_b=db, router_weight=dr)

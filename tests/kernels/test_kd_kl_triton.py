@@ -15,6 +15,7 @@ triton = pytest.importorskip("triton")
 
 import mode_kernels as mk  # noqa: E402
 from mode_kernels import kd_memory  # noqa: E402
+from mode_kernels.contract import FusedLinearKdKlNeeds, KdOptions  # noqa: E402
 from mode_kernels.reference import kd_kl as ref  # noqa: E402
 from mode_kernels.triton import fused_linear_kd_kl as tfused  # noqa: E402
 from mode_kernels.triton import kd_kl as tkd  # noqa: E402
@@ -93,9 +94,9 @@ LOGIT_CASES = [  # vocab, (lo, hi), temperature
 def test_kd_kl_float32_matches_reference(vocab, vocab_range, temperature, vocab_split):
     lo, hi = vocab_range
     student, teacher, mask, grad_rows = make_logits(7, vocab, lo, hi, torch.float32, seed=vocab + lo)
-    ours = tkd.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
+    ours = tkd.kd_kl_forward(student, teacher, mask, KdOptions(temperature, lo, hi))
     assert_split_ran(vocab_split, hi - lo)
-    gold = ref.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
+    gold = ref.kd_kl_forward(student, teacher, mask, KdOptions(temperature, lo, hi))
     for name, a, b in zip(("loss", "lse_s", "lse_t"), ours, gold):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
@@ -103,8 +104,8 @@ def test_kd_kl_float32_matches_reference(vocab, vocab_range, temperature, vocab_
     if hi - lo > 1:  # (a one-entry slice has KL 0) the one-entry teacher rows still count
         assert ours[0][[0, 1, 2, 5, 6]].gt(0).all()
 
-    d_ours = tkd.kd_kl_backward(grad_rows, student, teacher, mask, ours[1], ours[2], temperature, lo, hi)
-    d_gold = ref.kd_kl_backward(grad_rows, student, teacher, mask, gold[1], gold[2], temperature, lo, hi)
+    d_ours = tkd.kd_kl_backward(grad_rows, student, teacher, mask, ours[1], ours[2], KdOptions(temperature, lo, hi))
+    d_gold = ref.kd_kl_backward(grad_rows, student, teacher, mask, gold[1], gold[2], KdOptions(temperature, lo, hi))
     assert d_ours.shape == student.shape and d_ours.dtype == student.dtype
     torch.testing.assert_close(d_ours, d_gold, rtol=1e-5, atol=1e-6)
     assert d_ours[3].eq(0).all() and d_ours[4].eq(0).all()
@@ -119,8 +120,8 @@ def test_kd_kl_live_row_with_zero_logsumexps():
     student[0] -= torch.logsumexp(student[0], 0)
     teacher[0] -= torch.logsumexp(teacher[0], 0)
     zeros, grad = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
-    d_ours = tkd.kd_kl_backward(grad, student, teacher, None, zeros, zeros, 1.0, 0, 4)
-    d_gold = ref.kd_kl_backward(grad, student, teacher, None, zeros, zeros, 1.0, 0, 4)
+    d_ours = tkd.kd_kl_backward(grad, student, teacher, None, zeros, zeros, KdOptions(1.0, 0, 4))
+    d_gold = ref.kd_kl_backward(grad, student, teacher, None, zeros, zeros, KdOptions(1.0, 0, 4))
     assert d_ours[0].abs().sum() > 0.1 and d_ours[1].eq(0).all()
     torch.testing.assert_close(d_ours, d_gold, rtol=1e-5, atol=1e-6)
 
@@ -140,15 +141,15 @@ def test_kd_kl_half_no_worse_than_naive(dtype, vocab, vocab_range, temperature, 
     student, teacher = [(torch.randn(5, vocab, generator=g) * 2).to(dtype).to(DEVICE) for _ in range(2)]
     mask = torch.tensor([True, True, False, True, True], device=DEVICE)
     grad_rows = torch.randn(5, generator=g).to(DEVICE)
-    gold = ref.kd_kl_forward(student.double(), teacher.double(), mask, temperature, lo, hi)
+    gold = ref.kd_kl_forward(student.double(), teacher.double(), mask, KdOptions(temperature, lo, hi))
     d_gold = ref.kd_kl_backward(grad_rows.double(), student.double(), teacher.double(), mask, gold[1], gold[2],
-                                temperature, lo, hi)
+                                KdOptions(temperature, lo, hi))
     s = student.clone().requires_grad_()
     naive = torch.where(mask, naive_rows(s, teacher, temperature, lo, hi), 0)
     (naive * grad_rows.to(dtype)).sum().backward()
 
-    ours = tkd.kd_kl_forward(student, teacher, mask, temperature, lo, hi)
-    d_ours = tkd.kd_kl_backward(grad_rows, student, teacher, mask, ours[1], ours[2], temperature, lo, hi)
+    ours = tkd.kd_kl_forward(student, teacher, mask, KdOptions(temperature, lo, hi))
+    d_ours = tkd.kd_kl_backward(grad_rows, student, teacher, mask, ours[1], ours[2], KdOptions(temperature, lo, hi))
     assert_split_ran(vocab_split, hi - lo)
     assert d_ours.dtype == dtype
     assert_no_worse(ours[0], naive.detach(), gold[0], TOL[dtype], "loss")
@@ -185,8 +186,9 @@ def test_vocab_split_is_deterministic(monkeypatch):
     student, teacher, mask, grad_rows = make_logits(5, 300, 7, 290, torch.float32, seed=8)
     runs = []
     for _ in range(2):
-        loss, lse_s, lse_t = tkd.kd_kl_forward(student, teacher, mask, 2.0, 7, 290)
-        runs.append((loss, lse_s, tkd.kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t, 2.0, 7, 290)))
+        loss, lse_s, lse_t = tkd.kd_kl_forward(student, teacher, mask, KdOptions(2.0, 7, 290))
+        runs.append((loss, lse_s, tkd.kd_kl_backward(grad_rows, student, teacher, mask, lse_s, lse_t,
+                                                     KdOptions(2.0, 7, 290))))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -194,10 +196,10 @@ def test_vocab_split_is_deterministic(monkeypatch):
 def test_kd_kl_float64_is_refused():
     x = torch.zeros(2, 3, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="student"):
-        tkd.kd_kl_forward(x, x.float(), None, 1.0, 0, 3)
+        tkd.kd_kl_forward(x, x.float(), None, KdOptions(1.0, 0, 3))
     with pytest.raises(ValueError, match="teacher"):
         tkd.kd_kl_backward(torch.ones(2, device=DEVICE), x.float(), x, None, x[:, 0].float(), x[:, 0].float(),
-                           1.0, 0, 3)
+                           KdOptions(1.0, 0, 3))
 
 
 # ----------------------------------------------------------------------------- fused linear
@@ -216,8 +218,8 @@ def make_hidden(rows, hidden, vocab, dtype, shared, seed):
 def gold_fused(hs, ht, ws, wt, mask, temperature, lo, hi, topk, grad_rows, need_dw):
     """The reference backend in float64 (it is checked against tests/naive.py in test_kd_kl.py)."""
     up = lambda x: None if x is None else x.double()  # noqa: E731
-    return ref.fused_linear_kd_kl(up(hs), up(ht), up(ws), up(wt), mask, temperature, lo, hi, topk, up(grad_rows),
-                                  True, need_dw)
+    return ref.fused_linear_kd_kl(up(hs), up(ht), up(ws), up(wt), mask, KdOptions(temperature, lo, hi, topk),
+                                  up(grad_rows), FusedLinearKdKlNeeds(True, need_dw))
 
 
 FUSED_CASES = [  # rows, vocab, hidden, (lo, hi), temperature, teacher weight shared, need_dw, topk
@@ -234,8 +236,8 @@ def test_fused_float32_matches_float64_gold(rows, vocab, hidden, vocab_range, te
                                             vocab_split):
     lo, hi = vocab_range
     hs, ht, ws, wt, mask, grad_rows = make_hidden(rows, hidden, vocab, torch.float32, shared, seed=vocab + hidden)
-    loss, d_hs, d_ws = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, grad_rows,
-                                                 True, need_dw)
+    loss, d_hs, d_ws = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, KdOptions(temperature, lo, hi, topk), grad_rows,
+                                                 FusedLinearKdKlNeeds(True, need_dw))
     assert_split_ran(vocab_split, hi - lo if topk is None else topk)
     gold = gold_fused(hs, ht, ws, wt, mask, temperature, lo, hi, topk, grad_rows, need_dw)
     assert loss.dtype == torch.float32 and d_hs.dtype == torch.float32
@@ -249,7 +251,8 @@ def test_fused_float32_matches_float64_gold(rows, vocab, hidden, vocab_range, te
     else:
         assert d_ws is None
     # Without gradients (evaluation, the forward of reduction "none") the same losses.
-    alone = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, None, False, False)
+    alone = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, KdOptions(temperature, lo, hi, topk), None,
+                                      FusedLinearKdKlNeeds(False, False))
     assert alone[1] is None and alone[2] is None
     torch.testing.assert_close(alone[0], loss, rtol=1e-6, atol=1e-6)
 
@@ -263,7 +266,8 @@ def test_fused_chunks_follow_the_memory_bound(topk, monkeypatch):
     steps = []
     real = tfused.chunk_rows
     monkeypatch.setattr(tfused, "chunk_rows", lambda *a: steps.append(real(*a)) or steps[-1])
-    loss, d_hs, d_ws = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, 2.0, 0, 64, topk, grad_rows, True, True)
+    loss, d_hs, d_ws = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, KdOptions(2.0, 0, 64, topk), grad_rows,
+                                                 FusedLinearKdKlNeeds(True, True))
     gold = gold_fused(hs, ht, ws, wt, mask, 2.0, 0, 64, topk, grad_rows, True)
     assert 1 < steps[0] < 10, steps
     for ours, want in zip((loss, d_hs, d_ws), gold):
@@ -280,7 +284,8 @@ def test_fused_masked_teacher_logits(vocab_split):
     wt[[3, 10, 11, 40], 0] = -1e38
     wt[16:32, 0] = -1e38
     for topk in (None, 20):
-        loss, d_hs, _ = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, 0.5, 0, 50, topk, grad_rows, True, False)
+        loss, d_hs, _ = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, KdOptions(0.5, 0, 50, topk), grad_rows,
+                                                  FusedLinearKdKlNeeds(True, False))
         gold = gold_fused(hs, ht, ws, wt, mask, 0.5, 0, 50, topk, grad_rows, False)
         assert torch.isfinite(loss).all() and torch.isfinite(d_hs).all()
         torch.testing.assert_close(loss.double(), gold[0], rtol=1e-5, atol=1e-5)
@@ -303,8 +308,8 @@ def test_fused_half_no_worse_than_naive(dtype, shared, topk, vocab_split):
                         0)
     (naive * grad_rows.to(dtype)).sum().backward()
 
-    loss, d_hs, d_ws = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, temperature, lo, hi, topk, grad_rows,
-                                                 True, True)
+    loss, d_hs, d_ws = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, KdOptions(temperature, lo, hi, topk), grad_rows,
+                                                 FusedLinearKdKlNeeds(True, True))
     assert_split_ran(vocab_split, hi - lo if topk is None else topk)
     assert d_hs.dtype == dtype and d_ws.dtype == dtype
     assert_no_worse(loss, naive.detach(), gold[0], TOL[dtype], "loss")
@@ -315,7 +320,8 @@ def test_fused_half_no_worse_than_naive(dtype, shared, topk, vocab_split):
 def test_fused_float64_is_refused():
     x = torch.zeros(2, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="ws"):
-        tfused.fused_linear_kd_kl(x.float(), x.float(), x, None, None, 1.0, 0, 2, None, None, False, False)
+        tfused.fused_linear_kd_kl(x.float(), x.float(), x, None, None, KdOptions(1.0, 0, 2), None,
+                                  FusedLinearKdKlNeeds(False, False))
 
 
 def test_grid_stride_loops_cover_every_row(monkeypatch):
@@ -323,14 +329,15 @@ def test_grid_stride_loops_cover_every_row(monkeypatch):
     monkeypatch.setattr(tkd, "MAX_GRID", 1)
     monkeypatch.setattr(tfused, "MAX_GRID", 1)
     student, teacher, mask, grad_rows = make_logits(9, 50, 5, 45, torch.float32, seed=5)
-    ours = tkd.kd_kl_forward(student, teacher, mask, 2.0, 5, 45)
-    gold = ref.kd_kl_forward(student, teacher, mask, 2.0, 5, 45)
+    ours = tkd.kd_kl_forward(student, teacher, mask, KdOptions(2.0, 5, 45))
+    gold = ref.kd_kl_forward(student, teacher, mask, KdOptions(2.0, 5, 45))
     torch.testing.assert_close(ours, gold, rtol=1e-5, atol=1e-5)
-    d_ours = tkd.kd_kl_backward(grad_rows, student, teacher, mask, ours[1], ours[2], 2.0, 5, 45)
-    d_gold = ref.kd_kl_backward(grad_rows, student, teacher, mask, gold[1], gold[2], 2.0, 5, 45)
+    d_ours = tkd.kd_kl_backward(grad_rows, student, teacher, mask, ours[1], ours[2], KdOptions(2.0, 5, 45))
+    d_gold = ref.kd_kl_backward(grad_rows, student, teacher, mask, gold[1], gold[2], KdOptions(2.0, 5, 45))
     torch.testing.assert_close(d_ours, d_gold, rtol=1e-5, atol=1e-6)
     hs, ht, ws, wt, mask, grad_rows = make_hidden(70, 16, 300, torch.float32, True, seed=6)
-    ours = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, 1.0, 0, 300, None, grad_rows, True, False)
+    ours = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, KdOptions(1.0, 0, 300), grad_rows,
+                                     FusedLinearKdKlNeeds(True, False))
     gold = gold_fused(hs, ht, ws, wt, mask, 1.0, 0, 300, None, grad_rows, False)
     torch.testing.assert_close(ours[0].double(), gold[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1].double(), gold[1], rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from naive import kd_kl as naive_kd
 
 import mode_kernels as mk
 from mode_kernels import native
+from mode_kernels.contract import KdOptions
 from mode_kernels.native import kd_kl as nat
 
 if os.environ.get("MODE_KERNELS_NATIVE") == "0":
@@ -189,7 +190,7 @@ def test_threads_give_the_same_result(threads):
     torch.set_num_threads(threads)
     try:
         ours = nat.fused_linear_kd_kl_forward(hs, ht, w, None, None, 2.0, 0, 300, grad_rows=torch.ones(200))
-        logits = nat.kd_kl_forward(hs @ w.t(), ht @ w.t(), None, 2.0, 0, 300)
+        logits = nat.kd_kl_forward(hs @ w.t(), ht @ w.t(), None, KdOptions(2.0, 0, 300))
     finally:
         torch.set_num_threads(before)
     gold = naive_kd(hs.double() @ w.double().t(), ht.double() @ w.double().t(), 2.0, reduction="none")

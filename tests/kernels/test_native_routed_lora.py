@@ -9,10 +9,21 @@ import os
 
 import pytest
 import torch
-from routed_lora_cases import F64, GRAD_NAMES, cast, check_close, check_low_precision, make_case, naive_same_dtype, run
+from routed_lora_cases import (
+    F64,
+    GRAD_NAMES,
+    backend_args,
+    cast,
+    check_close,
+    check_low_precision,
+    make_case,
+    naive_same_dtype,
+    run,
+)
 
 import mode_kernels as mk
 from mode_kernels import native
+from mode_kernels.contract import RoutedLoraNeeds
 from mode_kernels.native import routed_lora as nat
 from mode_kernels.reference import routed_lora as reference
 
@@ -97,11 +108,11 @@ def test_non_contiguous_inputs():
 def test_backward_with_the_saved_shrink_equals_recomputing_it(case):
     num_tokens, k, n, r, epm, opts = CASES[case]
     t, _, plan, dy = make_case(num_tokens, k, n, r, epm, **opts)
-    args = (t["x"], t["weight"], t["bias"], t["lora_input"], plan, t["lora_a"], t["lora_b"], t["router_weight"],
-            epm, 2.0)
-    y, saved = nat.routed_lora_forward_saving(*args)
-    assert [s.shape for s in saved] == [s.shape for s in nat.saved_like(t["x"], t["lora_a"], t["router_weight"], epm)]
-    needs = tuple(t[name] is not None for name in GRAD_NAMES)
+    args = backend_args(t, plan, epm)
+    y, saved = nat.routed_lora_forward(*args)
+    assert [s.shape for s in saved] == [s.shape for s in nat.saved_like(t["x"], t["lora_a"], t["router_weight"],
+                                                                       args[-1])]
+    needs = RoutedLoraNeeds(*(t[name] is not None for name in GRAD_NAMES))
     for with_saved, recomputed in zip(nat.routed_lora_backward(dy, *args, needs, saved=saved),
                                       nat.routed_lora_backward(dy, *args, needs)):
         assert (with_saved is None) == (recomputed is None)

@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mode_kernels as mk
-from mode_kernels.ops import fused_linear_kd_kl, kd_kl, routed_lora
+from mode_kernels.ops import _dispatch, fused_linear_kd_kl, kd_kl, routed_lora
 
 
 class _RecordOps(TorchDispatchMode):
@@ -88,6 +88,48 @@ def test_custom_op_path_matches_the_direct_path(case, backend):
     torch.testing.assert_close(direct_no_grad, direct_out.detach(), rtol=0, atol=0)
     for a, b in zip(op_grads, direct_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _values_and_grads(run, inputs):
+    out = run()
+    return out, torch.autograd.grad((out * torch.linspace(0.5, 2, out.numel()).reshape(out.shape)).sum(), inputs)
+
+
+def _mode_kernels_ops(fn):
+    """What fn returns, and the names of the custom ops it ran (the profiler observes; it changes no path)."""
+    with torch.profiler.profile() as prof:
+        result = fn()
+    return result, {e.name for e in prof.events() if e.name.startswith("mode_kernels::")}
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("case", CASES)
+def test_without_the_private_torch_functions_every_op_takes_its_custom_op(case, backend, monkeypatch):
+    """The fallback when the private functions behind the fast path are missing: same bits, through the custom op."""
+    if backend == "native" and not mk.backends.native_available():
+        pytest.skip("native kernels not built")
+    run, inputs, custom_ops = CASES[case](backend)
+    assert _dispatch.FAST_PATH  # on this torch the private functions exist: the fast path is what is compared
+    (fast_out, fast_grads), fast_ops = _mode_kernels_ops(lambda: _values_and_grads(run, inputs))
+    monkeypatch.setattr(_dispatch, "FAST_PATH", False)
+    (slow_out, slow_grads), slow_ops = _mode_kernels_ops(lambda: _values_and_grads(run, inputs))
+    assert not fast_ops and custom_ops <= slow_ops
+    torch.testing.assert_close(slow_out, fast_out, rtol=0, atol=0)
+    for a, b in zip(slow_grads, fast_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", _dispatch._PRIVATE_STATE)
+def test_a_missing_or_failing_private_function_turns_the_fast_path_off(name, monkeypatch):
+    assert _dispatch._probe_private_state() is not None
+    monkeypatch.delattr(torch._C, name)
+    assert _dispatch._probe_private_state() is None
+    monkeypatch.undo()
+
+    def moved(*args):
+        raise RuntimeError("signature changed")
+    monkeypatch.setattr(torch._C, name, moved)
+    assert _dispatch._probe_private_state() is None
 
 
 def test_the_custom_ops_pass_opcheck():

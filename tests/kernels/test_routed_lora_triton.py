@@ -14,10 +14,21 @@ import torch
 triton = pytest.importorskip("triton")
 
 from host_sync import NoHostSync  # noqa: E402
-from routed_lora_cases import ALL_NEEDS, F64, GRAD_NAMES, cast, check_close, check_low_precision, naive_same_dtype, run  # noqa: E402
+from routed_lora_cases import (  # noqa: E402
+    ALL_NEEDS,
+    F64,
+    GRAD_NAMES,
+    backend_args,
+    cast,
+    check_close,
+    check_low_precision,
+    naive_same_dtype,
+    run,
+)
 from routed_lora_cases import make_case as make_case_on_cpu  # noqa: E402
 
 import mode_kernels as mk  # noqa: E402
+from mode_kernels.contract import RoutedLoraOptions  # noqa: E402
 from mode_kernels.reference import routed_lora as reference  # noqa: E402
 from mode_kernels.routing import plan_routing  # noqa: E402
 
@@ -131,11 +142,9 @@ def test_backward_reuses_the_forwards_intermediates():
     """The backward given the forward's (H, gates) equals the one that recomputes them."""
     t, _, plan, dy = make_case(40, 18, 20, 8, (4, 1), separate=True)
     f = cast(t, torch.float32)
-    args = (f["x"], f["weight"], f["bias"], f["lora_input"], plan, f["lora_a"], f["lora_b"], f["router_weight"],
-            (4, 1), 2.0)
-    y, saved = tri.routed_lora_forward_saving(*args)
-    assert saved[0].shape == (40, 5 * 8) and saved[1].shape == (40, 5)
-    torch.testing.assert_close(y, tri.routed_lora_forward(*args), rtol=0, atol=0)
+    args = backend_args(f, plan, (4, 1))
+    y, saved = tri.routed_lora_forward(*args)
+    assert saved.rank.shape == (40, 5 * 8) and saved.gates.shape == (40, 5)
     for a, b in zip(tri.routed_lora_backward(dy.float(), *args, ALL_NEEDS, saved=saved),
                     tri.routed_lora_backward(dy.float(), *args, ALL_NEEDS)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -146,8 +155,8 @@ def test_ids_out_of_range_add_no_adapter():
     t, _, plan, dy = make_case(8, 16, 16, 8, (4, 1), ids=[0, 1] * 4)
     f = cast(t, torch.float32)
     bad = plan._replace(modality=torch.tensor([0, 1, 2, -1, 0, 1, 7, 1], dtype=torch.int32, device=DEVICE))
-    y = tri.routed_lora_forward(f["x"], f["weight"], f["bias"], None, bad, f["lora_a"], f["lora_b"],
-                                f["router_weight"], (4, 1), 2.0)
+    y, _ = tri.routed_lora_forward(f["x"], f["weight"], f["bias"], None, bad, f["lora_a"], f["lora_b"],
+                                   f["router_weight"], RoutedLoraOptions((4, 1), 2.0))
     base = f["x"] @ f["weight"].t() + f["bias"]
     for row in (2, 3, 6):
         torch.testing.assert_close(y[row], base[row])
@@ -197,17 +206,17 @@ def test_bad_inputs_raise():
     def args(d):
         return d["x"], d["weight"], d["bias"], None, plan, d["lora_a"], d["lora_b"], d["router_weight"]
     with pytest.raises(ValueError, match="x: float64"):
-        tri.routed_lora_forward(*args(t), (4, 1), 2.0)
+        tri.routed_lora_forward(*args(t), RoutedLoraOptions((4, 1), 2.0))
     f = cast(t, torch.float32)
     with pytest.raises(ValueError, match="router_weight"):
-        tri.routed_lora_forward(*args({**f, "router_weight": None}), (4, 1), 2.0)
+        tri.routed_lora_forward(*args({**f, "router_weight": None}), RoutedLoraOptions((4, 1), 2.0))
     with pytest.raises(ValueError, match="rank"):
         wide = cast(make_case(8, 16, 16, 65, (4, 1))[0], torch.float32)
-        tri.routed_lora_forward(*args(wide), (4, 1), 2.0)
+        tri.routed_lora_forward(*args(wide), RoutedLoraOptions((4, 1), 2.0))
     with pytest.raises(ValueError, match="experts_per_modality"):
         big = cast(make_case(8, 16, 16, 8, (17,))[0], torch.float32)
         tri.routed_lora_forward(*args(big)[:4], plan_routing(torch.zeros(8, dtype=torch.int64), 1), *args(big)[5:],
-                                (17,), 2.0)
+                                RoutedLoraOptions((17,), 2.0))
 
 
 def test_offsets_past_2_31_elements():
