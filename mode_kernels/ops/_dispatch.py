@@ -9,7 +9,8 @@ backward that the custom op registers, so results and gradients are those of the
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -89,7 +90,24 @@ def autograd_function(forward: Callable, setup_context: Callable, backward: Call
     })
 
 
-def input_grads(input_names: tuple[str, ...], **grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """An autograd backward's return value from gradients given by input name: one entry per input of
-    ``input_names`` (the forward's parameters, in order), None for the inputs not named."""
-    return tuple(grads.get(name) for name in input_names)
+
+class InputGrads:
+    """An autograd backward's view of its forward's inputs by name: which of the named ones need a gradient, and
+    the per-input tuple it returns from gradients given by name (None for every other input). The positions are
+    worked out once, from ``forward``'s parameters and the names, so the per-call cost is two short loops."""
+
+    def __init__(self, forward: Callable, names: tuple[str, ...]):
+        inputs = tuple(inspect.signature(forward).parameters)
+        self._positions = tuple(inputs.index(name) for name in names)
+        slot = {name: i for i, name in enumerate(names)}
+        self._slots = tuple(slot.get(name) for name in inputs)
+
+    def needs(self, needs_input_grad: tuple[bool, ...]) -> list[bool]:
+        """``ctx.needs_input_grad`` of the named inputs, in the names' order (False for an input that is None)."""
+        return [needs_input_grad[i] for i in self._positions]
+
+    def returns(self, grads: Sequence[torch.Tensor | None] = ()) -> tuple[torch.Tensor | None, ...]:
+        """The backward's return value from the named inputs' gradients, in the names' order (none: all None)."""
+        if not grads:
+            return (None,) * len(self._slots)
+        return tuple(None if i is None else grads[i] for i in self._slots)

@@ -1,15 +1,13 @@
 """fused_linear_kd_kl_loss: the KD loss of two output projections without materialising logits."""
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor
 
 from .. import backends
 from .._validation import check_fused_linear_kd_kl
-from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, KdOptions
-from ._dispatch import autograd_function, call, call_differentiable, input_grads
+from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, kd_options
+from ._dispatch import InputGrads, autograd_function, call, call_differentiable
 from .kd_kl import loss_dtype, reduce_rows
 
 
@@ -26,7 +24,7 @@ def _fake_grads(hs, ws, need_dh, need_dw):
 def _run(hs, ht, ws, wt, mask, temperature, lo, hi, topk, backend, row_weight, need_dh, need_dw):
     """The backend's ``fused_linear_kd_kl`` from the custom ops' flat arguments."""
     impl = backends.implementation(backend, "fused_linear_kd_kl")
-    return impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, KdOptions(temperature, lo, hi, topk), row_weight,
+    return impl.fused_linear_kd_kl(hs, ht, ws, wt, mask, kd_options(temperature, lo, hi, topk), row_weight,
                                    FusedLinearKdKlNeeds(need_dh, need_dw))
 
 
@@ -39,7 +37,7 @@ def _reduced_forward(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask
     return ((result.loss * row_weight).sum(), *_flat_grads(result, ws))
 
 
-_REDUCED_INPUTS = tuple(inspect.signature(_reduced_forward).parameters)
+_REDUCED_GRADS = InputGrads(_reduced_forward, ("hs", "ws"))
 _fused_linear_kd_kl_reduced = torch.library.custom_op("mode_kernels::fused_linear_kd_kl_reduced", _reduced_forward,
                                                       mutates_args=())
 
@@ -61,9 +59,9 @@ def _reduced_backward(ctx, grad_loss, _grad_d_hs, _grad_d_ws):
     d_hs, d_ws = ctx.saved_tensors
     need_dh, need_dw = ctx.need
     if grad_loss is None:  # the loss did not reach the output (gradients are not materialised)
-        return input_grads(_REDUCED_INPUTS)
-    return input_grads(_REDUCED_INPUTS, hs=(d_hs * grad_loss).to(d_hs.dtype) if need_dh else None,
-                       ws=(d_ws * grad_loss).to(d_ws.dtype) if need_dw else None)
+        return _REDUCED_GRADS.returns()
+    return _REDUCED_GRADS.returns(((d_hs * grad_loss).to(d_hs.dtype) if need_dh else None,
+                                   (d_ws * grad_loss).to(d_ws.dtype) if need_dw else None))
 
 
 _fused_linear_kd_kl_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup)
@@ -77,7 +75,7 @@ def _rows_forward(hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: T
     return _run(hs, ht, ws, wt, mask, temperature, lo, hi, topk, backend, None, False, False).loss
 
 
-_ROWS_INPUTS = tuple(inspect.signature(_rows_forward).parameters)
+_ROWS_GRADS = InputGrads(_rows_forward, ("hs", "ws"))
 _fused_linear_kd_kl_rows = torch.library.custom_op("mode_kernels::fused_linear_kd_kl_rows", _rows_forward,
                                                    mutates_args=())
 
@@ -111,10 +109,10 @@ def _rows_setup(ctx, inputs, output):
 
 def _rows_backward(ctx, grad_rows):
     hs, ht, ws, wt, mask = ctx.saved_tensors
-    need_dw = ctx.needs_input_grad[_ROWS_INPUTS.index("ws")]
+    need_dw = _ROWS_GRADS.needs(ctx.needs_input_grad)[1]
     d_hs, d_ws = call(_fused_linear_kd_kl_rows_backward, _rows_backward_grads, grad_rows, hs, ht, ws, wt, mask,
                       *ctx.meta, need_dw)
-    return input_grads(_ROWS_INPUTS, hs=d_hs, ws=d_ws if need_dw else None)
+    return _ROWS_GRADS.returns((d_hs, d_ws if need_dw else None))
 
 
 _fused_linear_kd_kl_rows.register_autograd(_rows_backward, setup_context=_rows_setup)

@@ -6,25 +6,23 @@ mode the API calls the same forward and backward without the custom ops (``_disp
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor
 
 from .. import backends
 from .._validation import check_kd_kl
-from ..contract import KdOptions
-from ._dispatch import autograd_function, call, call_differentiable, input_grads
+from ..contract import kd_options
+from ._dispatch import InputGrads, autograd_function, call, call_differentiable
 
 
 def _forward(student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, lo: int, hi: int,
              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, lse_s, lse_t) per row (``KdKlRows``, flat)."""
     impl = backends.implementation(backend, "kd_kl")
-    return tuple(impl.kd_kl_forward(student, teacher, mask, KdOptions(temperature, lo, hi)))
+    return tuple(impl.kd_kl_forward(student, teacher, mask, kd_options(temperature, lo, hi)))
 
 
-_INPUTS = tuple(inspect.signature(_forward).parameters)
+_INPUT_GRADS = InputGrads(_forward, ("student",))
 _kd_kl = torch.library.custom_op("mode_kernels::kd_kl", _forward, mutates_args=())
 
 
@@ -38,7 +36,7 @@ def _backward_grad(grad_rows: Tensor, student: Tensor, teacher: Tensor, mask: Te
                    lse_t: Tensor, temperature: float, lo: int, hi: int, backend: str) -> Tensor:
     impl = backends.implementation(backend, "kd_kl")
     return impl.kd_kl_backward(grad_rows.contiguous(), student, teacher, mask, lse_s, lse_t,
-                               KdOptions(temperature, lo, hi))
+                               kd_options(temperature, lo, hi))
 
 
 _kd_kl_backward = torch.library.custom_op("mode_kernels::kd_kl_backward", _backward_grad, mutates_args=())
@@ -59,7 +57,7 @@ def _kd_setup(ctx, inputs, output):
 def _kd_backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
     student, teacher, mask, lse_s, lse_t = ctx.saved_tensors
     grad = call(_kd_kl_backward, _backward_grad, grad_rows, student, teacher, mask, lse_s, lse_t, *ctx.meta)
-    return input_grads(_INPUTS, student=grad)
+    return _INPUT_GRADS.returns((grad,))
 
 
 _kd_kl.register_autograd(_kd_backward, setup_context=_kd_setup)

@@ -11,7 +11,6 @@ In plain eager mode the API calls the same forward and backward without the cust
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
@@ -19,16 +18,16 @@ from torch import Tensor
 
 from .. import backends
 from .._validation import check_routed_lora
-from ..contract import RoutedLoraGrads, RoutedLoraNeeds, RoutedLoraOptions, RoutedLoraSaved
+from ..contract import RoutedLoraGrads, RoutedLoraNeeds, RoutedLoraOptions, RoutedLoraSaved, routed_lora_options
 from ..routing import RoutingPlan, routing_plan_for
-from ._dispatch import autograd_function, call, call_differentiable, input_grads
+from ._dispatch import InputGrads, autograd_function, call, call_differentiable
 
 
 def _typed(order: Tensor, offsets: Tensor, modality: Tensor, experts_per_modality: list[int],
            scaling: float) -> tuple[RoutingPlan, RoutedLoraOptions]:
     """The custom ops' flat plan and options as the contract's types."""
     experts = tuple(experts_per_modality)
-    return RoutingPlan(order, offsets, modality, len(experts)), RoutedLoraOptions(experts, scaling)
+    return RoutingPlan(order, offsets, modality, len(experts)), routed_lora_options(experts, scaling)
 
 
 def _flat_grads(grads: RoutedLoraGrads, x: Tensor) -> list[Tensor]:
@@ -37,7 +36,7 @@ def _flat_grads(grads: RoutedLoraGrads, x: Tensor) -> list[Tensor]:
 
 
 def _typed_grads(flat: list[Tensor], needs: RoutedLoraNeeds) -> RoutedLoraGrads:
-    return RoutedLoraGrads(*(g if need else None for g, need in zip(flat, needs)))
+    return RoutedLoraGrads._make([g if need else None for g, need in zip(flat, needs)])
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_input: Tensor | None,
@@ -51,7 +50,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_input: Tensor 
     return y, *saved
 
 
-_INPUTS = tuple(inspect.signature(_forward).parameters)
+_INPUT_GRADS = InputGrads(_forward, RoutedLoraGrads._fields)
 _routed_lora = torch.library.custom_op("mode_kernels::routed_lora", _forward, mutates_args=())
 
 
@@ -101,11 +100,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_rank, _grad_gates):
     if grad_y is None:  # y did not reach the loss (gradients are not materialised)
-        return input_grads(_INPUTS)
-    requested = dict(zip(_INPUTS, ctx.needs_input_grad))  # False for an input that is None
-    needs = RoutedLoraNeeds(*(requested[name] for name in RoutedLoraNeeds._fields))
+        return _INPUT_GRADS.returns()
+    needs = RoutedLoraNeeds._make(_INPUT_GRADS.needs(ctx.needs_input_grad))
     grads = call(_routed_lora_backward, _backward_grads, grad_y, *ctx.saved_tensors, *ctx.meta, list(needs))
-    return input_grads(_INPUTS, **_typed_grads(grads, needs)._asdict())
+    return _INPUT_GRADS.returns(_typed_grads(grads, needs))
 
 
 _routed_lora.register_autograd(_backward, setup_context=_setup_context)
