@@ -8,18 +8,9 @@ The first use compiles the kernels (minutes) into the per-user cache; later runs
 import os
 
 import pytest
+import routed_lora_cases
 import torch
-from routed_lora_cases import (
-    F64,
-    GRAD_NAMES,
-    backend_args,
-    cast,
-    check_close,
-    check_low_precision,
-    make_case,
-    naive_same_dtype,
-    run,
-)
+from routed_lora_cases import F64, GRAD_NAMES, cast, check_close, check_low_precision, make_case, naive_same_dtype, run
 
 import mode_kernels as mk
 from mode_kernels import native
@@ -108,7 +99,7 @@ def test_non_contiguous_inputs():
 def test_backward_with_the_saved_shrink_equals_recomputing_it(case):
     num_tokens, k, n, r, epm, opts = CASES[case]
     t, _, plan, dy = make_case(num_tokens, k, n, r, epm, **opts)
-    args = backend_args(t, plan, epm)
+    args = routed_lora_cases.backend_args(t, plan, epm)
     y, saved = nat.routed_lora_forward(*args)
     assert [s.shape for s in saved] == [s.shape for s in nat.saved_like(t["x"], t["lora_a"], t["router_weight"],
                                                                        args[-1])]

@@ -13,18 +13,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+import routed_lora_cases  # noqa: E402
 from host_sync import NoHostSync  # noqa: E402
-from routed_lora_cases import (  # noqa: E402
-    ALL_NEEDS,
-    F64,
-    GRAD_NAMES,
-    backend_args,
-    cast,
-    check_close,
-    check_low_precision,
-    naive_same_dtype,
-    run,
-)
+from routed_lora_cases import ALL_NEEDS, F64, GRAD_NAMES, cast, check_close, check_low_precision, naive_same_dtype, run  # noqa: E402
 from routed_lora_cases import make_case as make_case_on_cpu  # noqa: E402
 
 import mode_kernels as mk  # noqa: E402
@@ -142,7 +133,7 @@ def test_backward_reuses_the_forwards_intermediates():
     """The backward given the forward's (H, gates) equals the one that recomputes them."""
     t, _, plan, dy = make_case(40, 18, 20, 8, (4, 1), separate=True)
     f = cast(t, torch.float32)
-    args = backend_args(f, plan, (4, 1))
+    args = routed_lora_cases.backend_args(f, plan, (4, 1))
     y, saved = tri.routed_lora_forward(*args)
     assert saved.rank.shape == (40, 5 * 8) and saved.gates.shape == (40, 5)
     for a, b in zip(tri.routed_lora_backward(dy.float(), *args, ALL_NEEDS, saved=saved),
