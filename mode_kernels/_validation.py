@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .contract import KdOptions, RoutedLoraOptions, kd_options, routed_lora_options
+from .contract import KdOptions, RoutedLoraOptions
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -169,7 +169,7 @@ def check_routed_lora(x, weight, bias, lora_a, lora_b, router_weight, experts_pe
         raise ValueError(f"scaling: expected a number, got {scaling!r}")
     check_same_device(x, "x", weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
                       router_weight=router_weight, lora_input=lora_input)
-    return routed_lora_options(experts, float(scaling))
+    return RoutedLoraOptions(experts, float(scaling))
 
 
 def check_student_teacher(student, teacher, student_name: str, teacher_name: str, last: str) -> None:
@@ -191,7 +191,7 @@ def check_kd_options(temperature, vocab_range, topk, reduction, mask, vocab: int
     reduction = check_reduction(reduction)
     lo, hi = check_vocab_range(vocab_range, vocab)
     mask = check_mask(mask, tuple(ref.shape[:-1]), ref)
-    return kd_options(temperature, lo, hi, check_topk(topk, hi - lo)), reduction, mask
+    return KdOptions(temperature, lo, hi, check_topk(topk, hi - lo)), reduction, mask
 
 
 def check_kd_kl(student_logits, teacher_logits, temperature, vocab_range, topk, reduction,

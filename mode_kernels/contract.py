@@ -149,9 +149,10 @@ class FusedLinearKdKlBackend(Protocol):
         (the teacher is a constant; row_weight [P] is used only for the gradients)."""
 
 
-# The ops build the same few options on every call (they are constants of a model), at the API and again at each
-# custom op's boundary: one shared instance per value (a frozen dataclass's __init__ costs about 1 us a call, a
-# cache hit a fifth of that). Call with positional arguments of the fields' types (a float scaling/temperature).
+# The custom ops rebuild the same few options on every call (they are constants of a model): one shared instance
+# per value (a frozen dataclass's __init__ costs about 1 us a call, a cache hit a fifth of that). Positional
+# arguments of the fields' types (a float scaling / temperature). Not for code that torch.compile traces (the API):
+# dynamo cannot trace an lru_cache; the custom ops' bodies are opaque to it.
 routed_lora_options = functools.lru_cache(maxsize=256)(RoutedLoraOptions)
 kd_options = functools.lru_cache(maxsize=256)(KdOptions)
 
