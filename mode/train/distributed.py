@@ -1,5 +1,5 @@
 """Running the trainer under ``torchrun``: process group, data sharding, DDP / FSDP2 wrapping,
-rank-0-only small files (resumable checkpoints: ``mode.train.checkpointing``).
+rank-0-only small files (resumable checkpoints: ``mode.train.resume``).
 
 Every helper also works in a single process (not under torchrun): rank 0 of a world of 1, no
 process group, wrappers return the model unchanged, so the trainer needs no second code path.

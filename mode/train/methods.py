@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..activation_checkpointing import enable_gradient_checkpointing
+from ..gradient_checkpointing import enable_gradient_checkpointing
 from ..config import MoDEConfig
 from ..layer import MoDELinear
 from ..modality import ModalitySpec

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from ..constants import IGNORE_INDEX
 from ..modality import IMAGE, ModalitySpec
-from ..model import routed_layers, routing_state
+from ..layer import routed_layers
+from ..model import routing_state
 from ..workloads.scoring import target_logits
 from . import distributed
 

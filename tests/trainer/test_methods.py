@@ -8,7 +8,7 @@ import torch
 from trainer.test_train import SMOKE_ARGS
 
 from mode.modality import IMAGE, ModalitySpec
-from mode.train import checkpointing, cli, ewc, loop, methods, rehearsal
+from mode.train import cli, ewc, loop, methods, rehearsal, resume
 from mode.train.config import TrainConfig
 from mode.workloads.digits import model as dm
 
@@ -101,10 +101,10 @@ def test_ewc_fisher_is_the_mean_squared_per_row_gradient_and_the_penalty_pulls_t
 def test_ewc_state_travels_with_the_checkpoint(tmp_path):
     vocab, model = _tiny_lora()
     ewc.consolidate(model, _rows(vocab, 3), lambda r: dm.digits.collate(r, vocab.pad), samples=3, seed=[1])
-    checkpointing.save_checkpoint(tmp_path / "ckpt", model, extra={"step": 0})
+    resume.save_checkpoint(tmp_path / "ckpt", model, extra={"step": 0})
     _, fresh = _tiny_lora()
     assert all(f.abs().sum() == 0 for f in ewc.ewc_state(fresh).fisher())
-    checkpointing.load_adapters(tmp_path / "ckpt", fresh)
+    resume.load_adapters(tmp_path / "ckpt", fresh)
     for a, b in zip(ewc.ewc_state(model).buffers(), ewc.ewc_state(fresh).buffers()):
         assert torch.equal(a, b)
 

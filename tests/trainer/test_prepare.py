@@ -11,9 +11,9 @@ from transformers import AutoProcessor
 
 import mode
 from mode.train import cli, loop
-from mode.workloads.hf_checkpoint import prepare
-from mode.workloads.hf_checkpoint.data import load_jsonl
-from mode.workloads.hf_checkpoint.loading import (
+from mode.workloads.hf_model import prepare
+from mode.workloads.hf_model.data import load_jsonl
+from mode.workloads.hf_model.loading import (
     exact_match_accuracy,
     load_model,
     modality_spec_for,

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from mode_kernels.cache import cache_dir
 
 from ...hf.models import continue_sequences, model_device, prefill
-from ...train.schedule import cosine_lr
+from ..schedule import cosine_lr
 from ..scoring import continuation_nll
 from . import data as digits
 from .data import DigitsData, DigitsVocab, Task

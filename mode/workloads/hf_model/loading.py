@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from ...constants import IGNORE_INDEX
 from ...hf.models import continue_sequences, decoder_of, hf_model, model_device
 from ...modality import ModalitySpec
-from ...model import routed_layers, routing_state
+from ...layer import routed_layers
+from ...model import routing_state
 from .data import JsonlDataset, TokenChecks
 from .emu3 import Emu3Tokens
 from .emu3 import decode_image as emu3_decode_image
