@@ -21,8 +21,8 @@ from torch import nn
 
 import mode_kernels as mk
 
-from .gradient_checkpointing import checkpointing_modules, wrap_checkpoint_functions
 from .config import MoDEConfig
+from .gradient_checkpointing import checkpointing_modules, wrap_checkpoint_functions
 from .hf.models import cache_in, decoder_of, hf_model
 from .layer import OUTSIDE_FORWARD, MoDELinear, RoutingState, routed_layers
 

@@ -18,16 +18,16 @@ from ..constants import IGNORE_INDEX
 from ..kd import kd_loss, kd_positions
 from ..modality import IMAGE
 from ..workloads import Workload
+from ..workloads.schedule import cosine_lr
 from . import distributed, probe
 from .adapter_export import export_adapters
-from .resume import load_adapters, load_progress, save_checkpoint
 from .config import RunError, TrainConfig, check_config, config_dict
 from .ewc import consolidate, ewc_penalty
 from .methods import METHODS, Method, trainable_params
 from .metrics import metrics_json, retention, task_score_metrics
 from .rehearsal import StepRows, step_rows
 from .report import LossBoard, results_markdown, write_plots
-from ..workloads.schedule import cosine_lr
+from .resume import load_adapters, load_progress, save_checkpoint
 
 
 def wrap(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:

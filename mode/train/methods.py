@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..gradient_checkpointing import enable_gradient_checkpointing
 from ..config import MoDEConfig
+from ..gradient_checkpointing import enable_gradient_checkpointing
 from ..layer import MoDELinear
 from ..modality import ModalitySpec
 from ..model import apply_mode

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..constants import IGNORE_INDEX
-from ..modality import IMAGE, ModalitySpec
 from ..layer import routed_layers
+from ..modality import IMAGE, ModalitySpec
 from ..model import routing_state
 from ..workloads.scoring import target_logits
 from . import distributed
