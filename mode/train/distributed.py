@@ -135,10 +135,6 @@ def shard_batch(batch: Mapping[str, Any], rank_: int | None = None, world: int |
     return {k: v[part] if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def to_device(batch: Mapping[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def global_mean(local_sum: Tensor, local_count: int | Tensor) -> Tensor:
     """The rank-local loss whose DDP gradient average is the gradient of the global mean.
 

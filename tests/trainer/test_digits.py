@@ -222,7 +222,7 @@ def test_task_scores_exact_match_digit_named_and_teacher_forced_answer_nll(tiny,
                                      else [vocab.sep]) + [eos_id] * max_new_tokens for i, e in enumerate(examples)}
         return torch.tensor([answers[tuple(p)][:max_new_tokens] for p in prompts.tolist()])
 
-    monkeypatch.setattr(dm, "greedy_decode", fake_decode)
+    monkeypatch.setattr(evaluation, "greedy_decode", fake_decode)
     scores = evaluation.task_scores(tiny.model, vocab, task, images, labels, batch_size=4)
     assert scores["acc"] == pytest.approx(2 / 6) and scores["digit_acc"] == pytest.approx(4 / 6)
     assert scores["answer_nll"] == pytest.approx(sum(nlls) / sum(len(t) for t in targets), rel=1e-5)
@@ -244,7 +244,7 @@ def test_task_scores_decode_from_the_prompts_they_score(tiny, monkeypatch):
         decoded.append(greedy_decode(*args, **kwargs))
         return decoded[-1]
 
-    monkeypatch.setattr(dm, "greedy_decode", recorded)
+    monkeypatch.setattr(evaluation, "greedy_decode", recorded)
     evaluation.task_scores(tiny.model, vocab, task, images, labels, batch_size=4)
     assert len(decoded) == 2 and all(torch.equal(a, b) for a, b in zip(decoded, alone))
 

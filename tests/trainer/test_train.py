@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mode.train import cli, loop, methods, resume
+from mode.train import adapting, cli, loop, methods, resume
 from mode.train.config import RunError, TrainConfig
 from mode.train.metrics import average_accuracy, backward_transfer
 from mode.workloads.digits import data as digits
@@ -71,7 +71,7 @@ def test_trainable_params_count_only_reachable_adapters():
     config = TrainConfig()
     counts = {}
     for name, method in methods.METHODS.items():
-        model = methods.apply_method(dm.build_model(vocab, dm.DigitsModelConfig()), method, config, spec,
+        model = adapting.apply_method(dm.build_model(vocab, dm.DigitsModelConfig()), method, config, spec,
                                      len(vocab), vocab.image_code_range)
         counts[name] = methods.trainable_params(model, method)
     h, m, layers, r = 128, 344, 2, config.rank
