@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from dataclasses import Field, asdict, dataclass, field, fields, make_dataclass
 
 from ..workloads.protocol import RunSettings, WorkloadError, WorkloadFactory, field_metadata
 from ..workloads.registry import benchmarks, local_model
@@ -91,7 +91,8 @@ class TrainerOptions:
 
     @property
     def workload(self) -> WorkloadFactory | None:
-        """The run's workload: the local model's with --model, else --benchmark's (None if unknown)."""
+        """The run's workload: the local model's with --model (that workload's option), else --benchmark's
+        (None if unknown)."""
         return local_model() if self.model is not None else benchmarks().get(self.benchmark)
 
     @property
@@ -105,17 +106,20 @@ class TrainerOptions:
                            gen_temperature=self.gen_temperature)
 
 
-def workload_fields() -> list[tuple[str, str, object]]:
-    """Every workload's options as fields of ``TrainConfig`` (a name two workloads share must mean the same)."""
-    composed = {f.name: f for f in fields(TrainerOptions)}
+def workload_fields() -> list[tuple[str, str, Field]]:
+    """Every workload's options as fields of ``TrainConfig`` (make_dataclass's form); a name belongs to one
+    option only, so that config.json stays flat."""
+    taken, composed = {f.name for f in fields(TrainerOptions)}, []
     for factory in (*benchmarks().values(), local_model()):
         for option in fields(factory.options):
-            if option.name in composed:
+            if option.name in taken:
                 raise TypeError(f"{factory.options.__name__}.{option.name}: the name is taken by another option "
                                 "of the trainer or a workload")
-            composed[option.name] = option
-    return [(f.name, f.type, field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
-            for f in composed.values() if f.name not in {t.name for t in fields(TrainerOptions)}]
+            taken.add(option.name)
+            composed.append((option.name, option.type, field(default=option.default,
+                                                            default_factory=option.default_factory,
+                                                            metadata=option.metadata)))
+    return composed
 
 
 TrainConfig = make_dataclass("TrainConfig", workload_fields(), bases=(TrainerOptions,))
