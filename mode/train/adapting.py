@@ -1,12 +1,15 @@
-"""A fresh model of a run: the workload's pretrained model with a method's adapters (``apply_method``)."""
+"""A fresh model of a run: the workload's pretrained model with a method's adapters (``build_model``,
+``apply_method``)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..config import MoDEConfig
 from ..gradient_checkpointing import enable_gradient_checkpointing
 from ..modality import ModalitySpec
 from ..model import apply_mode
+from ..workloads import Workload
 from .config import TrainConfig
 from .methods import Method, matched_lora_rank
 
@@ -34,3 +37,12 @@ def apply_method(model: nn.Module, method: Method, config: TrainConfig, spec: Mo
 
         attach_ewc(model)
     return model
+
+
+def build_model(workload: Workload, method: Method, config: TrainConfig, device: torch.device) -> nn.Module:
+    """A fresh copy of the workload's pretrained model with the method's adapters, on ``device``; the
+    adapters' init is seeded by ``config.seed``."""
+    torch.manual_seed(config.seed)
+    model = apply_method(workload.pretrained_model(), method, config, workload.spec, workload.vocab_size,
+                         workload.kd_vocab_range)
+    return model.to(device)

@@ -22,7 +22,7 @@ from ..workloads.protocol import to_device
 from ..workloads.schedule import cosine_lr
 from . import distributed, probe
 from .adapter_export import export_adapters
-from .adapting import apply_method
+from .adapting import build_model
 from .config import RunError, TrainConfig, check_config, config_dict, workload_errors_as_run_errors
 from .ewc import consolidate, ewc_penalty
 from .methods import METHODS, Method, trainable_params
@@ -196,15 +196,6 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
     state["done"].setdefault(name, {})[str(config.seed)] = results
     state["current"] = None
     save_checkpoint(checkpoint_path, model, extra=state)
-
-
-def build_model(workload: Workload, method: Method, config: TrainConfig, device: torch.device) -> nn.Module:
-    """A fresh copy of the workload's pretrained model with the method's adapters, on ``device``; the
-    adapters' init is seeded by ``config.seed``."""
-    torch.manual_seed(config.seed)
-    model = apply_method(workload.pretrained_model(), method, config, workload.spec, workload.vocab_size,
-                         workload.kd_vocab_range)
-    return model.to(device)
 
 
 def load_workload(config: TrainConfig, device: torch.device, cache_dir: str | Path | None,
