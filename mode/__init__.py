@@ -32,7 +32,7 @@ _EXPORTS = {
     "save_adapter": "adapter_io",
     "load_adapter": "adapter_io",
     "kd_loss": "kd",
-    "enable_gradient_checkpointing": "activation_checkpointing",
+    "enable_gradient_checkpointing": "gradient_checkpointing",
     "MoDEPeftConfig": "peft",
 }
 

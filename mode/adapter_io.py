@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .hf.models import hf_model
-from .layer import MoDELinear
-from .model import apply_mode, routed_layers, routing_state
+from .layer import MoDELinear, routed_layers
+from .model import apply_mode, routing_state
 
 if TYPE_CHECKING:
     from .peft import MoDEPeftConfig

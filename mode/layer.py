@@ -176,3 +176,8 @@ class MoDELinear(ModalityRoutedLayer, nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, experts_per_modality={self.experts_per_modality}"
+
+
+def routed_layers(model: nn.Module) -> list[tuple[str, ModalityRoutedLayer]]:
+    """(name, layer) of every MoDE layer in ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ModalityRoutedLayer)]

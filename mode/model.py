@@ -21,19 +21,14 @@ from torch import nn
 
 import mode_kernels as mk
 
-from .activation_checkpointing import checkpointing_modules, wrap_checkpoint_functions
 from .config import MoDEConfig
+from .gradient_checkpointing import checkpointing_modules, wrap_checkpoint_functions
 from .hf.models import cache_in, decoder_of, hf_model
-from .layer import OUTSIDE_FORWARD, ModalityRoutedLayer, MoDELinear, RoutingState
+from .layer import OUTSIDE_FORWARD, MoDELinear, RoutingState, routed_layers
 
 # Attribute of a KV cache object: bool [B], whether each row's cached tokens end inside an image.
 INSIDE_IMAGE_ATTR = "_mode_inside_image"
 _HOOKS_ATTR = "_mode_routing_hooks"
-
-
-def routed_layers(model: nn.Module) -> list[tuple[str, ModalityRoutedLayer]]:
-    """(name, layer) of every MoDE layer in ``model``."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ModalityRoutedLayer)]
 
 
 def apply_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:

@@ -26,7 +26,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..adapter_io import CONFIG_NAME, load_adapter, save_adapter
 from ..kd import kd_loss
-from ..model import routed_layers
+from ..layer import routed_layers
 
 # The KD helper may take the teacher's top-k (MoDE's code keeps the top 256 image codes).
 KD_TAKES_TOPK = "topk" in inspect.signature(kd_loss).parameters

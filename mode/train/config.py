@@ -1,34 +1,37 @@
 """The trainer's one config: every field is a command-line flag (``mode.train.cli``) with the help
-text given here, and the run's ``config.json``."""
+text given here, and the run's ``config.json``. ``TrainConfig`` is the trainer's own fields
+(``TrainerOptions``) and every workload's options (``mode.workloads.WorkloadFactory.options``)."""
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import Field, asdict, dataclass, field, fields, make_dataclass
 
-from ..workloads.digits.data import PRETRAIN_QUESTIONS, TASK_DESIGNS
-from ..workloads.digits.model import GenerationConfig, PretrainConfig
+from ..workloads.protocol import RunSettings, WorkloadError, WorkloadFactory, field_metadata
+from ..workloads.registry import benchmarks, local_model
 from .distributed import world_size
 from .methods import METHODS
-
-BENCHMARKS = ("digits",)
-DIGITS_LR = 3e-3  # the digits benchmark's tiny model learns each task in 60 steps at this rate
-PAPER_LR = 1e-4  # the paper's optimizer for Anole-7B: AdamW, cosine, 10% warmup
 
 
 class RunError(Exception):
     """Bad input: reported as a clear message, nothing overwritten."""
 
 
-def field_metadata(text: str, **argparse_options) -> dict:
-    """A field's ``metadata``: its help text and any argparse options beyond type and default."""
-    return {"help": text, **argparse_options}
+@contextlib.contextmanager
+def workload_errors_as_run_errors():
+    """A workload's bad-input error (``WorkloadError``) becomes the trainer's ``RunError``, message unchanged."""
+    try:
+        yield
+    except WorkloadError as err:
+        raise RunError(str(err)) from err
 
 
 @dataclass
-class TrainConfig:
-    """Everything that determines the results of a run (stored in DIR/config.json)."""
+class TrainerOptions:
+    """The trainer's own fields of ``TrainConfig``."""
     benchmark: str | None = field(default="digits", metadata=field_metadata(
-        f"built-in benchmark, one of: {', '.join(BENCHMARKS)} (default: digits, unless --model)"))
+        f"workload by name (mode.workloads.registry), one of: {', '.join(benchmarks())} (default: digits, unless "
+        "--model)"))
     methods: tuple[str, ...] = field(default=("mode", "lora"), metadata=field_metadata(
         f"comma-separated, of: {', '.join(METHODS)}"))
     seed: int = field(default=0, metadata=field_metadata("adapter init, data order, dropout and sampling"))
@@ -39,8 +42,9 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata=field_metadata("rows per micro-batch, over all processes"))
     grad_accum: int = field(default=1, metadata=field_metadata("micro-batches per optimizer step"))
     lr: float | None = field(default=None, metadata=field_metadata(
-        "peak learning rate (AdamW, cosine schedule, warmup_fraction of each task's steps); default: "
-        f"{DIGITS_LR} on digits, {PAPER_LR} with --model (the paper's)"))
+        "peak learning rate (AdamW, cosine schedule, warmup_fraction of each task's steps); default: the workload's "
+        f"({', '.join(f'{name}: {factory.default_lr}' for name, factory in benchmarks().items())}; "
+        f"--model: {local_model().default_lr}, the paper's)"))
     warmup_fraction: float = field(default=0.1, metadata=field_metadata("share of each task's steps warming up"))
     weight_decay: float = field(default=0.0, metadata=field_metadata("AdamW weight decay on the adapters"))
     grad_clip: float = field(default=10.0, metadata=field_metadata("gradient-norm clip"))
@@ -66,45 +70,9 @@ class TrainConfig:
         "ewc: training rows of a finished task whose gradients estimate its Fisher diagonal"))
     eval_size: int = field(default=200, metadata=field_metadata(
         "test images per evaluation (tasks and image NLL); --model: eval records per task and generation records"))
-    gen_samples: int = field(default=GenerationConfig.samples_per_digit, metadata=field_metadata(
-        "digits: sampled images per digit for gen_acc"))
-    gen_temperature: float = field(default=GenerationConfig.temperature, metadata=field_metadata(
+    gen_temperature: float = field(default=1.0, metadata=field_metadata(
         "sampling temperature of generated images"))
-    pretrain_steps: int = field(default=PretrainConfig.steps, metadata=field_metadata(
-        "digits: pretraining steps of the cached model"))
-    pretrain_seed: int = field(default=PretrainConfig.seed, metadata=field_metadata(
-        "digits: seed of the cached model's pretraining"))
-    pretrain_questions: str = field(default=PretrainConfig.questions, metadata=field_metadata(
-        "digits: the pretraining's questions about the image: 'one' (what digit is this ?) or 'several' (also "
-        "'is this digit prime ?' and 'what is this digit squared ?', each answered in its own format)",
-        choices=tuple(PRETRAIN_QUESTIONS)))
-    digits_tasks: str = field(default="shared", metadata=field_metadata(
-        "digits: the continual tasks' images: the same upright images for every task ('shared'), or each task "
-        "its own view of them ('domains': upright, inverted, transposed, thickened; 'marked': upright with a bar "
-        "on the top, left, bottom, right border)", choices=tuple(TASK_DESIGNS)))
     checkpoint_every: int = field(default=20, metadata=field_metadata("steps between mid-task checkpoints"))
-    model: str | None = field(default=None, metadata=field_metadata(
-        "local Hugging Face checkpoint directory (instead of --benchmark digits)"))
-    modality: str = field(default="chameleon", metadata=field_metadata(
-        "image tokens of --model: chameleon|anole|emu3 (from its vocabulary; Emu3's generation layout)|"
-        "'LO:HI,begin=ID,end=ID'"))
-    data: str | None = field(default=None, metadata=field_metadata(
-        "comma-separated task JSONL files (tasks in file order, then first-record order)"))
-    eval_data: str | None = field(default=None, metadata=field_metadata(
-        "comma-separated held-out JSONL files scored by exact match, tasks matched by name: test/gqa.jsonl for "
-        "gqa.jsonl (default: --data)"))
-    gen_data: str | None = field(default=None, metadata=field_metadata(
-        "comma-separated JSONL generation stream for KD (caption + image codes, image part scored)"))
-    gen_prompts: tuple[str, ...] = field(default=(), metadata=field_metadata(
-        "prompt token files (.json/.pt) drawn after the last task", nargs="*"))
-    image_tokens: int = field(default=1024, metadata=field_metadata(
-        "codes per image of --gen-prompts (emu3: each prompt file's height and width)"))
-    decoder: str | None = field(default=None, metadata=field_metadata(
-        "module:function mapping an image's generated ids (LongTensor) to pixels (float [3, H, W] in [0, 1]) "
-        "for --gen-prompts PNGs (Chameleon/Anole: transformers has no VQ decoder; emu3: the checkpoint's by default)",
-        metavar="MODULE:FUNCTION"))
-    on_bad_record: str = field(default="refuse", metadata=field_metadata(
-        "bad JSONL records (listed with file:line): stop before training, or drop them", choices=("refuse", "skip")))
     fsdp: bool = field(default=False, metadata=field_metadata(
         "FSDP2 per decoder layer; frozen base in bf16 on GPUs, adapters in fp32"))
     probe_conflict: int = field(default=0, metadata=field_metadata(
@@ -118,13 +86,45 @@ class TrainConfig:
         "also log each step's losses and each evaluation to DIR/tensorboard", choices=("none", "tensorboard")))
 
     def __post_init__(self):
-        if self.lr is None:
-            self.lr = PAPER_LR if self.model is not None else DIGITS_LR
+        if self.lr is None and self.workload is not None:
+            self.lr = self.workload.default_lr
+
+    @property
+    def workload(self) -> WorkloadFactory | None:
+        """The run's workload: the local model's with --model (that workload's option), else --benchmark's
+        (None if unknown)."""
+        return local_model() if self.model is not None else benchmarks().get(self.benchmark)
 
     @property
     def run_seeds(self) -> tuple[int, ...]:
         """The seeds each method runs with: --seeds, else --seed."""
         return tuple(self.seeds) or (self.seed,)
+
+    def settings(self, seed: int) -> RunSettings:
+        """What the workload reads of this config, with ``seed``."""
+        return RunSettings(seed=seed, batch_size=self.batch_size, eval_size=self.eval_size,
+                           gen_temperature=self.gen_temperature)
+
+
+def workload_fields() -> list[tuple[str, str, Field]]:
+    """Every workload's options as fields of ``TrainConfig`` (make_dataclass's form); a name belongs to one
+    option only, so that config.json stays flat."""
+    taken, composed = {f.name for f in fields(TrainerOptions)}, []
+    for factory in (*benchmarks().values(), local_model()):
+        for option in fields(factory.options):
+            if option.name in taken:
+                raise TypeError(f"{factory.options.__name__}.{option.name}: the name is taken by another option "
+                                "of the trainer or a workload")
+            taken.add(option.name)
+            composed.append((option.name, option.type, field(default=option.default,
+                                                            default_factory=option.default_factory,
+                                                            metadata=option.metadata)))
+    return composed
+
+
+TrainConfig = make_dataclass("TrainConfig", workload_fields(), bases=(TrainerOptions,))
+TrainConfig.__module__ = __name__  # (make_dataclass's module= needs Python 3.12) for pickle and repr
+TrainConfig.__doc__ = "Everything that determines the results of a run (stored in DIR/config.json)."
 
 
 def config_dict(config: TrainConfig) -> dict:
@@ -148,13 +148,13 @@ def check_config(config: TrainConfig) -> None:
         if config.probe_conflict and not config.gen_data:
             raise RunError("--probe-conflict needs --gen-data (the generation loss)")
     else:
-        if config.benchmark not in BENCHMARKS:
-            raise RunError(f"unknown benchmark {config.benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+        if config.benchmark not in benchmarks():
+            raise RunError(f"unknown benchmark {config.benchmark!r}; choose from {', '.join(benchmarks())}")
         given = [flag for flag, value in (("--data", config.data), ("--eval-data", config.eval_data),
                                           ("--gen-data", config.gen_data), ("--gen-prompts", config.gen_prompts))
                  if value]
         if given:
-            raise RunError(f"{', '.join(given)} need(s) --model (the digits benchmark brings its own data)")
+            raise RunError(f"{', '.join(given)} need(s) --model (a benchmark brings its own data)")
     for name in ("steps_per_task", "batch_size", "grad_accum", "eval_size", "rank", "checkpoint_every",
                  "image_tokens", "gen_samples", "replay_size", "ewc_samples"):
         if getattr(config, name) < 1:

@@ -1,5 +1,5 @@
 """Running the trainer under ``torchrun``: process group, data sharding, DDP / FSDP2 wrapping,
-rank-0-only small files (resumable checkpoints: ``mode.train.checkpointing``).
+rank-0-only small files (resumable checkpoints: ``mode.train.resume``).
 
 Every helper also works in a single process (not under torchrun): rank 0 of a world of 1, no
 process group, wrappers return the model unchanged, so the trainer needs no second code path.
@@ -133,10 +133,6 @@ def shard_batch(batch: Mapping[str, Any], rank_: int | None = None, world: int |
         raise ValueError(f"shard_batch: the batch's tensors disagree on their number of rows: {sorted(rows)}")
     part = shard_rows(rows.pop(), rank_, world)
     return {k: v[part] if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-def to_device(batch: Mapping[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def global_mean(local_sum: Tensor, local_count: int | Tensor) -> Tensor:

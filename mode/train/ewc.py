@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..workloads.protocol import to_device
 from . import distributed
 from .probe import task_loss
 
@@ -79,7 +80,7 @@ def consolidate(model: nn.Module, rows: list, collate: Callable[[list], dict], s
     fisher = [torch.zeros_like(f) for f in state.fisher()]
     try:
         for i in picked:
-            batch = distributed.to_device(collate([rows[i]]), device)
+            batch = to_device(collate([rows[i]]), device)
             grads = torch.autograd.grad(task_loss(module, batch), params, allow_unused=True)
             for f, g in zip(fisher, grads):
                 if g is not None:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +17,19 @@ from tqdm.auto import tqdm
 from ..constants import IGNORE_INDEX
 from ..kd import kd_loss, kd_positions
 from ..modality import IMAGE
-from ..workloads import Workload
+from ..workloads import Environment, Workload
+from ..workloads.protocol import to_device
+from ..workloads.schedule import cosine_lr
 from . import distributed, probe
-from .adapters import export_adapters
-from .checkpointing import load_adapters, load_progress, save_checkpoint
-from .config import RunError, TrainConfig, check_config, config_dict
+from .adapter_export import export_adapters
+from .adapting import build_model
+from .config import RunError, TrainConfig, check_config, config_dict, workload_errors_as_run_errors
 from .ewc import consolidate, ewc_penalty
 from .methods import METHODS, Method, trainable_params
 from .metrics import metrics_json, retention, task_score_metrics
 from .rehearsal import StepRows, step_rows
 from .report import LossBoard, results_markdown, write_plots
-from .schedule import cosine_lr
+from .resume import load_adapters, load_progress, save_checkpoint
 
 
 def wrap(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
@@ -47,7 +49,7 @@ def draw_batch(rng: np.random.Generator, rows: list, collate: Callable[[list], d
     """This process's share of a global batch of batch_size rows drawn by `rng` (the same draw
     on every process)."""
     picked = rng.integers(len(rows), size=config.batch_size)
-    return distributed.to_device(distributed.shard_batch(collate([rows[i] for i in picked])), device)
+    return to_device(distributed.shard_batch(collate([rows[i] for i in picked])), device)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload, task_rows: StepRows,
@@ -166,7 +168,7 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
     `state["current"]` if it is this method and seed; its results go to ``state["done"][name][seed]``."""
     method, label = METHODS[name], run_label(name, config)
     checkpoint_path = output / "checkpoint"
-    model = wrap(workload.build(method), config, device)
+    model = wrap(build_model(workload, method, config, device), config, device)
     if state["pretrained"] is None:
         # Fresh adapters (lora_B = 0) leave the model's function as it is: this is the pretrained
         # model, as this run computes it (with --fsdp on GPUs its base in bf16).
@@ -198,15 +200,14 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
 
 def load_workload(config: TrainConfig, device: torch.device, cache_dir: str | Path | None,
                   progress: bool) -> Workload:
-    if config.model is not None:
-        from ..workloads.hf_checkpoint.workload import CheckpointWorkload
-
-        return CheckpointWorkload(config, device)
-    from ..workloads.digits.workload import DigitsWorkload
-
-    return DigitsWorkload(config, device, cache_dir, progress)
+    """The run's workload, from its options in ``config``."""
+    factory = config.workload
+    options = factory.options(**{f.name: getattr(config, f.name) for f in fields(factory.options)})
+    environment = Environment(device, cache_dir, progress, is_main=distributed.is_main, barrier=distributed.barrier)
+    return factory.create(options, config.settings(config.seed), environment)
 
 
+@workload_errors_as_run_errors()
 def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "cpu",
         cache_dir: str | Path | None = None,
         progress: bool = True) -> dict:
@@ -235,7 +236,7 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     with LossBoard(output if config.report_to == "tensorboard" and distributed.is_main() else None) as board:
         for seed in config.run_seeds:  # every method of a seed, then the next seed: one seed's table comes first
             seed_config = replace(config, seed=seed)
-            workload.config = seed_config  # the workload seeds the adapters' init and its sampling from it
+            workload.settings = config.settings(seed)  # the workload seeds its sampling from it
             for name in config.methods:
                 if str(seed) not in state["done"].get(name, {}):
                     run_method(name, workload, seed_config, device, output, state, progress, board)

@@ -21,18 +21,10 @@ vocabulary, so no token is an image token and the image expert stays idle (not c
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..activation_checkpointing import enable_gradient_checkpointing
-from ..config import MoDEConfig
 from ..layer import MoDELinear
-from ..modality import ModalitySpec
-from ..model import apply_mode
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
 
 # what a step's task batch is drawn from (``mode.train.rehearsal.step_rows``)
 TASK_ROWS, ALL_TASKS, REPLAY = "task", "all tasks", "replay"
@@ -82,31 +74,6 @@ def matched_lora_rank(model: nn.Module, target_modules: tuple[str, ...], rank: i
     if not per_rank:
         raise ValueError(f"matched_lora_rank: no nn.Linear named {target_modules} in {type(model).__name__}")
     return max(1, round(mode_total / per_rank))
-
-
-def apply_method(model: nn.Module, method: Method, config: TrainConfig, spec: ModalitySpec, vocab_size: int,
-                 kd_vocab_range: tuple[int, int] | None = None) -> nn.Module:
-    """``model`` with the method's adapters, in place (their init draws from torch's global generator);
-    with EWC also its (zero) Fisher and anchor buffers, which checkpoints then carry."""
-    if not method.split_modality:
-        spec = ModalitySpec(image_token_ranges=((vocab_size, vocab_size + 1),))  # matches no token
-    rank, alpha = config.rank, config.alpha
-    if method.matched_rank:
-        # the same scaling alpha / rank as the other methods' experts: more capacity, not a smaller step
-        rank = matched_lora_rank(model, MoDEConfig.target_modules, config.rank)
-        alpha = config.alpha * rank / config.rank
-    mode_config = MoDEConfig(rank=rank, alpha=alpha, dropout=config.dropout,
-                             experts_per_modality=method.experts_per_modality, modality=spec,
-                             kd_temperature=config.kd_temperature, kd_vocab_range=kd_vocab_range,
-                             autocast_adapter_dtype=not config.adapters_in_base_dtype)
-    model = apply_mode(model, mode_config)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if method.ewc:
-        from .ewc import attach_ewc
-
-        attach_ewc(model)
-    return model
 
 
 def trainable_params(model: nn.Module, method: Method) -> int:

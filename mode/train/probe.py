@@ -31,10 +31,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..constants import IGNORE_INDEX
+from ..layer import routed_layers
 from ..modality import IMAGE, ModalitySpec
-from ..model import routed_layers, routing_state
-from ..workloads.scoring import target_logits
+from ..model import routing_state
+from ..workloads.scoring import scored, target_logits
 from . import distributed
 
 MODALITY_GROUPS = ("text_experts", "image_expert")  # group of the experts of modality 0, 1
@@ -77,15 +77,6 @@ def next_token_ce(model: nn.Module, batch: Mapping[str, Tensor], targets: Tensor
     logits, target_ids = target_logits(model, batch, targets)
     loss_sum = torch.nn.functional.cross_entropy(logits, target_ids, reduction="sum")
     return distributed.global_mean(loss_sum, target_ids.numel())
-
-
-def scored(batch: Mapping[str, Tensor]) -> Tensor:
-    """bool [B, T]: positions with a target (labels != -100, else attention_mask, else all)."""
-    if batch.get("labels") is not None:
-        return batch["labels"] != IGNORE_INDEX
-    if batch.get("attention_mask") is not None:
-        return batch["attention_mask"].bool()
-    return torch.ones_like(batch["input_ids"], dtype=torch.bool)
 
 
 def task_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:

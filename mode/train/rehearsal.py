@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..workloads import Workload
+from ..workloads.protocol import to_device
 from . import distributed
 from .config import TrainConfig
 from .methods import ALL_TASKS, REPLAY, Method
@@ -30,7 +31,7 @@ class StepRows:
         picked = [self.rows[i] for i in rng.integers(len(self.rows), size=config.batch_size - replayed)]
         if replayed:
             picked += [self.replay[i] for i in rng.integers(len(self.replay), size=replayed)]
-        return distributed.to_device(distributed.shard_batch(collate(picked)), device)
+        return to_device(distributed.shard_batch(collate(picked)), device)
 
 
 def replay_buffer(workload: Workload, config: TrainConfig, task_index: int) -> list:

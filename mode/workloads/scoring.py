@@ -1,5 +1,6 @@
-"""Teacher-forced scores shared by the workloads: the logits of selected positions, and the mean
-NLL of the answer tokens (a graded companion of exact match: it moves before the greedy answer flips)."""
+"""Teacher-forced scores shared by the workloads (and the trainer's gradient-conflict probe): the scored
+positions of a batch, the logits of selected positions, and the mean NLL of the answer tokens (a graded
+companion of exact match: it moves before the greedy answer flips)."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,15 @@ from torch import Tensor, nn
 
 from ..constants import IGNORE_INDEX
 from ..hf.models import cache_in, cache_keyword, decoder_of, hf_model
+
+
+def scored(batch: Mapping[str, Tensor]) -> Tensor:
+    """bool [B, T]: positions with a target (labels != -100, else attention_mask, else all)."""
+    if batch.get("labels") is not None:
+        return batch["labels"] != IGNORE_INDEX
+    if batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool()
+    return torch.ones_like(batch["input_ids"], dtype=torch.bool)
 
 
 def target_logits(model: nn.Module, batch: Mapping[str, Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:

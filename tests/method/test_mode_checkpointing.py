@@ -26,7 +26,7 @@ def _model(kind: str, builder: str, dropout: float):
 def _step_grads(model, spec) -> tuple[dict, int]:
     """Gradients of CE on a task batch + 0.3 KD on a generation batch, and how often one MoDE layer ran."""
     calls = []
-    layer = next(m for m in model.modules() if isinstance(m, mode.model.ModalityRoutedLayer))
+    layer = next(m for m in model.modules() if isinstance(m, mode.layer.ModalityRoutedLayer))
     handle = layer.register_forward_hook(lambda *args: calls.append(1))
     task = image_sequence(seed=1, spec=spec)
     gen = image_sequence(batch=3, seed=2, spec=spec)[:, :12]

@@ -14,7 +14,7 @@ from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, VOCAB, confi
 import mode
 import mode.hf
 import mode.hf.trainer  # the module itself (mode.hf loads it on first use of MoDETrainer)
-from mode.activation_checkpointing import RoutedCheckpoint
+from mode.gradient_checkpointing import RoutedCheckpoint
 
 pytest.importorskip("trl")
 

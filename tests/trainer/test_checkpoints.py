@@ -1,5 +1,5 @@
-"""mode.workloads.hf_checkpoint.loading on tiny random Llama and Chameleon checkpoints written with
-save_pretrained (no hub)."""
+"""mode.workloads.hf_model (loading, evaluation, generation) on tiny random Llama and Chameleon checkpoints
+written with save_pretrained (no hub)."""
 import json
 
 import pytest
@@ -17,15 +17,10 @@ from tiny_models import (
 
 import mode
 from mode.constants import IGNORE_INDEX
-from mode.workloads.hf_checkpoint.data import JsonlDataset
-from mode.workloads.hf_checkpoint.loading import (
-    exact_match_accuracy,
-    generate_images,
-    load_model,
-    load_prompt,
-    modality_spec_for,
-    vocab_size,
-)
+from mode.workloads.hf_model.data import JsonlDataset
+from mode.workloads.hf_model.evaluation import exact_match_accuracy
+from mode.workloads.hf_model.generation import generate_images, load_prompt
+from mode.workloads.hf_model.loading import load_model, modality_spec_for, vocab_size
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +138,7 @@ def test_generate_images_tokens_and_png(tmp_path, chameleon_dir):
 def test_generation_routes_codes_to_the_image_expert():
     """With greedy choice restricted to image codes, the cached generation equals full forwards."""
     from mode.hf.models import continue_sequences
-    from mode.workloads.hf_checkpoint.loading import image_code_mask
+    from mode.workloads.hf_model.generation import image_code_mask
 
     torch.manual_seed(0)
     model = randomize_adapters(mode.apply_mode(tiny_model("llama"), config()))

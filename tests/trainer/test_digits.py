@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mode.workloads.digits import data as digits
+from mode.workloads.digits import evaluation, generation
 from mode.workloads.digits import model as dm
 from mode.workloads.digits.data import DigitsVocab
 
@@ -195,7 +196,7 @@ def test_greedy_decode_matches_full_forward(tiny):
     """KV-cached greedy decoding picks the argmax of a full forward over the final sequence."""
     vocab, data = tiny.vocab, tiny.data
     prompts = torch.tensor([digits.understanding_prompt(vocab, digits.DIGIT, x) for x in data.test_images[:4]])
-    new = dm.greedy_decode(tiny.model, prompts, 3, eos_id=-1)  # never stops early
+    new = evaluation.greedy_decode(tiny.model, prompts, 3, eos_id=-1)  # never stops early
     full = torch.cat([prompts, new], dim=1)
     with torch.no_grad():
         logits = tiny.model(input_ids=full).logits
@@ -221,8 +222,8 @@ def test_task_scores_exact_match_digit_named_and_teacher_forced_answer_nll(tiny,
                                      else [vocab.sep]) + [eos_id] * max_new_tokens for i, e in enumerate(examples)}
         return torch.tensor([answers[tuple(p)][:max_new_tokens] for p in prompts.tolist()])
 
-    monkeypatch.setattr(dm, "greedy_decode", fake_decode)
-    scores = dm.task_scores(tiny.model, vocab, task, images, labels, batch_size=4)
+    monkeypatch.setattr(evaluation, "greedy_decode", fake_decode)
+    scores = evaluation.task_scores(tiny.model, vocab, task, images, labels, batch_size=4)
     assert scores["acc"] == pytest.approx(2 / 6) and scores["digit_acc"] == pytest.approx(4 / 6)
     assert scores["answer_nll"] == pytest.approx(sum(nlls) / sum(len(t) for t in targets), rel=1e-5)
 
@@ -234,32 +235,33 @@ def test_task_scores_decode_from_the_prompts_they_score(tiny, monkeypatch):
     images, labels = data.test_images[:7], data.test_labels[:7]
     task = digits.CONTINUAL_TASKS[1]
     prompts = torch.tensor([digits.understanding_prompt(vocab, task, x) for x in images])
-    alone = [dm.greedy_decode(tiny.model, rows, digits.MAX_ANSWER_TOKENS, vocab.eos) for rows in prompts.split(4)]
-    decoded, greedy_decode = [], dm.greedy_decode
+    alone = [evaluation.greedy_decode(tiny.model, rows, digits.MAX_ANSWER_TOKENS, vocab.eos)
+             for rows in prompts.split(4)]
+    decoded, greedy_decode = [], evaluation.greedy_decode
 
     def recorded(*args, **kwargs):
         assert kwargs.get("prefilled") is not None
         decoded.append(greedy_decode(*args, **kwargs))
         return decoded[-1]
 
-    monkeypatch.setattr(dm, "greedy_decode", recorded)
-    dm.task_scores(tiny.model, vocab, task, images, labels, batch_size=4)
+    monkeypatch.setattr(evaluation, "greedy_decode", recorded)
+    evaluation.task_scores(tiny.model, vocab, task, images, labels, batch_size=4)
     assert len(decoded) == 2 and all(torch.equal(a, b) for a, b in zip(decoded, alone))
 
 
 def test_sampled_images_are_valid_and_seeded(tiny):
     labels = np.array([0, 3, 9])
-    a = dm.sample_images(tiny.model, tiny.vocab, labels, seed=1)
-    b = dm.sample_images(tiny.model, tiny.vocab, labels, seed=1)
+    a = generation.sample_images(tiny.model, tiny.vocab, labels, seed=1)
+    b = generation.sample_images(tiny.model, tiny.vocab, labels, seed=1)
     assert a.shape == (3, 8, 8) and a.min() >= 0 and a.max() <= 16
     np.testing.assert_array_equal(a, b)
 
 
 def test_generation_metrics(tiny):
-    classifier = dm.fit_digit_classifier(tiny.data)
+    classifier = generation.fit_digit_classifier(tiny.data)
     assert classifier.test_accuracy > 0.95
-    result = dm.evaluate_generation(tiny.model, tiny.vocab, tiny.data, classifier,
-                                    dm.GenerationConfig(samples_per_digit=2))
+    result = generation.evaluate_generation(tiny.model, tiny.vocab, tiny.data, classifier,
+                                    generation.GenerationConfig(samples_per_digit=2))
     assert 0.0 <= result["gen_acc"] <= 1.0
     assert 0.0 < result["image_nll"] < 10.0
 
@@ -277,18 +279,18 @@ def test_decoding_works_on_a_mode_model(tiny):
     vocab, data = tiny.vocab, tiny.data
     labels = np.array([1, 7])
     prompts = torch.tensor([digits.understanding_prompt(vocab, digits.DIGIT, x) for x in data.test_images[:4]])
-    base_samples = dm.sample_images(tiny.model, vocab, labels, seed=3)
-    base_answers = dm.greedy_decode(tiny.model, prompts, 3, eos_id=-1)
+    base_samples = generation.sample_images(tiny.model, vocab, labels, seed=3)
+    base_answers = evaluation.greedy_decode(tiny.model, prompts, 3, eos_id=-1)
     model = copy.deepcopy(tiny.model)
     config = mode.MoDEConfig(rank=2, alpha=4, dropout=0.0, modality=mode.ModalitySpec(**vocab.modality_spec_args()))
     mode.apply_mode(model, config)
-    np.testing.assert_array_equal(dm.sample_images(model, vocab, labels, seed=3), base_samples)
-    assert torch.equal(dm.greedy_decode(model, prompts, 3, eos_id=-1), base_answers)
+    np.testing.assert_array_equal(generation.sample_images(model, vocab, labels, seed=3), base_samples)
+    assert torch.equal(evaluation.greedy_decode(model, prompts, 3, eos_id=-1), base_answers)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    assert dm.sample_images(model, vocab, labels, seed=3).shape == (2, 8, 8)
+    assert generation.sample_images(model, vocab, labels, seed=3).shape == (2, 8, 8)
 
 
 def test_domains_design_shows_each_task_its_own_view_of_the_same_images(vocab):

@@ -21,7 +21,7 @@ from tiny_models import config, image_sequence, randomize_adapters, tiny_model
 import mode
 from mode.constants import IGNORE_INDEX
 from mode.kd import kd_positions
-from mode.train import checkpointing, distributed
+from mode.train import distributed, resume
 from mode.train.probe import conflict_cosines
 
 STEPS = 3
@@ -106,7 +106,7 @@ def run_fsdp(out_dir: Path) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = [training_step(model, optimizer, batch) for batch in global_batches()]
     gap = teacher_gap(model, bf16_base())
-    checkpointing.save_checkpoint(out_dir / "fsdp_ckpt", model, optimizer, extra={"step": STEPS})
+    resume.save_checkpoint(out_dir / "fsdp_ckpt", model, optimizer, extra={"step": STEPS})
     # The full (unsharded) state, to compare the 1-process load with.
     full = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=full)
@@ -178,7 +178,7 @@ def test_fsdp2_checkpoint_loads_into_one_process(two_process_run):
 
     model = build_model()  # another world size (1) and no wrapper: DCP reshards on load
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    extra = checkpointing.load_checkpoint(two_process_run / "fsdp_ckpt", model, optimizer)
+    extra = resume.load_checkpoint(two_process_run / "fsdp_ckpt", model, optimizer)
     assert extra == {"step": STEPS}
     loaded = adapters(model)
     assert loaded.keys() == full["model"].keys()
@@ -195,20 +195,20 @@ def test_fsdp2_checkpoint_loads_into_one_process(two_process_run):
 def test_checkpoint_refuses_incomplete_directory(tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        checkpointing.load_checkpoint(tmp_path / "ckpt", build_model())
+        resume.load_checkpoint(tmp_path / "ckpt", build_model())
 
 
 def test_single_process_checkpoint_round_trip(tmp_path):
     model = build_model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     training_step(model, optimizer, global_batches()[0])
-    checkpointing.save_checkpoint(tmp_path / "ckpt", model, extra={"step": 1})  # adapters only
-    checkpointing.save_checkpoint(tmp_path / "ckpt", model, optimizer, extra={"step": 2})  # replaces it
+    resume.save_checkpoint(tmp_path / "ckpt", model, extra={"step": 1})  # adapters only
+    resume.save_checkpoint(tmp_path / "ckpt", model, optimizer, extra={"step": 2})  # replaces it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    assert checkpointing.checkpoint_extra(tmp_path / "ckpt") == {"step": 2}
+    assert resume.checkpoint_extra(tmp_path / "ckpt") == {"step": 2}
     fresh = build_model()
     fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
-    assert checkpointing.load_checkpoint(tmp_path / "ckpt", fresh, fresh_optimizer) == {"step": 2}
+    assert resume.load_checkpoint(tmp_path / "ckpt", fresh, fresh_optimizer) == {"step": 2}
     for k, v in adapters(model).items():
         assert torch.equal(adapters(fresh)[k], v), k
     param, fresh_param = (next(p for p in m.parameters() if p.requires_grad) for m in (model, fresh))

@@ -6,7 +6,7 @@ import torch
 
 from mode.constants import IGNORE_INDEX
 from mode.modality import ModalitySpec
-from mode.workloads.hf_checkpoint.data import TokenChecks, collate, load_jsonl
+from mode.workloads.hf_model.data import TokenChecks, collate, load_jsonl
 
 VOCAB = 50
 

@@ -8,7 +8,7 @@ import torch
 from trainer.test_train import SMOKE_ARGS
 
 from mode.modality import IMAGE, ModalitySpec
-from mode.train import checkpointing, cli, ewc, loop, methods, rehearsal
+from mode.train import adapting, cli, ewc, loop, methods, rehearsal, resume
 from mode.train.config import TrainConfig
 from mode.workloads.digits import model as dm
 
@@ -56,7 +56,7 @@ def _tiny_lora(method="ewc"):
     torch.manual_seed(0)
     model = dm.build_model(vocab, dm.DigitsModelConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2))
     spec = ModalitySpec(**vocab.modality_spec_args())
-    model = methods.apply_method(model, methods.METHODS[method], TrainConfig(dropout=0.0), spec, len(vocab))
+    model = adapting.apply_method(model, methods.METHODS[method], TrainConfig(dropout=0.0), spec, len(vocab))
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)  # lora_B starts at 0: give every adapter a gradient
@@ -101,10 +101,10 @@ def test_ewc_fisher_is_the_mean_squared_per_row_gradient_and_the_penalty_pulls_t
 def test_ewc_state_travels_with_the_checkpoint(tmp_path):
     vocab, model = _tiny_lora()
     ewc.consolidate(model, _rows(vocab, 3), lambda r: dm.digits.collate(r, vocab.pad), samples=3, seed=[1])
-    checkpointing.save_checkpoint(tmp_path / "ckpt", model, extra={"step": 0})
+    resume.save_checkpoint(tmp_path / "ckpt", model, extra={"step": 0})
     _, fresh = _tiny_lora()
     assert all(f.abs().sum() == 0 for f in ewc.ewc_state(fresh).fisher())
-    checkpointing.load_adapters(tmp_path / "ckpt", fresh)
+    resume.load_adapters(tmp_path / "ckpt", fresh)
     for a, b in zip(ewc.ewc_state(model).buffers(), ewc.ewc_state(fresh).buffers()):
         assert torch.equal(a, b)
 
@@ -112,7 +112,7 @@ def test_ewc_state_travels_with_the_checkpoint(tmp_path):
 def test_lora_matched_has_about_modes_trainable_parameters():
     vocab = dm.DigitsVocab()
     spec = ModalitySpec(**vocab.modality_spec_args())
-    counts = {name: methods.trainable_params(methods.apply_method(
+    counts = {name: methods.trainable_params(adapting.apply_method(
         dm.build_model(vocab, dm.DigitsModelConfig()), methods.METHODS[name], TrainConfig(), spec, len(vocab)),
         methods.METHODS[name]) for name in ("mode", "lora", "lora-matched")}
     rank_params = counts["lora"] // TrainConfig().rank  # LoRA parameters per unit of rank

@@ -11,15 +11,10 @@ from transformers import AutoProcessor
 
 import mode
 from mode.train import cli, loop
-from mode.workloads.hf_checkpoint import prepare
-from mode.workloads.hf_checkpoint.data import load_jsonl
-from mode.workloads.hf_checkpoint.loading import (
-    exact_match_accuracy,
-    load_model,
-    modality_spec_for,
-    token_checks,
-    vocab_size,
-)
+from mode.workloads.hf_model import prepare
+from mode.workloads.hf_model.data import load_jsonl
+from mode.workloads.hf_model.evaluation import exact_match_accuracy
+from mode.workloads.hf_model.loading import load_model, modality_spec_for, token_checks, vocab_size
 
 TINY = ["--steps-per-task", "1", "--batch-size", "2", "--eval-size", "2", "--no-progress", "--device", "cpu",
         "--methods", "mode"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mode.train import checkpointing, cli, loop, methods
+from mode.train import adapting, cli, loop, methods, resume
 from mode.train.config import RunError, TrainConfig
 from mode.train.metrics import average_accuracy, backward_transfer
 from mode.workloads.digits import data as digits
@@ -71,7 +71,7 @@ def test_trainable_params_count_only_reachable_adapters():
     config = TrainConfig()
     counts = {}
     for name, method in methods.METHODS.items():
-        model = methods.apply_method(dm.build_model(vocab, dm.DigitsModelConfig()), method, config, spec,
+        model = adapting.apply_method(dm.build_model(vocab, dm.DigitsModelConfig()), method, config, spec,
                                      len(vocab), vocab.image_code_range)
         counts[name] = methods.trainable_params(model, method)
     h, m, layers, r = 128, 344, 2, config.rank
@@ -165,7 +165,7 @@ def _without_timing(path):
 def _checkpoint_mid_task(path):
     """The checkpoint's in-progress position, if it is inside a task of the first method."""
     try:
-        state = checkpointing.checkpoint_extra(path)
+        state = resume.checkpoint_extra(path)
     except (OSError, ValueError):  # not written yet, or being replaced
         return None
     current = state.get("current")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from mode.train import checkpointing, cli, loop
+from mode.train import cli, loop, resume
 from mode.train.config import RunError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,7 +88,7 @@ def fsdp_runs(tmp_path_factory, cache_dir):
         patch.setattr(loop, "train_step", interrupted_step)
         with pytest.raises(Interrupted):
             run_in_process(argv(root / "interrupted", cache_dir, "--fsdp"))
-    current = checkpointing.checkpoint_extra(root / "interrupted" / "checkpoint")["current"]
+    current = resume.checkpoint_extra(root / "interrupted" / "checkpoint")["current"]
     assert (current["task"], current["step"]) == (1, 2)
     return root / "whole", root / "interrupted"
 

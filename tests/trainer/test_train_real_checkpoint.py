@@ -9,8 +9,9 @@ from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, VOCAB, tiny_
 import mode
 from mode.train import cli, loop
 from mode.train.config import RunError
-from mode.workloads.hf_checkpoint.data import load_jsonl
-from mode.workloads.hf_checkpoint.loading import exact_match_accuracy, load_model
+from mode.workloads.hf_model.data import load_jsonl
+from mode.workloads.hf_model.evaluation import exact_match_accuracy
+from mode.workloads.hf_model.loading import load_model
 
 LLAMA_MODALITY = f"{IMAGE_LO}:{IMAGE_HI},begin={BEGIN_IMAGE},end={END_IMAGE}"
 TINY = ["--steps-per-task", "2", "--batch-size", "4", "--eval-size", "4", "--checkpoint-every", "1",

@@ -1,4 +1,4 @@
-"""The pretrained unified model of the `digits` benchmark, and its evaluation.
+"""The pretrained unified model of the `digits` benchmark.
 
 A tiny random-init Llama (`LlamaForCausalLM`) is trained on CPU on both modalities of
 `mode.digits`: answering questions about the digit in an image (understanding) and drawing a digit from
@@ -6,16 +6,7 @@ A tiny random-init Llama (`LlamaForCausalLM`) is trained on CPU on both modaliti
 ("seven is odd"). `load_or_pretrain` caches the weights on disk under a hash of
 (vocabulary, model config, pretraining config), so later runs skip pretraining.
 
-Evaluation, all batched with a KV cache and calling the model with `input_ids` only (so it
-works unchanged once MoDE layers are applied: they derive each token's modality from its id):
-- `task_scores`: exact match of the greedy answer of an understanding task, whether its first word
-  names the digit, and the teacher-forced NLL of the answer.
-- `sample_images`: images drawn from "draw a <digit>", with sampling restricted to the
-  image codes for the 64 pixels (logits outside the code range are masked), so every
-  sample decodes to an image.
-- `evaluate_generation`: gen_acc (share of sampled images that a classifier fitted on the
-  real training digits assigns to the prompted digit) and image_nll (mean NLL of the test
-  images under their generation prompt, nats per image code, full-vocabulary softmax).
+Its evaluation: `evaluation` (the understanding tasks) and `generation` (drawn images and their judge).
 """
 from __future__ import annotations
 
@@ -28,7 +19,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,11 +28,9 @@ from tqdm.auto import tqdm
 
 from mode_kernels.cache import cache_dir
 
-from ...hf.models import continue_sequences, model_device, prefill
-from ...train.schedule import cosine_lr
-from ..scoring import continuation_nll
+from ..schedule import cosine_lr
 from . import data as digits
-from .data import DigitsData, DigitsVocab, Task
+from .data import DigitsData, DigitsVocab
 
 CACHE_FORMAT = 3  # bump when the meaning of cached weights changes
 
@@ -251,143 +239,3 @@ def load_or_pretrain(model_config: DigitsModelConfig | None = None, pretrain_con
     train_seconds = time.perf_counter() - start
     _write_cache(path, model, key, train_seconds)
     return Pretrained(model, vocab, data, model_config, pretrain_config, path, False, train_seconds)
-
-
-# ----------------------------------------------------------------------------- decoding
-
-@torch.no_grad()
-def greedy_decode(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, eos_id: int,
-                  prefilled: Any = None) -> torch.Tensor:
-    """Greedy continuation of equal-length prompts [B, L] with a KV cache -> new tokens [B, T].
-
-    Rows that emitted eos keep emitting eos; decoding stops early once every row has.
-    ``prefilled``: the prompts already run through the decoder (`mode.hf.models.prefill`).
-    """
-    return continue_sequences(model, prompts, max_new_tokens, lambda logits: logits.argmax(dim=-1), eos_id,
-                              prefilled=prefilled).cpu()
-
-
-def _batches(n: int, batch_size: int):
-    for start in range(0, n, batch_size):
-        yield slice(start, min(n, start + batch_size))
-
-
-@torch.no_grad()
-def task_scores(model: nn.Module, vocab: DigitsVocab, task: Task, images: np.ndarray, labels: np.ndarray,
-                batch_size: int = 512, progress: bool = False) -> dict[str, float]:
-    """An understanding task's scores on these images:
-    ``acc``: exact match of the greedy answer (answer words followed by eos);
-    ``digit_acc``: the greedy answer's first word is the target's (every digits answer opens with
-    the digit's name), a skill that survives a changed answer format;
-    ``answer_nll``: teacher-forced NLL of the target answer, nats per token (as ``scoring.answer_nll``).
-    The prompts go through the model once: greedy decoding and the answer NLL both continue from them."""
-    was_training = model.training
-    model.eval()
-    correct = digit_correct = 0
-    nll_sum, nll_count = 0.0, 0
-    examples = digits.task_examples(vocab, task, images, labels)
-    chunks = [examples[rows] for rows in _batches(len(examples), batch_size)]
-    for chunk in tqdm(chunks, desc=f"eval {task.name}", disable=not progress):
-        prompts = torch.tensor([e.prompt for e in chunk])  # one task: all prompts have the same length
-        prefilled = prefill(model, prompts)
-        batch = digits.collate(chunk, vocab.pad)  # prompt then target: the target starts at column L
-        chunk_sum, chunk_count = continuation_nll(model, prefilled, batch["input_ids"][:, prompts.shape[1]:],
-                                                  batch["labels"][:, prompts.shape[1]:])
-        nll_sum, nll_count = nll_sum + chunk_sum, nll_count + chunk_count
-        answers = greedy_decode(model, prompts, digits.MAX_ANSWER_TOKENS, vocab.eos, prefilled=prefilled)
-        for e, answer in zip(chunk, answers.tolist()):
-            correct += answer[: len(e.target)] == e.target
-            digit_correct += answer[0] == e.target[0]
-    model.train(was_training)
-    return {"acc": correct / len(examples), "digit_acc": digit_correct / len(examples),
-            "answer_nll": nll_sum / nll_count}
-
-
-@torch.no_grad()
-def sample_images(model: nn.Module, vocab: DigitsVocab, digit_labels: np.ndarray, temperature: float = 1.0,
-                  seed: int = 0, batch_size: int = 512) -> np.ndarray:
-    """Draw one image per entry of `digit_labels` from "draw a <digit>" -> int64 [N, 8, 8].
-
-    Each of the 64 pixel tokens is sampled from the softmax over the image codes only
-    (logits of every other token are masked), so every sample decodes to a valid image.
-    """
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    lo, hi = vocab.image_code_range
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def draw_code(logits: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits[:, lo:hi] / temperature, dim=-1)
-        return lo + torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-    images = []
-    for rows in _batches(len(digit_labels), batch_size):
-        prompts = torch.tensor([digits.generation_prompt(vocab, int(d)) for d in digit_labels[rows]])
-        codes = continue_sequences(model, prompts, digits.IMAGE_PIXELS, draw_code)
-        images.append((codes - lo).view(-1, digits.IMAGE_SIDE, digits.IMAGE_SIDE).cpu())
-    model.train(was_training)
-    return torch.cat(images).numpy()
-
-
-@torch.no_grad()
-def image_nll(model: nn.Module, vocab: DigitsVocab, images: np.ndarray, labels: np.ndarray,
-              batch_size: int = 512) -> float:
-    """Mean NLL (nats per image code, softmax over the full vocabulary) of the 64 codes of each
-    image given "draw a <its digit>"."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    prompt_len = len(digits.generation_prompt(vocab, 0))
-    total, count = 0.0, 0
-    for rows in _batches(len(images), batch_size):
-        ids = torch.tensor([digits.generation_prompt(vocab, int(y)) + vocab.image_to_codes(x)
-                            for x, y in zip(images[rows], labels[rows])], device=device)
-        logits = model(input_ids=ids).logits[:, prompt_len - 1:-1].float()  # the positions predicting the codes
-        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, prompt_len:].flatten(), reduction="sum")
-        total += nll.item()
-        count += ids[:, prompt_len:].numel()
-    model.train(was_training)
-    return total / count
-
-
-# ----------------------------------------------------------------------------- generation quality
-
-@dataclass
-class DigitClassifier:
-    """An RBF SVC on the 64 pixel values of the real training digits: the judge of gen_acc."""
-    svc: object
-    test_accuracy: float
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.svc.predict(np.asarray(images).reshape(len(images), -1) / (digits.GRAY_LEVELS - 1))
-
-
-def fit_digit_classifier(data: DigitsData) -> DigitClassifier:
-    from sklearn.svm import SVC
-
-    def flat(x: np.ndarray) -> np.ndarray:
-        return x.reshape(len(x), -1) / (digits.GRAY_LEVELS - 1)
-
-    svc = SVC(gamma="scale").fit(flat(data.train_images), data.train_labels)
-    return DigitClassifier(svc, float(svc.score(flat(data.test_images), data.test_labels)))
-
-
-@dataclass
-class GenerationConfig:
-    samples_per_digit: int = 20
-    temperature: float = 1.0
-    seed: int = 0
-
-
-def evaluate_generation(model: nn.Module, vocab: DigitsVocab, data: DigitsData, classifier: DigitClassifier,
-                        config: GenerationConfig | None = None, progress: bool = False) -> dict:
-    """gen_acc (share of sampled images classified as the prompted digit) and image_nll."""
-    config = config or GenerationConfig()
-    prompted = np.repeat(np.arange(10), config.samples_per_digit)
-    with tqdm(total=2, desc="eval generation", disable=not progress) as bar:
-        images = sample_images(model, vocab, prompted, config.temperature, config.seed)
-        bar.update()
-        nll = image_nll(model, vocab, data.test_images, data.test_labels)
-        bar.update()
-    return {"gen_acc": float((classifier.predict(images) == prompted).mean()), "image_nll": nll}

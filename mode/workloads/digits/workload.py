@@ -9,42 +9,46 @@ import torch
 from torch import nn
 
 from ...modality import ModalitySpec
-from ...train import distributed
-from ...train.config import TrainConfig
-from ...train.methods import Method, apply_method
+from ..protocol import Environment, RunSettings
 from . import data as digits
+from . import evaluation, generation
 from . import model as digits_model
+from .options import DigitsOptions
 
 
 class DigitsWorkload:
     """The digits benchmark: the pretrained digits model (cached) and the continual digit tasks."""
 
-    def __init__(self, config: TrainConfig, device: torch.device, cache_dir: str | Path | None, progress: bool):
+    name = "digits"
+
+    def __init__(self, options: DigitsOptions, settings: RunSettings, environment: Environment):
         def load() -> digits_model.Pretrained:
-            pretrain_config = replace(digits_model.PretrainConfig(), steps=config.pretrain_steps,
-                                      seed=config.pretrain_seed, questions=config.pretrain_questions)
-            return digits_model.load_or_pretrain(pretrain_config=pretrain_config, cache_dir=cache_dir,
-                                                 progress=progress)
+            pretrain_config = replace(digits_model.PretrainConfig(), steps=options.pretrain_steps,
+                                      seed=options.pretrain_seed, questions=options.pretrain_questions)
+            return digits_model.load_or_pretrain(pretrain_config=pretrain_config, cache_dir=environment.cache_dir,
+                                                 progress=environment.progress)
 
         # Rank 0 pretrains (or reads the cache) first; the others then read its cache file
         # instead of pretraining too and racing on it.
-        if distributed.is_main():
+        if environment.is_main():
             self.pretrained = load()
-        distributed.barrier()
-        if not distributed.is_main():
+        environment.barrier()
+        if not environment.is_main():
             self.pretrained = load()
-        self.config, self.device, self.progress = config, device, progress
+        self.options, self.settings = options, settings
+        self.progress = environment.progress
         vocab, data = self.pretrained.vocab, self.pretrained.data
         self.base_state = {k: v.clone() for k, v in self.pretrained.model.state_dict().items()}
-        self.name = config.benchmark
-        self.tasks = digits.TASK_DESIGNS[config.digits_tasks]
+        self.tasks = digits.TASK_DESIGNS[options.digits_tasks]
         self.task_names = [task.name for task in self.tasks]
         self.spec = ModalitySpec(**vocab.modality_spec_args())
+        self.vocab_size = len(vocab)
+        self.kd_vocab_range = vocab.image_code_range
         self.generation_rows = digits.generation_examples(vocab, data.train_images, data.train_labels)
-        self.classifier = digits_model.fit_digit_classifier(data)
+        self.classifier = generation.fit_digit_classifier(data)
         # evaluation runs after every task: the first eval_size test images only
-        self.test = replace(data, test_images=data.test_images[: config.eval_size],
-                            test_labels=data.test_labels[: config.eval_size])
+        self.test = replace(data, test_images=data.test_images[: settings.eval_size],
+                            test_labels=data.test_labels[: settings.eval_size])
 
     def task_rows(self, index: int) -> list[digits.Example]:
         data = self.pretrained.data
@@ -54,29 +58,26 @@ class DigitsWorkload:
     def collate(self, rows: list[digits.Example]) -> dict[str, torch.Tensor]:
         return digits.collate(rows, self.pretrained.vocab.pad)
 
-    def build(self, method: Method) -> nn.Module:
-        """A fresh copy of the pretrained digits model with the method's adapters."""
-        vocab = self.pretrained.vocab
-        torch.manual_seed(self.config.seed)  # the adapters' init (after build_model's draws)
-        model = digits_model.build_model(vocab, self.pretrained.model_config)
+    def pretrained_model(self) -> nn.Module:
+        """A fresh copy of the pretrained digits model, on the CPU (its random init draws the same each time)."""
+        model = digits_model.build_model(self.pretrained.vocab, self.pretrained.model_config)
         model.load_state_dict(self.base_state)
-        model = apply_method(model, method, self.config, self.spec, len(vocab), vocab.image_code_range)
-        return model.to(self.device)
+        return model
 
     def _scores(self, model: nn.Module, task: digits.Task) -> dict[str, float]:
-        return digits_model.task_scores(model, self.pretrained.vocab, task, self.test.test_images,
+        return evaluation.task_scores(model, self.pretrained.vocab, task, self.test.test_images,
                                         self.test.test_labels, progress=self.progress)
 
     def _generation(self, model: nn.Module) -> dict:
-        generation = digits_model.GenerationConfig(self.config.gen_samples, self.config.gen_temperature,
-                                                   self.config.seed)
-        return digits_model.evaluate_generation(model, self.pretrained.vocab, self.test, self.classifier,
-                                                generation, self.progress)
+        config = generation.GenerationConfig(self.options.gen_samples, self.settings.gen_temperature,
+                                             self.settings.seed)
+        return generation.evaluate_generation(model, self.pretrained.vocab, self.test, self.classifier, config,
+                                              self.progress)
 
     def _samples(self, model: nn.Module) -> list:
         """One "draw a d" per digit, for the plot."""
-        return digits_model.sample_images(model, self.pretrained.vocab, np.arange(10), self.config.gen_temperature,
-                                          self.config.seed).tolist()
+        return generation.sample_images(model, self.pretrained.vocab, np.arange(10), self.settings.gen_temperature,
+                                        self.settings.seed).tolist()
 
     def evaluate(self, model: nn.Module) -> dict:
         """Exact match, digit named right and answer NLL on every continual task, and generation

@@ -1,4 +1,4 @@
-"""``mode-prepare`` / ``python -m mode.workloads.hf_checkpoint.prepare``: raw images and text in, the
+"""``mode-prepare`` / ``python -m mode.workloads.hf_model.prepare``: raw images and text in, the
 trainer's tokenized JSONL out, with the checkpoint's own processor and VQ encoder.
 
     mode-prepare --model /ckpt/anole-7b-hf raw/gqa.jsonl data/gqa.jsonl

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .layer import RoutingState
+from .layer import RoutingState, routed_layers
 
 # Attribute Hugging Face sets on every module it checkpoints (GradientCheckpointingLayer, and the
 # decoder of models that checkpoint from their layer loop).
@@ -66,7 +66,6 @@ def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False)
     (``model.train()``), as Hugging Face does.
     """
     from .hf.models import hf_model
-    from .model import routed_layers
 
     if not routed_layers(model):
         raise ValueError(f"{type(model).__name__} has no MoDE layers; use mode.apply_mode or mode.MoDEPeftConfig")

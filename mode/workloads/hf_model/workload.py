@@ -1,4 +1,4 @@
-"""A local Hugging Face checkpoint (--model) with pre-tokenized JSONL tasks (--data) as a trainer workload."""
+"""A local Hugging Face model directory (--model) with pre-tokenized JSONL tasks (--data) as a trainer workload."""
 from __future__ import annotations
 
 import importlib
@@ -12,13 +12,12 @@ import torch
 from torch import nn
 
 from ...modality import IMAGE
-from ...train import distributed, probe
-from ...train.config import RunError, TrainConfig
-from ...train.methods import Method, apply_method
-from ..scoring import answer_nll
-from . import loading
+from ..protocol import Environment, RunSettings, WorkloadError, to_device
+from ..scoring import answer_nll, scored, target_logits
+from . import evaluation, generation, loading
 from .data import JsonlDataset, collate, load_jsonl
 from .emu3 import Emu3Tokens, pixel_stats
+from .options import HFModelOptions
 
 
 def load_decoder(target: str) -> Callable[..., Any]:
@@ -36,38 +35,40 @@ def load_decoder(target: str) -> Callable[..., Any]:
     return function
 
 
-class CheckpointWorkload:
-    """A local Hugging Face checkpoint (--model) and pre-tokenized JSONL tasks (--data)."""
+class HFModelWorkload:
+    """A local Hugging Face model directory (--model) and pre-tokenized JSONL tasks (--data)."""
 
-    def __init__(self, config: TrainConfig, device: torch.device):
-        self.config, self.device, self.name = config, device, config.model
+    def __init__(self, options: HFModelOptions, settings: RunSettings, environment: Environment):
+        self.options, self.settings, self.device, self.name = options, settings, environment.device, options.model
         try:
             # loaded once here and handed to the first method, which would otherwise load it again
             self._base_for_next_method = self._load()
             vocab = self.vocab_size = loading.vocab_size(self._base_for_next_method)
-            self.spec = loading.modality_spec_for(config.modality, vocab,
+            self.spec = loading.modality_spec_for(options.modality, vocab,
                                                   getattr(self._base_for_next_method.config, "vocabulary_map", None))
-            self.emu3 = Emu3Tokens.of(self._base_for_next_method) if config.modality.lower() == "emu3" else None
-            self.decode_fn = load_decoder(config.decoder) if config.decoder else None
+            self.emu3 = Emu3Tokens.of(self._base_for_next_method) if options.modality.lower() == "emu3" else None
+            self.decode_fn = load_decoder(options.decoder) if options.decoder else None
             max_length = getattr(self._base_for_next_method.config, "max_position_embeddings", None)
 
             def read(files: str, task_labels: bool = True) -> JsonlDataset:
                 checks = loading.token_checks(self._base_for_next_method, self.spec, task_labels)
-                return load_jsonl(files.split(","), vocab, on_error=config.on_bad_record, max_length=max_length,
+                return load_jsonl(files.split(","), vocab, on_error=options.on_bad_record, max_length=max_length,
                                   checks=checks)
 
             with warnings.catch_warnings():
-                if not distributed.is_main():
+                if not environment.is_main():
                     warnings.simplefilter("ignore")  # the skipped-records report once, from rank 0
-                tasks = read(config.data)
-                evals = read(config.eval_data) if config.eval_data else tasks
-                self.generation_rows = read(config.gen_data, task_labels=False).records if config.gen_data else None
-            for path in config.gen_prompts:  # bad prompt files fail now, not after training
-                loading.load_prompt(path, vocab)
+                tasks = read(options.data)
+                evals = read(options.eval_data) if options.eval_data else tasks
+                self.generation_rows = read(options.gen_data, task_labels=False).records if options.gen_data else None
+            for path in options.gen_prompts:  # bad prompt files fail now, not after training
+                generation.load_prompt(path, vocab)
                 if self.emu3 is not None:
-                    loading.prompt_image_size(path)
+                    generation.prompt_image_size(path)
         except (OSError, ValueError) as err:
-            raise RunError(str(err)) from err
+            raise WorkloadError(str(err)) from err
+        self.kd_vocab_range = None  # KD on the spec's image ids
+        self.is_main = environment.is_main
         self.pad_id = getattr(self._base_for_next_method.config, "pad_token_id", None) or 0
         self.task_names = tasks.task_names()
         self.tasks = [tasks.task(name).records for name in self.task_names]
@@ -75,20 +76,20 @@ class CheckpointWorkload:
 
     def _held_out(self, evals: JsonlDataset) -> JsonlDataset:
         """The first eval_size held-out records of each training task."""
-        held_out = {name: [i for i, task in enumerate(evals.tasks) if task == name][: self.config.eval_size]
+        held_out = {name: [i for i, task in enumerate(evals.tasks) if task == name][: self.settings.eval_size]
                     for name in self.task_names}
         missing = [name for name, rows in held_out.items() if not rows]
         if missing:
-            raise RunError(f"--eval-data has no record of the task(s) {missing} (its tasks: {evals.task_names()}); "
-                           "a record's task is its \"task\" field, else its file's name: name held-out files "
-                           "like the task files (test/gqa.jsonl for gqa.jsonl)")
+            raise WorkloadError(f"--eval-data has no record of the task(s) {missing} (its tasks: "
+                                f"{evals.task_names()}); a record's task is its \"task\" field, else its file's name: "
+                                "name held-out files like the task files (test/gqa.jsonl for gqa.jsonl)")
         keep = [i for rows in held_out.values() for i in rows]
         return JsonlDataset([evals.records[i] for i in keep], [evals.tasks[i] for i in keep],
                             [evals.sources[i] for i in keep])
 
     def _load(self) -> nn.Module:
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        return loading.load_model(self.config.model, dtype=dtype, device=self.device)
+        return loading.load_model(self.options.model, dtype=dtype, device=self.device)
 
     def task_rows(self, index: int) -> list:
         return self.tasks[index]
@@ -96,36 +97,39 @@ class CheckpointWorkload:
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
         return collate(rows, self.pad_id)
 
-    def build(self, method: Method) -> nn.Module:
-        model, self._base_for_next_method = self._base_for_next_method or self._load(), None
-        torch.manual_seed(self.config.seed)  # the adapters' init
-        return apply_method(model, method, self.config, self.spec, self.vocab_size)
+    def pretrained_model(self) -> nn.Module:
+        if self._base_for_next_method is not None:
+            model, self._base_for_next_method = self._base_for_next_method, None
+            return model
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return self._load()  # whatever loading draws leaves the adapters' init as it is
 
     @torch.no_grad()
     def image_nll(self, model: nn.Module) -> float | None:
         """Mean NLL per scored image token of the first eval_size generation-stream records."""
         if self.generation_rows is None:
             return None
-        rows = self.generation_rows[: self.config.eval_size]
+        rows = self.generation_rows[: self.settings.eval_size]
+        size = self.settings.batch_size
         total, count = 0.0, 0
-        for start in range(0, len(rows), self.config.batch_size):
-            batch = distributed.to_device(self.collate(rows[start:start + self.config.batch_size]), self.device)
-            n = int(((self.spec.modality_ids(batch["input_ids"]) == IMAGE) & probe.scored(batch))[:, 1:].sum())
-            if n:
-                total += probe.generation_loss(model, batch, self.spec).item() * n
-                count += n
+        for start in range(0, len(rows), size):
+            batch = to_device(self.collate(rows[start:start + size]), self.device)
+            logits, targets = target_logits(model, batch, (self.spec.modality_ids(batch["input_ids"]) == IMAGE)
+                                            & scored(batch))
+            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            count += targets.numel()
         if not count:
-            raise RunError(f"--gen-data: its first {len(rows)} records score no image token of --modality "
-                           f"{self.config.modality}")
+            raise WorkloadError(f"--gen-data: its first {len(rows)} records score no image token of --modality "
+                                f"{self.options.modality}")
         return total / count
 
     def evaluate(self, model: nn.Module) -> dict:
         """Exact match and teacher-forced answer NLL per task on the held-out records, and image_nll
         (gen_acc is digits' only)."""
-        size = self.config.batch_size
-        accs = loading.exact_match_accuracy(model, self.evals, batch_size=size)
+        size = self.settings.batch_size
+        accs = evaluation.exact_match_accuracy(model, self.evals, batch_size=size)
         held_out = [[r for r, t in zip(self.evals.records, self.evals.tasks) if t == name] for name in self.task_names]
-        nlls = [answer_nll(model, (distributed.to_device(self.collate(rows[i:i + size]), self.device)
+        nlls = [answer_nll(model, (to_device(self.collate(rows[i:i + size]), self.device)
                                    for i in range(0, len(rows), size))) for rows in held_out]
         return {"accs": [accs[name] for name in self.task_names], "answer_nlls": nlls, "gen_acc": None,
                 "image_nll": self.image_nll(model)}
@@ -138,14 +142,14 @@ class CheckpointWorkload:
         return "Pretrained model: " + ("no --gen-data." if nll is None else f"image NLL {nll:.4f} nats/code.")
 
     def finish(self, model: nn.Module, method_name: str, output: Path) -> dict:
-        if not self.config.gen_prompts:
+        if not self.options.gen_prompts:
             return {}
         with tempfile.TemporaryDirectory() as scratch:
             # every process draws (FSDP2 forwards are collectives); rank 0 keeps the files
-            out_dir = output / "images" / method_name if distributed.is_main() else Path(scratch)
-            images = loading.generate_images(model, self.config.gen_prompts, out_dir, self.spec,
-                                             image_tokens=self.config.image_tokens,
-                                             temperature=self.config.gen_temperature, seed=self.config.seed,
-                                             batch_size=self.config.batch_size, decode_fn=self.decode_fn,
-                                             emu3=self.emu3, pixel_stats=pixel_stats(self.config.model))
+            out_dir = output / "images" / method_name if self.is_main() else Path(scratch)
+            images = generation.generate_images(model, self.options.gen_prompts, out_dir, self.spec,
+                                                image_tokens=self.options.image_tokens,
+                                                temperature=self.settings.gen_temperature, seed=self.settings.seed,
+                                                batch_size=self.settings.batch_size, decode_fn=self.decode_fn,
+                                                emu3=self.emu3, pixel_stats=pixel_stats(self.options.model))
         return {"images": images}

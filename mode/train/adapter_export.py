@@ -5,6 +5,10 @@
 The trainer's checkpoint holds the adapters of the method in progress only (the next method
 replaces them); these directories keep every finished method's, written before the method is
 marked done, so a run that stops afterwards, or resumes, loses none.
+
+The format on disk, its writer and its reader are the method's (``mode.adapter_io``); this module is the
+trainer's part of the export: where under the run's directory, rank 0 only, FSDP2 shards gathered, the
+earlier copy replaced atomically.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Resumable trainer checkpoints: adapters, optimizer state and the trainer's progress in one
 ``torch.distributed.checkpoint`` (DCP) directory, loadable with any number of processes.
 
-    checkpointing.save_checkpoint(dir, model, optimizer, extra={"step": step})
-    state = checkpointing.load_progress(dir, config)     # the trainer's progress, checked against the config
-    checkpointing.load_adapters(dir, model, optimizer)   # a damaged checkpoint raises RunError
+    resume.save_checkpoint(dir, model, optimizer, extra={"step": step})
+    state = resume.load_progress(dir, config)     # the trainer's progress, checked against the config
+    resume.load_adapters(dir, model, optimizer)   # a damaged checkpoint raises RunError
 """
 from __future__ import annotations
 

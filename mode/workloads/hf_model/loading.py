@@ -1,0 +1,146 @@
+"""A local Hugging Face model directory: load the model and name its image tokens.
+
+    model = load_model("/ckpt/anole-7b-hf", dtype=torch.bfloat16, device="cuda")
+    spec = modality_spec_for("chameleon", vocab_size(model))      # or "4:8196,begin=8197,end=8196"
+    model = mode.apply_mode(model, mode.MoDEConfig(modality=spec))
+
+Its evaluation: ``evaluation.exact_match_accuracy``; drawing images: ``generation.generate_images``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...hf.models import decoder_of, hf_model
+from ...modality import ModalitySpec
+from .data import TokenChecks
+from .emu3 import Emu3Tokens
+
+PathLike = str | os.PathLike
+PRESETS = {"chameleon": ModalitySpec.chameleon, "anole": ModalitySpec.chameleon}
+# Model types whose CausalLM forward sets the logits of image codes to the lowest float
+# (transformers' ChameleonForConditionalGeneration: `logits[:, :, image_tokens] = finfo.min`).
+IMAGE_LOGITS_MASKED = ("chameleon",)
+# Model types whose causal-LM class is text only: their image tokenizer (VQ encoder and decoder)
+# lives in the image-text-to-text class, which loads the whole checkpoint.
+LOAD_AS_IMAGE_TEXT_TO_TEXT = ("emu3",)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_model(path: PathLike, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None) -> nn.Module:
+    """A local Hugging Face checkpoint directory (``save_pretrained`` layout) as a causal LM, in
+    eval mode. Causal-LM architectures load through ``AutoModelForCausalLM``; Chameleon / Anole
+    (converted checkpoints), which transformers files under image-text-to-text, through
+    ``AutoModelForImageTextToText``, and so does Emu3 (its causal-LM class has no VQ model).
+    Never touches the hub. Raises with the reason when the
+    directory is missing, lacks a config or weights, or its weights do not cover the model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json; expected a Hugging Face checkpoint directory "
+                         "(written by save_pretrained)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}/config.json: not a usable Hugging Face config: {exc}") from None
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in LOAD_AS_IMAGE_TEXT_TO_TEXT:
+        auto_class = AutoModelForCausalLM
+    elif config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        auto_class = AutoModelForImageTextToText
+    else:
+        raise ValueError(f"{path}: model type {config.model_type!r} is neither a causal LM nor an "
+                         "image-text-to-text model in this transformers version")
+    try:
+        model, info = auto_class.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                 output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot load the weights: {exc}") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}; "
+                         "they would be random")
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{path}: {type(model).__name__} has no linear output head")
+    decoder_of(model)  # raises when there is no decoder stack
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def token_checks(model: nn.Module, spec: ModalitySpec, task_labels: bool = True) -> TokenChecks:
+    """The data checks ``model`` informs: its processor's image placeholder id (``config.image_token_id``,
+    Chameleon's and Emu3's ``<image>``) and, for task data (``task_labels``), whether its forward
+    masks the logits of image codes."""
+    config = hf_model(model).config
+    return TokenChecks(spec, placeholder_id=getattr(config, "image_token_id", None),
+                       image_logits_masked=task_labels and config.model_type in IMAGE_LOGITS_MASKED)
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the output head: the ids the model can score."""
+    return hf_model(model).get_output_embeddings().weight.shape[0]
+
+
+def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
+                      vocab_size: int | None = None, vocabulary_map: Mapping[str, int] | None = None) -> ModalitySpec:
+    """The ``ModalitySpec`` named by a ``--modality`` value, checked against the vocabulary.
+
+    Accepts a preset name ("chameleon", "anole": image codes 4..8195, begin 8197, end 8196;
+    "emu3": read from the checkpoint's ``vocabulary_map``, see ``emu3.Emu3Tokens``), a
+    string of comma-separated items ``LO:HI`` (an image-code range, HI exclusive), ``begin=ID``
+    and ``end=ID`` (e.g. ``"4:8196,begin=8197,end=8196"``), a dict of ``ModalitySpec`` fields,
+    or a ``ModalitySpec``.
+    """
+    if isinstance(name_or_args, ModalitySpec):
+        spec = name_or_args
+    elif isinstance(name_or_args, Mapping):
+        spec = ModalitySpec(**name_or_args)
+    elif isinstance(name_or_args, str) and name_or_args.lower() == "emu3":
+        spec = Emu3Tokens.from_vocabulary(vocabulary_map).spec()
+    elif isinstance(name_or_args, str) and name_or_args.lower() in PRESETS:
+        spec = PRESETS[name_or_args.lower()]()
+    elif isinstance(name_or_args, str):
+        spec = _parse_spec(name_or_args)
+    else:
+        raise ValueError(f"modality: expected a preset name, a spec string or a ModalitySpec, got {name_or_args!r}")
+    if vocab_size is not None:
+        markers = [i for i in (spec.begin_image, spec.end_image) if i is not None]
+        ids = [hi - 1 for _, hi in spec.image_token_ranges] + markers
+        if max(ids) >= vocab_size:
+            raise ValueError(f"modality: the spec {spec} names id {max(ids)}, outside the model's vocabulary of "
+                             f"{vocab_size} ids")
+    return spec
+
+
+def _parse_spec(text: str) -> ModalitySpec:
+    ranges, markers = [], {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            if "=" in item:
+                key, value = item.split("=", 1)
+                if key not in ("begin", "end") or key in markers:
+                    raise ValueError
+                markers[key] = int(value)
+            else:
+                lo, hi = item.split(":")
+                ranges.append((int(lo), int(hi)))
+        except ValueError:
+            raise ValueError(f"modality {text!r}: cannot read {item!r}; expected a preset "
+                             f"({', '.join(PRESETS)}) or items LO:HI, begin=ID, end=ID") from None
+    return ModalitySpec(image_token_ranges=tuple(ranges), begin_image=markers.get("begin"),
+                        end_image=markers.get("end"))
