@@ -1,6 +1,8 @@
 """Continual-learning metrics of a run, and the content of ``metrics.json``."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -20,6 +22,25 @@ def backward_transfer(acc_matrix: list[list[float]]) -> float:
     return float(np.mean([acc_matrix[last][j] - acc_matrix[j][j] for j in range(last)]))
 
 
+def new_task_accuracy(acc_matrix: list[list[float]]) -> float:
+    """Mean over tasks of the score on each task right after training it (the diagonal): how well
+    the method learns, apart from how well it keeps."""
+    return float(np.mean(np.diag(acc_matrix)))
+
+
+def forgetting(acc_matrix: list[list[float]], lower_is_better: bool = False) -> float:
+    """Mean over tasks j < T-1 of the best score task j had after any task before the last, minus
+    its score after the last (Chaudhry et al. 2018, as Continual-NExT and MCITlib report it); for a
+    score where lower is better (the answer NLL), its final value minus its lowest. Positive means
+    forgetting; 0 for a single task."""
+    matrix = np.asarray(acc_matrix, dtype=float)
+    last = len(matrix) - 1
+    if last == 0:
+        return 0.0
+    earlier, final = matrix[:last, :last], matrix[last, :last]
+    return float(np.mean(final - earlier.min(axis=0) if lower_is_better else earlier.max(axis=0) - final))
+
+
 def retention(gen_acc: float | None, pretrained_gen_acc: float | None) -> float | None:
     """gen_acc after the last task relative to the pretrained model's; None without gen_acc, or
     when the pretrained model's is 0 (nothing to retain: no ratio)."""
@@ -28,14 +49,27 @@ def retention(gen_acc: float | None, pretrained_gen_acc: float | None) -> float 
     return gen_acc / pretrained_gen_acc
 
 
-# Per-task scores of a workload's evaluation -> (matrix, average after the last task, backward transfer)
-# in metrics.json. Exact match is the headline; the digit named right and the answer NLL are graded
-# companions (a skill kept under a changed answer format; a likelihood that moves before a greedy
-# answer flips). For the NLL, lower is better: a positive answer_nll_bwt is forgetting.
+@dataclass(frozen=True)
+class TaskScore:
+    """Where one per-task score of a workload's evaluation goes in metrics.json: its matrix, its
+    average after the last task, its backward transfer, its new-task average (the diagonal) and
+    its forgetting."""
+    matrix: str
+    average: str
+    bwt: str
+    new_task: str
+    forgetting: str
+    lower_is_better: bool = False
+
+
+# Exact match is the headline; the digit named right and the answer NLL are graded companions (a
+# skill kept under a changed answer format; a likelihood that moves before a greedy answer flips).
+# For the NLL, lower is better: a positive answer_nll_bwt is forgetting.
 TASK_SCORES = {
-    "accs": ("acc_matrix", "avg_acc", "bwt"),
-    "digit_accs": ("digit_acc_matrix", "avg_digit_acc", "digit_bwt"),
-    "answer_nlls": ("answer_nll_matrix", "avg_answer_nll", "answer_nll_bwt"),
+    "accs": TaskScore("acc_matrix", "avg_acc", "bwt", "new_acc", "forgetting"),
+    "digit_accs": TaskScore("digit_acc_matrix", "avg_digit_acc", "digit_bwt", "new_digit_acc", "digit_forgetting"),
+    "answer_nlls": TaskScore("answer_nll_matrix", "avg_answer_nll", "answer_nll_bwt", "new_answer_nll",
+                             "answer_nll_forgetting", lower_is_better=True),
 }
 
 
@@ -43,17 +77,19 @@ def task_score_metrics(results: list[dict]) -> dict:
     """The matrices, averages and backward transfers of the per-task scores that the evaluations
     after each task (``results``) hold."""
     metrics = {}
-    for key, (matrix_name, average_name, bwt_name) in TASK_SCORES.items():
+    for key, score in TASK_SCORES.items():
         if results[0].get(key) is not None:
             matrix = [r[key] for r in results]
-            metrics |= {matrix_name: matrix, average_name: average_accuracy(matrix),
-                        bwt_name: backward_transfer(matrix)}
+            metrics |= {score.matrix: matrix, score.average: average_accuracy(matrix),
+                        score.bwt: backward_transfer(matrix), score.new_task: new_task_accuracy(matrix),
+                        score.forgetting: forgetting(matrix, score.lower_is_better)}
     return metrics
 
 
 # The scalars of a method's run that metrics.json summarises over seeds as [mean, standard error].
-SUMMARY_KEYS = ("avg_acc", "bwt", "gen_retention", "avg_digit_acc", "digit_bwt", "avg_answer_nll", "answer_nll_bwt",
-                "gen_acc_last", "image_nll_last", "train_seconds")
+SUMMARY_KEYS = (*(name for score in TASK_SCORES.values()
+                  for name in (score.average, score.bwt, score.new_task, score.forgetting)),
+                "gen_retention", "gen_acc_last", "image_nll_last", "train_seconds")
 
 
 def mean_and_standard_error(values: list[float | None]) -> list[float | None] | None:

@@ -22,9 +22,11 @@ def _mean_se(summary: dict, key: str, spec: str) -> str:
 
 
 # the comparison table: (column, summary key, format)
-COMPARISON = (("avg acc", "avg_acc", ".3f"), ("BWT", "bwt", "+.3f"), ("avg digit acc", "avg_digit_acc", ".3f"),
-              ("digit BWT", "digit_bwt", "+.3f"), ("avg answer NLL", "avg_answer_nll", ".3f"),
-              ("answer NLL BWT", "answer_nll_bwt", "+.3f"), ("gen_acc (last)", "gen_acc_last", ".3f"),
+COMPARISON = (("avg acc", "avg_acc", ".3f"), ("BWT", "bwt", "+.3f"), ("new-task acc", "new_acc", ".3f"),
+              ("forgetting", "forgetting", "+.3f"), ("avg digit acc", "avg_digit_acc", ".3f"),
+              ("digit BWT", "digit_bwt", "+.3f"), ("digit forgetting", "digit_forgetting", "+.3f"),
+              ("avg answer NLL", "avg_answer_nll", ".3f"), ("answer NLL BWT", "answer_nll_bwt", "+.3f"),
+              ("answer NLL forgetting", "answer_nll_forgetting", "+.3f"), ("gen_acc (last)", "gen_acc_last", ".3f"),
               ("gen retention", "gen_retention", ".3f"), ("image NLL (last)", "image_nll_last", ".4f"))
 # the per-method tables: (title, matrix, format)
 MATRICES = (("exact match", "acc_matrix", ".3f"), ("digit named right (first answer word)", "digit_acc_matrix", ".3f"),

@@ -15,7 +15,7 @@ import torch
 
 from mode.train import adapting, cli, loop, methods, resume
 from mode.train.config import RunError, TrainConfig
-from mode.train.metrics import average_accuracy, backward_transfer
+from mode.train.metrics import average_accuracy, backward_transfer, forgetting, new_task_accuracy, task_score_metrics
 from mode.workloads.digits import data as digits
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +62,28 @@ def test_average_accuracy_and_backward_transfer_on_a_hand_made_matrix():
     assert backward_transfer([[0.4]]) == 0.0
 
 
+def test_new_task_accuracy_and_forgetting_on_a_hand_made_matrix():
+    # task 0 improves after task 1 (0.6 -> 0.8): forgetting counts from its best, BWT from its diagonal
+    acc = [[0.6, 0.1, 0.0],
+           [0.8, 0.7, 0.2],
+           [0.5, 0.3, 0.9]]
+    assert new_task_accuracy(acc) == pytest.approx((0.6 + 0.7 + 0.9) / 3)
+    assert forgetting(acc) == pytest.approx(((0.8 - 0.5) + (0.7 - 0.3)) / 2)
+    assert backward_transfer(acc) == pytest.approx(((0.5 - 0.6) + (0.3 - 0.7)) / 2)
+    # lower is better: the final NLL minus the lowest it had
+    nll = [[2.0, 5.0, 6.0],
+           [1.5, 1.0, 5.5],
+           [2.5, 3.0, 0.9]]
+    assert forgetting(nll, lower_is_better=True) == pytest.approx(((2.5 - 1.5) + (3.0 - 1.0)) / 2)
+    assert forgetting([[0.4]]) == 0.0 and new_task_accuracy([[0.4]]) == pytest.approx(0.4)
+    metrics = task_score_metrics([{"accs": row, "answer_nlls": nll_row} for row, nll_row in zip(acc, nll)])
+    assert metrics["new_acc"] == pytest.approx(new_task_accuracy(acc))
+    assert metrics["forgetting"] == pytest.approx(0.35)
+    assert metrics["answer_nll_forgetting"] == pytest.approx(1.5)
+    assert metrics["new_answer_nll"] == pytest.approx((2.0 + 1.0 + 0.9) / 3)
+    assert "digit_acc_matrix" not in metrics
+
+
 def test_trainable_params_count_only_reachable_adapters():
     from mode.modality import ModalitySpec
     from mode.workloads.digits import model as dm
@@ -92,8 +114,9 @@ def reference_run(tmp_path_factory, cache_dir):
     return output
 
 
-RUN_KEYS = {"seed", "acc_matrix", "avg_acc", "bwt", "digit_acc_matrix", "avg_digit_acc", "digit_bwt",
-            "answer_nll_matrix", "avg_answer_nll", "answer_nll_bwt", "gen_acc", "gen_retention", "image_nll",
+RUN_KEYS = {"seed", "acc_matrix", "avg_acc", "bwt", "new_acc", "forgetting", "digit_acc_matrix", "avg_digit_acc",
+            "digit_bwt", "new_digit_acc", "digit_forgetting", "answer_nll_matrix", "avg_answer_nll", "answer_nll_bwt",
+            "new_answer_nll", "answer_nll_forgetting", "gen_acc", "gen_retention", "image_nll",
             "train_seconds", "trainable_params", "loss_history", "adapters"}
 
 
