@@ -109,6 +109,12 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     other.add_argument("--cache-dir", default=None,
                        help="pretrained-model cache (default $MODE_CACHE_DIR, else $XDG_CACHE_HOME/mode-kernels "
                             "or ~/.cache/mode-kernels)")
+    other.add_argument("--jobs", type=int, default=1,
+                       help="run the method x seed runs in this many worker processes (each with --threads torch "
+                            "threads); per-run results equal a serial run's at the same --threads")
+    other.add_argument("--threads", type=int, default=None,
+                       help="torch threads per process (float sums differ between thread counts; default: torch's "
+                            "for one job, the cores shared among the workers for several)")
     other.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     other.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, args = parse_args(argv)
         metrics = run(config, args.output, resume=args.resume, device=args.device, cache_dir=args.cache_dir,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, jobs=args.jobs, threads=args.threads)
         if distributed.is_main():
             print((args.output / "results.md").read_text())
     except RunError as err:

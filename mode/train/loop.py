@@ -25,6 +25,7 @@ from .adapter_export import export_adapters
 from .adapting import build_model
 from .config import RunError, TrainConfig, check_config, config_dict, workload_errors_as_run_errors
 from .ewc import consolidate, ewc_penalty
+from .jobs import Job, default_threads, run_jobs
 from .methods import METHODS, Method, trainable_params
 from .metrics import metrics_json, retention, task_score_metrics
 from .rehearsal import StepRows, step_rows
@@ -163,11 +164,12 @@ def run_label(name: str, config: TrainConfig) -> str:
 
 
 def run_method(name: str, workload: Workload, config: TrainConfig, device: torch.device, output: Path, state: dict,
-               progress: bool, board: LossBoard) -> None:
+               progress: bool, board: LossBoard, checkpoint_path: Path | None = None, label: str | None = None) -> None:
     """Train the tasks of one method in order with ``config.seed``, continuing from
-    `state["current"]` if it is this method and seed; its results go to ``state["done"][name][seed]``."""
-    method, label = METHODS[name], run_label(name, config)
-    checkpoint_path = output / "checkpoint"
+    `state["current"]` if it is this method and seed; its results go to ``state["done"][name][seed]``.
+    Its resume state goes to ``checkpoint_path`` (default DIR/checkpoint; ``--jobs``: the run's own)."""
+    method, label = METHODS[name], label or run_label(name, config)
+    checkpoint_path = checkpoint_path or output / "checkpoint"
     model = wrap(build_model(workload, method, config, device), config, device)
     if state["pretrained"] is None:
         # Fresh adapters (lora_B = 0) leave the model's function as it is: this is the pretrained
@@ -208,15 +210,46 @@ def load_workload(config: TrainConfig, device: torch.device, cache_dir: str | Pa
 
 
 @workload_errors_as_run_errors()
+def run_job(job: Job) -> tuple[dict, float]:
+    """In a ``--jobs`` worker process: the job's run, resumed from its own checkpoint if it has one;
+    (its results, wall seconds)."""
+    start = time.perf_counter()
+    torch.set_num_threads(job.threads)
+    config = job.config
+    path = job.checkpoint_path
+    state = (load_progress(path, config) if path.exists() else
+             {"config": config_dict(config), "pretrained": job.pretrained, "done": {}, "current": None})
+    workload = load_workload(config, torch.device(job.device), job.cache_dir, progress=False)
+    with LossBoard(job.output if config.report_to == "tensorboard" else None) as board:
+        run_method(job.method, workload, config, torch.device(job.device), job.output, state, progress=False,
+                   board=board, checkpoint_path=path, label=job.label)
+    return state["done"][job.method][str(config.seed)], time.perf_counter() - start
+
+
+def evaluate_pretrained(workload: Workload, config: TrainConfig, device: torch.device) -> dict:
+    """The pretrained model's scores as the serial loop takes them: on the first method's model, built with
+    ``config.seed`` (fresh adapters leave the model's function as it is)."""
+    model = wrap(build_model(workload, METHODS[config.methods[0]], config, device), config, device)
+    return workload.evaluate_pretrained(distributed.unwrap(model))
+
+
+@workload_errors_as_run_errors()
 def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "cpu",
-        cache_dir: str | Path | None = None,
-        progress: bool = True) -> dict:
+        cache_dir: str | Path | None = None, progress: bool = True, jobs: int = 1, threads: int | None = None) -> dict:
     """Run every method of `config`, write the results to `output` (rank 0), and return metrics.json's content.
 
+    ``jobs`` > 1 runs the method × seed runs in that many worker processes (``mode.train.jobs``), each with
+    ``threads`` torch threads (default: the cores shared among them); ``threads`` also sets this process's.
     Under torchrun every process calls it; it joins the process group (`mode.train.distributed.init`).
     """
     distributed.init()
     check_config(config)
+    if jobs < 1:
+        raise RunError(f"--jobs {jobs}: expected a number of worker processes >= 1")
+    if threads is not None and threads < 1:
+        raise RunError(f"--threads {threads}: expected a number of torch threads >= 1")
+    if threads is not None:
+        torch.set_num_threads(threads)
     if distributed.is_distributed():
         device = distributed.device()  # this process's GPU, or the CPU under gloo
     device = torch.device(device)
@@ -233,13 +266,20 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     distributed.atomic_write_text(config_path, config_json)
     if state is None:
         state = {"config": config_dict(config), "pretrained": None, "done": {}, "current": None}
+    # every method of a seed, then the next seed: one seed's table comes first
+    pending = [(seed, name) for seed in config.run_seeds for name in config.methods
+               if str(seed) not in state["done"].get(name, {})]
+    if jobs > 1 and pending:
+        if state["pretrained"] is None:
+            workload.settings = config.settings(config.run_seeds[0])
+            state["pretrained"] = evaluate_pretrained(workload, replace(config, seed=config.run_seeds[0]), device)
+        run_jobs(config, state, pending, output, device, cache_dir, jobs, threads or default_threads(jobs),
+                 label=lambda name, seed: run_label(name, replace(config, seed=seed)),
+                 save_state=lambda: save_checkpoint(checkpoint_path, nn.Module(), extra=state), worker=run_job)
     with LossBoard(output if config.report_to == "tensorboard" and distributed.is_main() else None) as board:
-        for seed in config.run_seeds:  # every method of a seed, then the next seed: one seed's table comes first
-            seed_config = replace(config, seed=seed)
+        for seed, name in pending if jobs == 1 else ():
             workload.settings = config.settings(seed)  # the workload seeds its sampling from it
-            for name in config.methods:
-                if str(seed) not in state["done"].get(name, {}):
-                    run_method(name, workload, seed_config, device, output, state, progress, board)
+            run_method(name, workload, replace(config, seed=seed), device, output, state, progress, board)
 
     metrics = metrics_json(state, workload.name, workload.task_names, config.run_seeds)
     distributed.atomic_write_json(output / "metrics.json", metrics)
