@@ -1,9 +1,9 @@
 // The KD loss with the teacher as its top k: the teacher's selection, and the sparse student.
 //
-// Selection (teacher_topk): per chunk of positions the teacher's logits of the slice by one GEMM (the transposed
-// layout of kd_kl.cpp's fused form, padded the same way, so a position's logits do not depend on its chunk),
-// then per position std::nth_element finds the k-th largest value and one pass takes the larger ones and, among
-// those equal to it, the lowest ids: O(V) per position instead of a sort, and the ties rule exactly.
+// Selection (teacher_topk): per chunk of positions the teacher's logits of the slice by one GEMM (always of the
+// same padded number of rows, so a position's logits do not depend on its chunk), then per position a bound on
+// the k-th largest from block maxima, std::nth_element on the few entries above it, and one pass that takes the
+// larger ones and, among those equal to the k-th, the lowest ids: O(V) per position, and the ties rule exactly.
 //
 // Sparse student (fused_linear_kd_kl_given): per position only the student's logits at the teacher's k ids,
 // each a dot product of the hidden state with one gathered row of the weight slice (k H multiply-adds, not V H),
@@ -24,6 +24,58 @@ namespace mode_kernels {
 
 namespace kd_rows {
 
+// A lower bound of the k-th largest value first: cut the row into k or more blocks; each block's maximum is a
+// distinct entry, so at least k entries are >= tau, the least of those maxima, and the k largest are all among
+// the entries >= tau (the candidates; with logits, a few times k of the n). nth_element then runs on the
+// candidates' values only, and one pass over the candidates, in id order, takes those above the k-th largest
+// and, of those equal to it, the lowest ids.
+template <typename scalar_t>
+void select_row(const scalar_t* row, int64_t n, int64_t k, scalar_t* values, int64_t* ids,
+                std::vector<scalar_t>& scratch, std::vector<int64_t>& candidates) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t block = std::max<int64_t>(1, n / k);
+  scalar_t tau = std::numeric_limits<scalar_t>::infinity();
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    const int64_t b1 = std::min(n, b0 + block);
+    if (b1 - b0 < block) break;  // a short last block: its entries are still scanned below
+    scalar_t top = row[b0];
+    int64_t v = b0;
+    if (block >= W) {
+      Vec vtop = Vec::loadu(row + b0);
+      for (v = b0 + W; v + W <= b1; v += W) vtop = at::vec::maximum(vtop, Vec::loadu(row + v));
+      scalar_t lanes[W];
+      vtop.store(lanes);
+      for (int64_t j = 0; j < W; ++j) top = std::max(top, lanes[j]);
+    }
+    for (; v < b1; ++v) top = std::max(top, row[v]);
+    tau = std::min(tau, top);
+  }
+  // Branch-free compaction (about a sixth of a row's logits pass the bound: a branch would mispredict often).
+  candidates.resize(n);
+  scratch.resize(n);
+  int64_t count = 0;
+  for (int64_t v = 0; v < n; ++v) {
+    candidates[count] = v;
+    scratch[count] = row[v];
+    count += row[v] >= tau;
+  }
+  candidates.resize(count);
+  scratch.resize(count);
+  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<scalar_t>());
+  const scalar_t kth = scratch[k - 1];
+  int64_t above = 0;
+  for (const int64_t v : candidates) above += row[v] > kth;
+  int64_t ties = k - above, j = 0;
+  for (const int64_t v : candidates) {
+    if (row[v] > kth || (row[v] == kth && ties-- > 0)) {
+      values[j] = row[v];
+      ids[j++] = v;
+      if (j == k) break;
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> select_topk_rows(const at::Tensor& t, int64_t k) {
   const int64_t rows = t.size(0), n = t.size(1);
   auto values = at::empty({rows, k}, t.options());
@@ -33,22 +85,11 @@ std::tuple<at::Tensor, at::Tensor> select_topk_rows(const at::Tensor& t, int64_t
     scalar_t* vp = values.data_ptr<scalar_t>();
     int64_t* ip = index.data_ptr<int64_t>();
     at::parallel_for(0, rows, 1, [&](int64_t a, int64_t b) {
-      std::vector<scalar_t> scratch(n);
-      for (int64_t r = a; r < b; ++r) {
-        const scalar_t* row = tp + r * n;
-        std::copy(row, row + n, scratch.begin());
-        std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<scalar_t>());
-        const scalar_t kth = scratch[k - 1];
-        int64_t above = 0;
-        for (int64_t v = 0; v < n; ++v) above += row[v] > kth;
-        int64_t ties = k - above, j = 0;
-        for (int64_t v = 0; v < n && j < k; ++v) {
-          if (row[v] > kth || (row[v] == kth && ties-- > 0)) {
-            vp[r * k + j] = row[v];
-            ip[r * k + j++] = v;
-          }
-        }
-      }
+      std::vector<scalar_t> scratch;
+      std::vector<int64_t> candidates;
+      scratch.reserve(n);
+      candidates.reserve(n);
+      for (int64_t r = a; r < b; ++r) select_row(tp + r * n, n, k, vp + r * k, ip + r * k, scratch, candidates);
     });
   });
   return {values, index};
@@ -109,12 +150,13 @@ std::vector<at::Tensor> kd_teacher_topk(const at::Tensor& ht, const at::Tensor& 
   while (step > kSelectMinPositions && step * n > (1 << 20)) step /= 2;
   const int64_t cols = std::max<int64_t>(std::min(step, rows), kSelectMinPositions);
   auto staging = at::zeros({cols, h.size(1)}, h.options());
-  auto buffer = at::empty({n, cols}, h.options());
+  auto buffer = at::empty({cols, n}, h.options());
+  const auto w_t = w.t();
   for (int64_t r0 = 0; r0 < rows; r0 += step) {
     const int64_t m = std::min(step, rows - r0);
     staging.narrow(0, 0, m).copy_(h.narrow(0, r0, m));
-    mm_into(buffer, w, staging.t());  // always cols columns: the same GEMM for every chunk
-    const auto t = buffer.narrow(1, 0, m).t().contiguous();
+    mm_into(buffer, staging, w_t);  // always cols rows: the same GEMM for every chunk
+    const auto t = buffer.narrow(0, 0, m);
     auto [v, i] = kd_rows::select_topk_rows(t, k);
     values.narrow(0, r0, m).copy_(v);
     index.narrow(0, r0, m).copy_(i.add_(lo));
