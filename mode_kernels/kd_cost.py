@@ -35,10 +35,11 @@ class Machine:
 MACHINES: dict[str, Machine] = {
     "H100 SXM": Machine(989e12, 67e12, 3.35e12),
     "H200": Machine(989e12, 67e12, 4.8e12),
-    # One core of the 2-core development machine (AVX-512, torch 2.13), measured with the native kernels at
-    # P 2048 H 256 V 8192 (float32): ATen's GEMM and csrc/kd_topk.cpp's gathered dots; per core, so the ratio
-    # holds for any thread count.
-    "CPU core": Machine(95e9, 24e9, 12e9),
+    # One core of the 2-core development machine (AVX-512, torch 2.13, 2026-12-07, loaded), measured at P 2048
+    # H 256 V 8192 k 256 float32 (bench/kd_topk.py): ATen's GEMM about 80 GFLOP/s; csrc/kd_topk.cpp's gathered
+    # dots with their row passes about 17 GFLOP/s, its rows streamed at about 35 GB/s (an 8 MB slice: mostly
+    # from cache). Per core, so the ratio holds for any thread count.
+    "CPU core": Machine(80e9, 17e9, 35e9),
 }
 
 # The backends that implement the sparse form (the others always take dense tiles): native, in csrc/kd_topk.cpp.
