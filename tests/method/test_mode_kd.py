@@ -60,10 +60,10 @@ def test_given_teacher_topk_skips_the_teacher_and_matches(model, batch, monkeypa
     the tail bucket too, and no teacher forward."""
     top = mode.kd_teacher_topk(model, batch, 5, logsumexp=True)
     assert top.indices.shape == (3, 15, 5)
+    calls = []
     for tail in (False, True):
         want = mode.kd_loss(model, batch, topk=5, topk_tail=tail)
-        calls = []
-        monkeypatch.setattr(mode.kd, "teacher_mode", lambda m: calls.append(m))
+        monkeypatch.setattr(mode.kd, "teacher_mode", calls.append)
         got = mode.kd_loss(model, batch, teacher=top, topk_tail=tail)
         monkeypatch.undo()
         assert calls == []
