@@ -203,6 +203,17 @@ def check_kd_kl(student_logits, teacher_logits, temperature, vocab_range, topk, 
                             student_logits)
 
 
+def check_hidden_and_weight(hidden, name: str, weight) -> None:
+    """Float hidden states [..., H] and a float weight [V, H]."""
+    check_float(hidden, name)
+    if hidden.dim() < 1:
+        raise ValueError(f"{name}: expected shape [..., H], got a scalar")
+    check_float(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (H = {name}.shape[-1]), "
+                         f"got {list(weight.shape)}")
+
+
 INDEX_DTYPES = (torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32)
 
 
@@ -272,14 +283,7 @@ def check_fused_linear_kd_kl(student_hidden, teacher_hidden, weight, teacher_wei
                              mask) -> tuple[KdOptions, str, torch.Tensor | None]:
     """The arguments of ``fused_linear_kd_kl_loss``: (options, reduction, mask). The teacher is either
     teacher_hidden (and teacher_weight) or teacher_topk."""
-    check_float(student_hidden, "student_hidden")
-    if student_hidden.dim() < 1:
-        raise ValueError("student_hidden: expected shape [..., H], got a scalar")
-    check_float(weight, "weight")
-    hidden = student_hidden.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != hidden:
-        raise ValueError(f"weight: expected shape [V, {hidden}] (H = student_hidden.shape[-1]), "
-                         f"got {list(weight.shape)}")
+    check_hidden_and_weight(student_hidden, "student_hidden", weight)
     if teacher_topk is not None:
         if teacher_hidden is not None:
             raise ValueError("teacher_hidden: expected None when teacher_topk gives the teacher")
@@ -310,14 +314,7 @@ def check_fused_linear_kd_kl(student_hidden, teacher_hidden, weight, teacher_wei
 
 def check_teacher_topk_args(teacher_hidden, weight, k, vocab_range, temperature) -> KdOptions:
     """The arguments of ``teacher_topk``: (options with topk = k)."""
-    check_float(teacher_hidden, "teacher_hidden")
-    if teacher_hidden.dim() < 1:
-        raise ValueError("teacher_hidden: expected shape [..., H], got a scalar")
-    check_float(weight, "weight")
-    hidden = teacher_hidden.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != hidden:
-        raise ValueError(f"weight: expected shape [V, {hidden}] (H = teacher_hidden.shape[-1]), "
-                         f"got {list(weight.shape)}")
+    check_hidden_and_weight(teacher_hidden, "teacher_hidden", weight)
     check_same_device(teacher_hidden, "teacher_hidden", weight=weight)
     temperature = check_temperature(temperature)
     lo, hi = check_vocab_range(vocab_range, weight.shape[0])

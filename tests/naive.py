@@ -28,6 +28,13 @@ def routed_lora(x, weight, bias, modality, lora_a, lora_b, router_weight, expert
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def reduce_positions(per_pos, mask, reduction):
+    """Per-position losses zeroed where mask is False, then "none", "sum", or "mean" over the masked-in ones."""
+    per_pos = per_pos if mask is None else torch.where(mask, per_pos, torch.zeros_like(per_pos))
+    count = max(int(per_pos.numel() if mask is None else mask.sum()), 1)
+    return {"none": per_pos, "sum": per_pos.sum(), "mean": per_pos.sum() / count}[reduction]
+
+
 def kd_kl(student, teacher, temperature=1.0, mask=None, vocab_range=None, topk=None, reduction="mean"):
     """T^2 KL(softmax(t/T) || softmax(s/T)) per position over a vocab slice, then reduced."""
     if vocab_range is not None:
@@ -40,14 +47,7 @@ def kd_kl(student, teacher, temperature=1.0, mask=None, vocab_range=None, topk=N
     log_pt = torch.log_softmax(teacher / temperature, dim=-1)
     pt = log_pt.exp()
     per_pos = temperature ** 2 * torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(-1)
-    if mask is not None:
-        per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))
-    if reduction == "none":
-        return per_pos
-    if reduction == "sum":
-        return per_pos.sum()
-    count = per_pos.numel() if mask is None else mask.sum()
-    return per_pos.sum() / max(int(count), 1)
+    return reduce_positions(per_pos, mask, reduction)
 
 
 def fused_linear_kd_kl(student_hidden, teacher_hidden, weight, teacher_weight=None, **kd_options):
@@ -81,11 +81,4 @@ def kd_kl_given(student_hidden, weight, indices, teacher_logits, temperature=1.0
         per_pos = temperature ** 2 * (inside + rest)
     dead = ~(t > float("-inf")).any(-1)
     per_pos = torch.where(dead, torch.zeros_like(per_pos), per_pos)
-    if mask is not None:
-        per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))
-    if reduction == "none":
-        return per_pos
-    if reduction == "sum":
-        return per_pos.sum()
-    count = per_pos.numel() if mask is None else mask.sum()
-    return per_pos.sum() / max(int(count), 1)
+    return reduce_positions(per_pos, mask, reduction)

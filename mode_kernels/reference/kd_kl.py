@@ -135,6 +135,15 @@ def chunk_plan(n_rows: int, n_vocab: int, topk: int | None, dtype: torch.dtype):
     return chunk_rows(n_rows, n_vocab, dtype, per_row), per_row
 
 
+def _input_grads(d, h, ws_slice, d_hs_chunk, d_ws_slice) -> None:
+    """A chunk's d hs = d logits @ W (into d_hs_chunk) and d W += d logits^T @ h (into d_ws_slice), each when
+    asked for (not None)."""
+    if d_hs_chunk is not None:
+        d_hs_chunk.copy_(d @ ws_slice)
+    if d_ws_slice is not None:
+        d_ws_slice.addmm_(d.t(), h)
+
+
 def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
                        needs: FusedLinearKdKlNeeds) -> FusedLinearKdKlResult:
     """The fused-linear KD loss per position and, when asked, the gradients of
@@ -184,10 +193,7 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
             continue
         if topk is not None:
             d = s_full.zero_().scatter_(-1, index, d)
-        if need_dh:
-            d_hs[r0:r1] = d @ ws_slice
-        if need_dw:
-            d_ws_slice.addmm_(d.t(), h)
+        _input_grads(d, h, ws_slice, None if d_hs is None else d_hs[r0:r1], d_ws_slice)
     if need_dw and not accumulate_in_place:
         d_ws[lo:hi] = d_ws_slice
     return FusedLinearKdKlResult(loss, d_hs, d_ws)
@@ -322,12 +328,8 @@ def fused_linear_kd_kl_given(hs, teacher: TeacherTopk, ws, mask, options: KdOpti
             loss[r0:r1], d = _fused_chunk(s_full.gather(-1, index), t, alive, weight, temperature, need_grad)
             if need_grad:
                 d = s_full.zero_().scatter_(-1, index, d)
-        if not need_grad:
-            continue
-        if need_dh:
-            d_hs[r0:r1] = d @ ws_slice
-        if need_dw:
-            d_ws_slice.addmm_(d.t(), h)
+        if need_grad:
+            _input_grads(d, h, ws_slice, None if d_hs is None else d_hs[r0:r1], d_ws_slice)
     if need_dw and not accumulate_in_place:
         d_ws[lo:hi] = d_ws_slice
     return FusedLinearKdKlResult(loss, d_hs, d_ws)

@@ -204,6 +204,25 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) 
         ACCUMULATE=accumulate, **_dot_args(_operand_dtype(a, b)))
 
 
+def _weight_grad_buffers(ws, lo: int, hi: int, need_dw: bool):
+    """(d ws [V, H] zeroed, its float32 accumulator of the slice: a view of it for a float32 weight, else a
+    separate [hi - lo, H] buffer), or (None, None). Rows outside [lo, hi) get no gradient."""
+    if not need_dw:
+        return None, None
+    d_ws = torch.zeros_like(ws)
+    if ws.dtype == torch.float32:
+        return d_ws, d_ws[lo:hi]
+    return d_ws, torch.zeros(hi - lo, ws.shape[1], dtype=torch.float32, device=ws.device)
+
+
+def _input_grads(d, h, ws_slice, d_hs_chunk, d_ws_acc, accumulate: bool) -> None:
+    """A chunk's d hs = d logits @ W and d W (+)= d logits^T @ h, each when asked for (not None)."""
+    if d_hs_chunk is not None:
+        matmul(d, ws_slice, d_hs_chunk, accumulate=False)
+    if d_ws_acc is not None:
+        matmul(d.t(), h, d_ws_acc, accumulate=accumulate)
+
+
 def _fused_bytes_per_row(n_pad: int, topk: int | None, operand: torch.dtype) -> int:
     """What one position of a chunk holds: float32 student and teacher logits and the d logits
     (padded rows); with top-k also the selected values and indices, the gathered student logits
@@ -250,14 +269,7 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
     n_rows, H = hs.shape
     n_vocab = hi - lo
     loss = torch.zeros(n_rows, dtype=torch.float32, device=hs.device)
-    d_ws = d_ws_acc = None
-    accumulate_in_place = ws.dtype == torch.float32
-    if need_dw:
-        d_ws = torch.empty_like(ws)
-        d_ws[:lo].zero_()  # rows outside [lo, hi) get no gradient
-        d_ws[hi:].zero_()
-        d_ws_acc = d_ws[lo:hi] if accumulate_in_place else torch.empty(n_vocab, H, dtype=torch.float32,
-                                                                           device=ws.device)
+    d_ws, d_ws_acc = _weight_grad_buffers(ws, lo, hi, need_dw)
     if n_rows == 0:
         if need_dw:
             d_ws[lo:hi].zero_()
@@ -291,11 +303,8 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
             d_top = torch.empty(s.shape, dtype=operand, device=hs.device)
             loss[r0:r1] = kd_kl_forward_backward(row_weight[r0:r1], s, t, chunk_mask, temperature, d_top)
             d.zero_().scatter_(-1, index, d_top)
-        if need_dh:
-            matmul(d, ws_slice, d_hs[r0:r1], accumulate=False)
-        if need_dw:
-            matmul(d.t(), hs[r0:r1], d_ws_acc, accumulate=r0 > 0)
-    if need_dw and not accumulate_in_place:
+        _input_grads(d, hs[r0:r1], ws_slice, None if d_hs is None else d_hs[r0:r1], d_ws_acc, r0 > 0)
+    if need_dw and ws.dtype != torch.float32:
         d_ws[lo:hi] = d_ws_acc
     return FusedLinearKdKlResult(loss, d_hs, d_ws)
 
@@ -341,12 +350,7 @@ def fused_linear_kd_kl_given(hs, teacher: TeacherTopk, ws, mask, options: KdOpti
     n_rows, H = hs.shape
     n_vocab = hi - lo
     loss = torch.zeros(n_rows, dtype=torch.float32, device=hs.device)
-    d_ws = d_ws_acc = None
-    accumulate_in_place = ws.dtype == torch.float32
-    if need_dw:
-        d_ws = torch.zeros_like(ws)
-        d_ws_acc = d_ws[lo:hi] if accumulate_in_place else torch.zeros(n_vocab, H, dtype=torch.float32,
-                                                                           device=ws.device)
+    d_ws, d_ws_acc = _weight_grad_buffers(ws, lo, hi, need_dw)
     if n_rows == 0:
         return FusedLinearKdKlResult(loss, d_hs, d_ws)
     operand = _operand_dtype(hs, ws)
@@ -370,10 +374,7 @@ def fused_linear_kd_kl_given(hs, teacher: TeacherTopk, ws, mask, options: KdOpti
         loss[r0:r1] = kd_kl_forward_backward(row_weight[r0:r1], s, t, chunk_mask, temperature, d_top)
         d = d_buffer[: r1 - r0, :n_vocab]
         d.zero_().scatter_(-1, index, d_top)
-        if need_dh:
-            matmul(d, ws_slice, d_hs[r0:r1], accumulate=False)
-        if need_dw:
-            matmul(d.t(), hs[r0:r1], d_ws_acc, accumulate=True)
-    if need_dw and not accumulate_in_place:
+        _input_grads(d, hs[r0:r1], ws_slice, None if d_hs is None else d_hs[r0:r1], d_ws_acc, True)
+    if need_dw and ws.dtype != torch.float32:
         d_ws[lo:hi] = d_ws_acc
     return FusedLinearKdKlResult(loss, d_hs, d_ws)
