@@ -174,3 +174,13 @@ def naive_linear_kd_kl(student_hidden: Tensor, teacher_hidden: Tensor, weight: T
     with torch.no_grad():
         teacher_logits = F.linear(teacher_hidden, weight if teacher_weight is None else teacher_weight)
     return naive_kd_kl(F.linear(student_hidden, weight), teacher_logits, **kd_options)
+
+
+def naive_linear_kd_kl_topk(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor, *, topk: int,
+                            temperature: float = 1.0) -> Tensor:
+    """The top-k loss the plain way: both full logits, the teacher's top k by torch.topk, the student's gathered
+    there, both renormalised on them (float32 log_softmax), mean over positions."""
+    with torch.no_grad():
+        teacher_logits, index = F.linear(teacher_hidden, weight).topk(topk, dim=-1)
+    student_logits = F.linear(student_hidden, weight).gather(-1, index)
+    return naive_kd_kl(student_logits, teacher_logits, temperature=temperature)

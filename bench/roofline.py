@@ -196,6 +196,26 @@ def main() -> None:
                   f"ratio {ours_s / ideal_s:.3f}x", end="")
         print()
 
+    kd_topk_strategies()
+
+
+def kd_topk_strategies(positions: int = 8192, hidden: int = 4096, n_vocab: int = 8192, topk: int = 256) -> None:
+    """The student's part of the top-k KD loss in each form (``mode_kernels.kd_cost``, whose reuse assumption:
+    the dense GEMM reads each operand once, the gather re-reads its k rows for every position)."""
+    from mode_kernels import kd_cost
+
+    print(f"\n### Top-k KD, the student's part: dense tiles vs gathered rows, P={positions}, H={hidden}, "
+          f"slice {n_vocab}, k={topk}, bf16\n")
+    print("| weight | machine | dense ms | sparse ms | sparse / dense |\n|---|---|---:|---:|---:|")
+    for trainable in (False, True):
+        for machine in ("H100 SXM", "H200"):
+            t = kd_cost.estimates(machine, positions, hidden, n_vocab, topk, ITEM, trainable)
+            print(f"| {'trainable' if trainable else 'frozen'} | {machine} | {t['dense'] * 1e3:.3f} | "
+                  f"{t['sparse'] * 1e3:.3f} | {t['sparse'] / t['dense']:.1f}x |")
+    gathered = kd_cost.sparse_cost(positions, hidden, topk, ITEM, False)[0][1]
+    print(f"\nGathered rows read per pass: {gathered / 1e9:.1f} GB (no reuse across positions); one dense GEMM: "
+          f"{kd_cost.dense_cost(positions, hidden, n_vocab, ITEM, False)[0][0] / 1e12:.2f} TFLOP.")
+
 
 if __name__ == "__main__":
     main()

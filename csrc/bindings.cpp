@@ -26,4 +26,6 @@ TORCH_LIBRARY(mode_kernels_native, m) {
   m.def("kd_kl_backward", &mode_kernels::kd_kl_backward);
   m.def("fused_linear_kd_kl_forward", &mode_kernels::fused_linear_kd_kl_forward);
   m.def("fused_linear_kd_kl_backward", &mode_kernels::fused_linear_kd_kl_backward);
+  m.def("kd_teacher_topk", &mode_kernels::kd_teacher_topk);
+  m.def("fused_linear_kd_kl_given", &mode_kernels::fused_linear_kd_kl_given);
 }

@@ -35,4 +35,11 @@ std::vector<at::Tensor> fused_linear_kd_kl_backward(const at::Tensor& grad_rows,
                                                     const c10::optional<at::Tensor>& mask, const at::Tensor& lse_s,
                                                     const at::Tensor& lse_t, double temperature, int64_t lo,
                                                     int64_t hi, int64_t topk, bool need_dw);
+std::vector<at::Tensor> kd_teacher_topk(const at::Tensor& ht, const at::Tensor& wt, int64_t lo, int64_t hi,
+                                        int64_t k, double temperature, bool want_logsumexp);
+std::vector<at::Tensor> fused_linear_kd_kl_given(const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& index,
+                                                 const at::Tensor& teacher_logits,
+                                                 const c10::optional<at::Tensor>& mask, double temperature,
+                                                 int64_t lo, int64_t hi, const c10::optional<at::Tensor>& grad_rows,
+                                                 bool need_dw);
 }  // namespace mode_kernels

@@ -32,6 +32,7 @@ _EXPORTS = {
     "save_adapter": "adapter_io",
     "load_adapter": "adapter_io",
     "kd_loss": "kd",
+    "kd_teacher_topk": "kd",
     "enable_gradient_checkpointing": "gradient_checkpointing",
     "MoDEPeftConfig": "peft",
 }

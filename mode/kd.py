@@ -32,8 +32,8 @@ def kd_positions(batch: Mapping[str, Tensor]) -> Tensor:
 
 
 def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float | None = None,
-            vocab_range: tuple[int, int] | None = None, topk: int | None = None, reduction: str = "mean",
-            backend: str = "auto") -> Tensor:
+            vocab_range: tuple[int, int] | None = None, topk: int | None = None, topk_tail: bool = False,
+            teacher: mk.TeacherTopk | None = None, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """T^2 * KL(teacher || student) of the next-token distributions over a vocabulary slice.
 
     Args:
@@ -49,6 +49,9 @@ def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float
         topk: only the teacher's k largest logits in the slice count, both distributions
             renormalised on them (the official MoDE code distils the teacher's top 256 image
             codes); None (default): the whole slice.
+        topk_tail: the teacher's mass outside its top k as one more outcome of both distributions.
+        teacher: the teacher's top k given (``mode_kernels.TeacherTopk`` with [B, T-1, k] ids and logits, e.g.
+            from a cache; ``kd_teacher_topk`` computes them): the teacher's forward is skipped.
         reduction: "mean" over distilled positions, "sum", or "none" ([B, T-1]).
         backend: of the fused KD op ("auto", "torch", "triton").
     Returns:
@@ -69,10 +72,28 @@ def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float
     decoder = decoder_of(model)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "modality_ids") if batch.get(k) is not None}
 
-    with torch.no_grad(), teacher_mode(model):
-        teacher_hidden = decoder(**inputs, use_cache=False)[0]
+    teacher_hidden = None
+    if teacher is None:
+        with torch.no_grad(), teacher_mode(model):
+            teacher_hidden = decoder(**inputs, use_cache=False)[0][:, :-1]
     student_hidden = decoder(**inputs, use_cache=False)[0]
     # Position t predicts token t + 1: the last position has nothing to distil.
-    return mk.fused_linear_kd_kl_loss(student_hidden[:, :-1], teacher_hidden[:, :-1], head.weight,
+    return mk.fused_linear_kd_kl_loss(student_hidden[:, :-1], teacher_hidden, head.weight, teacher_topk=teacher,
                                       temperature=temperature, mask=kd_positions(batch), vocab_range=vocab_range,
-                                      topk=topk, reduction=reduction, backend=backend)
+                                      topk=topk, topk_tail=topk_tail, reduction=reduction, backend=backend)
+
+
+def kd_teacher_topk(model: nn.Module, batch: Mapping[str, Tensor], k: int, *, temperature: float | None = None,
+                 vocab_range: tuple[int, int] | None = None, logsumexp: bool = False,
+                 backend: str = "auto") -> mk.TeacherTopk:
+    """The teacher's top k over a batch's positions ([B, T-1, k]; the model with its adapters off), for
+    ``kd_loss(..., teacher=...)``: computed once, it can be stored and reused (the teacher is frozen)."""
+    config = routing_state(model).config
+    temperature = config.kd_temperature if temperature is None else temperature
+    vocab_range = config.resolved_kd_vocab_range() if vocab_range is None else vocab_range
+    head = hf_model(model).get_output_embeddings()
+    inputs = {k_: batch[k_] for k_ in ("input_ids", "attention_mask", "modality_ids") if batch.get(k_) is not None}
+    with torch.no_grad(), teacher_mode(model):
+        hidden = decoder_of(model)(**inputs, use_cache=False)[0][:, :-1]
+        return mk.teacher_topk(hidden, head.weight, k, vocab_range=vocab_range, temperature=temperature,
+                               logsumexp=logsumexp, backend=backend)

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .contract import KdOptions, RoutedLoraOptions
+from .contract import KdOptions, RoutedLoraOptions, TeacherTopk
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -203,15 +203,102 @@ def check_kd_kl(student_logits, teacher_logits, temperature, vocab_range, topk, 
                             student_logits)
 
 
-def check_fused_linear_kd_kl(student_hidden, teacher_hidden, weight, teacher_weight, temperature, vocab_range,
-                             topk, reduction, mask) -> tuple[KdOptions, str, torch.Tensor | None]:
-    """The arguments of ``fused_linear_kd_kl_loss``: (options, reduction, mask)."""
-    check_student_teacher(student_hidden, teacher_hidden, "student_hidden", "teacher_hidden", "H")
+def check_hidden_and_weight(hidden, name: str, weight) -> None:
+    """Float hidden states [..., H] and a float weight [V, H]."""
+    check_float(hidden, name)
+    if hidden.dim() < 1:
+        raise ValueError(f"{name}: expected shape [..., H], got a scalar")
     check_float(weight, "weight")
-    hidden = student_hidden.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != hidden:
-        raise ValueError(f"weight: expected shape [V, {hidden}] (H = student_hidden.shape[-1]), "
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (H = {name}.shape[-1]), "
                          f"got {list(weight.shape)}")
+
+
+INDEX_DTYPES = (torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32)
+
+
+def check_topk_tail(topk_tail, topk) -> bool:
+    if not isinstance(topk_tail, bool):
+        raise ValueError(f"topk_tail: expected a bool, got {topk_tail!r}")
+    if topk_tail and topk is None:
+        raise ValueError("topk_tail: the tail bucket needs topk (the mass outside the teacher's top k)")
+    return topk_tail
+
+
+def check_teacher_topk(teacher, lead_shape: tuple, ref: torch.Tensor, lo: int, hi: int, topk, topk_tail: bool,
+                       temperature: float) -> int:
+    """A ``TeacherTopk`` for positions of ``lead_shape`` and the slice [lo, hi); returns k. Values (ids in the
+    slice and distinct per position, no NaN or +inf logit, a logsumexp at least that of the given logits) are
+    checked where ``sync_checks_enabled``."""
+    if not isinstance(teacher, TeacherTopk):
+        raise ValueError(f"teacher_topk: expected a mode_kernels.TeacherTopk(indices, logits, logsumexp), "
+                         f"got {type(teacher).__name__}")
+    indices, logits, lse = teacher
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in INDEX_DTYPES:
+        got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"teacher_topk.indices: expected an integer tensor ({[str(d) for d in INDEX_DTYPES]}), "
+                         f"got {got}")
+    if indices.dim() != len(lead_shape) + 1 or tuple(indices.shape[:-1]) != tuple(lead_shape):
+        raise ValueError(f"teacher_topk.indices: expected shape {list(lead_shape) + ['k']} (the student's leading "
+                         f"dims), got {list(indices.shape)}")
+    k = indices.shape[-1]
+    if not 1 <= k <= hi - lo:
+        raise ValueError(f"teacher_topk.indices: expected k in [1, {hi - lo}] (the vocab slice size), got {k}")
+    if topk is not None and topk != k:
+        raise ValueError(f"topk: expected None or {k} (the teacher's k), got {topk!r}")
+    check_float(logits, "teacher_topk.logits")
+    check_shape(logits, "teacher_topk.logits", tuple(indices.shape), "that of teacher_topk.indices")
+    if topk_tail:
+        if lse is None:
+            raise ValueError("teacher_topk.logsumexp: required with topk_tail (the teacher's mass outside its k)")
+    if lse is not None:
+        check_float(lse, "teacher_topk.logsumexp")
+        check_shape(lse, "teacher_topk.logsumexp", tuple(lead_shape), "the student's leading dims")
+    check_same_device(ref, "student_hidden", **{"teacher_topk.indices": indices, "teacher_topk.logits": logits,
+                                                "teacher_topk.logsumexp": lse})
+    if indices.numel() == 0 or _compiling() or not sync_checks_enabled(indices.device):
+        return k
+    ids = indices.reshape(-1, k).to(torch.int64)
+    low, high = int(ids.min()), int(ids.max())
+    if low < lo or high >= hi:
+        raise ValueError(f"teacher_topk.indices: expected vocabulary ids in the slice [{lo}, {hi}), got values in "
+                         f"[{low}, {high}]")
+    if k > 1 and bool((ids.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+        raise ValueError("teacher_topk.indices: expected distinct ids within each position, got a repeated id")
+    if bool((logits.isnan() | (logits == float("inf"))).any()):
+        raise ValueError("teacher_topk.logits: expected no NaN or +inf entries (-inf marks an entry masked)")
+    if lse is not None:
+        if bool((lse.isnan() | (lse == float("inf"))).any()):
+            raise ValueError("teacher_topk.logsumexp: expected no NaN or +inf entries")
+        masked = logits <= torch.finfo(logits.dtype).min
+        given = torch.logsumexp((logits.double() / temperature).masked_fill(masked, float("-inf")), dim=-1)
+        if bool((lse.double() < given - 1e-3 * given.abs().clamp(min=1)).any()):
+            raise ValueError("teacher_topk.logsumexp: expected at least the logsumexp of the given logits / "
+                             "temperature (it is that of the whole slice)")
+    return k
+
+
+def check_fused_linear_kd_kl(student_hidden, teacher_hidden, weight, teacher_weight, teacher_topk, temperature,
+                             vocab_range, topk, topk_tail, reduction,
+                             mask) -> tuple[KdOptions, str, torch.Tensor | None]:
+    """The arguments of ``fused_linear_kd_kl_loss``: (options, reduction, mask). The teacher is either
+    teacher_hidden (and teacher_weight) or teacher_topk."""
+    check_hidden_and_weight(student_hidden, "student_hidden", weight)
+    if teacher_topk is not None:
+        if teacher_hidden is not None:
+            raise ValueError("teacher_hidden: expected None when teacher_topk gives the teacher")
+        if teacher_weight is not None:
+            raise ValueError("teacher_weight: expected None when teacher_topk gives the teacher")
+        check_same_device(student_hidden, "student_hidden", weight=weight)
+        options, reduction, mask = check_kd_options(temperature, vocab_range, None, reduction, mask,
+                                                    weight.shape[0], student_hidden)
+        topk_tail = check_topk_tail(topk_tail, True)
+        k = check_teacher_topk(teacher_topk, tuple(student_hidden.shape[:-1]), student_hidden, options.lo,
+                               options.hi, topk, topk_tail, options.temperature)
+        return KdOptions(options.temperature, options.lo, options.hi, k, topk_tail), reduction, mask
+    if teacher_hidden is None:
+        raise ValueError("teacher_hidden: expected a tensor [..., H] (or teacher_topk), got None")
+    check_student_teacher(student_hidden, teacher_hidden, "student_hidden", "teacher_hidden", "H")
     if teacher_weight is not None:
         check_float(teacher_weight, "teacher_weight")
         if teacher_weight.shape != weight.shape:
@@ -219,4 +306,22 @@ def check_fused_linear_kd_kl(student_hidden, teacher_hidden, weight, teacher_wei
                              f"got {list(teacher_weight.shape)}")
     check_same_device(student_hidden, "student_hidden", teacher_hidden=teacher_hidden, weight=weight,
                       teacher_weight=teacher_weight)
-    return check_kd_options(temperature, vocab_range, topk, reduction, mask, weight.shape[0], student_hidden)
+    options, reduction, mask = check_kd_options(temperature, vocab_range, topk, reduction, mask, weight.shape[0],
+                                                student_hidden)
+    topk_tail = check_topk_tail(topk_tail, options.topk)
+    return KdOptions(options.temperature, options.lo, options.hi, options.topk, topk_tail), reduction, mask
+
+
+def check_teacher_topk_args(teacher_hidden, weight, k, vocab_range, temperature) -> KdOptions:
+    """The arguments of ``teacher_topk``: (options with topk = k)."""
+    check_hidden_and_weight(teacher_hidden, "teacher_hidden", weight)
+    check_same_device(teacher_hidden, "teacher_hidden", weight=weight)
+    temperature = check_temperature(temperature)
+    lo, hi = check_vocab_range(vocab_range, weight.shape[0])
+    if k is None:
+        raise ValueError(f"k: expected an int in [1, {hi - lo}] (the vocab slice size), got None")
+    try:
+        k = check_topk(k, hi - lo)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("topk:", "k:", 1)) from None
+    return KdOptions(temperature, lo, hi, k)

@@ -95,12 +95,34 @@ class RoutedLoraBackend(Protocol):
 @dataclass(frozen=True, slots=True)
 class KdOptions:
     """temperature T > 0; the vocab slice [lo, hi) that counts; topk: only the teacher's k largest logits in the
-    slice count (the fused-linear form only: ``kd_kl_loss`` gathers them itself and its backends see None)."""
+    slice count (the fused-linear form only: ``kd_kl_loss`` gathers them itself and its backends see None);
+    topk_tail: the mass outside those k is one more outcome of both distributions (needs topk).
+
+    Ties at the k-th largest teacher logit: the lower vocabulary ids are taken (``TIES_RULE``); every backend's
+    selection follows it, and a selection lists its ids in ascending order."""
 
     temperature: float
     lo: int
     hi: int
     topk: int | None = None
+    topk_tail: bool = False
+
+
+TIES_RULE = "among teacher logits equal to the k-th largest, the lower vocabulary ids are taken"
+
+
+class TeacherTopk(NamedTuple):
+    """The teacher given as its top k per position, in place of its hidden states and weight.
+
+    indices: [..., k] vocabulary ids in the slice [lo, hi), distinct within a position (any integer dtype: int16 /
+    int32 keep a cache small); logits: [..., k] float, the teacher's raw logits at those ids (before the
+    temperature; -inf, or the dtype's most negative finite value, marks an entry masked: probability 0);
+    logsumexp: [...] float or None, logsumexp over the whole slice of logits / T at the loss's temperature
+    (needed by ``topk_tail`` only: the teacher's mass outside the k). The backends see them flat ([P, k], [P])."""
+
+    indices: Tensor
+    logits: Tensor
+    logsumexp: Tensor | None = None
 
 
 class KdKlRows(NamedTuple):
@@ -140,13 +162,29 @@ class FusedLinearKdKlResult(NamedTuple):
 
 @runtime_checkable
 class FusedLinearKdKlBackend(Protocol):
-    """A backend of ``fused_linear_kd_kl_loss``: hs, ht [P, H]; ws, wt [V, H] (wt None means ws)."""
+    """A backend of ``fused_linear_kd_kl_loss``: hs, ht [P, H]; ws, wt [V, H] (wt None means ws).
+
+    With ``options.topk`` the op either runs ``fused_linear_kd_kl`` (the student's dense logits tiles, the
+    teacher's top k selected and the student's gathered from them) or ``teacher_topk`` then
+    ``fused_linear_kd_kl_given``; ``mode_kernels.kd_cost.topk_strategy`` decides which."""
 
     def fused_linear_kd_kl(self, hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor | None, mask: Tensor | None,
                            options: KdOptions, row_weight: Tensor | None,
                            needs: FusedLinearKdKlNeeds) -> FusedLinearKdKlResult:
         """The loss per position and, as ``needs`` says, the gradients of sum_p row_weight[p] * loss[p]
-        (the teacher is a constant; row_weight [P] is used only for the gradients)."""
+        (the teacher is a constant; row_weight [P] is used only for the gradients). Not with topk_tail."""
+
+    def teacher_topk(self, ht: Tensor, wt: Tensor, options: KdOptions, logsumexp: bool) -> TeacherTopk:
+        """The teacher's top ``options.topk`` logits of the slice per position (ids ascending, int64, ties by
+        ``TIES_RULE``; logits in float32, float64 for float64 inputs), computed chunk by chunk of positions (no
+        [P, V] logits); with ``logsumexp`` also the slice's logsumexp of logits / T."""
+
+    def fused_linear_kd_kl_given(self, hs: Tensor, teacher: TeacherTopk, ws: Tensor, mask: Tensor | None,
+                                 options: KdOptions, row_weight: Tensor | None,
+                                 needs: FusedLinearKdKlNeeds) -> FusedLinearKdKlResult:
+        """As ``fused_linear_kd_kl`` with the teacher given as its top k ([P, k] int64 ids in [lo, hi), [P, k]
+        logits; ``options.topk`` is k); only the student's logits at those ids enter (plus, with
+        ``options.topk_tail``, its logsumexp over the whole slice)."""
 
 
 # The custom ops rebuild the same few options on every call (they are constants of a model): one shared instance

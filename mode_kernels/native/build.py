@@ -22,8 +22,8 @@ import torch
 
 from ..cache import cache_dir
 
-SOURCES = ("routed_lora.cpp", "kd_kl.cpp", "bindings.cpp")
-HEADERS = ("common.h", "ops.h")
+SOURCES = ("routed_lora.cpp", "kd_kl.cpp", "kd_topk.cpp", "bindings.cpp")
+HEADERS = ("common.h", "kd_rows.h", "ops.h")
 
 
 def _sources_directory() -> Path:

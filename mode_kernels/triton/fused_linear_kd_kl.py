@@ -32,8 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, KdOptions
+from .. import reference
+from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, KdOptions, TeacherTopk
 from ..kd_memory import chunk_rows
+from ..reference.kd_kl import select_topk, teacher_logits
 from ._common import INTERPRET, MAX_GRID
 from .kd_kl import (
     check_triton_dtype,
@@ -202,6 +204,25 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) 
         ACCUMULATE=accumulate, **_dot_args(_operand_dtype(a, b)))
 
 
+def _weight_grad_buffers(ws, lo: int, hi: int, need_dw: bool):
+    """(d ws [V, H] zeroed, its float32 accumulator of the slice: a view of it for a float32 weight, else a
+    separate [hi - lo, H] buffer), or (None, None). Rows outside [lo, hi) get no gradient."""
+    if not need_dw:
+        return None, None
+    d_ws = torch.zeros_like(ws)
+    if ws.dtype == torch.float32:
+        return d_ws, d_ws[lo:hi]
+    return d_ws, torch.zeros(hi - lo, ws.shape[1], dtype=torch.float32, device=ws.device)
+
+
+def _input_grads(d, h, ws_slice, d_hs_chunk, d_ws_acc, accumulate: bool) -> None:
+    """A chunk's d hs = d logits @ W and d W (+)= d logits^T @ h, each when asked for (not None)."""
+    if d_hs_chunk is not None:
+        matmul(d, ws_slice, d_hs_chunk, accumulate=False)
+    if d_ws_acc is not None:
+        matmul(d.t(), h, d_ws_acc, accumulate=accumulate)
+
+
 def _fused_bytes_per_row(n_pad: int, topk: int | None, operand: torch.dtype) -> int:
     """What one position of a chunk holds: float32 student and teacher logits and the d logits
     (padded rows); with top-k also the selected values and indices, the gathered student logits
@@ -248,14 +269,7 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
     n_rows, H = hs.shape
     n_vocab = hi - lo
     loss = torch.zeros(n_rows, dtype=torch.float32, device=hs.device)
-    d_ws = d_ws_acc = None
-    accumulate_in_place = ws.dtype == torch.float32
-    if need_dw:
-        d_ws = torch.empty_like(ws)
-        d_ws[:lo].zero_()  # rows outside [lo, hi) get no gradient
-        d_ws[hi:].zero_()
-        d_ws_acc = d_ws[lo:hi] if accumulate_in_place else torch.empty(n_vocab, H, dtype=torch.float32,
-                                                                           device=ws.device)
+    d_ws, d_ws_acc = _weight_grad_buffers(ws, lo, hi, need_dw)
     if n_rows == 0:
         if need_dw:
             d_ws[lo:hi].zero_()
@@ -277,7 +291,7 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
             SHARED_WEIGHT=wt is None, GROUP_P=GROUP_P, **dot)
         chunk_mask = None if mask is None else mask[r0:r1]
         if topk is not None:
-            t, index = t.topk(topk, dim=-1)
+            t, index = select_topk(t, topk)
             s = s.gather(-1, index)
         if not need_grad:
             loss[r0:r1] = kd_kl_forward(s, t, chunk_mask, KdOptions(temperature, 0, s.shape[1])).loss
@@ -289,10 +303,78 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
             d_top = torch.empty(s.shape, dtype=operand, device=hs.device)
             loss[r0:r1] = kd_kl_forward_backward(row_weight[r0:r1], s, t, chunk_mask, temperature, d_top)
             d.zero_().scatter_(-1, index, d_top)
-        if need_dh:
-            matmul(d, ws_slice, d_hs[r0:r1], accumulate=False)
-        if need_dw:
-            matmul(d.t(), hs[r0:r1], d_ws_acc, accumulate=r0 > 0)
-    if need_dw and not accumulate_in_place:
+        _input_grads(d, hs[r0:r1], ws_slice, None if d_hs is None else d_hs[r0:r1], d_ws_acc, r0 > 0)
+    if need_dw and ws.dtype != torch.float32:
+        d_ws[lo:hi] = d_ws_acc
+    return FusedLinearKdKlResult(loss, d_hs, d_ws)
+
+
+def teacher_topk(ht, wt, options: KdOptions, logsumexp: bool) -> TeacherTopk:
+    """The teacher's top k per position: per chunk its float32 logits by ``matmul``, then the reference's
+    ``select_topk`` (torch.topk on order-preserving int64 keys: the ties rule, no host sync)."""
+    lo, hi, k = options.lo, options.hi, options.topk
+    check_triton_dtype(ht, "ht")
+    check_triton_dtype(wt, "wt")
+    ht, wt_slice = unit_stride_rows(ht), unit_stride_rows(wt)[lo:hi]
+    n_rows, n_vocab = ht.shape[0], hi - lo
+    values = torch.empty(n_rows, k, dtype=torch.float32, device=ht.device)
+    index = torch.empty(n_rows, k, dtype=torch.int64, device=ht.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=ht.device) if logsumexp else None
+    step = chunk_plan(max(n_rows, 1), n_vocab, k, ht.dtype, _operand_dtype(ht, wt_slice))[0]
+    buffer = torch.empty(min(step, max(n_rows, 1)), padded_width(n_vocab), dtype=torch.float32, device=ht.device)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        t = buffer[: r1 - r0, :n_vocab]
+        matmul(ht[r0:r1], wt_slice.t(), t, accumulate=False)
+        t = teacher_logits(t, torch.float32)
+        values[r0:r1], index[r0:r1] = select_topk(t, k)
+        if logsumexp:
+            lse[r0:r1] = torch.logsumexp(t / options.temperature, dim=-1)
+    return TeacherTopk(index.add_(lo), values, lse)
+
+
+def fused_linear_kd_kl_given(hs, teacher: TeacherTopk, ws, mask, options: KdOptions, row_weight,
+                             needs: FusedLinearKdKlNeeds) -> FusedLinearKdKlResult:
+    """The given-teacher form on dense tiles (a gather of weight rows is not measured faster on a GPU yet): per
+    chunk the student's float32 logits by ``matmul``, gathered at the ids, the row pass on those k, the d logits
+    scattered back, then d hs and d ws as in ``fused_linear_kd_kl``. The tail bucket runs the reference's chunks
+    (torch on the same device)."""
+    if options.topk_tail:
+        return reference.kd_kl.fused_linear_kd_kl_given(hs, teacher, ws, mask, options, row_weight, needs)
+    temperature, lo, hi, k = options.temperature, options.lo, options.hi, options.topk
+    need_dh, need_dw = needs
+    _check(hs, hs, ws, None)
+    d_hs = like_with_unit_stride_rows(hs) if need_dh else None
+    hs, ws = unit_stride_rows(hs), unit_stride_rows(ws)
+    ws_slice = ws[lo:hi]
+    n_rows, H = hs.shape
+    n_vocab = hi - lo
+    loss = torch.zeros(n_rows, dtype=torch.float32, device=hs.device)
+    d_ws, d_ws_acc = _weight_grad_buffers(ws, lo, hi, need_dw)
+    if n_rows == 0:
+        return FusedLinearKdKlResult(loss, d_hs, d_ws)
+    operand = _operand_dtype(hs, ws)
+    mask = None if mask is None else mask.contiguous()
+    need_grad = need_dh or need_dw
+    step = chunk_plan(n_rows, n_vocab, k, hs.dtype, operand)[0]
+    logits = torch.empty(step, padded_width(n_vocab), dtype=torch.float32, device=hs.device)
+    d_buffer = torch.empty(step, padded_width(n_vocab), dtype=operand, device=hs.device) if need_grad else None
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        s_full = logits[: r1 - r0, :n_vocab]
+        matmul(hs[r0:r1], ws_slice.t(), s_full, accumulate=False)
+        index = teacher.indices[r0:r1].to(torch.int64) - lo
+        t = teacher_logits(teacher.logits[r0:r1], torch.float32)
+        s = s_full.gather(-1, index)
+        chunk_mask = None if mask is None else mask[r0:r1]
+        if not need_grad:
+            loss[r0:r1] = kd_kl_forward(s, t, chunk_mask, KdOptions(temperature, 0, k)).loss
+            continue
+        d_top = torch.empty(s.shape, dtype=operand, device=hs.device)
+        loss[r0:r1] = kd_kl_forward_backward(row_weight[r0:r1], s, t, chunk_mask, temperature, d_top)
+        d = d_buffer[: r1 - r0, :n_vocab]
+        d.zero_().scatter_(-1, index, d_top)
+        _input_grads(d, hs[r0:r1], ws_slice, None if d_hs is None else d_hs[r0:r1], d_ws_acc, True)
+    if need_dw and ws.dtype != torch.float32:
         d_ws[lo:hi] = d_ws_acc
     return FusedLinearKdKlResult(loss, d_hs, d_ws)

@@ -145,5 +145,9 @@ def test_the_custom_ops_pass_opcheck():
     torch.library.opcheck(kd_kl._kd_kl, (s, t, None, 2.0, 1, 8, "torch"))
     hs, ht = torch.randn(7, 6, generator=g, requires_grad=True), torch.randn(7, 6, generator=g)
     head = torch.randn(9, 6, generator=g, requires_grad=True)
-    torch.library.opcheck(fused_linear_kd_kl._fused_linear_kd_kl_rows, (hs, ht, head, None, None, 2.0, 0, 9, None,
-                                                                        "torch"))
+    torch.library.opcheck(fused_linear_kd_kl._fused_linear_kd_kl_rows, (hs, ht, head, None, None, None, None, None,
+                                                                        2.0, 0, 9, None, False, "torch"))
+    top = mk.teacher_topk(ht, head, 4, vocab_range=(1, 8), temperature=2.0, logsumexp=True)
+    for backend in ("torch", "native"):  # the given teacher, with the tail bucket; native's sparse student
+        torch.library.opcheck(fused_linear_kd_kl._fused_linear_kd_kl_rows, (hs, None, head, None, *top, None, 2.0,
+                                                                            1, 8, 4, backend == "torch", backend))

@@ -55,6 +55,23 @@ def test_explicit_temperature_and_vocab_range(model, batch):
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_given_teacher_topk_skips_the_teacher_and_matches(model, batch, monkeypatch):
+    """The teacher's top k computed once (mode.kd_teacher_topk) and given: the same loss and gradients, with
+    the tail bucket too, and no teacher forward."""
+    top = mode.kd_teacher_topk(model, batch, 5, logsumexp=True)
+    assert top.indices.shape == (3, 15, 5)
+    calls = []
+    for tail in (False, True):
+        want = mode.kd_loss(model, batch, topk=5, topk_tail=tail)
+        monkeypatch.setattr(mode.kd, "teacher_mode", calls.append)
+        got = mode.kd_loss(model, batch, teacher=top, topk_tail=tail)
+        monkeypatch.undo()
+        assert calls == []
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    expected, _ = _naive_kd(model, batch, 2.0, IMAGE_LO, IMAGE_HI, topk=5)
+    torch.testing.assert_close(mode.kd_loss(model, batch, teacher=top).double(), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_topk_matches_dense_logits(model, batch):
     expected, _ = _naive_kd(model, batch, 2.0, IMAGE_LO, IMAGE_HI, topk=5)
     got = mode.kd_loss(model, batch, topk=5)

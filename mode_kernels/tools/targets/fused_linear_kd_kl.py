@@ -39,14 +39,19 @@ def compile_targets(default_only: bool = False):
                 targets.append((f"logits{tag}", _logits_kernel, sig, consts, w, st))
         # d hidden = dl @ W (a row-major, out in hidden's dtype); d weight (+)= dl^T @ hidden
         # (a transposed, float32 out, written by the first chunk, accumulated by the others).
-        uses = (("d_hidden", "stride_ak", dt, False), ("d_weight", "stride_am", "fp32", False),
-                ("d_weight_acc", "stride_am", "fp32", True))
+        # The given-teacher form and the teacher's selection: logits = hidden @ W^T (b = W transposed: unit
+        # stride_bk; float32 out).
+        uses = (("d_hidden", "stride_ak", "stride_bn", dt, False),
+                ("logits_given", "stride_ak", "stride_bk", "fp32", False),
+                ("d_weight", "stride_am", "stride_bn", "fp32", False),
+                ("d_weight_acc", "stride_am", "stride_bn", "fp32", True))
         for m, n, k, w, st in gemms[:1] if default_only else gemms:
-            for use, unit, out, accumulate in uses[:1] if default_only else uses:
-                strides = {a: "i32:16" for a in ("stride_am", "stride_ak", "stride_bk", "stride_cm") if a != unit}
+            for use, unit, b_unit, out, accumulate in uses[:2] if default_only else uses:
+                strides = {a: "i32:16" for a in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm")
+                           if a not in (unit, b_unit)}
                 sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{out}", "M": "i32", "N": "i32:16",
                        "K": "i32", **strides}
-                consts = {unit: 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": accumulate, **dot,
+                consts = {unit: 1, b_unit: 1, "stride_cn": 1, "ACCUMULATE": accumulate, **dot,
                           "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
                 targets.append((f"matmul[{use} {dt}] M{m} N{n} K{k} w{w} s{st}", _matmul_kernel, sig, consts, w, st))
     return targets
