@@ -1,9 +1,10 @@
 """kd_loss: distil the frozen model (the teacher: adapters off) into the MoDE student on a batch.
 
-Both passes run the decoder only and hand their final hidden states and the lm_head weight to
+Both passes run the decoder only and hand their final hidden states and the weight of the head
+that scores image codes (``mode.families``: the lm_head, or Janus's generation head) to
 ``mode_kernels.fused_linear_kd_kl_loss``, so no [positions, vocab] logits are ever held, and
 model-specific logit post-processing in the CausalLM forward (Chameleon sets image-code logits
-to the most negative float) is bypassed.
+to the most negative float) is bypassed. A head's bias is folded into its weight (``fold_bias``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from torch import Tensor, nn
 import mode_kernels as mk
 
 from .constants import IGNORE_INDEX
-from .hf.models import decoder_of, hf_model
+from .families import ImageHead, family_of
+from .hf.models import decoder_of
 from .model import routing_state, teacher_mode
 
 
@@ -31,6 +33,16 @@ def kd_positions(batch: Mapping[str, Tensor]) -> Tensor:
     return torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
 
 
+def fold_bias(head: ImageHead, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(student, teacher, weight) with the head's bias folded in: a ones column appended to both
+    hidden states and the bias appended to the weight as a column, so that ``hidden @ weight.T``
+    is the biased logits and the fused op needs no bias argument."""
+    if head.bias is None:
+        return student, teacher, head.weight
+    weight = torch.cat([head.weight, head.bias[:, None].to(head.weight.dtype)], dim=1)
+    return (*(torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1) for h in (student, teacher)), weight)
+
+
 def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float | None = None,
             vocab_range: tuple[int, int] | None = None, topk: int | None = None, reduction: str = "mean",
             backend: str = "auto") -> Tensor:
@@ -42,10 +54,12 @@ def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float
             ``input_ids`` [B, T] (required); ``attention_mask`` [B, T] (1 real, 0 padding; optional);
             ``labels`` [B, T] aligned with input_ids as HF causal LMs take them, -100 where no
             target (optional; selects the distilled positions, see ``kd_positions``);
-            ``modality_ids`` [B, T] (optional; else derived from input_ids).
+            ``modality_ids`` [B, T] (optional; else derived from input_ids). The ids are the model
+            family's record ids (``mode.families``; Janus: image codes after the text vocabulary).
         temperature: applied once to both logits; default the MoDE config's ``kd_temperature`` (2).
-        vocab_range: [lo, hi) compared on; default the config's ``kd_vocab_range``, else the
-            image-code range of its modality spec.
+        vocab_range: [lo, hi) of the image head's outputs compared on; default the config's
+            ``kd_vocab_range``, else the family's (Janus: its whole generation head), else the
+            image-code range of the modality spec.
         topk: only the teacher's k largest logits in the slice count, both distributions
             renormalised on them (the official MoDE code distils the teacher's top 256 image
             codes); None (default): the whole slice.
@@ -62,17 +76,17 @@ def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float
                          f"{list(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
     config = routing_state(model).config
     temperature = config.kd_temperature if temperature is None else temperature
-    vocab_range = config.resolved_kd_vocab_range() if vocab_range is None else vocab_range
-    head = hf_model(model).get_output_embeddings()
-    if not isinstance(head, nn.Linear) or head.bias is not None:
-        raise ValueError(f"kd_loss: expected a bias-free nn.Linear output head, got {head!r}")
+    family = family_of(model)
+    head = family.image_head(model)
+    vocab_range = vocab_range or config.kd_vocab_range or head.vocab_range or config.resolved_kd_vocab_range()
     decoder = decoder_of(model)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "modality_ids") if batch.get(k) is not None}
+    inputs = family.stream_inputs(model, input_ids, batch.get("attention_mask"), batch.get("modality_ids"))
 
-    with torch.no_grad(), teacher_mode(model):
-        teacher_hidden = decoder(**inputs, use_cache=False)[0]
-    student_hidden = decoder(**inputs, use_cache=False)[0]
     # Position t predicts token t + 1: the last position has nothing to distil.
-    return mk.fused_linear_kd_kl_loss(student_hidden[:, :-1], teacher_hidden[:, :-1], head.weight,
+    with torch.no_grad(), teacher_mode(model):
+        teacher_hidden = head.features(decoder(**inputs, use_cache=False)[0][:, :-1])
+    student_hidden = head.features(decoder(**inputs, use_cache=False)[0][:, :-1])
+    student_hidden, teacher_hidden, weight = fold_bias(head, student_hidden, teacher_hidden)
+    return mk.fused_linear_kd_kl_loss(student_hidden, teacher_hidden, weight,
                                       temperature=temperature, mask=kd_positions(batch), vocab_range=vocab_range,
                                       topk=topk, reduction=reduction, backend=backend)

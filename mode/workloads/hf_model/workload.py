@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...families.emu3 import Emu3Tokens, pixel_stats
 from ...modality import IMAGE
 from ..protocol import Environment, RunSettings, WorkloadError, to_device
 from ..scoring import answer_nll, scored, target_logits
 from . import evaluation, generation, loading
 from .data import JsonlDataset, collate, load_jsonl
-from .emu3 import Emu3Tokens, pixel_stats
 from .options import HFModelOptions
 
 
@@ -45,7 +45,8 @@ class HFModelWorkload:
             self._base_for_next_method = self._load()
             vocab = self.vocab_size = loading.vocab_size(self._base_for_next_method)
             self.spec = loading.modality_spec_for(options.modality, vocab,
-                                                  getattr(self._base_for_next_method.config, "vocabulary_map", None))
+                                                  getattr(self._base_for_next_method.config, "vocabulary_map", None),
+                                                  model=self._base_for_next_method)
             self.emu3 = Emu3Tokens.of(self._base_for_next_method) if options.modality.lower() == "emu3" else None
             self.decode_fn = load_decoder(options.decoder) if options.decoder else None
             max_length = getattr(self._base_for_next_method.config, "max_position_embeddings", None)
