@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...families.emu3 import Emu3Tokens
 from ...families import FAMILIES, family_of
+from ...families.emu3 import Emu3Tokens
 from ...hf.models import decoder_of, hf_model
 from ...modality import ModalitySpec
 from .data import TokenChecks
