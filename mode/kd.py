@@ -80,7 +80,10 @@ def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float
     head = family.image_head(model)
     vocab_range = vocab_range or config.kd_vocab_range or head.vocab_range or config.resolved_kd_vocab_range()
     decoder = decoder_of(model)
-    inputs = family.stream_inputs(model, input_ids, batch.get("attention_mask"), batch.get("modality_ids"))
+    # the model's own spec (a text-only method's matches no token), not the family's
+    modality_ids = batch.get("modality_ids")
+    modality_ids = config.modality.modality_ids(input_ids) if modality_ids is None else modality_ids
+    inputs = family.stream_inputs(model, input_ids, batch.get("attention_mask"), modality_ids)
 
     # Position t predicts token t + 1: the last position has nothing to distil.
     with torch.no_grad(), teacher_mode(model):

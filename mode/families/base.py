@@ -26,13 +26,15 @@ class ImageHead:
 
     ``logits = features(hidden) @ weight.T + bias``; ``features`` maps the decoder's final hidden
     states to that layer's input (identity for an LM head), ``vocab_range`` is the [lo, hi) of its
-    outputs that are image codes (None: the modality spec's image-code range).
+    outputs that are image codes (None: the modality spec's image-code range); its output row r
+    scores the record id ``first_id + r``.
     """
 
     weight: Tensor
     bias: Tensor | None = None
     features: nn.Module = nn.Identity()
     vocab_range: tuple[int, int] | None = None
+    first_id: int = 0
 
     def logits(self, hidden: Tensor) -> Tensor:
         return nn.functional.linear(self.features(hidden), self.weight, self.bias)

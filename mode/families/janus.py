@@ -54,7 +54,8 @@ class Janus:
     def image_head(self, model: nn.Module) -> ImageHead:
         head = hf_model(model).model.generation_head
         return ImageHead(head.vision_head.weight, head.vision_head.bias,
-                         nn.Sequential(head.proj_out, head.activation_fn), (0, self.num_codes(model)))
+                         nn.Sequential(head.proj_out, head.activation_fn), (0, self.num_codes(model)),
+                         first_id=self.text_vocab(model))
 
     @torch.no_grad()
     def decode_pixels(self, model: nn.Module, codes: Tensor, size: tuple[int, int] | None = None) -> Tensor | None:

@@ -11,8 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...families import family_of
 from ...families.emu3 import Emu3Tokens, pixel_stats
+from ...hf.models import decoder_of
 from ...modality import IMAGE
+from ...model import routing_state
 from ..protocol import Environment, RunSettings, WorkloadError, to_device
 from ..scoring import answer_nll, scored, target_logits
 from . import evaluation, generation, loading
@@ -112,11 +115,21 @@ class HFModelWorkload:
             return None
         rows = self.generation_rows[: self.settings.eval_size]
         size = self.settings.batch_size
+        family = family_of(model)
+        head = family.image_head(model)
         total, count = 0.0, 0
         for start in range(0, len(rows), size):
             batch = to_device(self.collate(rows[start:start + size]), self.device)
-            logits, targets = target_logits(model, batch, (self.spec.modality_ids(batch["input_ids"]) == IMAGE)
-                                            & scored(batch))
+            targeted = (self.spec.modality_ids(batch["input_ids"]) == IMAGE) & scored(batch)
+            if family.name == "janus":  # codes embedded and scored by the generation embeddings and head
+                selected = targeted[:, 1:]
+                inputs = family.stream_inputs(model, batch["input_ids"], batch["attention_mask"],
+                                              routing_state(model).config.modality.modality_ids(batch["input_ids"]))
+                hidden = decoder_of(model)(**inputs, use_cache=False)[0][:, :-1][selected]
+                logits = head.logits(hidden).float()
+                targets = batch["input_ids"][:, 1:][selected] - head.first_id
+            else:
+                logits, targets = target_logits(model, batch, targeted)
             total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             count += targets.numel()
         if not count:
