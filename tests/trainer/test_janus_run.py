@@ -4,13 +4,15 @@ and PeftModel.from_pretrained) to the trained model's logits -> images drawn wit
 import json
 
 import torch
+from PIL import Image
 from test_prepare import TINY, raw_files
 from tiny_models import JANUS_VOCAB, save_tiny_checkpoint
 
 import mode
 from mode.train import cli
 from mode.workloads.hf_model import prepare
-from mode.workloads.hf_model.data import load_jsonl
+from mode.workloads.hf_model.data import collate, load_jsonl
+from mode.workloads.hf_model.evaluation import exact_match_accuracy
 from mode.workloads.hf_model.loading import load_model, vocab_size
 
 
@@ -33,10 +35,28 @@ def test_janus_prepare_train_reload(tmp_path):
 
     output = tmp_path / "out"
     argv = ["--output", str(output), "--model", str(model_dir), "--modality", "janus", "--data", str(data),
-            "--gen-data", str(gen), *TINY[:-2], "--methods", "mode,lora"]
+            "--gen-data", str(gen), "--gen-prompts", str(prompts / "square.json"), *TINY[:-2], "--methods", "mode,lora"]
     assert cli.main(argv) == 0
     metrics = json.loads((output / "metrics.json").read_text())
     for method in ("mode", "lora"):
         run = metrics["methods"][method]["per_seed"][0]
         assert len(run["acc_matrix"]) == 2 and run["image_nll"][-1] > 0
     assert metrics["methods"]["mode"]["per_seed"][0]["loss_history"]["kd"][0] >= 0
+
+    # the adapters reload into a fresh base, by mode and by PEFT, to the trained model's results
+    from peft import PeftModel
+
+    adapters = output / "adapters" / "mode"
+    reloaded = mode.load_adapter(load_model(model_dir), adapters).eval()
+    accs = exact_match_accuracy(reloaded, load_jsonl(data, vocab_size(reloaded)))
+    assert [accs["color"], accs["shape"]] == metrics["methods"]["mode"]["per_seed"][0]["acc_matrix"][-1]
+    through_peft = PeftModel.from_pretrained(load_model(model_dir), adapters).eval()
+    batch = collate(load_jsonl(data, vocab_size(reloaded)).records[:2], pad_id=0)
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"]}
+        assert torch.equal(reloaded(**inputs).logits, through_peft(**inputs).logits)
+
+    # images drawn with guidance through the MoDE model, decoded to PNGs by the VQ decoder
+    drawn = json.loads((output / "images" / "mode" / "square.image_tokens.json").read_text())
+    assert len(drawn["image_tokens"]) == 4 and all(0 <= c < 16 for c in drawn["image_tokens"])
+    assert Image.open(output / "images" / "mode" / "square.png").size == (16, 16)

@@ -11,11 +11,15 @@ is the caption, <begin_of_image> and the image's VQ codes numbered after the tex
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
 from ...families import FAMILIES
-from ...hf.models import hf_model, model_device
+from ...hf.models import cache_in, cache_keyword, decoder_of, hf_model, model_device
+from ...model import routing_state
 
 PIXELS_FIELD = "pixel_values"
 
@@ -68,3 +72,65 @@ def image_codes(model: nn.Module, pixels: Tensor) -> Tensor:
 def prompt(processor, caption: str) -> dict:
     ids = processor(text=[caption], generation_mode="image")["input_ids"][0]
     return {"input_ids": list(ids.tolist() if isinstance(ids, Tensor) else ids)}
+
+
+GUIDANCE = 5.0  # transformers' default guidance_scale for Janus image generation
+
+
+@torch.no_grad()
+def sample_codes(model: nn.Module, prompts: Tensor, generator: torch.Generator, guidance: float = GUIDANCE,
+                 temperature: float = 1.0) -> Tensor:
+    """Equal-length prompts [B, L] (caption, <begin_of_image>) -> [B, num_image_tokens] codes, sampled
+    with classifier-free guidance in our own cached loop: the unconditional rows are the prompts with
+    every token but the first and the last padded, as transformers' ``generate(generation_mode="image")``
+    does; logits = uncond + guidance * (cond - uncond). Each step's code goes in through the
+    generation embeddings with its modality ids given (the model's own spec), so a MoDE model routes
+    it to its image expert; transformers' loop would give the language model no ids."""
+    family, host, decoder = FAMILIES["janus"], hf_model(model), decoder_of(model)
+    spec, head = routing_state(model).config.modality, family.image_head(model)
+    keyword, text_vocab = cache_keyword(decoder), family.text_vocab(model)
+    unconditional = prompts.clone()
+    unconditional[:, 1:-1] = host.config.text_config.pad_token_id or 0
+    ids = torch.cat([prompts, unconditional])
+    out = decoder(**family.stream_inputs(model, ids, modality_ids=spec.modality_ids(ids)), use_cache=True)
+    codes = []
+    steps = host.model.vision_model.config.num_image_tokens
+    for step in range(steps):
+        conditional, free = head.logits(out.last_hidden_state[:, -1]).float().chunk(2)
+        logits = free + guidance * (conditional - free)
+        code = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)[:, 0]
+        codes.append(code)
+        if step + 1 == steps:
+            break
+        ids = (torch.cat([code, code]) + text_vocab)[:, None]
+        out = decoder(**family.stream_inputs(model, ids, modality_ids=spec.modality_ids(ids)), use_cache=True,
+                      **{keyword: cache_in(out)})
+    return torch.stack(codes, dim=1)
+
+
+def generate_images(model: nn.Module, prompt_files: list, out_dir, temperature: float = 1.0, seed: int = 0,
+                    guidance: float = GUIDANCE) -> list[dict]:
+    """One image per prompt file (``mode-prepare``'s Janus prompts), decoded by the VQ decoder:
+    ``<stem>.image_tokens.json`` (codes 0..codes-1) and ``<stem>.png`` under ``out_dir``, as
+    ``generation.generate_images`` writes them for the other families."""
+    from .generation import load_prompt, save_png
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device, family = model_device(model), FAMILIES["janus"]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    results, was_training = [], model.training
+    model.eval()
+    try:
+        for path in prompt_files:
+            prompt_ids = load_prompt(path, family.text_vocab(model))
+            codes = sample_codes(model, torch.tensor([prompt_ids], device=device), generator, guidance,
+                                 temperature)[0].cpu()
+            stem = Path(path).name.rsplit(".", 1)[0]
+            tokens, png = out_dir / f"{stem}.image_tokens.json", out_dir / f"{stem}.png"
+            tokens.write_text(json.dumps({"prompt": prompt_ids, "image_tokens": codes.tolist()}) + "\n")
+            save_png(family.decode_pixels(model, codes), png)
+            results.append({"prompt": str(path), "tokens": str(tokens), "png": str(png)})
+    finally:
+        model.train(was_training)
+    return results

@@ -18,7 +18,7 @@ from ...modality import IMAGE
 from ...model import routing_state
 from ..protocol import Environment, RunSettings, WorkloadError, to_device
 from ..scoring import answer_nll, scored, target_logits
-from . import evaluation, generation, loading
+from . import evaluation, generation, janus, loading
 from .data import JsonlDataset, collate, load_jsonl
 from .options import HFModelOptions
 
@@ -161,6 +161,9 @@ class HFModelWorkload:
         with tempfile.TemporaryDirectory() as scratch:
             # every process draws (FSDP2 forwards are collectives); rank 0 keeps the files
             out_dir = output / "images" / method_name if self.is_main() else Path(scratch)
+            if self.options.modality.lower() == "janus":
+                return {"images": janus.generate_images(model, self.options.gen_prompts, out_dir,
+                                                        self.settings.gen_temperature, self.settings.seed)}
             images = generation.generate_images(model, self.options.gen_prompts, out_dir, self.spec,
                                                 image_tokens=self.options.image_tokens,
                                                 temperature=self.settings.gen_temperature, seed=self.settings.seed,
