@@ -72,7 +72,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
             batch = task_rows.draw(rng, workload.collate, config, device)
             # right padding under a causal mask: no attention mask needed (pads carry no loss)
             with autocast:
-                out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+                pixels = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}  # Janus
+                out = model(input_ids=batch["input_ids"], labels=batch["labels"], **pixels)
                 # HF's loss is the mean over this process's targets; global_mean turns it into this
                 # process's part of the global batch's mean, which DDP's gradient average then gives
                 targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ...families.emu3 import Emu3Tokens
+from ...families.emu3 import decode_image as emu3_decode_image
 from ...hf.models import continue_sequences, model_device
 from ...layer import routed_layers
 from ...modality import ModalitySpec
 from ...model import routing_state
-from .emu3 import Emu3Tokens
-from .emu3 import decode_image as emu3_decode_image
 from .evaluation import equal_key_batches
 from .loading import vocab_size
 

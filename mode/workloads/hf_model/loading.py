@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...families import FAMILIES, family_of
+from ...families.emu3 import Emu3Tokens
 from ...hf.models import decoder_of, hf_model
 from ...modality import ModalitySpec
 from .data import TokenChecks
-from .emu3 import Emu3Tokens
 
 PathLike = str | os.PathLike
 PRESETS = {"chameleon": ModalitySpec.chameleon, "anole": ModalitySpec.chameleon}
@@ -87,21 +88,26 @@ def token_checks(model: nn.Module, spec: ModalitySpec, task_labels: bool = True)
     Chameleon's and Emu3's ``<image>``) and, for task data (``task_labels``), whether its forward
     masks the logits of image codes."""
     config = hf_model(model).config
-    return TokenChecks(spec, placeholder_id=getattr(config, "image_token_id", None),
+    # Janus's placeholders stay in the record: the vision tower's features replace them in its forward
+    placeholder = None if config.model_type == "janus" else getattr(config, "image_token_id", None)
+    return TokenChecks(spec, placeholder_id=placeholder,
                        image_logits_masked=task_labels and config.model_type in IMAGE_LOGITS_MASKED)
 
 
 def vocab_size(model: nn.Module) -> int:
-    """Rows of the output head: the ids the model can score."""
-    return hf_model(model).get_output_embeddings().weight.shape[0]
+    """The ids a record may hold: the output head's rows, and for Janus its image codes after them
+    (``mode.families``)."""
+    return family_of(model).record_vocab_size(model)
 
 
 def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
-                      vocab_size: int | None = None, vocabulary_map: Mapping[str, int] | None = None) -> ModalitySpec:
+                      vocab_size: int | None = None, vocabulary_map: Mapping[str, int] | None = None,
+                      model: nn.Module | None = None) -> ModalitySpec:
     """The ``ModalitySpec`` named by a ``--modality`` value, checked against the vocabulary.
 
     Accepts a preset name ("chameleon", "anole": image codes 4..8195, begin 8197, end 8196;
-    "emu3": read from the checkpoint's ``vocabulary_map``, see ``emu3.Emu3Tokens``), a
+    "emu3": read from the checkpoint's ``vocabulary_map``, see ``mode.families.emu3``; "janus": from
+    ``model``'s config, see ``mode.families.janus``), a
     string of comma-separated items ``LO:HI`` (an image-code range, HI exclusive), ``begin=ID``
     and ``end=ID`` (e.g. ``"4:8196,begin=8197,end=8196"``), a dict of ``ModalitySpec`` fields,
     or a ``ModalitySpec``.
@@ -110,6 +116,10 @@ def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
         spec = name_or_args
     elif isinstance(name_or_args, Mapping):
         spec = ModalitySpec(**name_or_args)
+    elif isinstance(name_or_args, str) and name_or_args.lower() == "janus":
+        if model is None:
+            raise ValueError("modality janus: read from the model's config; pass model=")
+        spec = FAMILIES["janus"].modality_spec(model)
     elif isinstance(name_or_args, str) and name_or_args.lower() == "emu3":
         spec = Emu3Tokens.from_vocabulary(vocabulary_map).spec()
     elif isinstance(name_or_args, str) and name_or_args.lower() in PRESETS:
@@ -141,6 +151,6 @@ def _parse_spec(text: str) -> ModalitySpec:
                 ranges.append((int(lo), int(hi)))
         except ValueError:
             raise ValueError(f"modality {text!r}: cannot read {item!r}; expected a preset "
-                             f"({', '.join(PRESETS)}) or items LO:HI, begin=ID, end=ID") from None
+                             f"({', '.join([*PRESETS, 'emu3', 'janus'])}) or items LO:HI, begin=ID, end=ID") from None
     return ModalitySpec(image_token_ranges=tuple(ranges), begin_image=markers.get("begin"),
                         end_image=markers.get("end"))

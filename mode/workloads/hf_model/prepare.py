@@ -42,13 +42,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...hf.models import hf_model, model_device
+from . import janus
 from .data import REPORTED_ERRORS, parse_record
 from .loading import load_model, modality_spec_for, token_checks, vocab_size
 
 if TYPE_CHECKING:
     from PIL import Image
 
-FAMILIES = ("chameleon", "emu3")
+FAMILIES = ("chameleon", "emu3", "janus")
 
 
 @dataclass
@@ -134,8 +135,9 @@ class Preparer:
             raise ValueError(f"--template {template!r}: expected one {{image}} and a {{question}}")
         self.template, self.ratio, self.image_area = template, ratio, image_area
         config = hf_model(model).config
-        self.spec = modality_spec_for(self.family, vocab_size(model), getattr(config, "vocabulary_map", None))
-        self.codes = self.spec.image_token_ranges[0]
+        self.spec = modality_spec_for(self.family, vocab_size(model), getattr(config, "vocabulary_map", None),
+                                      model=model)
+        self.codes = self.spec.image_token_ranges[-1]
         # Chameleon's processor appends its sep token to a prompt unless told it is for completion
         self.text_options = {"return_for_text_completion": True} if self.family == "chameleon" else {}
 
@@ -164,6 +166,9 @@ class Preparer:
         kind = records[0].kind
         if kind == "prompt":
             return [self._prompt(r) for r in records]
+        if self.family == "janus":
+            return [{**obj, **({"task": r.fields["task"]} if "task" in r.fields else {})}
+                    for r, obj in zip(records, janus.tokenize(self.model, self.processor, self.template, records))]
         if kind == "task":
             texts = [self.template.format(image=self.placeholder, question=r.fields["question"]) for r in records]
         else:
@@ -181,6 +186,8 @@ class Preparer:
 
     def _prompt(self, record: RawRecord) -> dict:
         caption = record.fields["caption"]
+        if self.family == "janus":
+            return janus.prompt(self.processor, caption)
         if self.family == "chameleon":
             ids = self.processor(text=[caption], return_tensors="pt", **self.text_options)["input_ids"][0]
             return {"input_ids": ids.tolist()}
@@ -240,12 +247,20 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
     for r, obj in zip(records, results):
         if r.kind != "prompt":
             try:
-                parse_record(obj, vocab_size(model), "-", max_length, checks[r.kind == "task"])
+                parse_record({k: v for k, v in obj.items() if k != janus.PIXELS_FIELD}, vocab_size(model), "-",
+                             max_length, checks[r.kind == "task"])
             except ValueError as exc:
                 problems.append(f"{r.source}: the tokenized record: {exc}")
     if problems:
         raise ValueError(f"{len(problems)} tokenized record(s) the trainer would refuse (is --model the processor's "
                          "checkpoint?):\n  " + "\n  ".join(problems[:REPORTED_ERRORS]))
+    pixel_files = [(n, obj) for n, obj in enumerate(results) if isinstance(obj.get(janus.PIXELS_FIELD), torch.Tensor)]
+    if pixel_files:  # Janus: understanding images as pixels, each in a file beside the output
+        (output.parent / janus.sidecar_dir(output)).mkdir(parents=True, exist_ok=True)
+    for n, obj in pixel_files:
+        name = f"{janus.sidecar_dir(output)}/{n}.pt"
+        torch.save(obj[janus.PIXELS_FIELD].contiguous().clone(), output.parent / name)
+        obj[janus.PIXELS_FIELD] = name
     lines = [json.dumps(obj) for r, obj in zip(records, results) if r.kind != "prompt"]
     if lines:
         output.parent.mkdir(parents=True, exist_ok=True)
