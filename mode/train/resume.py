@@ -125,5 +125,37 @@ def load_adapters(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         raise corrupt_checkpoint(path, err) from err
 
 
+# What a run writes into its output directory (``mode.train.cli``'s list; the plots: ``report.write_plots``),
+# and all that --overwrite deletes: other files of the directory stay.
+RUN_OUTPUTS = ("checkpoint", ".checkpoint.tmp", ".checkpoint.old", "config.json", "metrics.json", "results.md",
+               "adapters", "images", "tensorboard", "acc_matrix_*.png", "gen_acc.png", "image_nll.png",
+               "generated_digits.png", "loss.png", "conflict.png")
+
+
+def claim_output(output: Path, config_json: str, resume: bool, overwrite: bool) -> None:
+    """Refuse an output directory that holds another run, or this run's checkpoint or results without
+    ``resume`` (continue) or ``overwrite`` (delete the run's files, ``RUN_OUTPUTS``, and start over).
+    Every process checks (read-only, the same answer), so all refuse together; rank 0 deletes."""
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
+                       "--overwrite deletes it")
+    config_path = output / "config.json"
+    other = config_path.exists() and json.loads(config_path.read_text()) != json.loads(config_json)
+    held = [what for what, name in (("a checkpoint", "checkpoint"), ("finished results", "metrics.json"))
+            if (output / name).exists()]
+    if overwrite:
+        if is_main():
+            for pattern in RUN_OUTPUTS:
+                for path in output.glob(pattern):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        barrier()
+    elif other:
+        raise RunError(f"{output} holds another run (its config.json differs); choose another --output, or add "
+                       "--overwrite to delete that run and start this one")
+    elif held and not resume:
+        raise RunError(f"{output} holds {' and '.join(held)} of this run: add --resume to continue it, or "
+                       "--overwrite to delete them and start over")
+
+
 def corrupt_checkpoint(path: Path, err: BaseException) -> RunError:
     return RunError(f"corrupt checkpoint {path} ({type(err).__name__}: {err}); delete it to start over")
