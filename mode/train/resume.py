@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..json_files import read_json
 from .config import RunError, TrainConfig, config_dict
 from .distributed import PathLike, barrier, is_distributed, is_main
 
@@ -76,7 +77,7 @@ def checkpoint_extra(path: PathLike) -> dict:
     path = Path(path)
     if not (path / EXTRA_STATE_NAME).is_file() or not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint written by save_checkpoint")
-    return json.loads((path / EXTRA_STATE_NAME).read_text())
+    return read_json(path / EXTRA_STATE_NAME)
 
 
 def load_checkpoint(path: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
@@ -140,7 +141,10 @@ def claim_output(output: Path, config_json: str, resume: bool, overwrite: bool) 
         raise RunError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
                        "--overwrite deletes it")
     config_path = output / "config.json"
-    other = config_path.exists() and json.loads(config_path.read_text()) != json.loads(config_json)
+    try:
+        other = config_path.exists() and read_json(config_path) != json.loads(config_json)
+    except ValueError as err:
+        raise RunError(f"{err}; it is not a run's config.json: choose another --output, or add --overwrite") from None
     held = [what for what, name in (("a checkpoint", "checkpoint"), ("finished results", "metrics.json"))
             if (output / name).exists()]
     if overwrite:

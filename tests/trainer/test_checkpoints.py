@@ -159,12 +159,12 @@ def test_generation_routes_codes_to_the_image_expert():
 
 def test_prompt_file_errors(tmp_path):
     cases = {"a.json": "[1, 2.5]", "b.json": "{}", "c.json": "[]", "d.json": "[1, 99999]", "e.txt": "[1]",
-             "f.json": "{bad"}
+             "f.json": "[1,\n{bad", "h.pt": "not a tensor file"}
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
     for name, reason in (("a.json", "list of token ids"), ("b.json", "list of token ids"), ("c.json", "non-empty"),
                          ("d.json", "outside the vocabulary"), ("e.txt", "expected a .json or .pt"),
-                         ("f.json", "bad JSON")):
+                         ("f.json", r"f\.json:2: not valid JSON"), ("h.pt", r"h\.pt: not a tensor file")):
         with pytest.raises(ValueError, match=reason):
             load_prompt(tmp_path / name, VOCAB)
     (tmp_path / "g.json").write_text(json.dumps({"input_ids": [3]}))

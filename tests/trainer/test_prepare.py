@@ -105,8 +105,9 @@ def test_prepare_train_reload_generate(tmp_path, kind):
         assert len(drawn["image_tokens"]) == 64 and png.size == (8, 8)
 
 
-def test_bad_raw_records_are_listed_with_file_and_line(tmp_path):
-    model_dir = save_tiny_checkpoint("chameleon", tmp_path / "chameleon")
+@pytest.mark.parametrize("kind", ["chameleon", "emu3"])
+def test_bad_raw_records_are_listed_with_file_and_line(tmp_path, kind):
+    model_dir = save_tiny_checkpoint(kind, tmp_path / kind)
     directory = tmp_path / "raw"
     directory.mkdir()
     write_png(directory / "ok.png", 0)
@@ -114,17 +115,20 @@ def test_bad_raw_records_are_listed_with_file_and_line(tmp_path):
     lines = [{"image": "ok.png", "question": "what is it ?", "answer": "red"},
              {"image": "missing.png", "question": "what is it ?", "answer": "red"},
              {"image": "broken.png", "question": "what is it ?", "answer": "red"},
-             {"image": "ok.png", "question": "what is it ?", "answer": " "}]
+             {"image": "ok.png", "question": "what is it ?", "answer": " "},
+             {"image": "ok.png", "question": "what is <image> ?", "answer": "red"}]  # a second image
     raw = directory / "t.jsonl"
-    raw.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    raw.write_bytes("".join(json.dumps(r) + "\n" for r in lines).encode() + b'{"caption": "caf\xe9"}\n')
     out = tmp_path / "t.jsonl"
     with pytest.raises(ValueError) as err:
         prepare.prepare(model_dir, raw, out, progress=False)
     message = str(err.value)
-    assert "3 bad record(s)" in message and not out.exists()
+    assert "5 bad record(s)" in message and "--on-bad-record skip" in message and not out.exists()
     assert "t.jsonl:2: image 'missing.png': no such file" in message
     assert "t.jsonl:3: image 'broken.png': unreadable" in message
     assert "t.jsonl:4: answer: expected a non-empty string" in message
-    with pytest.warns(UserWarning, match="skipped 3 bad record"):
+    assert "t.jsonl:5: question: holds '<image>', one of the processor's image tokens" in message
+    assert "t.jsonl:6: not UTF-8 text" in message
+    with pytest.warns(UserWarning, match="skipped 5 bad record"):
         counts = prepare.prepare(model_dir, raw, out, on_error="skip", progress=False)
-    assert counts == {"records": 1, "prompts": 0, "skipped": 3} and len(out.read_text().splitlines()) == 1
+    assert counts == {"records": 1, "prompts": 0, "skipped": 5} and len(out.read_text().splitlines()) == 1

@@ -291,6 +291,9 @@ def test_overwrite_deletes_the_runs_files_only(tmp_path):
     resume.claim_output(tmp_path, "{}", resume=True, overwrite=False)  # continuing is allowed
     resume.claim_output(tmp_path, '{"seed": 1}', resume=False, overwrite=True)  # even another run's
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    (tmp_path / "config.json").write_text("{\n  not json")
+    with pytest.raises(RunError, match=r"config\.json:2: not valid JSON .*choose another --output, or add --overwrite"):
+        resume.claim_output(tmp_path, "{}", resume=False, overwrite=False)
 
 
 def test_gradient_checkpointing_changes_no_result(tmp_path, cache_dir, reference_run):

@@ -4,7 +4,7 @@ import json
 import random
 
 import pytest
-from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, VOCAB, tiny_model
+from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, VOCAB, save_tiny_checkpoint, tiny_model
 
 import mode
 from mode.train import cli, loop
@@ -23,6 +23,12 @@ def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     tiny_model("llama").save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dirs(tmp_path_factory):
+    """The tiny Chameleon and Emu3 checkpoints, by name."""
+    return {kind: save_tiny_checkpoint(kind, tmp_path_factory.mktemp(kind)) for kind in ("chameleon", "emu3")}
 
 
 def image_question(rng, text_ids, code_ids, begin, end, answer):
@@ -197,3 +203,12 @@ def test_emu3_prompt_needs_its_image_size(tmp_path):
                                        "height and width"):
         run(["--output", str(tmp_path / "out"), "--model", str(model_dir), "--modality", "emu3", "--data", str(data),
              "--methods", "lora", "--gen-prompts", str(tmp_path / "cat.json"), *TINY])
+
+
+@pytest.mark.parametrize("kind", ["chameleon", "emu3"])
+def test_raw_records_are_refused_with_a_hint_to_run_mode_prepare(tmp_path, checkpoint_dirs, kind):
+    data = write_jsonl(tmp_path / "vqa.jsonl", [{"image": "img/0.png", "question": "what is it ?", "answer": "red"}])
+    raw = r"vqa\.jsonl:1: missing field 'input_ids': a raw record \(image, question, answer\); tokenize the file with"
+    with pytest.raises(RunError, match=rf"(?s)--on-bad-record skip drops them.*{raw} mode-prepare"):
+        run(["--output", str(tmp_path / "out"), "--model", str(checkpoint_dirs[kind]), "--modality", kind,
+             "--data", str(data), "--methods", "lora", *TINY])

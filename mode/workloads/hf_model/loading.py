@@ -117,12 +117,12 @@ def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
     elif isinstance(name_or_args, str):
         spec = _parse_spec(name_or_args)
     else:
-        raise ValueError(f"modality: expected a preset name, a spec string or a ModalitySpec, got {name_or_args!r}")
+        raise ValueError(f"--modality: expected a preset name, a spec string or a ModalitySpec, got {name_or_args!r}")
     if vocab_size is not None:
         markers = [i for i in (spec.begin_image, spec.end_image) if i is not None]
         ids = [hi - 1 for _, hi in spec.image_token_ranges] + markers
         if max(ids) >= vocab_size:
-            raise ValueError(f"modality: the spec {spec} names id {max(ids)}, outside the model's vocabulary of "
+            raise ValueError(f"--modality: the spec {spec} names id {max(ids)}, outside the model's vocabulary of "
                              f"{vocab_size} ids")
     return spec
 
@@ -140,7 +140,7 @@ def _parse_spec(text: str) -> ModalitySpec:
                 lo, hi = item.split(":")
                 ranges.append((int(lo), int(hi)))
         except ValueError:
-            raise ValueError(f"modality {text!r}: cannot read {item!r}; expected a preset "
+            raise ValueError(f"--modality {text!r}: cannot read {item!r}; expected a preset "
                              f"({', '.join(PRESETS)}) or items LO:HI, begin=ID, end=ID") from None
     return ModalitySpec(image_token_ranges=tuple(ranges), begin_image=markers.get("begin"),
                         end_image=markers.get("end"))

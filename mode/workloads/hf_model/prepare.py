@@ -22,7 +22,8 @@ placeholders: Chameleon / Anole 1024 codes between <racm3:break> and <eoss>; Emu
 layout (each row's codes and an end-of-row token, see ``emu3``). A placeholder count that does not
 match the codes is an error.
 
-Bad records (bad JSON, missing or empty fields, a missing or unreadable image) are listed with
+Bad records (bad JSON, missing or empty fields, a missing or unreadable image, one of the processor's image
+tokens such as ``<image>`` typed in the text) are listed with
 ``file:line``; ``--on-bad-record refuse`` (default, as the trainer) writes nothing and exits 2,
 ``skip`` drops them with a warning. The output is written atomically.
 """
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 FAMILIES = ("chameleon", "emu3")
+# The processor's attributes naming its image tokens: the placeholder it expands and the markers around an image.
+IMAGE_TOKENS = ("image_token", "image_start_token", "image_end_token")
 
 
 @dataclass
@@ -68,16 +71,20 @@ class RawRecord:
             raise ValueError(f"{self.source}: image {self.fields['image']!r}: unreadable ({exc})") from None
 
 
-def read_records(path: Path) -> tuple[list[RawRecord], list[str]]:
-    """The valid records of ``path`` (images opened) and the problems of the others, with file:line."""
+def read_records(path: Path, reserved: tuple[str, ...] = ()) -> tuple[list[RawRecord], list[str]]:
+    """The valid records of ``path`` (images opened) and the problems of the others, with file:line.
+    ``reserved``: the processor's image tokens (``<image>``...), which a record's text must not hold: the
+    processor would count a typed ``<image>`` as one more image."""
     from PIL import Image, UnidentifiedImageError
 
     records, errors = [], []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
         source = f"{path}:{line_no}"
         try:
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ValueError("not UTF-8 text") from None
             except json.JSONDecodeError as exc:
                 raise ValueError(f"bad JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
@@ -94,6 +101,11 @@ def read_records(path: Path) -> tuple[list[RawRecord], list[str]]:
             for name in required + tuple(k for k in ("task", "name") if k in obj):
                 if not isinstance(obj.get(name), str) or not obj[name].strip():
                     raise ValueError(f"{name}: " + ("missing" if name not in obj else "expected a non-empty string"))
+            for name in ("question", "answer", "caption"):
+                typed = next((token for token in reserved if token in obj.get(name, "")), None)
+                if typed is not None:
+                    raise ValueError(f"{name}: holds {typed!r}, one of the processor's image tokens: the record's "
+                                     "image goes where --template puts {image}; remove it from the text")
             if kind == "prompt" and Path(obj.get("name", "x")).name != obj.get("name", "x"):
                 raise ValueError(f"name {obj['name']!r}: expected a file name (it names PROMPT_DIR/NAME.json)")
             image_path = None
@@ -211,7 +223,15 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
         raise ValueError(f"on_error: expected 'refuse' or 'skip', got {on_error!r}")
     if not inputs.is_file():
         raise FileNotFoundError(f"{inputs}: no such file")
-    records, errors = read_records(inputs)
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: no such model directory")
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {model_dir}: no processor to load ({exc}); mode-prepare needs the checkpoint "
+                         "saved with its processor") from None
+    records, errors = read_records(inputs, tuple(
+        token for token in (getattr(processor, name, None) for name in IMAGE_TOKENS) if isinstance(token, str)))
     if errors:
         listed = "\n  ".join(errors[:REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - REPORTED_ERRORS} more" if len(errors) > REPORTED_ERRORS else ""
@@ -224,8 +244,7 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
         raise ValueError(f"{inputs}: prompt records ({{caption}} without an image) need --prompt-dir")
     dtype = torch.bfloat16 if device.startswith("cuda") else None
     model = load_model(model_dir, dtype=dtype, device=device)
-    preparer = Preparer(model, AutoProcessor.from_pretrained(model_dir, local_files_only=True), template, ratio,
-                        image_area)
+    preparer = Preparer(model, processor, template, ratio, image_area)
     results: list[dict | None] = [None] * len(records)
     with tqdm(total=len(records), desc=f"mode-prepare {inputs.name}", disable=not progress) as bar:
         for batch in _same_kind_batches(records, batch_size):
