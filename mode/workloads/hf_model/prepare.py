@@ -20,7 +20,8 @@ The processor writes placeholders (``<image>``) where the image goes; each batch
 encoded by the checkpoint's VQ encoder (``get_image_tokens``) and their codes replace the
 placeholders: Chameleon / Anole 1024 codes between <racm3:break> and <eoss>; Emu3 its row
 layout (each row's codes and an end-of-row token, see ``emu3``). A placeholder count that does not
-match the codes is an error.
+match the codes is an error, and so are codes outside the family's image codes; the summary counts them
+(``loading.check_image_tokens``, which mode-train runs with its --modality).
 
 Bad records (bad JSON, missing or empty fields, a missing or unreadable image, one of the processor's image
 tokens such as ``<image>`` typed in the text) are listed with
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ...hf.models import hf_model, model_device
 from .data import REPORTED_ERRORS, parse_record
-from .loading import load_model, modality_spec_for, token_checks, vocab_size
+from .loading import check_image_tokens, load_model, modality_spec_for, own_spec, token_checks, vocab_size
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -187,7 +188,11 @@ class Preparer:
                 obj = {"input_ids": ids + answer + [self.tokenizer.eos_token_id], "answer_start": len(ids)}
             else:  # scored from the image's first code on
                 lo, hi = self.codes
-                obj = {"input_ids": ids, "answer_start": next(i for i, t in enumerate(ids) if lo <= t < hi)}
+                start = next((i for i, t in enumerate(ids) if lo <= t < hi), None)
+                if start is None:
+                    raise ValueError(f"{r.source}: none of the image's VQ codes lies in {self.family}'s image codes "
+                                     f"{lo}..{hi - 1} (spec {self.spec}); is the checkpoint a {self.family} one?")
+                obj = {"input_ids": ids, "answer_start": start}
             out.append({**obj, **({"task": r.fields["task"]} if "task" in r.fields else {})})
         return out
 
@@ -262,6 +267,8 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
                 parse_record(obj, vocab_size(model), "-", max_length, checks[r.kind == "task"])
             except ValueError as exc:
                 problems.append(f"{r.source}: the tokenized record: {exc}")
+    tokenized = [torch.tensor(obj["input_ids"]) for r, obj in zip(records, results) if r.kind != "prompt"]
+    image_codes = check_image_tokens(tokenized, preparer.spec, preparer.family, own_spec(model), str(inputs))
     if problems:
         raise ValueError(f"{len(problems)} tokenized record(s) the trainer would refuse (is --model the processor's "
                          "checkpoint?):\n  " + "\n  ".join(problems[:REPORTED_ERRORS]))
@@ -275,7 +282,8 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
     for n, (r, obj) in enumerate(prompts):
         prompt_dir.mkdir(parents=True, exist_ok=True)
         (prompt_dir / f"{r.fields.get('name', f'prompt{n}')}.json").write_text(json.dumps(obj) + "\n")
-    return {"records": len(lines), "prompts": len(prompts), "skipped": len(errors)}
+    return {"records": len(lines), "prompts": len(prompts), "skipped": len(errors), "image_codes": image_codes,
+            "tokens": sum(ids.numel() for ids in tokenized)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -308,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"mode-prepare: {err}", file=sys.stderr)
         return 2
-    print(f"mode-prepare: {counts['records']} record(s) to {args.output}, {counts['prompts']} prompt(s), "
-          f"{counts['skipped']} skipped")
+    print(f"mode-prepare: {counts['records']} record(s) to {args.output} ({counts['image_codes']} of their "
+          f"{counts['tokens']} tokens image codes), {counts['prompts']} prompt(s), {counts['skipped']} skipped")
     return 0
 
 

@@ -57,10 +57,14 @@ class HFModelWorkload:
 
             with warnings.catch_warnings():
                 if not environment.is_main():
-                    warnings.simplefilter("ignore")  # the skipped-records report once, from rank 0
+                    warnings.simplefilter("ignore")  # the skipped-records and spec reports once, from rank 0
                 tasks = read(options.data)
                 evals = read(options.eval_data) if options.eval_data else tasks
                 self.generation_rows = read(options.gen_data, task_labels=False).records if options.gen_data else None
+                loading.check_image_tokens(
+                    [r["input_ids"] for r in tasks.records + (self.generation_rows or [])], self.spec,
+                    options.modality, loading.own_spec(self._base_for_next_method),
+                    "--data" + (" and --gen-data" if options.gen_data else ""))
             for path in options.gen_prompts:  # bad prompt files fail now, not after training
                 generation.load_prompt(path, vocab)
                 if self.emu3 is not None:
