@@ -92,6 +92,15 @@ def token_checks(model: nn.Module, spec: ModalitySpec, task_labels: bool = True)
                        image_logits_masked=task_labels and config.model_type in IMAGE_LOGITS_MASKED)
 
 
+def masked_logit_ids(model: nn.Module) -> torch.Tensor | None:
+    """The ids whose logits ``model``'s forward sets to the lowest float, so left out of its training loss
+    (Chameleon / Anole: its image codes, ``vocabulary_mapping.image_tokens``); None where it masks none."""
+    inner = hf_model(model)
+    if inner.config.model_type not in IMAGE_LOGITS_MASKED:
+        return None
+    return torch.as_tensor(inner.model.vocabulary_mapping.image_tokens, dtype=torch.long)
+
+
 def vocab_size(model: nn.Module) -> int:
     """Rows of the output head: the ids the model can score."""
     return hf_model(model).get_output_embeddings().weight.shape[0]

@@ -133,8 +133,10 @@ class HFModelWorkload:
         size = self.settings.batch_size
         accs = evaluation.exact_match_accuracy(model, self.evals, batch_size=size)
         held_out = [[r for r, t in zip(self.evals.records, self.evals.tasks) if t == name] for name in self.task_names]
+        # on the logits the model trains on (Chameleon's forward masks the image codes): the training loss's scale
+        masked = loading.masked_logit_ids(model)
         nlls = [answer_nll(model, (to_device(self.collate(rows[i:i + size]), self.device)
-                                   for i in range(0, len(rows), size))) for rows in held_out]
+                                   for i in range(0, len(rows), size)), masked) for rows in held_out]
         return {"accs": [accs[name] for name in self.task_names], "answer_nlls": nlls, "gen_acc": None,
                 "image_nll": self.image_nll(model)}
 
