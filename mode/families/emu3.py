@@ -10,7 +10,6 @@ rest, so every token of the layout is routed as an image token.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hf.models import hf_model
+from ..json_files import read_json
 from ..modality import ModalitySpec
 from .base import SharedVocabulary
 
@@ -67,7 +67,7 @@ def pixel_stats(model_dir: str | Path) -> tuple[list[float], list[float]]:
     """(mean, std) the checkpoint's image processor normalises with (``preprocessor_config.json``);
     (0.5, 0.5) per channel without one (pixels in [-1, 1], the VQ decoder's range)."""
     path = Path(model_dir) / "preprocessor_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = read_json(path) if path.is_file() else {}
     return tuple(_per_channel(config.get(key, 0.5)) for key in ("image_mean", "image_std"))
 
 

@@ -20,7 +20,7 @@ from ..modality import IMAGE
 from ..workloads import Environment, Workload
 from ..workloads.protocol import to_device
 from ..workloads.schedule import cosine_lr
-from . import distributed, probe
+from . import distributed, interrupt, probe
 from .adapter_export import export_adapters
 from .adapting import build_model
 from .config import RunError, TrainConfig, check_config, config_dict, workload_errors_as_run_errors
@@ -30,7 +30,7 @@ from .methods import METHODS, Method, trainable_params
 from .metrics import metrics_json, retention, task_score_metrics
 from .rehearsal import StepRows, step_rows
 from .report import LossBoard, results_markdown, write_plots
-from .resume import load_adapters, load_progress, save_checkpoint
+from .resume import claim_output, load_adapters, load_progress, save_checkpoint
 
 
 def wrap(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
@@ -137,9 +137,12 @@ def train_task(model: nn.Module, workload: Workload, method: Method, name: str, 
             current["loss_history"][key].append(losses[key])
         board.add_losses(name, task_index * config.steps_per_task + step, losses)
         bar.set_postfix(loss=f"{losses['loss']:.3f}")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps_per_task:
-            current["step"] = step + 1
+        stop = interrupt.requested()
+        if stop or (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps_per_task:
+            current["step"] = step + 1  # (all of them on a stop after the last step: resuming evaluates)
             save_checkpoint(checkpoint_path, model, optimizer, extra=state | {"current": current})
+        if stop:
+            raise interrupt.Interrupted(stop)
 
 
 def method_results(model: nn.Module, workload: Workload, method: Method, name: str, current: dict, state: dict,
@@ -194,11 +197,15 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
                         [config.seed, task_index, 3])
         current.update(task=task_index + 1, step=0)
         save_checkpoint(checkpoint_path, model, extra=state | {"current": current})
+        if stop := interrupt.requested():  # during the evaluation: the checkpoint above is the safe point
+            raise interrupt.Interrupted(stop)
     results = method_results(model, workload, method, label, current, state, output)
     results["adapters"] = str(export_adapters(model, output, label).relative_to(output))
     state["done"].setdefault(name, {})[str(config.seed)] = results
     state["current"] = None
     save_checkpoint(checkpoint_path, model, extra=state)
+    if stop := interrupt.requested():
+        raise interrupt.Interrupted(stop)
 
 
 def load_workload(config: TrainConfig, device: torch.device, cache_dir: str | Path | None,
@@ -236,12 +243,16 @@ def evaluate_pretrained(workload: Workload, config: TrainConfig, device: torch.d
 
 @workload_errors_as_run_errors()
 def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "cpu",
-        cache_dir: str | Path | None = None, progress: bool = True, jobs: int = 1, threads: int | None = None) -> dict:
+        cache_dir: str | Path | None = None, progress: bool = True, overwrite: bool = False, jobs: int = 1,
+        threads: int | None = None) -> dict:
     """Run every method of `config`, write the results to `output` (rank 0), and return metrics.json's content.
+    An `output` holding a checkpoint or results needs `resume` (continue it) or `overwrite` (delete them first).
 
     ``jobs`` > 1 runs the method × seed runs in that many worker processes (``mode.train.jobs``), each with
     ``threads`` torch threads (default: the cores shared among them); ``threads`` also sets this process's.
     Under torchrun every process calls it; it joins the process group (`mode.train.distributed.init`).
+    Within `interrupt.stop_at_safe_points()` a signal stops it after the current step, with a checkpoint
+    there (`interrupt.Interrupted`).
     """
     distributed.init()
     check_config(config)
@@ -259,9 +270,7 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     progress = progress and distributed.is_main()
     config_path, checkpoint_path = output / "config.json", output / "checkpoint"
     config_json = json.dumps(asdict(config), indent=2, sort_keys=True)
-    # every process checks (read-only, same answer), so all refuse together
-    if config_path.exists() and json.loads(config_path.read_text()) != json.loads(config_json):
-        raise RunError(f"{output} holds another run (its config.json differs); choose another --output")
+    claim_output(output, config_json, resume, overwrite)
     state = load_progress(checkpoint_path, config) if resume and checkpoint_path.exists() else None
     workload = load_workload(config, device, cache_dir, progress)
     distributed.atomic_write_text(config_path, config_json)

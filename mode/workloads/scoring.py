@@ -50,15 +50,20 @@ def with_pixels(model: nn.Module, inputs: Mapping[str, Tensor], pixel_values: Te
 
 
 @torch.no_grad()
-def answer_nll(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> float:
+def answer_nll(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], masked_ids: Tensor | None = None) -> float:
     """Mean NLL (nats per answer token) of the labelled tokens (labels != -100) given everything
-    before them, over all ``batches``, in eval mode (the model's train flag is restored)."""
+    before them, over all ``batches``, in eval mode (the model's train flag is restored).
+
+    ``masked_ids``: ids left out of the softmax, as the model's own forward leaves them out (Chameleon's
+    image codes): the score is then on the scale of the model's training loss. None: the whole vocabulary."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for batch in batches:
             logits, targets = target_logits(model, batch, batch["labels"] != IGNORE_INDEX)
+            if masked_ids is not None:
+                logits[:, masked_ids.to(logits.device)] = float("-inf")
             total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             count += targets.numel()
     finally:

@@ -29,7 +29,8 @@ Bad records (bad JSON, bytes that are not UTF-8, empty lines, missing or ill-typ
 labels of another length, answer_start out of range, nothing scored, too long, and with ``TokenChecks``
 the two mistakes that pass silently otherwise: image placeholder ids left inside an image span,
 task labels on image codes whose logits the model masks) are reported with
-``file:line`` and the reason; ``on_error="refuse"`` raises a ValueError listing them,
+``file:line`` and the reason (records mode-prepare has not tokenized yet with a hint to run it);
+``on_error="refuse"`` (the trainer's ``--on-bad-record refuse``) raises a ValueError listing them,
 ``on_error="skip"`` drops them with a warning giving their count and the first reasons. Never silent.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ from ...constants import IGNORE_INDEX
 from ...modality import IMAGE, ModalitySpec
 
 REPORTED_ERRORS = 10  # bad records listed in a message; the rest are counted
+RAW_FIELDS = ("image", "question", "answer", "caption")  # mode-prepare's input records, not yet tokenized
 
 
 @dataclass
@@ -133,7 +135,10 @@ def parse_record(obj: object, vocab_size: int, default_task: str, max_length: in
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "input_ids" not in obj:
-        raise ValueError("missing field 'input_ids'")
+        raw = [name for name in RAW_FIELDS if name in obj]
+        raise ValueError("missing field 'input_ids'" + (
+            f": a raw record ({', '.join(raw)}); tokenize the file with mode-prepare first "
+            "(mode-prepare --model DIR RAW.jsonl OUT.jsonl)" if raw else ""))
     input_ids = _int_list(obj["input_ids"], "input_ids")
     if not input_ids:
         raise ValueError("input_ids: empty")
@@ -231,7 +236,7 @@ def load_jsonl(paths: str | os.PathLike | Sequence[str | os.PathLike], vocab_siz
         listed = "\n  ".join(errors[:REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - REPORTED_ERRORS} more" if len(errors) > REPORTED_ERRORS else ""
         if on_error == "refuse":
-            raise ValueError(f"{len(errors)} bad record(s) in the data (use on_error='skip' to drop them):\n  "
+            raise ValueError(f"{len(errors)} bad record(s) in the data (--on-bad-record skip drops them):\n  "
                              f"{listed}{more}")
         warnings.warn(f"skipped {len(errors)} bad record(s) of the data, kept {len(data)}:\n  {listed}{more}",
                       stacklevel=2)

@@ -9,7 +9,8 @@ Its evaluation: ``evaluation.exact_match_accuracy``; drawing images: ``generatio
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -94,6 +95,15 @@ def token_checks(model: nn.Module, spec: ModalitySpec, task_labels: bool = True)
                        image_logits_masked=task_labels and config.model_type in IMAGE_LOGITS_MASKED)
 
 
+def masked_logit_ids(model: nn.Module) -> torch.Tensor | None:
+    """The ids whose logits ``model``'s forward sets to the lowest float, so left out of its training loss
+    (Chameleon / Anole: its image codes, ``vocabulary_mapping.image_tokens``); None where it masks none."""
+    inner = hf_model(model)
+    if inner.config.model_type not in IMAGE_LOGITS_MASKED:
+        return None
+    return torch.as_tensor(inner.model.vocabulary_mapping.image_tokens, dtype=torch.long)
+
+
 def vocab_size(model: nn.Module) -> int:
     """The ids a record may hold: the output head's rows, and for Janus its image codes after them
     (``mode.families``)."""
@@ -127,12 +137,12 @@ def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
     elif isinstance(name_or_args, str):
         spec = _parse_spec(name_or_args)
     else:
-        raise ValueError(f"modality: expected a preset name, a spec string or a ModalitySpec, got {name_or_args!r}")
+        raise ValueError(f"--modality: expected a preset name, a spec string or a ModalitySpec, got {name_or_args!r}")
     if vocab_size is not None:
         markers = [i for i in (spec.begin_image, spec.end_image) if i is not None]
         ids = [hi - 1 for _, hi in spec.image_token_ranges] + markers
         if max(ids) >= vocab_size:
-            raise ValueError(f"modality: the spec {spec} names id {max(ids)}, outside the model's vocabulary of "
+            raise ValueError(f"--modality: the spec {spec} names id {max(ids)}, outside the model's vocabulary of "
                              f"{vocab_size} ids")
     return spec
 
@@ -150,7 +160,66 @@ def _parse_spec(text: str) -> ModalitySpec:
                 lo, hi = item.split(":")
                 ranges.append((int(lo), int(hi)))
         except ValueError:
-            raise ValueError(f"modality {text!r}: cannot read {item!r}; expected a preset "
+            raise ValueError(f"--modality {text!r}: cannot read {item!r}; expected a preset "
                              f"({', '.join([*PRESETS, 'emu3', 'janus'])}) or items LO:HI, begin=ID, end=ID") from None
     return ModalitySpec(image_token_ranges=tuple(ranges), begin_image=markers.get("begin"),
                         end_image=markers.get("end"))
+
+
+# ----------------------------------------------------------------------------- the spec against the data
+
+# A spec's image codes that are fewer or more than this share of the checkpoint's own, in the same data: a warning.
+PLAUSIBLE_SHARE = (0.9, 1.1)
+
+
+def own_spec(model: nn.Module) -> ModalitySpec | None:
+    """The image tokens the checkpoint itself names (its family's: Chameleon / Anole codes 4..8195 and their
+    markers, Emu3's from its vocabulary_map, Janus's codes after the text vocabulary); None for a model of no
+    known family, or whose vocabulary lacks its family's codes (a tiny test model)."""
+    family = FAMILIES.get(getattr(hf_model(model).config, "model_type", None))
+    if family is None:
+        return None
+    spec = family.modality_spec(model)
+    return spec if max(hi for _, hi in spec.image_token_ranges) <= family.record_vocab_size(model) else None
+
+
+def _codes(ids: torch.Tensor, spec: ModalitySpec) -> torch.Tensor:
+    found = torch.zeros_like(ids, dtype=torch.bool)
+    for lo, hi in spec.image_token_ranges:
+        found |= (ids >= lo) & (ids < hi)
+    return found
+
+
+def check_image_tokens(sequences: Iterable[torch.Tensor], spec: ModalitySpec, spec_name: str,
+                       own: ModalitySpec | None, data: str) -> int:
+    """Count the tokens of ``sequences`` (1-D id tensors) that ``spec`` marks as image codes, and refuse a
+    spec that marks none where the data holds images: the checkpoint's own image codes (``own``), else image
+    spans (the spec's begin markers). Warn when the count is implausible: outside ``PLAUSIBLE_SHARE`` of the
+    checkpoint's own codes, or (no ``own``) a tenth or more of the spec's codes outside the image spans (text
+    taken for image). ``spec_name`` names the spec as the user gave it, ``data`` the files. Returns the count."""
+    total = codes = own_codes = spans = outside = 0
+    spans_only = ModalitySpec(begin_image=spec.begin_image, end_image=spec.end_image) if spec.has_markers else None
+    for ids in sequences:
+        total += ids.numel()
+        marked = _codes(ids, spec)
+        codes += int(marked.sum())
+        if own is not None:
+            own_codes += int(_codes(ids, own).sum())
+        elif spec.has_markers:
+            spans += int((ids == spec.begin_image).sum())
+            outside += int((marked & (spans_only.modality_ids(ids) == 0)).sum())
+    images = f"{own_codes} of the checkpoint's image codes {list(own.image_token_ranges)}" if own is not None \
+        else f"{spans} image span(s) (begin marker {spec.begin_image})"
+    if (own_codes or spans) and not codes:
+        raise ValueError(f"--modality {spec_name}: marks none of the tokens of {data} as an image code (ranges "
+                         f"{list(spec.image_token_ranges)}), though they hold {images}; the spec does not fit the "
+                         "data" + (f" (the checkpoint's own: {own})" if own is not None else ""))
+    summary = f"{codes} of {total} tokens are image codes of --modality {spec_name}"
+    low, high = PLAUSIBLE_SHARE
+    if own is not None and not low * own_codes <= codes <= high * own_codes:
+        warnings.warn(f"{data}: {summary}, the data holds {images}: an implausible share; is --modality "
+                      f"{spec_name} this checkpoint's?", stacklevel=2)
+    elif own is None and codes and outside >= 0.1 * codes:
+        warnings.warn(f"{data}: {summary}, {outside} of them outside the image spans: an implausible share; do "
+                      f"the ranges of --modality {spec_name} take text tokens for image codes?", stacklevel=2)
+    return codes

@@ -61,10 +61,14 @@ class HFModelWorkload:
 
             with warnings.catch_warnings():
                 if not environment.is_main():
-                    warnings.simplefilter("ignore")  # the skipped-records report once, from rank 0
+                    warnings.simplefilter("ignore")  # the skipped-records and spec reports once, from rank 0
                 tasks = read(options.data)
                 evals = read(options.eval_data) if options.eval_data else tasks
                 self.generation_rows = read(options.gen_data, task_labels=False).records if options.gen_data else None
+                loading.check_image_tokens(
+                    [r["input_ids"] for r in tasks.records + (self.generation_rows or [])], self.spec,
+                    options.modality, loading.own_spec(self._base_for_next_method),
+                    "--data" + (" and --gen-data" if options.gen_data else ""))
             for path in options.gen_prompts:  # bad prompt files fail now, not after training
                 generation.load_prompt(path, vocab)
                 if self.emu3 is not None:
@@ -143,8 +147,10 @@ class HFModelWorkload:
         size = self.settings.batch_size
         accs = evaluation.exact_match_accuracy(model, self.evals, batch_size=size)
         held_out = [[r for r, t in zip(self.evals.records, self.evals.tasks) if t == name] for name in self.task_names]
+        # on the logits the model trains on (Chameleon's forward masks the image codes): the training loss's scale
+        masked = loading.masked_logit_ids(model)
         nlls = [answer_nll(model, (to_device(self.collate(rows[i:i + size]), self.device)
-                                   for i in range(0, len(rows), size))) for rows in held_out]
+                                   for i in range(0, len(rows), size)), masked) for rows in held_out]
         return {"accs": [accs[name] for name in self.task_names], "answer_nlls": nlls, "gen_acc": None,
                 "image_nll": self.image_nll(model)}
 
