@@ -226,8 +226,8 @@ def load_jsonl(paths: str | os.PathLike | Sequence[str | os.PathLike], vocab_siz
         listed = "\n  ".join(errors[:REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - REPORTED_ERRORS} more" if len(errors) > REPORTED_ERRORS else ""
         if on_error == "refuse":
-            raise ValueError(f"{len(errors)} bad record(s) in the data (use on_error='skip' to drop them):\n  "
-                             f"{listed}{more}")
+            raise ValueError(f"{len(errors)} bad record(s) in the data (--on-bad-record skip, or on_error='skip', "
+                             f"drops them):\n  {listed}{more}")
         warnings.warn(f"skipped {len(errors)} bad record(s) of the data, kept {len(data)}:\n  {listed}{more}",
                       stacklevel=2)
     return data
