@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ..workloads.help_format import HelpFormatter, docstring_text
 from . import distributed, interrupt
 from .config import RunError, TrainConfig
 
@@ -101,8 +102,8 @@ def read_config_file(path: Path) -> dict:
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mode-train", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mode-train", description=docstring_text(__doc__),
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--output", required=True, type=Path, help="directory for metrics, tables, plots, checkpoint")
     parser.add_argument("--config", type=Path, help="JSON or YAML file of config fields (flags override it)")
     config_flags = parser.add_argument_group("run config (TrainConfig; stored in DIR/config.json)")

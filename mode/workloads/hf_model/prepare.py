@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...hf.models import hf_model, model_device
+from ..help_format import HelpFormatter, docstring_text
 from . import janus
 from .data import REPORTED_ERRORS, parse_record
 from .loading import check_image_tokens, load_model, modality_spec_for, own_spec, token_checks, vocab_size
@@ -302,21 +303,25 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mode-prepare", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage, records = docstring_text(__doc__).split("\n\nInput records")
+    parser = argparse.ArgumentParser(prog="mode-prepare", description=usage, epilog="Input records" + records,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("input", type=Path, help="raw JSONL (image paths relative to it)")
     parser.add_argument("output", type=Path, help="tokenized JSONL for mode-train --data / --gen-data")
     parser.add_argument("--model", required=True, help="local Hugging Face checkpoint with its processor")
     parser.add_argument("--prompt-dir", type=Path, help="where prompt records go, one NAME.json each")
     parser.add_argument("--batch-size", type=int, default=8, help="images per VQ-encoder call")
-    parser.add_argument("--on-bad-record", choices=("refuse", "skip"), default="refuse")
+    parser.add_argument("--on-bad-record", choices=("refuse", "skip"), default="refuse",
+                        help="bad records (listed with file:line): refuse writes nothing and exits 2, skip drops "
+                             "them with a warning")
     parser.add_argument("--template", default="{image}{question}",
                         help="a task's prompt text; {image}: the processor's image placeholder")
     parser.add_argument("--ratio", default="1:1", help="emu3 prompts: the image's aspect ratio W:H")
     parser.add_argument("--image-area", type=int, help="emu3 prompts: the image's area in pixels "
                         "(default: the processor's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default="cpu",
+                        help="where the VQ encoder runs (cuda: the model in bfloat16, much faster)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: expected an integer >= 1")
