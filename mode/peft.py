@@ -30,9 +30,9 @@ from peft.utils import PeftType, register_peft_method
 from torch import Tensor, nn
 
 from .config import MLP_PROJECTIONS, MoDEConfig, check_experts_per_modality
-from .layer import ModalityRoutedLayer, init_experts
+from .layer import MERGE_IMPOSSIBLE, ModalityRoutedLayer, init_experts
 from .modality import ModalitySpec
-from .model import attach_routing
+from .model import attach_routing, detach_routing
 
 METHOD_NAME = "mode"  # PEFT's method name; PeftType "MODE", parameter prefix "mode_"
 PREFIX = METHOD_NAME + "_"
@@ -181,9 +181,13 @@ class MoDEPeftLinear(ModalityRoutedLayer, nn.Module, BaseTunerLayer):
         self.scaling[adapter_name] = lora_alpha / r
         self.set_adapter(adapter_name)
 
+    @property
+    def runs_adapter(self) -> bool:
+        return not (self.disable_adapters or self.teacher) and any(n in self.mode_A for n in self.active_adapters)
+
     def forward(self, x: Tensor, *args, modality: Tensor | None = None, **kwargs) -> Tensor:
         active = [name for name in self.active_adapters if name in self.mode_A]
-        if self.disable_adapters or self.teacher or not active:
+        if not self.runs_adapter:
             return self.base_layer(x, *args, **kwargs)
         if len(active) > 1:
             raise ValueError(f"{self.module_name}: MoDE runs one adapter at a time, active: {active}")
@@ -217,6 +221,18 @@ class MoDEPeftModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: MoDEPeftConfig, adapter_name: str) -> None:
         attach_routing(model, config.mode_config())
+
+    # The routing hooks follow the adapters: gone with the MoDE layers (unload) or the last adapter.
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs) -> nn.Module:
+        if merge:  # before anything is unloaded
+            raise RuntimeError(f"merge_and_unload: {MERGE_IMPOSSIBLE}")
+        detach_routing(self.model)
+        return super()._unload_and_optionally_merge(merge, *args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if not self.peft_config:
+            detach_routing(self.model)
 
 
 if MODE_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:  # once per process (this module may be re-imported)

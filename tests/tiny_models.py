@@ -62,6 +62,9 @@ EMU3_VOCAB = {"<|endoftext|>": 0, "<pad>": 1, "<image>": 2, "<|image start|>": 3
               "<|image token|>": 5, "<|extra_200|>": 6, "<|extra_201|>": 7, "<unk>": 8,
               **{f"<|visual token {i:06d}|>": 9 + i for i in range(EMU3_CODES)}}
 EMU3_VOCAB.update({w: len(EMU3_VOCAB) + i for i, w in enumerate(WORDS)})
+EMU3_SPEC = mode.ModalitySpec(image_token_ranges=((9, 9 + EMU3_CODES),), begin_image=EMU3_VOCAB["<|image start|>"],
+                              end_image=EMU3_VOCAB["<|image end|>"])
+SPECS = {"llama": SPEC, "qwen2": SPEC, "chameleon": mode.ModalitySpec.chameleon(), "emu3": EMU3_SPEC}
 
 
 def _word_tokenizer(vocab: dict, add_bos: bool = True, **special):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import config, image_sequence, peft_config, randomize_adapters, tiny_model
+from tiny_models import SPECS, config, image_sequence, peft_config, randomize_adapters, tiny_model
 
 import mode
 from mode.peft import MoDEPeftLinear
@@ -164,3 +164,34 @@ def test_load_adapter_refuses_another_peft_method(tmp_path):
     get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="peft_type is 'LORA', not a MoDE adapter"):
         mode.load_adapter(tiny_model(), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["chameleon", "emu3"])
+def test_routing_hooks_follow_the_adapters(kind):
+    """A forward in which no MoDE adapter runs (disable_adapter, teacher mode, deleted adapter, unload)
+    needs no modality ids, with input_ids or inputs_embeds; unload and delete_adapter remove the hooks."""
+    from mode.model import _HOOKS_ATTR
+
+    spec, base = SPECS[kind], tiny_model(kind)
+    ids = image_sequence(spec=spec)
+    inputs = [{"input_ids": ids}, {"inputs_embeds": base.get_input_embeddings()(ids)}]
+    expected = [base(**x).logits for x in inputs]
+
+    def is_base(model):
+        with torch.no_grad():
+            return all(torch.equal(model(**x).logits, want) for x, want in zip(inputs, expected))
+
+    model = randomize_adapters(get_peft_model(tiny_model(kind), peft_config(spec)))
+    with pytest.raises(ValueError, match="no modality ids"):  # an adapter runs: it needs them
+        model(**inputs[1])
+    with model.disable_adapter():
+        assert is_base(model)
+    with mode.teacher_mode(model):
+        assert is_base(model)
+    model.delete_adapter("default")  # PeftModel's own forward then needs an adapter: the model inside it
+    inner = model.base_model.model  # (get_base_model() as well)
+    assert is_base(inner) and _HOOKS_ATTR not in inner.__dict__
+
+    plain = randomize_adapters(get_peft_model(tiny_model(kind), peft_config(spec))).unload()
+    assert not any(isinstance(m, MoDEPeftLinear) for m in plain.modules()) and _HOOKS_ATTR not in plain.__dict__
+    assert is_base(plain)
