@@ -24,12 +24,12 @@ HF_DOC = DOC.parent / "hf.md"
 
 
 def test_hf_examples_run(tmp_path, monkeypatch):
-    """docs/hf.md's two blocks, in order (the Trainer block trains the PEFT model of the first)."""
+    """docs/hf.md's three blocks, in order (the Trainer and TRL blocks train the PEFT model of the first)."""
     import mode
 
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", HF_DOC.read_text(), re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     scope = {}
     exec(compile(blocks[0], str(HF_DOC), "exec"), scope)
     ids = torch.tensor([[3, 61, 45, 52, 60, 7]])
@@ -43,3 +43,6 @@ def test_hf_examples_run(tmp_path, monkeypatch):
     expected = scope["model"].eval()(input_ids=ids).logits
     assert not torch.equal(expected, fresh)
     assert torch.equal(trained(input_ids=ids).logits, expected)
+    exec(compile(blocks[2], str(HF_DOC), "exec"), scope)
+    logged = [entry for entry in scope["sft"].state.log_history if "kd_loss" in entry]
+    assert len(logged) == 2 and all({"loss", "entropy", "mean_token_accuracy"} <= entry.keys() for entry in logged)
