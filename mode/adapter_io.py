@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .adapter_check import adapted_modules, check_adapter_fits, vocab_size
 from .hf.models import hf_model
 from .layer import MoDELinear, routed_layers
 from .model import apply_mode, routing_state
@@ -66,7 +67,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     tensors = adapter_state_dict(model)
     host = hf_model(model)
     config = MoDEPeftConfig.from_mode_config(routing_state(model).config,
-                                             base_model_name_or_path=getattr(host, "name_or_path", None) or None)
+                                             base_model_name_or_path=getattr(host, "name_or_path", None) or None,
+                                             adapted_modules=adapted_modules(model), vocab_size=vocab_size(model))
     path = Path(path)
     config.save_pretrained(str(path))
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -82,7 +84,12 @@ def read_adapter_config(path: str | os.PathLike) -> MoDEPeftConfig:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name}: not found; is {path} a directory written by mode.save_adapter "
                                     "or save_pretrained?")
-    saved = json.loads((path / CONFIG_NAME).read_text())
+    try:
+        saved = json.loads((path / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path / CONFIG_NAME}: not valid JSON: {exc}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(saved).__name__}")
     if saved.get("peft_type") != MODE_PEFT_TYPE.value:
         raise ValueError(f"{path / CONFIG_NAME}: peft_type is {saved.get('peft_type')!r}, not a MoDE adapter "
                          f"({MODE_PEFT_TYPE.value!r})")
@@ -107,6 +114,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, autocast_adapter_dty
         raise ValueError(f"adapter {path}: its target_modules / layers_to_transform / exclude_modules select modules "
                          "apply_mode cannot; load it with peft.PeftModel.from_pretrained")
     saved_config = saved.mode_config(autocast_adapter_dtype)
+    # PeftModel.from_pretrained checks the same (mode.peft), before any module is replaced here
+    check_adapter_fits(model, adapted_modules(model, saved_config.target_modules), saved.adapted_modules,
+                       saved.vocab_size, saved.modality(), f"adapter {path}")
     if not routed_layers(model):
         apply_mode(model, saved_config)
     config = routing_state(model).config

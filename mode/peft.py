@@ -20,6 +20,9 @@ models. One adapter per model; merging is impossible (per-token routing), so it 
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +32,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
 from torch import Tensor, nn
 
+from .adapter_check import adapted_modules, check_adapter_fits, vocab_size
 from .config import MLP_PROJECTIONS, MoDEConfig, check_experts_per_modality
 from .layer import MERGE_IMPOSSIBLE, ModalityRoutedLayer, init_experts
 from .modality import ModalitySpec
@@ -69,8 +73,14 @@ class MoDEPeftConfig(PeftConfig):
         exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in ``LoraConfig``.
         init_lora_weights: True: B = 0 (the layer starts equal to its base); False: B random too.
         experts_per_modality: (text experts, image experts); MoDE: (4, 1).
-        image_token_ranges, begin_image, end_image: ``mode.ModalitySpec`` (default: Chameleon/Anole).
+        image_token_ranges, begin_image, end_image, image_codes_in_vocab: ``mode.ModalitySpec`` (default:
+            Chameleon/Anole).
         kd_temperature, kd_vocab_range: what ``mode.kd_loss`` uses (see ``mode.MoDEConfig``).
+        adapted_modules, vocab_size: recorded when the adapters are built (leave them None): the adapted
+            modules' names with their [in_features, out_features], and the rows of the output head. A
+            config that holds them (read from a saved adapter) is checked against the model it is loaded
+            onto (``mode.adapter_check``): a module missing, one more target (a deeper model), other
+            widths, or a vocabulary without the image tokens raise ValueError naming the module or ids.
     """
 
     r: int = 8
@@ -86,8 +96,11 @@ class MoDEPeftConfig(PeftConfig):
     image_token_ranges: tuple[tuple[int, int], ...] = CHAMELEON.image_token_ranges
     begin_image: int | None = CHAMELEON.begin_image
     end_image: int | None = CHAMELEON.end_image
+    image_codes_in_vocab: bool = True
     kd_temperature: float = 2.0
     kd_vocab_range: tuple[int, int] | None = None
+    adapted_modules: dict[str, list[int]] | None = None
+    vocab_size: int | None = None
 
     target_parameters = None  # not a field: PEFT's module matching reads it; MoDE adapts modules only
 
@@ -107,7 +120,7 @@ class MoDEPeftConfig(PeftConfig):
 
     def modality(self) -> ModalitySpec:
         return ModalitySpec(image_token_ranges=self.image_token_ranges, begin_image=self.begin_image,
-                            end_image=self.end_image)
+                            end_image=self.end_image, image_codes_in_vocab=self.image_codes_in_vocab)
 
     def mode_config(self, autocast_adapter_dtype: bool = True) -> MoDEConfig:
         """The same settings as a ``mode.MoDEConfig`` (module names as target_modules)."""
@@ -125,7 +138,8 @@ class MoDEPeftConfig(PeftConfig):
         return cls(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                    target_modules=list(config.target_modules), experts_per_modality=config.experts_per_modality,
                    image_token_ranges=spec.image_token_ranges, begin_image=spec.begin_image, end_image=spec.end_image,
-                   kd_temperature=config.kd_temperature, kd_vocab_range=config.kd_vocab_range, **kwargs)
+                   image_codes_in_vocab=spec.image_codes_in_vocab, kd_temperature=config.kd_temperature,
+                   kd_vocab_range=config.kd_vocab_range, **kwargs)
 
 
 class MoDEPeftLinear(ModalityRoutedLayer, nn.Module, BaseTunerLayer):
@@ -220,6 +234,14 @@ class MoDEPeftModel(BaseTuner):
         self._replace_module(parent, target_name, layer, target)
 
     def _post_injection_hook(self, model: nn.Module, config: MoDEPeftConfig, adapter_name: str) -> None:
+        modules = adapted_modules(model)
+        if config.adapted_modules is None:  # new adapters: record what they were built on (in a copy of the
+            # caller's config, which may be passed again for another model)
+            config = dataclasses.replace(config, adapted_modules=modules, vocab_size=vocab_size(model))
+            self.peft_config[adapter_name] = config
+        else:  # a saved adapter (PeftModel.from_pretrained): PEFT itself would only warn about missing weights
+            check_adapter_fits(model, modules, config.adapted_modules, config.vocab_size, config.modality(),
+                               f"MoDE adapter {adapter_name!r}")
         attach_routing(model, config.mode_config())
 
     # The routing hooks follow the adapters: gone with the MoDE layers (unload) or the last adapter.
@@ -235,5 +257,18 @@ class MoDEPeftModel(BaseTuner):
             detach_routing(self.model)
 
 
+def _naming_the_file(from_json_file):
+    """PeftConfig.from_json_file whose JSONDecodeError names the file (PEFT parses adapter_config.json
+    before it knows the adapter's type, so MoDE's config class cannot do it); the same exception type."""
+    @functools.wraps(from_json_file)
+    def wrapper(cls, path_json_file, **kwargs):
+        try:
+            return from_json_file.__func__(cls, path_json_file, **kwargs)
+        except json.JSONDecodeError as exc:
+            raise json.JSONDecodeError(f"{path_json_file}: not valid JSON: {exc.msg}", exc.doc, exc.pos) from None
+    return classmethod(wrapper)
+
+
 if MODE_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:  # once per process (this module may be re-imported)
     register_peft_method(name=METHOD_NAME, config_cls=MoDEPeftConfig, model_cls=MoDEPeftModel)
+    PeftConfig.from_json_file = _naming_the_file(PeftConfig.from_json_file)
