@@ -74,6 +74,36 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
+def save_lora_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write an ``apply_mode`` model that is one plain LoRA per layer, one text expert that every token
+    reaches (the trainer's single-LoRA baselines: ``experts_per_modality`` (1, n) and a modality spec that
+    marks no token of the vocabulary as image), as a PEFT LoRA adapter in the directory ``path``:
+    ``peft.LoraConfig`` in adapter_config.json and ``lora_A`` / ``lora_B`` weights, which PEFT loads alone
+    (``PeftModel.from_pretrained``, no ``import mode``). The idle experts are not saved. The text expert's
+    function is LoRA's exactly: its router weight is 1 (a single expert), y = W x + b + alpha / r * B A x."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    layers = _mode_linears(model)
+    config = routing_state(model).config
+    spec, size = config.modality, vocab_size(model)
+    if config.experts_per_modality[0] != 1:
+        raise ValueError(f"save_lora_adapter: {config.experts_per_modality[0]} text experts, a plain LoRA has one")
+    if spec.begin_image is not None or size is None or any(lo < size for lo, _ in spec.image_token_ranges):
+        raise ValueError(f"save_lora_adapter: the modality spec {spec} routes tokens to the image expert; a plain "
+                         "LoRA routes none")
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.target_modules),
+                      base_model_name_or_path=getattr(hf_model(model), "name_or_path", None) or None)
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A[0].detach().contiguous()
+        tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B[0].detach().contiguous()
+    path = Path(path)
+    lora.save_pretrained(str(path))
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
 def read_adapter_config(path: str | os.PathLike) -> MoDEPeftConfig:
     """The ``mode.MoDEPeftConfig`` saved in the directory ``path``; ValueError if it holds another
     kind of adapter."""
@@ -92,7 +122,7 @@ def read_adapter_config(path: str | os.PathLike) -> MoDEPeftConfig:
         raise ValueError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(saved).__name__}")
     if saved.get("peft_type") != MODE_PEFT_TYPE.value:
         raise ValueError(f"{path / CONFIG_NAME}: peft_type is {saved.get('peft_type')!r}, not a MoDE adapter "
-                         f"({MODE_PEFT_TYPE.value!r})")
+                         f"({MODE_PEFT_TYPE.value!r}); load it with peft.PeftModel.from_pretrained")
     return MoDEPeftConfig.from_pretrained(str(path))
 
 

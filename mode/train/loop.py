@@ -192,7 +192,7 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
         current.update(task=task_index + 1, step=0)
         save_checkpoint(checkpoint_path, model, extra=state | {"current": current})
     results = method_results(model, workload, method, label, current, state, output)
-    results["adapters"] = str(export_adapters(model, output, label).relative_to(output))
+    results["adapters"] = str(export_adapters(model, output, label, method.plain_lora).relative_to(output))
     state["done"].setdefault(name, {})[str(config.seed)] = results
     state["current"] = None
     save_checkpoint(checkpoint_path, model, extra=state)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import config, image_sequence, randomize_adapters, tiny_model
+from tiny_models import SPECS, config, image_sequence, randomize_adapters, tiny_model
 
 import mode
 
@@ -85,3 +85,40 @@ def test_not_an_adapter_directory(tmp_path):
         mode.load_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="has no MoDE layers"):
         mode.save_adapter(tiny_model(), tmp_path)
+
+
+def _single_lora(kind):
+    """The trainer's lora baseline on ``kind``: one text expert, an image range past the vocabulary."""
+    vocab = tiny_model(kind).get_output_embeddings().weight.shape[0]
+    spec = mode.ModalitySpec(image_token_ranges=((vocab, vocab + 1),))
+    return randomize_adapters(mode.apply_mode(tiny_model(kind), config(experts_per_modality=(1, 1), modality=spec,
+                                                                       rank=4, alpha=12)))
+
+
+@pytest.mark.parametrize("kind", ["chameleon", "emu3"])
+def test_single_lora_saves_as_a_plain_peft_lora(kind, tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    from mode.adapter_io import save_lora_adapter
+
+    model = _single_lora(kind)
+    save_lora_adapter(model, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["peft_type"] == "LORA" and written["r"] == 4 and written["lora_alpha"] == 12
+    assert not {"experts_per_modality", "image_token_ranges"} & written.keys()
+    assert all(key.endswith(("lora_A.weight", "lora_B.weight")) for key in load_file(tmp_path /
+                                                                                       "adapter_model.safetensors"))
+    assert isinstance(LoraConfig.from_pretrained(tmp_path), LoraConfig)
+    ids = image_sequence(spec=SPECS[kind])
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(tiny_model(kind), tmp_path)(input_ids=ids).logits,
+                                   model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_save_lora_adapter_refuses_a_model_that_is_not_one_lora(tmp_path):
+    from mode.adapter_io import save_lora_adapter
+
+    with pytest.raises(ValueError, match="4 text experts, a plain LoRA has one"):
+        save_lora_adapter(mode.apply_mode(tiny_model(), config()), tmp_path)
+    with pytest.raises(ValueError, match="routes tokens to the image expert"):
+        save_lora_adapter(mode.apply_mode(tiny_model(), config(experts_per_modality=(1, 1))), tmp_path)

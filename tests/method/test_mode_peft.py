@@ -116,12 +116,20 @@ def test_save_adapter_of_apply_mode_model_loads_in_peft(tmp_path):
 
 def test_unregistered_process_refuses_the_adapter(peft_model, tmp_path):
     """Without `import mode`, PEFT does not know peft_type MODE: loading raises instead of building LoRA."""
+    from mode.adapter_io import save_lora_adapter
+
     peft_model.save_pretrained(tmp_path)
+    # and the trainer's single-LoRA baselines, saved as plain LoRA, load with PEFT alone
+    lora = randomize_adapters(mode.apply_mode(tiny_model(), config(
+        experts_per_modality=(1, 1), modality=mode.ModalitySpec(image_token_ranges=((64, 65),)))))
+    save_lora_adapter(lora, tmp_path / "lora")
+    ids = image_sequence()
     script = f"""
-import sys
+import sys, torch
 from peft import LoraConfig, PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 assert "mode" not in sys.modules
+torch.manual_seed(0)
 base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2))
 path = {str(tmp_path)!r}
@@ -132,12 +140,19 @@ for load in (lambda: PeftModel.from_pretrained(base, path), lambda: LoraConfig.f
         print("refused", exc)
     else:
         print("loaded")
+lora = PeftModel.from_pretrained(base, path + "/lora").eval()
+with torch.no_grad():
+    torch.save(lora(input_ids=torch.tensor({ids.tolist()})).logits, path + "/lora_logits.pt")
+assert "mode" not in sys.modules
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split("\n")[:2] == ["refused 'MODE'", "refused 'MODE'"], run.stdout
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "lora_logits.pt"), lora(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_registered_when_peft_is_imported_after_mode():
