@@ -20,7 +20,6 @@ models. One adapter per model; merging is impossible (per-token routing), so it 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from .model import attach_routing, detach_routing
 METHOD_NAME = "mode"  # PEFT's method name; PeftType "MODE", parameter prefix "mode_"
 PREFIX = METHOD_NAME + "_"
 CHAMELEON = ModalitySpec.chameleon()
+RECORDED_HERE = "_mode_recorded_in_this_process"  # attribute of a MoDEPeftConfig whose adapters it built
 
 
 def _peft_type(name: str) -> PeftType:
@@ -72,6 +72,7 @@ class MoDEPeftConfig(PeftConfig):
         target_modules: module names (or a regex, as in LoRA) of the nn.Linear modules to adapt.
         exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in ``LoraConfig``.
         init_lora_weights: True: B = 0 (the layer starts equal to its base); False: B random too.
+        init_weights: PEFT's generic name of the same; given, it sets init_lora_weights.
         experts_per_modality: (text experts, image experts); MoDE: (4, 1).
         image_token_ranges, begin_image, end_image, image_codes_in_vocab: ``mode.ModalitySpec`` (default:
             Chameleon/Anole).
@@ -92,6 +93,7 @@ class MoDEPeftConfig(PeftConfig):
     layers_pattern: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     init_lora_weights: bool = True
+    init_weights: bool | None = None
     experts_per_modality: tuple[int, ...] = (4, 1)
     image_token_ranges: tuple[tuple[int, int], ...] = CHAMELEON.image_token_ranges
     begin_image: int | None = CHAMELEON.begin_image
@@ -109,6 +111,8 @@ class MoDEPeftConfig(PeftConfig):
         self.peft_type = MODE_PEFT_TYPE
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = list(self.target_modules)  # a list, saved in the given order
+        if self.init_weights is not None:  # PEFT's generic name (most tuners; its generic tests set it)
+            self.init_lora_weights = self.init_weights
         if self.init_lora_weights not in (True, False):
             raise ValueError(f"init_lora_weights: expected True (B = 0, the PEFT default) or False (B random too), "
                              f"got {self.init_lora_weights!r}")
@@ -235,10 +239,11 @@ class MoDEPeftModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: MoDEPeftConfig, adapter_name: str) -> None:
         modules = adapted_modules(model)
-        if config.adapted_modules is None:  # new adapters: record what they were built on (in a copy of the
-            # caller's config, which may be passed again for another model)
-            config = dataclasses.replace(config, adapted_modules=modules, vocab_size=vocab_size(model))
-            self.peft_config[adapter_name] = config
+        # New adapters record what they were built on, in the caller's config (PEFT keeps that object); a
+        # config recorded so in this process may be passed again for another model and records anew.
+        if config.adapted_modules is None or getattr(config, RECORDED_HERE, False):
+            config.adapted_modules, config.vocab_size = modules, vocab_size(model)
+            setattr(config, RECORDED_HERE, True)  # not a field: never saved
         else:  # a saved adapter (PeftModel.from_pretrained): PEFT itself would only warn about missing weights
             check_adapter_fits(model, modules, config.adapted_modules, config.vocab_size, config.modality(),
                                f"MoDE adapter {adapter_name!r}")
