@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .adapter_check import adapted_modules, check_adapter_fits, vocab_size
 from .hf.models import hf_model
 from .layer import MoDELinear, routed_layers
 from .model import apply_mode, routing_state
@@ -66,10 +67,41 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     tensors = adapter_state_dict(model)
     host = hf_model(model)
     config = MoDEPeftConfig.from_mode_config(routing_state(model).config,
-                                             base_model_name_or_path=getattr(host, "name_or_path", None) or None)
+                                             base_model_name_or_path=getattr(host, "name_or_path", None) or None,
+                                             adapted_modules=adapted_modules(model), vocab_size=vocab_size(model))
     path = Path(path)
     config.save_pretrained(str(path))
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def save_lora_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write an ``apply_mode`` model that is one plain LoRA per layer, one text expert that every token
+    reaches (the trainer's single-LoRA baselines: ``experts_per_modality`` (1, n) and a modality spec that
+    marks no token of the vocabulary as image), as a PEFT LoRA adapter in the directory ``path``:
+    ``peft.LoraConfig`` in adapter_config.json and ``lora_A`` / ``lora_B`` weights, which PEFT loads alone
+    (``PeftModel.from_pretrained``, no ``import mode``). The idle experts are not saved. The text expert's
+    function is LoRA's exactly: its router weight is 1 (a single expert), y = W x + b + alpha / r * B A x."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    layers = _mode_linears(model)
+    config = routing_state(model).config
+    spec, size = config.modality, vocab_size(model)
+    if config.experts_per_modality[0] != 1:
+        raise ValueError(f"save_lora_adapter: {config.experts_per_modality[0]} text experts, a plain LoRA has one")
+    if spec.begin_image is not None or size is None or any(lo < size for lo, _ in spec.image_token_ranges):
+        raise ValueError(f"save_lora_adapter: the modality spec {spec} routes tokens to the image expert; a plain "
+                         "LoRA routes none")
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.target_modules),
+                      base_model_name_or_path=getattr(hf_model(model), "name_or_path", None) or None)
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A[0].detach().contiguous()
+        tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B[0].detach().contiguous()
+    path = Path(path)
+    lora.save_pretrained(str(path))
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def read_adapter_config(path: str | os.PathLike) -> MoDEPeftConfig:
@@ -82,10 +114,15 @@ def read_adapter_config(path: str | os.PathLike) -> MoDEPeftConfig:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name}: not found; is {path} a directory written by mode.save_adapter "
                                     "or save_pretrained?")
-    saved = json.loads((path / CONFIG_NAME).read_text())
+    try:
+        saved = json.loads((path / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path / CONFIG_NAME}: not valid JSON: {exc}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(saved).__name__}")
     if saved.get("peft_type") != MODE_PEFT_TYPE.value:
         raise ValueError(f"{path / CONFIG_NAME}: peft_type is {saved.get('peft_type')!r}, not a MoDE adapter "
-                         f"({MODE_PEFT_TYPE.value!r})")
+                         f"({MODE_PEFT_TYPE.value!r}); load it with peft.PeftModel.from_pretrained")
     return MoDEPeftConfig.from_pretrained(str(path))
 
 
@@ -107,6 +144,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, autocast_adapter_dty
         raise ValueError(f"adapter {path}: its target_modules / layers_to_transform / exclude_modules select modules "
                          "apply_mode cannot; load it with peft.PeftModel.from_pretrained")
     saved_config = saved.mode_config(autocast_adapter_dtype)
+    # PeftModel.from_pretrained checks the same (mode.peft), before any module is replaced here
+    check_adapter_fits(model, adapted_modules(model, saved_config.target_modules), saved.adapted_modules,
+                       saved.vocab_size, saved.modality(), f"adapter {path}")
     if not routed_layers(model):
         apply_mode(model, saved_config)
     config = routing_state(model).config

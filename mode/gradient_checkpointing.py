@@ -56,6 +56,14 @@ def wrap_checkpoint_functions(modules: Sequence[nn.Module], state: RoutingState)
         setattr(module, CHECKPOINT_FUNC_ATTR, RoutedCheckpoint(func, state))
 
 
+def unwrap_checkpoint_functions(modules: Sequence[nn.Module]) -> None:
+    """Undo ``wrap_checkpoint_functions``: each module gets its own checkpoint function back."""
+    for module in modules:
+        func = module.__dict__.get(CHECKPOINT_FUNC_ATTR)
+        if isinstance(func, RoutedCheckpoint):
+            setattr(module, CHECKPOINT_FUNC_ATTR, func.checkpoint_func)
+
+
 def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> nn.Module:
     """Turn on Hugging Face gradient checkpointing of ``model`` (a MoDE model from ``mode.apply_mode``
     or a PEFT model with MoDE layers); returns ``model``.

@@ -31,7 +31,8 @@ class RoutingState:
     from the forward's modality ids (set and cleared by the hooks of ``mode.attach_routing``).
 
     ``layers`` are the MoDE layers sharing it; ``missing_reason`` says why no plan exists (a
-    forward without modality ids is fine while every layer is in teacher mode).
+    forward without modality ids is fine while no layer runs an adapter: teacher mode, PEFT's
+    ``disable_adapter()``, a deleted adapter).
     """
 
     def __init__(self, config, layers):
@@ -96,6 +97,11 @@ class ModalityRoutedLayer:
     module_name: str = "MoDE layer"
     teacher: bool = False
     experts_per_modality: tuple[int, ...]
+
+    @property
+    def runs_adapter(self) -> bool:
+        """Whether this layer's next forward computes an adapter (and so needs the routing plan)."""
+        return not self.teacher
 
     def _modality(self, modality) -> Tensor | mk.RoutingPlan:
         if modality is not None:

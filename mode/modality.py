@@ -17,11 +17,16 @@ class ModalitySpec:
     (``(lo, hi)``, hi exclusive), when it is the begin- or end-of-image marker, or when it stands
     between a begin marker and the next end marker. Every other token is text (modality 0).
     Markers are optional but come as a pair.
+
+    ``image_codes_in_vocab``: whether these ids are ids of the model's own vocabulary (its output head
+    scores them), as for Chameleon/Anole and Emu3, so that a model whose vocabulary lacks them is another
+    model (the adapter loaders refuse it); a family that keeps its image codes apart sets False.
     """
 
     image_token_ranges: tuple[tuple[int, int], ...] = ()
     begin_image: int | None = None
     end_image: int | None = None
+    image_codes_in_vocab: bool = True
 
     def __post_init__(self):
         try:
@@ -37,6 +42,8 @@ class ModalitySpec:
                              f"begin_image={self.begin_image!r}, end_image={self.end_image!r}")
         if self.begin_image is not None and self.begin_image == self.end_image:
             raise ValueError(f"begin_image and end_image must differ, both are {self.begin_image}")
+        if not isinstance(self.image_codes_in_vocab, bool):
+            raise ValueError(f"image_codes_in_vocab: expected a bool, got {self.image_codes_in_vocab!r}")
         if not ranges and self.begin_image is None:
             raise ValueError("ModalitySpec: give image_token_ranges or begin/end markers, else every token is text")
 

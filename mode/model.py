@@ -22,7 +22,7 @@ from torch import nn
 import mode_kernels as mk
 
 from .config import MoDEConfig
-from .gradient_checkpointing import checkpointing_modules, wrap_checkpoint_functions
+from .gradient_checkpointing import checkpointing_modules, unwrap_checkpoint_functions, wrap_checkpoint_functions
 from .hf.models import cache_in, decoder_of, hf_model
 from .layer import OUTSIDE_FORWARD, MoDELinear, RoutingState, routed_layers
 
@@ -89,6 +89,19 @@ def attach_routing(model: nn.Module, config: MoDEConfig) -> nn.Module:
         handles.append(module.register_forward_pre_hook(_pre_hook(state), with_kwargs=True))
         handles.append(module.register_forward_hook(_post_hook(state), with_kwargs=True, always_call=True))
     setattr(host, _HOOKS_ATTR, handles)
+    return model
+
+
+def detach_routing(model: nn.Module) -> nn.Module:
+    """Remove the routing hooks ``attach_routing`` installed on ``model`` (a no-op without them) and
+    detach its MoDE layers from the shared state: what PEFT's ``unload()`` and the deletion of the
+    last adapter leave is a plain model again."""
+    host = hf_model(model)
+    for handle in host.__dict__.pop(_HOOKS_ATTR, ()):
+        handle.remove()
+    unwrap_checkpoint_functions(checkpointing_modules(host))
+    for _, layer in routed_layers(model):
+        layer.routing = None
     return model
 
 
@@ -174,8 +187,8 @@ def _begin_forward(state: RoutingState, input_ids, inputs_embeds, modality_ids, 
             "the KV cache holds earlier tokens but not whether each row ended inside an image (it was not "
             "filled by this model's forward, or its batch size changed); pass modality_ids=")
         # Raise before any layer runs (a failing layer would leave a half-updated KV cache),
-        # unless every MoDE layer is in teacher mode and needs no routing.
-        if not all(layer.teacher for layer in state.layers):
+        # unless no MoDE layer runs an adapter in this forward (teacher mode, adapters disabled or deleted).
+        if any(layer.runs_adapter for layer in state.layers):
             raise ValueError(f"MoDE: no modality ids for this forward: {state.missing_reason}")
         return
     try:

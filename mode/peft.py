@@ -20,6 +20,8 @@ models. One adapter per model; merging is impossible (per-token routing), so it 
 """
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -29,14 +31,16 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
 from torch import Tensor, nn
 
+from .adapter_check import adapted_modules, check_adapter_fits, vocab_size
 from .config import MLP_PROJECTIONS, MoDEConfig, check_experts_per_modality
-from .layer import ModalityRoutedLayer, init_experts
+from .layer import MERGE_IMPOSSIBLE, ModalityRoutedLayer, init_experts
 from .modality import ModalitySpec
-from .model import attach_routing
+from .model import attach_routing, detach_routing
 
 METHOD_NAME = "mode"  # PEFT's method name; PeftType "MODE", parameter prefix "mode_"
 PREFIX = METHOD_NAME + "_"
 CHAMELEON = ModalitySpec.chameleon()
+RECORDED_HERE = "_mode_recorded_in_this_process"  # attribute of a MoDEPeftConfig whose adapters it built
 
 
 def _peft_type(name: str) -> PeftType:
@@ -68,9 +72,16 @@ class MoDEPeftConfig(PeftConfig):
         target_modules: module names (or a regex, as in LoRA) of the nn.Linear modules to adapt.
         exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in ``LoraConfig``.
         init_lora_weights: True: B = 0 (the layer starts equal to its base); False: B random too.
+        init_weights: PEFT's generic name of the same; given, it sets init_lora_weights.
         experts_per_modality: (text experts, image experts); MoDE: (4, 1).
-        image_token_ranges, begin_image, end_image: ``mode.ModalitySpec`` (default: Chameleon/Anole).
+        image_token_ranges, begin_image, end_image, image_codes_in_vocab: ``mode.ModalitySpec`` (default:
+            Chameleon/Anole).
         kd_temperature, kd_vocab_range: what ``mode.kd_loss`` uses (see ``mode.MoDEConfig``).
+        adapted_modules, vocab_size: recorded when the adapters are built (leave them None): the adapted
+            modules' names with their [in_features, out_features], and the rows of the output head. A
+            config that holds them (read from a saved adapter) is checked against the model it is loaded
+            onto (``mode.adapter_check``): a module missing, one more target (a deeper model), other
+            widths, or a vocabulary without the image tokens raise ValueError naming the module or ids.
     """
 
     r: int = 8
@@ -82,12 +93,16 @@ class MoDEPeftConfig(PeftConfig):
     layers_pattern: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     init_lora_weights: bool = True
+    init_weights: bool | None = None
     experts_per_modality: tuple[int, ...] = (4, 1)
     image_token_ranges: tuple[tuple[int, int], ...] = CHAMELEON.image_token_ranges
     begin_image: int | None = CHAMELEON.begin_image
     end_image: int | None = CHAMELEON.end_image
+    image_codes_in_vocab: bool = True
     kd_temperature: float = 2.0
     kd_vocab_range: tuple[int, int] | None = None
+    adapted_modules: dict[str, list[int]] | None = None
+    vocab_size: int | None = None
 
     target_parameters = None  # not a field: PEFT's module matching reads it; MoDE adapts modules only
 
@@ -96,6 +111,8 @@ class MoDEPeftConfig(PeftConfig):
         self.peft_type = MODE_PEFT_TYPE
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = list(self.target_modules)  # a list, saved in the given order
+        if self.init_weights is not None:  # PEFT's generic name (most tuners; its generic tests set it)
+            self.init_lora_weights = self.init_weights
         if self.init_lora_weights not in (True, False):
             raise ValueError(f"init_lora_weights: expected True (B = 0, the PEFT default) or False (B random too), "
                              f"got {self.init_lora_weights!r}")
@@ -107,7 +124,7 @@ class MoDEPeftConfig(PeftConfig):
 
     def modality(self) -> ModalitySpec:
         return ModalitySpec(image_token_ranges=self.image_token_ranges, begin_image=self.begin_image,
-                            end_image=self.end_image)
+                            end_image=self.end_image, image_codes_in_vocab=self.image_codes_in_vocab)
 
     def mode_config(self, autocast_adapter_dtype: bool = True) -> MoDEConfig:
         """The same settings as a ``mode.MoDEConfig`` (module names as target_modules)."""
@@ -125,7 +142,8 @@ class MoDEPeftConfig(PeftConfig):
         return cls(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                    target_modules=list(config.target_modules), experts_per_modality=config.experts_per_modality,
                    image_token_ranges=spec.image_token_ranges, begin_image=spec.begin_image, end_image=spec.end_image,
-                   kd_temperature=config.kd_temperature, kd_vocab_range=config.kd_vocab_range, **kwargs)
+                   image_codes_in_vocab=spec.image_codes_in_vocab, kd_temperature=config.kd_temperature,
+                   kd_vocab_range=config.kd_vocab_range, **kwargs)
 
 
 class MoDEPeftLinear(ModalityRoutedLayer, nn.Module, BaseTunerLayer):
@@ -181,9 +199,13 @@ class MoDEPeftLinear(ModalityRoutedLayer, nn.Module, BaseTunerLayer):
         self.scaling[adapter_name] = lora_alpha / r
         self.set_adapter(adapter_name)
 
+    @property
+    def runs_adapter(self) -> bool:
+        return not (self.disable_adapters or self.teacher) and any(n in self.mode_A for n in self.active_adapters)
+
     def forward(self, x: Tensor, *args, modality: Tensor | None = None, **kwargs) -> Tensor:
         active = [name for name in self.active_adapters if name in self.mode_A]
-        if self.disable_adapters or self.teacher or not active:
+        if not self.runs_adapter:
             return self.base_layer(x, *args, **kwargs)
         if len(active) > 1:
             raise ValueError(f"{self.module_name}: MoDE runs one adapter at a time, active: {active}")
@@ -216,8 +238,42 @@ class MoDEPeftModel(BaseTuner):
         self._replace_module(parent, target_name, layer, target)
 
     def _post_injection_hook(self, model: nn.Module, config: MoDEPeftConfig, adapter_name: str) -> None:
+        modules = adapted_modules(model)
+        # New adapters record what they were built on, in the caller's config (PEFT keeps that object); a
+        # config recorded so in this process may be passed again for another model and records anew.
+        if config.adapted_modules is None or getattr(config, RECORDED_HERE, False):
+            config.adapted_modules, config.vocab_size = modules, vocab_size(model)
+            setattr(config, RECORDED_HERE, True)  # not a field: never saved
+        else:  # a saved adapter (PeftModel.from_pretrained): PEFT itself would only warn about missing weights
+            check_adapter_fits(model, modules, config.adapted_modules, config.vocab_size, config.modality(),
+                               f"MoDE adapter {adapter_name!r}")
         attach_routing(model, config.mode_config())
+
+    # The routing hooks follow the adapters: gone with the MoDE layers (unload) or the last adapter.
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs) -> nn.Module:
+        if merge:  # before anything is unloaded
+            raise RuntimeError(f"merge_and_unload: {MERGE_IMPOSSIBLE}")
+        detach_routing(self.model)
+        return super()._unload_and_optionally_merge(merge, *args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if not self.peft_config:
+            detach_routing(self.model)
+
+
+def _naming_the_file(from_json_file):
+    """PeftConfig.from_json_file whose JSONDecodeError names the file (PEFT parses adapter_config.json
+    before it knows the adapter's type, so MoDE's config class cannot do it); the same exception type."""
+    @functools.wraps(from_json_file)
+    def wrapper(cls, path_json_file, **kwargs):
+        try:
+            return from_json_file.__func__(cls, path_json_file, **kwargs)
+        except json.JSONDecodeError as exc:
+            raise json.JSONDecodeError(f"{path_json_file}: not valid JSON: {exc.msg}", exc.doc, exc.pos) from None
+    return classmethod(wrapper)
 
 
 if MODE_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:  # once per process (this module may be re-imported)
     register_peft_method(name=METHOD_NAME, config_cls=MoDEPeftConfig, model_cls=MoDEPeftModel)
+    PeftConfig.from_json_file = _naming_the_file(PeftConfig.from_json_file)

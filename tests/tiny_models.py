@@ -22,14 +22,16 @@ SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atte
 
 
 @functools.cache
-def _base(kind: str):
+def _base(kind: str, sizes: tuple = ()):
+    """``sizes``: (name, value) pairs overriding ``SIZES`` (e.g. a deeper or wider model)."""
+    widths = dict(SIZES, **dict(sizes))
     torch.manual_seed(0)
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
-        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **SIZES))
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **widths))
     if kind == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
-        return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, **SIZES))
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, **widths))
     if kind == "chameleon":
         from transformers import ChameleonConfig, ChameleonForConditionalGeneration
         vocabulary_map = {chameleon_code_name(code): 4 + code for code in range(8192)}
@@ -39,10 +41,10 @@ def _base(kind: str):
         vq = dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1], num_res_blocks=1,
                   attn_resolutions=[], latent_channels=8, resolution=8, in_channels=3)
         return ChameleonForConditionalGeneration(ChameleonConfig(
-            vocab_size=CHAMELEON_VOCAB, vocabulary_map=vocabulary_map, vq_config=vq, **SIZES))
+            vocab_size=CHAMELEON_VOCAB, vocabulary_map=vocabulary_map, vq_config=vq, **widths))
     if kind == "emu3":
         from transformers import Emu3Config, Emu3ForConditionalGeneration
-        text = dict(SIZES, max_position_embeddings=256, pad_token_id=1, bos_token_id=0, eos_token_id=0)
+        text = dict(widths, max_position_embeddings=256, pad_token_id=1, bos_token_id=0, eos_token_id=0)
         # VQ: 8x downsampling (the processor's fixed ratio), 16 codes; GroupNorm needs 32 channels
         vq = dict(codebook_size=EMU3_CODES, embed_dim=4, latent_channels=4, base_channels=32,
                   channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], hidden_size=32,
@@ -85,6 +87,9 @@ JANUS_IMAGE_SIZE, JANUS_IMAGE_TOKENS, JANUS_CODES = 16, 4, 16
 JANUS_VOCAB = {"<s>": 0, "</s>": 1, "<pad>": 2, "<unk>": 3, "<image_placeholder>": 4, "<begin_of_image>": 5,
                "<end_of_image>": 6}
 JANUS_VOCAB.update({w: len(JANUS_VOCAB) + i for i, w in enumerate(WORDS)})
+EMU3_SPEC = mode.ModalitySpec(image_token_ranges=((9, 9 + EMU3_CODES),), begin_image=EMU3_VOCAB["<|image start|>"],
+                              end_image=EMU3_VOCAB["<|image end|>"])
+SPECS = {"llama": SPEC, "qwen2": SPEC, "chameleon": mode.ModalitySpec.chameleon(), "emu3": EMU3_SPEC}
 
 
 def _word_tokenizer(vocab: dict, add_bos: bool = True, **special):
@@ -140,9 +145,10 @@ def save_tiny_checkpoint(kind: str, path):
     return path
 
 
-def tiny_model(kind: str = "llama"):
-    """A fresh copy of the tiny random-init model of that kind, in eval mode."""
-    return copy.deepcopy(_base(kind)).eval()
+def tiny_model(kind: str = "llama", **sizes):
+    """A fresh copy of the tiny random-init model of that kind, in eval mode (``sizes``: overrides of
+    ``SIZES``, e.g. ``num_hidden_layers=3``)."""
+    return copy.deepcopy(_base(kind, tuple(sorted(sizes.items())))).eval()
 
 
 def config(**overrides) -> mode.MoDEConfig:

@@ -1,11 +1,11 @@
 """Hugging Face helpers and integrations: where a model keeps its decoder and output head, its KV
 cache and the one cached decode loop every evaluation uses (``mode.hf.models``); ``mode.hf.MoDETrainer``
-(loaded on first use: it imports transformers' Trainer)."""
+and ``mode.hf.MoDESFTTrainer`` (loaded on first use: they import transformers' Trainer, TRL)."""
 from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"MoDETrainer": "trainer"}
+_EXPORTS = {"MoDETrainer": "trainer", "MoDESFTTrainer": "sft"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -4,13 +4,14 @@
                                   gen_dataset=generation_stream, kd_lambda=0.3, kd_temperature=2.0)
     trainer.train()
 
-    class MoDESFTTrainer(mode.hf.MoDETrainer, trl.SFTTrainer):   # the same with TRL
-        pass
+    trainer = mode.hf.MoDESFTTrainer(...)   # the same with TRL's SFTTrainer (mode.hf.sft)
 
-Every training step's loss is the Trainer's loss on the task batch (for TRL, SFTTrainer's) plus
-``kd_lambda * mode.kd_loss`` on a batch of the generation stream (the frozen model, i.e. the adapters
-switched off, as teacher). Checkpoints and ``save_model`` hold the adapters only, in the format of
-``mode.save_adapter`` (PEFT's); ``resume_from_checkpoint`` and ``load_best_model_at_end`` read them back.
+Every training step's loss is the model's own loss on the task batch (its forward with ``labels``, as
+``transformers.Trainer.compute_loss`` computes it: one forward; for Chameleon, over the logits its forward
+masks) plus ``kd_lambda * mode.kd_loss`` on a batch of the generation stream (the frozen model, i.e. the
+adapters switched off, as teacher: two decoder forwards). Checkpoints and ``save_model`` hold the adapters
+only, in the format of ``mode.save_adapter`` (PEFT's); ``resume_from_checkpoint`` and
+``load_best_model_at_end`` read them back.
 """
 from __future__ import annotations
 
@@ -78,12 +79,19 @@ class MoDETrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss, outputs = self.task_loss(model, inputs, num_items_in_batch)
         if model.training and self.gen_dataset is not None and self.kd_lambda > 0:
             kd = self.kd_term(model)
             self._kd_values.append(kd.detach())
             loss = loss + self.kd_lambda * kd * self._kd_scale(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def task_loss(self, model: nn.Module, inputs: dict[str, Any],
+                  num_items_in_batch: torch.Tensor | int | None = None) -> tuple[torch.Tensor, Any]:
+        """The task batch's loss and the model's outputs from one forward: ``transformers.Trainer.compute_loss``
+        named directly, so that a Trainer subclass behind this one in the MRO (TRL's SFTTrainer, whose loss
+        skips the model's own logit processing) does not replace the model's loss."""
+        return Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
 
     def kd_term(self, model: nn.Module) -> torch.Tensor:
         """``mode.kd_loss`` of ``model`` on the next generation-stream batch."""

@@ -200,7 +200,7 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
         if stop := interrupt.requested():  # during the evaluation: the checkpoint above is the safe point
             raise interrupt.Interrupted(stop)
     results = method_results(model, workload, method, label, current, state, output)
-    results["adapters"] = str(export_adapters(model, output, label).relative_to(output))
+    results["adapters"] = str(export_adapters(model, output, label, method.plain_lora).relative_to(output))
     state["done"].setdefault(name, {})[str(config.seed)] = results
     state["current"] = None
     save_checkpoint(checkpoint_path, model, extra=state)

@@ -39,6 +39,11 @@ class Method:
     ewc: bool = False  # add the EWC penalty (mode.train.ewc)
     matched_rank: bool = False  # LoRA rank matching MoDE's parameters instead of --rank
 
+    @property
+    def plain_lora(self) -> bool:
+        """One LoRA that every token reaches: its adapters are exported as a plain PEFT LoRA."""
+        return self.experts_per_modality[0] == 1 and not self.split_modality
+
 
 LORA = Method((1, 1), split_modality=False, kd=False)
 METHODS = {

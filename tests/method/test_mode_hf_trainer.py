@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, VOCAB, config, peft_config, tiny_model
+from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, SPECS, VOCAB, config, peft_config, tiny_model
 
 import mode
 import mode.hf
@@ -52,12 +52,12 @@ def _task_loss(model) -> float:
     return loss
 
 
-def _tokenizer():
-    """A word-level tokenizer over the tiny vocabulary (TRL needs one for padding)."""
+def _tokenizer(vocab: int = VOCAB):
+    """A word-level tokenizer over ids 0..vocab-1 (TRL needs one for padding)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1", unk_token="t0")
 
@@ -102,12 +102,9 @@ def test_trainer_two_steps_lower_the_loss(builder, tmp_path):
     _check_saved_adapters(trainer, model, tmp_path / "final")
 
 
-def test_sft_trainer_mixin_two_steps_lower_the_loss(tmp_path):
+def test_sft_trainer_two_steps_lower_the_loss(tmp_path):
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    class MoDESFTTrainer(mode.hf.MoDETrainer, SFTTrainer):
-        pass
+    from trl import SFTConfig
 
     model = _model("peft")
     before = _task_loss(model)
@@ -116,9 +113,10 @@ def test_sft_trainer_mixin_two_steps_lower_the_loss(tmp_path):
     assert args.gradient_checkpointing
     task = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [0] * 9 + [1]} for r in _task_rows()])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        trainer = MoDESFTTrainer(model=model, args=args, train_dataset=task, processing_class=_tokenizer(),
-                                 gen_dataset=[{"input_ids": r["input_ids"]} for r in _gen_rows()], kd_lambda=0.3)
+        warnings.simplefilter("error", FutureWarning)  # e.g. TRL's "recomputed with an extra forward pass"
+        trainer = mode.hf.MoDESFTTrainer(model=model, args=args, train_dataset=task, processing_class=_tokenizer(),
+                                         gen_dataset=[{"input_ids": r["input_ids"]} for r in _gen_rows()],
+                                         kd_lambda=0.3)
         trainer.train()
     after = _task_loss(model)
     assert after < before - 0.05, (before, after)
@@ -127,6 +125,79 @@ def test_sft_trainer_mixin_two_steps_lower_the_loss(tmp_path):
                     and isinstance(m.__dict__.get("_gradient_checkpointing_func"), RoutedCheckpoint)]
     assert len(checkpointed) >= 2  # both decoder layers ran under checkpointing with their forward's routing
     _check_saved_adapters(trainer, model, tmp_path / "final")
+
+
+def _chameleon_peft():
+    from peft import get_peft_model
+
+    base = tiny_model("chameleon")
+    torch.manual_seed(0)  # the same adapters at every call; B random, so the student differs from the teacher
+    return get_peft_model(base, peft_config(SPECS["chameleon"], init_lora_weights=False))
+
+
+def _token_metrics(logits, labels):
+    """Gold of TRL's logged entropy and token accuracy: over the scored next-token labels, in float64."""
+    logits, labels = logits[:, :-1].double(), labels[:, 1:]
+    scored = labels != -100
+    p = logits[scored].softmax(-1)
+    entropy = -(p * p.log()).nan_to_num().sum(-1)
+    return entropy.mean().item(), (logits[scored].argmax(-1) == labels[scored]).double().mean().item()
+
+
+def test_sft_trainer_logs_the_models_own_loss_with_one_forward_per_batch_on_chameleon(tmp_path):
+    """Under TRL's SFTTrainer each step runs three decoder forwards (the task batch, the KD batch's
+    teacher and student) and logs loss = the model's own loss (Chameleon's image codes masked) +
+    kd_lambda * kd term, each term recomputed here from the adapters the step began with."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from mode.hf.models import decoder_of
+
+    words, boi, eoi = 8200, SPECS["chameleon"].begin_image, SPECS["chameleon"].end_image
+    gen = torch.Generator().manual_seed(0)
+    task = Dataset.from_list([{"input_ids": [words, words + 1, boi] + torch.randint(4, 20, (4,), generator=gen).tolist()
+                               + [eoi, words + 2, words + 3], "labels": [-100] * 8 + [words + 2, words + 3]}
+                              for _ in range(8)])  # Chameleon's forward masks the codes' logits: no code is a label
+    gen_rows = [{"input_ids": [words + 4, boi] + torch.randint(4, 20, (6,), generator=gen).tolist() + [eoi]}] * 4
+    tokenizer = _tokenizer(8224)
+    gen_batches, task_batches, decoder_calls, snapshots = [], [], [], []
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+
+    class Snapshot(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            decoder_calls.append(0)
+
+    model = _chameleon_peft()
+    decoder_of(model).register_forward_pre_hook(lambda *_: decoder_calls.__setitem__(-1, decoder_calls[-1] + 1))
+    model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: task_batches.append({k: kwargs[k] for k in ("input_ids", "attention_mask",
+                                                                                 "labels")}), with_kwargs=True)
+    args = SFTConfig(output_dir=str(tmp_path), bf16=False, **{**COMMON_ARGS, "learning_rate": 1e-2})
+    trainer = mode.hf.MoDESFTTrainer(model=model, args=args, train_dataset=task, processing_class=tokenizer,
+                                     gen_dataset=gen_rows, gen_data_collator=lambda rows: gen_batches.append(
+                                         collate(rows)) or gen_batches[-1], kd_lambda=0.3, callbacks=[Snapshot()])
+    trainer.train()
+    assert decoder_calls == [3, 3] and len(task_batches) == 2 and len(gen_batches) == 2
+
+    logs = [entry for entry in trainer.state.log_history if "kd_loss" in entry]
+    for step, log in enumerate(logs):
+        fresh = _chameleon_peft()
+        fresh.load_state_dict(snapshots[step], strict=False)
+        with torch.no_grad():
+            outputs = fresh(**task_batches[step])
+            kd = mode.kd_loss(fresh, gen_batches[step]).item()
+        assert kd > 0.01
+        assert log["kd_loss"] == pytest.approx(kd, rel=1e-5)
+        assert log["loss"] == pytest.approx(outputs.loss.item() + 0.3 * kd, rel=1e-5)
+        entropy, accuracy = _token_metrics(outputs.logits, task_batches[step]["labels"])
+        assert log["entropy"] == pytest.approx(entropy, rel=1e-4) and log["mean_token_accuracy"] == accuracy
+    # TRL's own loss (its fused head over the unmasked logits) is another number: the trainer did not use it.
+    with torch.no_grad():
+        fused = model.get_base_model()(**task_batches[-1], fused_lm_head=True).loss.item()
+    assert abs(fused - model.get_base_model()(**task_batches[-1]).loss.item()) > 0.1
 
 
 def test_bad_arguments_raise(tmp_path):

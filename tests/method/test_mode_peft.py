@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import config, image_sequence, peft_config, randomize_adapters, tiny_model
+from tiny_models import SPECS, config, image_sequence, peft_config, randomize_adapters, tiny_model
 
 import mode
 from mode.peft import MoDEPeftLinear
@@ -116,12 +116,20 @@ def test_save_adapter_of_apply_mode_model_loads_in_peft(tmp_path):
 
 def test_unregistered_process_refuses_the_adapter(peft_model, tmp_path):
     """Without `import mode`, PEFT does not know peft_type MODE: loading raises instead of building LoRA."""
+    from mode.adapter_io import save_lora_adapter
+
     peft_model.save_pretrained(tmp_path)
+    # and the trainer's single-LoRA baselines, saved as plain LoRA, load with PEFT alone
+    lora = randomize_adapters(mode.apply_mode(tiny_model(), config(
+        experts_per_modality=(1, 1), modality=mode.ModalitySpec(image_token_ranges=((64, 65),)))))
+    save_lora_adapter(lora, tmp_path / "lora")
+    ids = image_sequence()
     script = f"""
-import sys
+import sys, torch
 from peft import LoraConfig, PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 assert "mode" not in sys.modules
+torch.manual_seed(0)
 base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2))
 path = {str(tmp_path)!r}
@@ -132,12 +140,19 @@ for load in (lambda: PeftModel.from_pretrained(base, path), lambda: LoraConfig.f
         print("refused", exc)
     else:
         print("loaded")
+lora = PeftModel.from_pretrained(base, path + "/lora").eval()
+with torch.no_grad():
+    torch.save(lora(input_ids=torch.tensor({ids.tolist()})).logits, path + "/lora_logits.pt")
+assert "mode" not in sys.modules
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split("\n")[:2] == ["refused 'MODE'", "refused 'MODE'"], run.stdout
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "lora_logits.pt"), lora(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_registered_when_peft_is_imported_after_mode():
@@ -164,3 +179,34 @@ def test_load_adapter_refuses_another_peft_method(tmp_path):
     get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="peft_type is 'LORA', not a MoDE adapter"):
         mode.load_adapter(tiny_model(), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["chameleon", "emu3"])
+def test_routing_hooks_follow_the_adapters(kind):
+    """A forward in which no MoDE adapter runs (disable_adapter, teacher mode, deleted adapter, unload)
+    needs no modality ids, with input_ids or inputs_embeds; unload and delete_adapter remove the hooks."""
+    from mode.model import _HOOKS_ATTR
+
+    spec, base = SPECS[kind], tiny_model(kind)
+    ids = image_sequence(spec=spec)
+    inputs = [{"input_ids": ids}, {"inputs_embeds": base.get_input_embeddings()(ids)}]
+    expected = [base(**x).logits for x in inputs]
+
+    def is_base(model):
+        with torch.no_grad():
+            return all(torch.equal(model(**x).logits, want) for x, want in zip(inputs, expected))
+
+    model = randomize_adapters(get_peft_model(tiny_model(kind), peft_config(spec)))
+    with pytest.raises(ValueError, match="no modality ids"):  # an adapter runs: it needs them
+        model(**inputs[1])
+    with model.disable_adapter():
+        assert is_base(model)
+    with mode.teacher_mode(model):
+        assert is_base(model)
+    model.delete_adapter("default")  # PeftModel's own forward then needs an adapter: the model inside it
+    inner = model.base_model.model  # (get_base_model() as well)
+    assert is_base(inner) and _HOOKS_ATTR not in inner.__dict__
+
+    plain = randomize_adapters(get_peft_model(tiny_model(kind), peft_config(spec))).unload()
+    assert not any(isinstance(m, MoDEPeftLinear) for m in plain.modules()) and _HOOKS_ATTR not in plain.__dict__
+    assert is_base(plain)

@@ -10,6 +10,7 @@ from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, SPEC, VOCAB,
 import mode
 from mode.train import cli, loop
 from mode.train.config import RunError
+from mode.train.methods import METHODS
 from mode.workloads.hf_model.data import load_jsonl
 from mode.workloads.hf_model.evaluation import exact_match_accuracy
 from mode.workloads.hf_model.loading import check_image_tokens, load_model, modality_spec_for
@@ -80,9 +81,16 @@ def run(argv):
 
 
 def reload_adapters(argv, method_name):
-    """The run's base checkpoint with the method's adapters from DIR/adapters/<method>."""
+    """The run's base checkpoint with the method's adapters from DIR/adapters/<method>: MoDE adapters with
+    mode.load_adapter, the single-LoRA baselines' plain LoRA with PEFT."""
+    from peft import PeftModel
+
     config, args = cli.parse_args(argv)
-    return mode.load_adapter(load_model(config.model), args.output / "adapters" / method_name).eval()
+    path = args.output / "adapters" / method_name
+    if METHODS[method_name].plain_lora:
+        assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        return PeftModel.from_pretrained(load_model(config.model), path).eval()
+    return mode.load_adapter(load_model(config.model), path).eval()
 
 
 def test_llama_run_scores_every_task_file_and_draws_the_prompts(tmp_path, llama_dir):
