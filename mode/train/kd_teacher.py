@@ -1,0 +1,81 @@
+"""The KD teacher of a run: its top k over the generation stream from the cache (``mode.kd_cache``), computed
+once per run before any method trains (and before ``--jobs`` spawns its workers, which then read the file),
+or with ``--no-kd-cache`` on each KD batch. Both give ``kd_loss`` the same ``TeacherTopk``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mode_kernels.cache import cache_dir as default_cache_dir
+
+from ..kd import kd_teacher_topk
+from ..kd_cache import TeacherCache
+from ..workloads import Workload
+from . import distributed
+from .adapting import build_model
+from .config import TrainConfig
+from .methods import METHODS
+
+CACHE_SUBDIR = "kd-teacher"
+
+
+def kd_vocab_range(workload: Workload) -> tuple[int, int]:
+    """The slice every KD method distils on: the workload's, else its spec's image ids (also for text-only
+    methods, whose own spec matches no token)."""
+    if workload.kd_vocab_range is not None:
+        return workload.kd_vocab_range
+    (image_range,) = workload.spec.image_token_ranges
+    return image_range
+
+
+def kd_k(config: TrainConfig, workload: Workload) -> int:
+    """The teacher's k: --kd-topk, else (0 or unset) the whole slice."""
+    lo, hi = kd_vocab_range(workload)
+    return config.kd_topk or hi - lo
+
+
+def teacher_autocast(device: torch.device) -> torch.autocast:
+    """The training step's autocast: bf16 on GPUs (the teacher computes in it, with or without the cache)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def load_teacher_cache(workload: Workload, config: TrainConfig, device: torch.device,
+                       cache_dir: str | Path | None, progress: bool) -> TeacherCache | None:
+    """The run's teacher cache (rank 0 computes it if needed, the others then read it); None when no method
+    distils, with --no-kd-cache, or with --fsdp (its teacher computes on sharded bf16 weights)."""
+    if not any(METHODS[m].kd for m in config.methods) or not config.kd_cache or config.fsdp:
+        return None
+    directory = Path(cache_dir or default_cache_dir()) / CACHE_SUBDIR
+
+    def load() -> TeacherCache:
+        # the teacher is the pretrained model with its adapters off: any KD method's model, any seed
+        model = build_model(workload, METHODS["mode"], config, device).eval()
+        return TeacherCache.load_or_build(
+            directory, model, workload.generation_rows, workload.collate, k=kd_k(config, workload),
+            temperature=config.kd_temperature, vocab_range=kd_vocab_range(workload), logsumexp=config.kd_topk_tail,
+            # on the CPU a row's teacher values do not depend on its batch (the digits metrics are tested equal
+            # with and without the cache), so larger batches; on GPUs the training step's batch shape
+            batch_size=config.batch_size if device.type == "cuda" else max(64, config.batch_size), device=device,
+            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, progress=progress)
+
+    cache = load() if distributed.is_main() else None
+    distributed.barrier()
+    if cache is None:
+        cache = load()
+    if distributed.is_main() and (progress or cache.computed):
+        how = "computed" if cache.computed else "reused"
+        print(f"mode-train: KD teacher top-{cache.indices.shape[1]} of {len(cache.offsets) - 1} generation rows "
+              f"{how}: {cache.path} ({cache.nbytes / 2**20:.1f} MiB on disk)", flush=True)
+    return cache
+
+
+def kd_teacher(model: nn.Module, batch: dict, cache: TeacherCache | None, config: TrainConfig,
+               workload: Workload):
+    """The teacher's ``TeacherTopk`` of a KD batch: looked up in the cache, else computed from ``model``
+    (unwrapped) with its adapters off."""
+    if cache is not None:
+        return cache.lookup(batch)
+    return kd_teacher_topk(model, batch, kd_k(config, workload), temperature=config.kd_temperature,
+                           vocab_range=kd_vocab_range(workload), logsumexp=config.kd_topk_tail)
