@@ -16,6 +16,7 @@ gives a row the same values in any batch (the digits benchmark's rows all have o
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -113,18 +114,22 @@ class TeacherCache:
                       progress: bool = True) -> TeacherCache:
         """The cache of ``model``'s teacher (a model with MoDE layers, its adapters off) over ``rows`` batched
         by ``collate``: read from ``directory`` if its key's file is there, else computed (batches of
-        ``batch_size`` rows on ``device``, under autocast to ``autocast_dtype`` if given, as the training
-        step runs the teacher) and written there atomically (a temporary file renamed: concurrent builders
-        leave one whole file)."""
-        head_dtype = hf_model(model).get_output_embeddings().weight.dtype
-        key = TeacherCacheKey(model_fingerprint(model), str(autocast_dtype or head_dtype),
+        ``batch_size`` rows on ``device``, under autocast to ``autocast_dtype`` if given, else in the caller's
+        autocast if one is on, as the training step runs the teacher) and written there atomically (a
+        temporary file renamed: concurrent builders leave one whole file)."""
+        device = torch.device(device)
+        if autocast_dtype is None and torch.is_autocast_enabled(device.type):  # the caller's autocast
+            compute_dtype = torch.get_autocast_dtype(device.type)
+        else:
+            compute_dtype = autocast_dtype or hf_model(model).get_output_embeddings().weight.dtype
+        key = TeacherCacheKey(model_fingerprint(model), str(compute_dtype),
                               rows_fingerprint(rows, collate), int(k), float(temperature),
                               (int(vocab_range[0]), int(vocab_range[1])), bool(logsumexp))
         path = Path(directory) / f"kd-teacher-{key.digest()}.safetensors"
         if path.exists():
             return cls._read(path, vocab_range)
-        device = torch.device(device)
-        autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        autocast = (contextlib.nullcontext() if autocast_dtype is None else
+                    torch.autocast(device.type, dtype=autocast_dtype))
         chunks, counts = [], []
         for start in tqdm(range(0, len(rows), batch_size), desc="KD teacher top-k", disable=not progress):
             batch = {name: v.to(device) for name, v in collate(list(rows[start:start + batch_size])).items()}
