@@ -9,17 +9,14 @@ from mode.kd_cache import ROW_IDS, TeacherCache
 
 
 @pytest.fixture(scope="module")
-def model():
-    return randomize_adapters(mode.apply_mode(tiny_model(), config()), std=0.5)
-
-
-@pytest.fixture(scope="module")
-def rows():
+def stream():
+    """A model (random adapters) and five rows of its stream: a caption (no target), then image codes; row 1
+    with fewer distilled positions."""
     ids = image_sequence(5, seed=3)
-    labels = ids.clone()
-    labels[:, :4] = -100  # the caption: no target
-    labels[1, 12:] = -100  # a row with fewer distilled positions
-    return [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels)]
+    labels = ids.masked_fill(torch.arange(ids.shape[1]) < 4, -100)
+    labels[1, 12:] = -100
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels)]
+    return randomize_adapters(mode.apply_mode(tiny_model(), config()), std=0.5), rows
 
 
 def collate(rows):
@@ -32,7 +29,8 @@ def _build(directory, model, rows, k=20, temperature=2.0, vocab_range=(IMAGE_LO,
 
 
 @pytest.mark.parametrize("k, tail", [(20, False), (6, True)])
-def test_the_loss_from_the_cache_equals_the_loss_from_the_teacher(tmp_path, model, rows, k, tail):
+def test_the_loss_from_the_cache_equals_the_loss_from_the_teacher(tmp_path, stream, k, tail):
+    model, rows = stream
     cache = _build(tmp_path, model, rows, k=k, logsumexp=tail)
     assert cache.indices.dtype == torch.uint8  # ids relative to the 20-code slice
     picked = [3, 1, 1, 0]
@@ -44,7 +42,8 @@ def test_the_loss_from_the_cache_equals_the_loss_from_the_teacher(tmp_path, mode
         assert torch.equal(got, want)
 
 
-def test_a_second_build_reads_the_file_and_a_changed_key_computes_another(tmp_path, model, rows):
+def test_a_second_build_reads_the_file_and_a_changed_key_computes_another(tmp_path, stream):
+    model, rows = stream
     first = _build(tmp_path, model, rows)
     again = _build(tmp_path, model, rows)
     assert first.computed and not again.computed and again.path == first.path and first.nbytes > 0
@@ -60,7 +59,8 @@ def test_a_second_build_reads_the_file_and_a_changed_key_computes_another(tmp_pa
     assert len({c.path for c in [first, *changes]}) == 7 == len(list(tmp_path.glob("*.safetensors")))
 
 
-def test_a_batch_without_row_ids_or_of_other_rows_raises(tmp_path, model, rows):
+def test_a_batch_without_row_ids_or_of_other_rows_raises(tmp_path, stream):
+    model, rows = stream
     cache = _build(tmp_path, model, rows)
     with pytest.raises(ValueError, match="row_ids"):
         cache.lookup(collate(rows[:2]))
