@@ -55,8 +55,9 @@ class TrainerOptions:
     kd_lambda: float = field(default=0.3, metadata=field_metadata("weight of the KD term (methods with KD)"))
     kd_temperature: float = field(default=2.0, metadata=field_metadata("KD softmax temperature"))
     kd_topk: int | None = field(default=None, metadata=field_metadata(
-        "distil only the teacher's k most likely image codes, both distributions renormalised on them; 0: the "
-        "whole image-code slice; default: 256 with --model (the official MoDE code's), else the whole slice"))
+        "distil only the teacher's k most likely image codes, both distributions renormalised on them; 0 (or a k "
+        "past the slice's size): the whole image-code slice; default: 256 with --model (the official MoDE "
+        "code's), else the whole slice"))
     kd_topk_tail: bool = field(default=False, metadata=field_metadata(
         "with --kd-topk: the teacher's mass outside its top k as one more outcome of both distributions "
         "(mode.kd_loss's topk_tail; the student's path is then dense over the slice)"))

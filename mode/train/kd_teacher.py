@@ -31,9 +31,9 @@ def kd_vocab_range(workload: Workload) -> tuple[int, int]:
 
 
 def kd_k(config: TrainConfig, workload: Workload) -> int:
-    """The teacher's k: --kd-topk, else (0 or unset) the whole slice."""
+    """The teacher's k: --kd-topk, else (0 or unset, or a k past the slice's size) the whole slice."""
     lo, hi = kd_vocab_range(workload)
-    return config.kd_topk or hi - lo
+    return min(config.kd_topk or hi - lo, hi - lo)
 
 
 def teacher_autocast(device: torch.device) -> torch.autocast:
