@@ -3,6 +3,7 @@ once per run before any method trains (and before ``--jobs`` spawns its workers,
 or with ``--no-kd-cache`` on each KD batch. Both give ``kd_loss`` the same ``TeacherTopk``."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ def load_teacher_cache(workload: Workload, config: TrainConfig, device: torch.de
             batch_size=config.batch_size if device.type == "cuda" else max(64, config.batch_size), device=device,
             autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, progress=progress)
 
+    start = time.perf_counter()
     cache = load() if distributed.is_main() else None
     distributed.barrier()
     if cache is None:
@@ -67,7 +69,8 @@ def load_teacher_cache(workload: Workload, config: TrainConfig, device: torch.de
     if distributed.is_main() and (progress or cache.computed):
         how = "computed" if cache.computed else "reused"
         print(f"mode-train: KD teacher top-{cache.indices.shape[1]} of {len(cache.offsets) - 1} generation rows "
-              f"{how}: {cache.path} ({cache.nbytes / 2**20:.1f} MiB on disk)", flush=True)
+              f"{how} in {time.perf_counter() - start:.1f} s: {cache.path} ({cache.nbytes / 2**20:.1f} MiB on disk)",
+              flush=True)
     return cache
 
 
