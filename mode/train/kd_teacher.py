@@ -37,11 +37,6 @@ def kd_k(config: TrainConfig, workload: Workload) -> int:
     return min(config.kd_topk or hi - lo, hi - lo)
 
 
-def teacher_autocast(device: torch.device) -> torch.autocast:
-    """The training step's autocast: bf16 on GPUs (the teacher computes in it, with or without the cache)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def load_teacher_cache(workload: Workload, config: TrainConfig, device: torch.device,
                        cache_dir: str | Path | None, progress: bool) -> TeacherCache | None:
     """The run's teacher cache (rank 0 computes it if needed, the others then read it); None when no method
@@ -59,6 +54,7 @@ def load_teacher_cache(workload: Workload, config: TrainConfig, device: torch.de
             # on the CPU a row's teacher values do not depend on its batch (the digits metrics are tested equal
             # with and without the cache), so larger batches; on GPUs the training step's batch shape
             batch_size=config.batch_size if device.type == "cuda" else max(64, config.batch_size), device=device,
+            # the training step's autocast (bf16 on GPUs): the teacher computes in it with or without the cache
             autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, progress=progress)
 
     start = time.perf_counter()
