@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import mode_kernels as mk
 
-from .hf.models import hf_model
+from .families import family_of
 from .kd import kd_positions, kd_teacher_topk
 
 ROW_IDS = "row_ids"  # a batch's entry: int64 [B], each row's index in the generation stream
@@ -121,7 +121,7 @@ class TeacherCache:
         if autocast_dtype is None and torch.is_autocast_enabled(device.type):  # the caller's autocast
             compute_dtype = torch.get_autocast_dtype(device.type)
         else:
-            compute_dtype = autocast_dtype or hf_model(model).get_output_embeddings().weight.dtype
+            compute_dtype = autocast_dtype or family_of(model).image_head(model).weight.dtype
         key = TeacherCacheKey(model_fingerprint(model), str(compute_dtype),
                               rows_fingerprint(rows, collate), int(k), float(temperature),
                               (int(vocab_range[0]), int(vocab_range[1])), bool(logsumexp))

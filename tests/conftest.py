@@ -24,3 +24,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many of the documents' code blocks ran and command lines parsed (tests/test_docs.py)."""
+    counts = {}
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if "test_docs.py::" in nodeid and getattr(report, "when", "call") == "call":
+                kind = "python blocks run" if "::test_python_block" in nodeid else \
+                    "command lines parsed" if "::test_command_line" in nodeid else None
+                if kind:
+                    counts.setdefault(kind, {"passed": 0, "failed": 0})[outcome] += 1
+    for kind, n in counts.items():
+        terminalreporter.write_line(f"documents: {n['passed'] + n['failed']} {kind} ({n['passed']} passed, "
+                                    f"{n['failed']} failed)")

@@ -2,8 +2,10 @@
 
 Vocabulary of the Llama/Qwen2 models: 64 ids; image codes 40..59, end-of-image 60,
 begin-of-image 61 (``SPEC``). The Chameleon model uses the real Chameleon/Anole id layout; the
-Emu3 model the names of Emu3's vocabulary (``EMU3_VOCAB``). ``save_tiny_checkpoint`` saves
-Chameleon and Emu3 with a processor (an offline word-level tokenizer).
+Emu3 model the names of Emu3's vocabulary (``EMU3_VOCAB``); the Janus model a SigLIP tower, a VQ
+model and a Llama of ``JANUS_VOCAB`` whose counts agree (``JANUS_IMAGE_TOKENS``).
+``save_tiny_checkpoint`` saves Chameleon, Emu3 and Janus with a processor (an offline word-level
+tokenizer).
 """
 import copy
 import functools
@@ -47,6 +49,23 @@ def _base(kind: str):
                   num_attention_heads=1)
         return Emu3ForConditionalGeneration(Emu3Config(text_config=dict(text, vocab_size=len(EMU3_VOCAB)),
                                                        vq_config=vq, vocabulary_map=EMU3_VOCAB))
+    if kind == "janus":
+        from transformers import JanusConfig, JanusForConditionalGeneration
+        # 16x16 images: the vision tower's 8x8 patches and the VQ grid (8x downsampling: GroupNorm
+        # needs 32 channels) both give 2x2 = JANUS_IMAGE_TOKENS; JanusConfig sets the VQ grid from the
+        # vision tower (vq_config.num_patches = image_size // patch_size).
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=JANUS_IMAGE_SIZE, patch_size=8, projection_dim=32, depth=2,
+                      num_image_tokens=JANUS_IMAGE_TOKENS)
+        vq = dict(embed_dim=8, num_embeddings=JANUS_CODES, base_channels=32, channel_multiplier=[1, 1, 1, 1],
+                  num_res_blocks=1, attn_resolutions=[], latent_channels=8, resolution=JANUS_IMAGE_SIZE,
+                  projection_dim=32, image_token_embed_dim=32)
+        text = dict(SIZES, vocab_size=len(JANUS_VOCAB), pad_token_id=2, bos_token_id=0, eos_token_id=1)
+        model = JanusForConditionalGeneration(JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                                                          image_token_id=JANUS_VOCAB["<image_placeholder>"]))
+        with torch.no_grad():  # a random bias (it initialises to zeros), so that folding it is tested
+            model.model.generation_head.vision_head.bias.normal_()
+        return model
     raise ValueError(kind)
 
 
@@ -62,6 +81,10 @@ EMU3_VOCAB = {"<|endoftext|>": 0, "<pad>": 1, "<image>": 2, "<|image start|>": 3
               "<|image token|>": 5, "<|extra_200|>": 6, "<|extra_201|>": 7, "<unk>": 8,
               **{f"<|visual token {i:06d}|>": 9 + i for i in range(EMU3_CODES)}}
 EMU3_VOCAB.update({w: len(EMU3_VOCAB) + i for i, w in enumerate(WORDS)})
+JANUS_IMAGE_SIZE, JANUS_IMAGE_TOKENS, JANUS_CODES = 16, 4, 16
+JANUS_VOCAB = {"<s>": 0, "</s>": 1, "<pad>": 2, "<unk>": 3, "<image_placeholder>": 4, "<begin_of_image>": 5,
+               "<end_of_image>": 6}
+JANUS_VOCAB.update({w: len(JANUS_VOCAB) + i for i, w in enumerate(WORDS)})
 
 
 def _word_tokenizer(vocab: dict, add_bos: bool = True, **special):
@@ -102,6 +125,15 @@ def save_tiny_checkpoint(kind: str, path):
                                         "eof_token": "<|extra_201|>"})
         processor = Emu3Processor(Emu3ImageProcessor(min_pixels=16 * 16, max_pixels=32 * 32, spatial_factor=8),
                                   tokenizer)
+    elif kind == "janus":
+        from transformers import JanusImageProcessorPil, JanusProcessor
+        tokenizer = _word_tokenizer(JANUS_VOCAB, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                    extra_special_tokens={"image_token": "<image_placeholder>",
+                                                          "boi_token": "<begin_of_image>",
+                                                          "eoi_token": "<end_of_image>"})
+        size = {"height": JANUS_IMAGE_SIZE, "width": JANUS_IMAGE_SIZE}
+        processor = JanusProcessor(JanusImageProcessorPil(size=size, min_size=4), tokenizer,
+                                   num_image_tokens=JANUS_IMAGE_TOKENS)
     else:
         raise ValueError(kind)
     processor.save_pretrained(path)

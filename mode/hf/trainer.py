@@ -25,10 +25,9 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..adapter_io import CONFIG_NAME, load_adapter, save_adapter
-from ..kd import kd_loss
+from ..kd import kd_loss, kd_vocab_range
 from ..kd_cache import ROW_IDS, TeacherCache
 from ..layer import routed_layers
-from ..model import routing_state
 
 # The KD helper may take the teacher's top-k (MoDE's code keeps the top 256 image codes).
 KD_TAKES_TOPK = "topk" in inspect.signature(kd_loss).parameters
@@ -106,7 +105,7 @@ class MoDETrainer(Trainer):
 
     def _kd_teacher_cache(self, model: nn.Module) -> TeacherCache:
         if self._teacher_cache is None:
-            lo, hi = routing_state(model).config.resolved_kd_vocab_range()
+            lo, hi = kd_vocab_range(model)
             with self.args.main_process_first(desc="KD teacher cache"):
                 self._teacher_cache = TeacherCache.load_or_build(
                     self.kd_cache_dir, model, self.gen_dataset, self.gen_data_collator or self.data_collator,

@@ -26,19 +26,25 @@ Writes to the output directory (under torchrun: rank 0 only):
                    and every --checkpoint-every steps); --resume continues from it with any
                    number of processes; resuming is exact (each step's batch and dropout draws
                    are seeded by (seed, task, step))
+A directory that holds a checkpoint or results is refused without --resume (continue) or --overwrite
+(delete them first). SIGINT (Ctrl-C) or SIGTERM stops after the current step with a checkpoint there,
+prints the command that resumes and exits 130 (143); a second signal stops at once (one process).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import distributed
+from ..workloads.help_format import HelpFormatter, docstring_text
+from . import distributed, interrupt
 from .config import RunError, TrainConfig
 
 # Fields given as one comma-separated string on the command line (a list in a config file), and
@@ -96,8 +102,8 @@ def read_config_file(path: Path) -> dict:
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mode-train", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mode-train", description=docstring_text(__doc__),
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--output", required=True, type=Path, help="directory for metrics, tables, plots, checkpoint")
     parser.add_argument("--config", type=Path, help="JSON or YAML file of config fields (flags override it)")
     config_flags = parser.add_argument_group("run config (TrainConfig; stored in DIR/config.json)")
@@ -116,6 +122,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
                        help="torch threads per process (float sums differ between thread counts; default: torch's "
                             "for one job, the cores shared among the workers for several)")
     other.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
+    other.add_argument("--overwrite", action="store_true",
+                       help="delete the run in DIR (its checkpoint, results, plots, adapters) and start over")
     other.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -141,18 +149,46 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     return TrainConfig(**values), args
 
 
+def rerun_command(argv: list[str], resume: bool = True) -> str:
+    """The command line that continues (``resume``) or restarts the run of ``argv`` (mode-train's arguments):
+    as it was launched (mode-train, python -m mode.train, or torchrun on this many processes), without
+    --overwrite."""
+    if distributed.is_distributed():
+        nodes = distributed.world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
+        launcher = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []),
+                    f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', distributed.world_size())}", "-m",
+                    "mode.train"]
+    elif Path(sys.argv[0]).name == "__main__.py":
+        launcher = [sys.executable, "-m", "mode.train"]
+    else:
+        launcher = ["mode-train"]
+    return shlex.join([*launcher, *(a for a in argv if a not in ("--resume", "--overwrite")),
+                       *(["--resume"] if resume else [])])
+
+
 def main(argv: list[str] | None = None) -> int:
     from .loop import run
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config, args = parse_args(argv)
-        metrics = run(config, args.output, resume=args.resume, device=args.device, cache_dir=args.cache_dir,
-                      progress=not args.no_progress, jobs=args.jobs, threads=args.threads)
+        with interrupt.stop_at_safe_points():
+            metrics = run(config, args.output, resume=args.resume, device=args.device, cache_dir=args.cache_dir,
+                          progress=not args.no_progress, overwrite=args.overwrite, jobs=args.jobs,
+                          threads=args.threads)
         if distributed.is_main():
             print((args.output / "results.md").read_text())
     except RunError as err:
         print(f"mode-train: error: {err}", file=sys.stderr)
         return 2
+    except interrupt.Interrupted as stop:
+        if distributed.is_main():
+            kept = (args.output / "checkpoint").exists()
+            print(f"mode-train: stopped by {stop.signal_name}; " + (
+                f"checkpoint kept in {args.output / 'checkpoint'}; resume with: {rerun_command(argv)}" if kept else
+                f"no checkpoint written yet; start again with: {rerun_command(argv, resume=False)}"),
+                file=sys.stderr)
+        return stop.exit_status
     finally:
         distributed.shutdown()
     return 0 if metrics else 1

@@ -104,6 +104,15 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def agreed_max(value: int) -> int:
+    """The largest of every process's ``value`` (each process must call it); ``value`` in one process."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device() if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 # ----------------------------------------------------------------------------- data
 
 def shard_rows(rows: int, rank_: int | None = None, world: int | None = None) -> slice:

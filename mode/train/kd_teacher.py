@@ -11,7 +11,7 @@ from torch import nn
 
 from mode_kernels.cache import cache_dir as default_cache_dir
 
-from ..kd import kd_teacher_topk
+from ..kd import kd_teacher_topk, kd_vocab_range
 from ..kd_cache import TeacherCache
 from ..workloads import Workload
 from . import distributed
@@ -22,18 +22,15 @@ from .methods import METHODS
 CACHE_SUBDIR = "kd-teacher"
 
 
-def kd_vocab_range(workload: Workload) -> tuple[int, int]:
-    """The slice every KD method distils on: the workload's, else its spec's image ids (also for text-only
-    methods, whose own spec matches no token)."""
-    if workload.kd_vocab_range is not None:
-        return workload.kd_vocab_range
-    (image_range,) = workload.spec.image_token_ranges
-    return image_range
+def kd_slice(model: nn.Module, workload: Workload) -> tuple[int, int]:
+    """The slice every KD method of the run distils on (``mode.kd.kd_vocab_range`` with the workload's real
+    spec: a text-only method's own spec matches no token)."""
+    return kd_vocab_range(model, workload.spec)
 
 
-def kd_k(config: TrainConfig, workload: Workload) -> int:
+def kd_k(config: TrainConfig, vocab_range: tuple[int, int]) -> int:
     """The teacher's k: --kd-topk, else (0 or unset, or a k past the slice's size) the whole slice."""
-    lo, hi = kd_vocab_range(workload)
+    lo, hi = vocab_range
     return min(config.kd_topk or hi - lo, hi - lo)
 
 
@@ -48,9 +45,10 @@ def load_teacher_cache(workload: Workload, config: TrainConfig, device: torch.de
     def load() -> TeacherCache:
         # the teacher is the pretrained model with its adapters off: any KD method's model, any seed
         model = build_model(workload, METHODS["mode"], config, device).eval()
+        vocab_range = kd_slice(model, workload)
         return TeacherCache.load_or_build(
-            directory, model, workload.generation_rows, workload.collate, k=kd_k(config, workload),
-            temperature=config.kd_temperature, vocab_range=kd_vocab_range(workload), logsumexp=config.kd_topk_tail,
+            directory, model, workload.generation_rows, workload.collate, k=kd_k(config, vocab_range),
+            temperature=config.kd_temperature, vocab_range=vocab_range, logsumexp=config.kd_topk_tail,
             # on the CPU a row's teacher values do not depend on its batch (the digits metrics are tested equal
             # with and without the cache), so larger batches; on GPUs the training step's batch shape
             batch_size=config.batch_size if device.type == "cuda" else max(64, config.batch_size), device=device,
@@ -71,10 +69,10 @@ def load_teacher_cache(workload: Workload, config: TrainConfig, device: torch.de
 
 
 def kd_teacher(model: nn.Module, batch: dict, cache: TeacherCache | None, config: TrainConfig,
-               workload: Workload):
+               vocab_range: tuple[int, int]):
     """The teacher's ``TeacherTopk`` of a KD batch: looked up in the cache, else computed from ``model``
     (unwrapped) with its adapters off."""
     if cache is not None:
         return cache.lookup(batch)
-    return kd_teacher_topk(model, batch, kd_k(config, workload), temperature=config.kd_temperature,
-                           vocab_range=kd_vocab_range(workload), logsumexp=config.kd_topk_tail)
+    return kd_teacher_topk(model, batch, kd_k(config, vocab_range), temperature=config.kd_temperature,
+                           vocab_range=vocab_range, logsumexp=config.kd_topk_tail)

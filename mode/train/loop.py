@@ -21,18 +21,18 @@ from ..modality import IMAGE
 from ..workloads import Environment, Workload
 from ..workloads.protocol import to_device
 from ..workloads.schedule import cosine_lr
-from . import distributed, probe
+from . import distributed, interrupt, probe
 from .adapter_export import export_adapters
 from .adapting import build_model
 from .config import RunError, TrainConfig, check_config, config_dict, workload_errors_as_run_errors
 from .ewc import consolidate, ewc_penalty
 from .jobs import Job, default_threads, run_jobs
-from .kd_teacher import kd_teacher, kd_vocab_range, load_teacher_cache
+from .kd_teacher import kd_slice, kd_teacher, load_teacher_cache
 from .methods import METHODS, Method, trainable_params
 from .metrics import metrics_json, retention, task_score_metrics
 from .rehearsal import StepRows, step_rows
 from .report import LossBoard, results_markdown, write_plots
-from .resume import load_adapters, load_progress, save_checkpoint
+from .resume import claim_output, load_adapters, load_progress, save_checkpoint
 
 
 def wrap(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
@@ -77,7 +77,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
             batch = task_rows.draw(rng, workload.collate, config, device)
             # right padding under a causal mask: no attention mask needed (pads carry no loss)
             with autocast:
-                out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+                pixels = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}  # Janus
+                out = model(input_ids=batch["input_ids"], labels=batch["labels"], **pixels)
                 # HF's loss is the mean over this process's targets; global_mean turns it into this
                 # process's part of the global batch's mean, which DDP's gradient average then gives
                 targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
@@ -87,10 +88,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
                     if config.kd_routing == "image" and method.split_modality:
                         kd_batch["modality_ids"] = torch.full_like(kd_batch["input_ids"], IMAGE)
                     # the teacher pass needs the Hugging Face model, not the DDP wrapper
-                    teacher = kd_teacher(distributed.unwrap(model), kd_batch, teacher_cache, config, workload)
-                    kd_sum = kd_loss(distributed.unwrap(model), kd_batch, teacher=teacher,
-                                     topk_tail=config.kd_topk_tail, temperature=config.kd_temperature,
-                                     vocab_range=kd_vocab_range(workload), reduction="sum")
+                    unwrapped = distributed.unwrap(model)
+                    vocab_range = kd_slice(unwrapped, workload)
+                    teacher = kd_teacher(unwrapped, kd_batch, teacher_cache, config, vocab_range)
+                    kd_sum = kd_loss(unwrapped, kd_batch, teacher=teacher, topk_tail=config.kd_topk_tail,
+                                     temperature=config.kd_temperature, vocab_range=vocab_range, reduction="sum")
                     kd = distributed.global_mean(kd_sum, kd_positions(kd_batch).sum())
                     loss = loss + config.kd_lambda * kd
                     losses["kd"] += distributed.all_reduce_mean(kd.detach().clone()).item() / config.grad_accum
@@ -144,9 +146,12 @@ def train_task(model: nn.Module, workload: Workload, method: Method, name: str, 
             current["loss_history"][key].append(losses[key])
         board.add_losses(name, task_index * config.steps_per_task + step, losses)
         bar.set_postfix(loss=f"{losses['loss']:.3f}")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps_per_task:
-            current["step"] = step + 1
+        stop = interrupt.requested()
+        if stop or (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps_per_task:
+            current["step"] = step + 1  # (all of them on a stop after the last step: resuming evaluates)
             save_checkpoint(checkpoint_path, model, optimizer, extra=state | {"current": current})
+        if stop:
+            raise interrupt.Interrupted(stop)
 
 
 def method_results(model: nn.Module, workload: Workload, method: Method, name: str, current: dict, state: dict,
@@ -203,11 +208,15 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
                         [config.seed, task_index, 3])
         current.update(task=task_index + 1, step=0)
         save_checkpoint(checkpoint_path, model, extra=state | {"current": current})
+        if stop := interrupt.requested():  # during the evaluation: the checkpoint above is the safe point
+            raise interrupt.Interrupted(stop)
     results = method_results(model, workload, method, label, current, state, output)
     results["adapters"] = str(export_adapters(model, output, label).relative_to(output))
     state["done"].setdefault(name, {})[str(config.seed)] = results
     state["current"] = None
     save_checkpoint(checkpoint_path, model, extra=state)
+    if stop := interrupt.requested():
+        raise interrupt.Interrupted(stop)
 
 
 def load_workload(config: TrainConfig, device: torch.device, cache_dir: str | Path | None,
@@ -248,12 +257,16 @@ def evaluate_pretrained(workload: Workload, config: TrainConfig, device: torch.d
 
 @workload_errors_as_run_errors()
 def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "cpu",
-        cache_dir: str | Path | None = None, progress: bool = True, jobs: int = 1, threads: int | None = None) -> dict:
+        cache_dir: str | Path | None = None, progress: bool = True, overwrite: bool = False, jobs: int = 1,
+        threads: int | None = None) -> dict:
     """Run every method of `config`, write the results to `output` (rank 0), and return metrics.json's content.
+    An `output` holding a checkpoint or results needs `resume` (continue it) or `overwrite` (delete them first).
 
     ``jobs`` > 1 runs the method × seed runs in that many worker processes (``mode.train.jobs``), each with
     ``threads`` torch threads (default: the cores shared among them); ``threads`` also sets this process's.
     Under torchrun every process calls it; it joins the process group (`mode.train.distributed.init`).
+    Within `interrupt.stop_at_safe_points()` a signal stops it after the current step, with a checkpoint
+    there (`interrupt.Interrupted`).
     """
     distributed.init()
     check_config(config)
@@ -271,9 +284,7 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     progress = progress and distributed.is_main()
     config_path, checkpoint_path = output / "config.json", output / "checkpoint"
     config_json = json.dumps(asdict(config), indent=2, sort_keys=True)
-    # every process checks (read-only, same answer), so all refuse together
-    if config_path.exists() and json.loads(config_path.read_text()) != json.loads(config_json):
-        raise RunError(f"{output} holds another run (its config.json differs); choose another --output")
+    claim_output(output, config_json, resume, overwrite)
     state = load_progress(checkpoint_path, config) if resume and checkpoint_path.exists() else None
     workload = load_workload(config, device, cache_dir, progress)
     distributed.atomic_write_text(config_path, config_json)

@@ -27,10 +27,12 @@ COMPARISON = (("avg acc", "avg_acc", ".3f"), ("BWT", "bwt", "+.3f"), ("new-task 
               ("digit BWT", "digit_bwt", "+.3f"), ("digit forgetting", "digit_forgetting", "+.3f"),
               ("avg answer NLL", "avg_answer_nll", ".3f"), ("answer NLL BWT", "answer_nll_bwt", "+.3f"),
               ("answer NLL forgetting", "answer_nll_forgetting", "+.3f"), ("gen_acc (last)", "gen_acc_last", ".3f"),
-              ("gen retention", "gen_retention", ".3f"), ("image NLL (last)", "image_nll_last", ".4f"))
+              ("gen retention", "gen_retention", ".3f"),
+              ("image NLL (last; nats per code, whole vocabulary)", "image_nll_last", ".4f"))
 # the per-method tables: (title, matrix, format)
 MATRICES = (("exact match", "acc_matrix", ".3f"), ("digit named right (first answer word)", "digit_acc_matrix", ".3f"),
-            ("answer NLL (teacher-forced, nats per token; lower is better)", "answer_nll_matrix", ".3f"))
+            ("answer NLL (teacher-forced, nats per answer token, on the logits the model trains on: the scale of its "
+             "training loss; lower is better)", "answer_nll_matrix", ".3f"))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

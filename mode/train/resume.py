@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..json_files import read_json
 from .config import RunError, TrainConfig, config_dict
 from .distributed import PathLike, barrier, is_distributed, is_main
 
@@ -76,7 +77,7 @@ def checkpoint_extra(path: PathLike) -> dict:
     path = Path(path)
     if not (path / EXTRA_STATE_NAME).is_file() or not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint written by save_checkpoint")
-    return json.loads((path / EXTRA_STATE_NAME).read_text())
+    return read_json(path / EXTRA_STATE_NAME)
 
 
 def load_checkpoint(path: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
@@ -123,6 +124,41 @@ def load_adapters(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         load_checkpoint(path, model, optimizer)
     except (Exception, CheckpointException) as err:  # DCP raises several types for damaged shards
         raise corrupt_checkpoint(path, err) from err
+
+
+# What a run writes into its output directory (``mode.train.cli``'s list; the plots: ``report.write_plots``),
+# and all that --overwrite deletes: other files of the directory stay.
+RUN_OUTPUTS = ("checkpoint", ".checkpoint.tmp", ".checkpoint.old", "config.json", "metrics.json", "results.md",
+               "adapters", "images", "tensorboard", "acc_matrix_*.png", "gen_acc.png", "image_nll.png",
+               "generated_digits.png", "loss.png", "conflict.png")
+
+
+def claim_output(output: Path, config_json: str, resume: bool, overwrite: bool) -> None:
+    """Refuse an output directory that holds another run, or this run's checkpoint or results without
+    ``resume`` (continue) or ``overwrite`` (delete the run's files, ``RUN_OUTPUTS``, and start over).
+    Every process checks (read-only, the same answer), so all refuse together; rank 0 deletes."""
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
+                       "--overwrite deletes it")
+    config_path = output / "config.json"
+    try:
+        other = config_path.exists() and read_json(config_path) != json.loads(config_json)
+    except ValueError as err:
+        raise RunError(f"{err}; it is not a run's config.json: choose another --output, or add --overwrite") from None
+    held = [what for what, name in (("a checkpoint", "checkpoint"), ("finished results", "metrics.json"))
+            if (output / name).exists()]
+    if overwrite:
+        if is_main():
+            for pattern in RUN_OUTPUTS:
+                for path in output.glob(pattern):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        barrier()
+    elif other:
+        raise RunError(f"{output} holds another run (its config.json differs); choose another --output, or add "
+                       "--overwrite to delete that run and start this one")
+    elif held and not resume:
+        raise RunError(f"{output} holds {' and '.join(held)} of this run: add --resume to continue it, or "
+                       "--overwrite to delete them and start over")
 
 
 def corrupt_checkpoint(path: Path, err: BaseException) -> RunError:

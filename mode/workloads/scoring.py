@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..constants import IGNORE_INDEX
 from ..hf.models import cache_in, cache_keyword, decoder_of, hf_model
+from ..model import routing_state
 
 
 def scored(batch: Mapping[str, Tensor]) -> Tensor:
@@ -29,22 +30,40 @@ def target_logits(model: nn.Module, batch: Mapping[str, Tensor], targets: Tensor
     weight on those positions only: no full [B, T, vocab] logits, and no model-specific logit
     masking (Chameleon masks image codes), so the softmax is over the whole vocabulary."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "modality_ids") if batch.get(k) is not None}
-    hidden = decoder_of(model)(**inputs, use_cache=False)[0]
+    if batch.get("pixel_values") is not None:  # Janus: the vision tower's features at the placeholders
+        hidden = with_pixels(model, inputs, batch["pixel_values"])[0]
+    else:
+        hidden = decoder_of(model)(**inputs, use_cache=False)[0]
     selected = targets[:, 1:]
     logits = hf_model(model).get_output_embeddings()(hidden[:, :-1][selected]).float()
     return logits, batch["input_ids"][:, 1:][selected]
 
 
+def with_pixels(model: nn.Module, inputs: Mapping[str, Tensor], pixel_values: Tensor, use_cache: bool = False):
+    """The multimodal model's decoder output (``model.model``, Janus's ``JanusModel``) on ids with
+    image placeholders and their pixels. It hands the language model embeddings only, so the
+    modality ids are given (from the model's own spec), through to the language model's routing hook."""
+    if inputs.get("modality_ids") is None:
+        inputs = {**inputs, "modality_ids": routing_state(model).config.modality.modality_ids(inputs["input_ids"])}
+    pixels = pixel_values.to(inputs["input_ids"].device, next(model.parameters()).dtype)
+    return hf_model(model).model(**inputs, pixel_values=pixels, use_cache=use_cache)
+
+
 @torch.no_grad()
-def answer_nll(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> float:
+def answer_nll(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], masked_ids: Tensor | None = None) -> float:
     """Mean NLL (nats per answer token) of the labelled tokens (labels != -100) given everything
-    before them, over all ``batches``, in eval mode (the model's train flag is restored)."""
+    before them, over all ``batches``, in eval mode (the model's train flag is restored).
+
+    ``masked_ids``: ids left out of the softmax, as the model's own forward leaves them out (Chameleon's
+    image codes): the score is then on the scale of the model's training loss. None: the whole vocabulary."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for batch in batches:
             logits, targets = target_logits(model, batch, batch["labels"] != IGNORE_INDEX)
+            if masked_ids is not None:
+                logits[:, masked_ids.to(logits.device)] = float("-inf")
             total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             count += targets.numel()
     finally:

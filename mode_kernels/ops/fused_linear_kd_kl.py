@@ -155,9 +155,10 @@ def fused_linear_kd_kl_loss(student_hidden: Tensor, teacher_hidden: Tensor | Non
     computed without ever holding the [positions, V] logits.
 
     Args:
-        student_hidden, teacher_hidden: [..., H], same shape.
-        weight: [V, H], the student's output projection (lm_head). teacher_weight: [V, H] or None
-            (the teacher uses ``weight``).
+        student_hidden: [..., H].
+        teacher_hidden: [..., H], the shape of student_hidden (None with ``teacher_topk``).
+        weight: [V, H], the student's output projection (lm_head).
+        teacher_weight: [V, H] or None (the teacher uses ``weight``).
         teacher_topk: the teacher given as its top k instead (``mode_kernels.TeacherTopk``: ids [..., k] in the
             vocab slice, logits [..., k], e.g. from ``teacher_topk`` once and cached); teacher_hidden and
             teacher_weight are then None, and ``topk`` None or k.
@@ -165,7 +166,12 @@ def fused_linear_kd_kl_loss(student_hidden: Tensor, teacher_hidden: Tensor | Non
             (ties at the k-th: the lower ids, ``mode_kernels.contract.TIES_RULE``).
         topk_tail: the mass outside the teacher's k is one more outcome of both distributions (needs topk, or
             a teacher_topk with its ``logsumexp``); it needs the student's whole slice, so that path is dense.
-        temperature, mask, vocab_range, reduction, backend: as in ``kd_kl_loss``.
+        temperature: as in ``kd_kl_loss``.
+        mask: as in ``kd_kl_loss``.
+        vocab_range: as in ``kd_kl_loss``.
+        reduction: as in ``kd_kl_loss``.
+        backend: as in ``kd_kl_loss``.
+
     Gradients flow to student_hidden, and to weight when it requires grad, through the student's
     logits only: the teacher is a constant.
 

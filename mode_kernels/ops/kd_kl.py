@@ -89,7 +89,8 @@ def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
     """Knowledge-distillation loss T^2 * KL(p_teacher || p_student), p = softmax(logits / T).
 
     Args:
-        student_logits, teacher_logits: [..., V], same shape. Gradient flows to the student only.
+        student_logits: [..., V]. The gradient flows to the student only.
+        teacher_logits: [..., V], the shape of student_logits; a constant.
         temperature: T > 0.
         mask: bool [...] of positions that count.
         vocab_range: (lo, hi): only the vocab slice [lo, hi) counts (softmax over the slice).
@@ -97,7 +98,8 @@ def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
             are renormalised on that set.
         reduction: "mean" over counted positions (0 when none), "sum", or "none" (per position,
             uncounted positions 0).
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton" or "native".
+
     A vocab entry with teacher probability 0 (logit -inf or the dtype's most negative value)
     contributes 0; a position whose teacher has no finite logit in the slice contributes 0.
     """

@@ -174,7 +174,7 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
                                                                              device=ws.device)
     need_grad = need_dh or need_dw
     step = chunk_plan(rows, n_vocab, topk, hs.dtype)[0]
-    for r0 in range(0, rows, step):
+    for r0 in range(0, rows, max(step, 1)):  # (no rows: a plan of 0 rows per chunk)
         r1 = min(rows, r0 + step)
         s = d = s_full = None  # free the last chunk's logits before this chunk's are made
         h = hs[r0:r1].to(acc)

@@ -64,7 +64,7 @@ def test_pyproject_ships_every_package_and_the_sources():
 
     from mode_kernels.native.build import HEADERS, SOURCES
     config = pyproject_setuptools()
-    found = find_namespace_packages(str(REPO), include=["mode_kernels*", "mode*", "bench*"])
+    found = find_namespace_packages(str(REPO), include=["mode_kernels*", "mode*"])
     assert sorted(config["packages"]) == sorted([*found, "mode_kernels.csrc"])
     assert config["package-dir"] == {"mode_kernels.csrc": "csrc"}
     shipped = {p.name for pattern in config["package-data"]["mode_kernels.csrc"] for p in (REPO / "csrc").glob(pattern)}

@@ -20,7 +20,8 @@ from mode.constants import IGNORE_INDEX
 from mode.workloads.hf_model.data import JsonlDataset
 from mode.workloads.hf_model.evaluation import exact_match_accuracy
 from mode.workloads.hf_model.generation import generate_images, load_prompt
-from mode.workloads.hf_model.loading import load_model, modality_spec_for, vocab_size
+from mode.workloads.hf_model.loading import load_model, masked_logit_ids, modality_spec_for, vocab_size
+from mode.workloads.scoring import answer_nll
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +160,12 @@ def test_generation_routes_codes_to_the_image_expert():
 
 def test_prompt_file_errors(tmp_path):
     cases = {"a.json": "[1, 2.5]", "b.json": "{}", "c.json": "[]", "d.json": "[1, 99999]", "e.txt": "[1]",
-             "f.json": "{bad"}
+             "f.json": "[1,\n{bad", "h.pt": "not a tensor file"}
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
     for name, reason in (("a.json", "list of token ids"), ("b.json", "list of token ids"), ("c.json", "non-empty"),
                          ("d.json", "outside the vocabulary"), ("e.txt", "expected a .json or .pt"),
-                         ("f.json", "bad JSON")):
+                         ("f.json", r"f\.json:2: not valid JSON"), ("h.pt", r"h\.pt: not a tensor file")):
         with pytest.raises(ValueError, match=reason):
             load_prompt(tmp_path / name, VOCAB)
     (tmp_path / "g.json").write_text(json.dumps({"input_ids": [3]}))
@@ -175,3 +176,21 @@ def test_prompt_file_errors(tmp_path):
     with pytest.raises(ValueError, match="1-D integer tensor"):
         load_prompt(tmp_path / "two_d.pt", VOCAB)
 
+
+
+@pytest.mark.parametrize("kind", ["chameleon", "emu3"])
+@torch.no_grad()
+def test_answer_nll_is_on_the_scale_of_the_models_own_loss(kind):
+    # Chameleon's forward masks the logits of its image codes; Emu3's masks none
+    model = tiny_model(kind)
+    ids = torch.tensor([[1, 8197, 5, 6, 8196, 8200, 8203, 8201]]) if kind == "chameleon" else \
+        torch.tensor([[0, 25, 3, 9, 10, 6, 4, 27, 28]])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -2:] = ids[:, -2:]
+    own = model(input_ids=ids, labels=labels).loss.item()
+    masked = masked_logit_ids(model)
+    assert (masked is None) == (kind == "emu3")
+    batch = {"input_ids": ids, "labels": labels}
+    assert answer_nll(model, [batch], masked) == pytest.approx(own, rel=1e-5)
+    if kind == "chameleon":  # over the whole vocabulary: another, larger number
+        assert answer_nll(model, [batch]) > own + 1e-3

@@ -41,12 +41,13 @@ def raw_files(directory):
 
 
 @pytest.mark.parametrize("kind", ["chameleon", "emu3"])
-def test_prepare_train_reload_generate(tmp_path, kind):
+def test_prepare_train_reload_generate(tmp_path, kind, capsys):
     model_dir = save_tiny_checkpoint(kind, tmp_path / kind)
     tasks_raw, stream_raw = raw_files(tmp_path / "raw")
     data, gen, prompts = tmp_path / "data" / "tasks.jsonl", tmp_path / "data" / "gen.jsonl", tmp_path / "prompts"
     options = ["--model", str(model_dir), "--batch-size", "3", "--no-progress"]
     assert prepare.main([str(tasks_raw), str(data), *options]) == 0
+    summary = capsys.readouterr().out
     emu3_size = ["--ratio", "3:2", "--image-area", str(16 * 24)]  # 2 x 3 latents, as the 16x24 images
     assert prepare.main([str(stream_raw), str(gen), "--prompt-dir", str(prompts), *options, *emu3_size]) == 0
 
@@ -60,6 +61,10 @@ def test_prepare_train_reload_generate(tmp_path, kind):
     with torch.no_grad():
         expected = model.model.get_image_tokens(pixels["pixel_values"], *(
             [pixels["image_sizes"]] if kind == "emu3" else [])).reshape(-1).tolist()
+    # the summary counts the image codes, 4 images of 64 (Chameleon) or 2x3 latents (Emu3)
+    codes = 4 * (64 if kind == "chameleon" else 6)
+    tokens = sum(len(r["input_ids"]) for r in records)
+    assert f"4 record(s) to {data} ({codes} of their {tokens} tokens image codes)" in summary
     ids = records[0]["input_ids"]
     begin = ids.index(spec.begin_image)
     first_code = next(i for i in range(begin, len(ids)) if ids[i] in range(*spec.image_token_ranges[0]))
@@ -105,8 +110,9 @@ def test_prepare_train_reload_generate(tmp_path, kind):
         assert len(drawn["image_tokens"]) == 64 and png.size == (8, 8)
 
 
-def test_bad_raw_records_are_listed_with_file_and_line(tmp_path):
-    model_dir = save_tiny_checkpoint("chameleon", tmp_path / "chameleon")
+@pytest.mark.parametrize("kind", ["chameleon", "emu3"])
+def test_bad_raw_records_are_listed_with_file_and_line(tmp_path, kind):
+    model_dir = save_tiny_checkpoint(kind, tmp_path / kind)
     directory = tmp_path / "raw"
     directory.mkdir()
     write_png(directory / "ok.png", 0)
@@ -114,17 +120,21 @@ def test_bad_raw_records_are_listed_with_file_and_line(tmp_path):
     lines = [{"image": "ok.png", "question": "what is it ?", "answer": "red"},
              {"image": "missing.png", "question": "what is it ?", "answer": "red"},
              {"image": "broken.png", "question": "what is it ?", "answer": "red"},
-             {"image": "ok.png", "question": "what is it ?", "answer": " "}]
+             {"image": "ok.png", "question": "what is it ?", "answer": " "},
+             {"image": "ok.png", "question": "what is <image> ?", "answer": "red"}]  # a second image
     raw = directory / "t.jsonl"
-    raw.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    raw.write_bytes("".join(json.dumps(r) + "\n" for r in lines).encode() + b'{"caption": "caf\xe9"}\n')
     out = tmp_path / "t.jsonl"
     with pytest.raises(ValueError) as err:
         prepare.prepare(model_dir, raw, out, progress=False)
     message = str(err.value)
-    assert "3 bad record(s)" in message and not out.exists()
+    assert "5 bad record(s)" in message and "--on-bad-record skip" in message and not out.exists()
     assert "t.jsonl:2: image 'missing.png': no such file" in message
     assert "t.jsonl:3: image 'broken.png': unreadable" in message
     assert "t.jsonl:4: answer: expected a non-empty string" in message
-    with pytest.warns(UserWarning, match="skipped 3 bad record"):
+    assert "t.jsonl:5: question: holds '<image>', one of the processor's image tokens" in message
+    assert "t.jsonl:6: not UTF-8 text" in message
+    with pytest.warns(UserWarning, match="skipped 5 bad record"):
         counts = prepare.prepare(model_dir, raw, out, on_error="skip", progress=False)
-    assert counts == {"records": 1, "prompts": 0, "skipped": 3} and len(out.read_text().splitlines()) == 1
+    assert (counts["records"], counts["prompts"], counts["skipped"]) == (1, 0, 5)
+    assert len(out.read_text().splitlines()) == 1

@@ -1,8 +1,10 @@
 """mode.train: metrics, a smoke run's files and schema, resume after a real kill, bad input."""
 import contextlib
+import hashlib
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -44,10 +46,14 @@ def _run_cli(output, cache_dir, *extra):
 def _main(output, cache_dir, *extra):
     """`mode-train`'s entry point in this process: (exit code, stdout, stderr). The interpreter and its
     imports are already up, which saves seconds per run; a killed run needs `_run_cli`."""
+    return _main_argv(_cli(output, cache_dir, *extra)[3:])
+
+
+def _main_argv(argv):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = cli.main(_cli(output, cache_dir, *extra)[3:])
+            code = cli.main(argv)
         except SystemExit as exit_:  # argparse's usage errors (any other exception fails the test)
             code = exit_.code
     return code, out.getvalue(), err.getvalue()
@@ -248,6 +254,77 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache_dir, reference_r
     code, _, err = _main(output, cache_dir, *methods, "--resume")
     assert code == 0, err[-3000:]
     assert _without_timing(output / "metrics.json") == _without_timing(reference_run / "metrics.json")
+
+
+def _tree(path):
+    """Every file under ``path`` and a hash of its bytes: what a refused run must leave as it was."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_ctrl_c_stops_at_a_step_and_prints_the_command_that_resumes(tmp_path, cache_dir, reference_run):
+    methods = ("--methods", "lora")  # the reference's second method, on its own: the same per-seed results
+    output = tmp_path / "stopped"
+    command = _cli(output, cache_dir, *methods)
+    process = subprocess.Popen(command, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline:
+        if _checkpoint_mid_task(output / "checkpoint") is not None:  # training is under way
+            process.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and not (output / "metrics.json").exists()
+    [line] = [line for line in err.splitlines() if line.startswith("mode-train: stopped by SIGINT; checkpoint kept")]
+    resume_argv = shlex.split(line.split("resume with: ", 1)[1])
+    assert resume_argv == [*command, "--resume"]
+
+    before = _tree(output)
+    code, _, err = _main_argv(command[3:])  # the same command again: refused, nothing touched
+    assert code == 2 and "holds a checkpoint of this run: add --resume to continue it, or --overwrite" in err
+    assert _tree(output) == before
+
+    code, _, err = _main_argv(resume_argv[3:])  # the printed command, in this process
+    assert code == 0, err[-3000:]
+    metrics, reference = _without_timing(output / "metrics.json"), _without_timing(reference_run / "metrics.json")
+    assert metrics["pretrained"] == reference["pretrained"]
+    assert metrics["methods"]["lora"] == reference["methods"]["lora"]
+
+
+def test_sigterm_stops_after_the_step_it_arrives_in(tmp_path, cache_dir, monkeypatch):
+    train_step = loop.train_step
+
+    def step_then_sigterm(*args):
+        losses = train_step(*args)
+        if args[7] == 1:  # the step index: a scheduler's notice during the second step of the first task
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses
+
+    monkeypatch.setattr(loop, "train_step", step_then_sigterm)
+    code, _, err = _main(tmp_path, cache_dir, "--methods", "lora", "--checkpoint-every", "3")
+    assert code == 143 and "mode-train: stopped by SIGTERM; checkpoint kept" in err, err[-3000:]
+    state = resume.checkpoint_extra(tmp_path / "checkpoint")
+    assert (state["current"]["task"], state["current"]["step"]) == (0, 2)  # saved right after that step
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+
+def test_overwrite_deletes_the_runs_files_only(tmp_path):
+    for name in ("checkpoint/trainer_state.json", "adapters/lora/adapter_config.json", "metrics.json",
+                 "config.json", "loss.png", "acc_matrix_lora.png", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(RunError, match="--resume and --overwrite exclude each other"):
+        resume.claim_output(tmp_path, "{}", resume=True, overwrite=True)
+    with pytest.raises(RunError, match="holds a checkpoint and finished results of this run"):
+        resume.claim_output(tmp_path, "{}", resume=False, overwrite=False)
+    resume.claim_output(tmp_path, "{}", resume=True, overwrite=False)  # continuing is allowed
+    resume.claim_output(tmp_path, '{"seed": 1}', resume=False, overwrite=True)  # even another run's
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    (tmp_path / "config.json").write_text("{\n  not json")
+    with pytest.raises(RunError, match=r"config\.json:2: not valid JSON .*choose another --output, or add --overwrite"):
+        resume.claim_output(tmp_path, "{}", resume=False, overwrite=False)
 
 
 def test_gradient_checkpointing_changes_no_result(tmp_path, cache_dir, reference_run):

@@ -4,14 +4,15 @@ import json
 import random
 
 import pytest
-from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, VOCAB, tiny_model
+import torch
+from tiny_models import BEGIN_IMAGE, END_IMAGE, IMAGE_HI, IMAGE_LO, SPEC, VOCAB, save_tiny_checkpoint, tiny_model
 
 import mode
 from mode.train import cli, loop
 from mode.train.config import RunError
 from mode.workloads.hf_model.data import load_jsonl
 from mode.workloads.hf_model.evaluation import exact_match_accuracy
-from mode.workloads.hf_model.loading import load_model
+from mode.workloads.hf_model.loading import check_image_tokens, load_model, modality_spec_for
 
 LLAMA_MODALITY = f"{IMAGE_LO}:{IMAGE_HI},begin={BEGIN_IMAGE},end={END_IMAGE}"
 TINY = ["--steps-per-task", "2", "--batch-size", "4", "--eval-size", "4", "--checkpoint-every", "1",
@@ -23,6 +24,12 @@ def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     tiny_model("llama").save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dirs(tmp_path_factory):
+    """The tiny Chameleon and Emu3 checkpoints, by name."""
+    return {kind: save_tiny_checkpoint(kind, tmp_path_factory.mktemp(kind)) for kind in ("chameleon", "emu3")}
 
 
 def image_question(rng, text_ids, code_ids, begin, end, answer):
@@ -197,3 +204,43 @@ def test_emu3_prompt_needs_its_image_size(tmp_path):
                                        "height and width"):
         run(["--output", str(tmp_path / "out"), "--model", str(model_dir), "--modality", "emu3", "--data", str(data),
              "--methods", "lora", "--gen-prompts", str(tmp_path / "cat.json"), *TINY])
+
+
+@pytest.mark.parametrize("kind", ["chameleon", "emu3"])
+def test_raw_records_are_refused_with_a_hint_to_run_mode_prepare(tmp_path, checkpoint_dirs, kind):
+    data = write_jsonl(tmp_path / "vqa.jsonl", [{"image": "img/0.png", "question": "what is it ?", "answer": "red"}])
+    raw = r"vqa\.jsonl:1: missing field 'input_ids': a raw record \(image, question, answer\); tokenize the file with"
+    with pytest.raises(RunError, match=rf"(?s)--on-bad-record skip drops them.*{raw} mode-prepare"):
+        run(["--output", str(tmp_path / "out"), "--model", str(checkpoint_dirs[kind]), "--modality", kind,
+             "--data", str(data), "--methods", "lora", *TINY])
+
+
+# (checkpoint, a record's ids, the scored start, a --modality whose image codes are none of the data's)
+WRONG_SPECS = {"chameleon": ([1, 8197, 5, 6, 8196, 8200, 2], 5, "100:200,begin=8197,end=8196"),
+               "emu3": ([0, 25, 3, 9, 10, 6, 4, 27, 28], 7, "44:46,begin=3,end=4")}
+
+
+@pytest.mark.parametrize("kind", ["chameleon", "emu3"])
+def test_a_spec_that_marks_none_of_the_datas_images_is_refused(tmp_path, checkpoint_dirs, kind):
+    ids, start, spec = WRONG_SPECS[kind]
+    data = write_jsonl(tmp_path / "vqa.jsonl", [{"input_ids": ids, "answer_start": start}] * 2)
+    with pytest.raises(RunError, match=rf"--modality {spec}: marks none of the tokens of --data as an image code "
+                                       r".*though they hold 4 of the checkpoint's image codes"):
+        run(["--output", str(tmp_path / "out"), "--model", str(checkpoint_dirs[kind]), "--modality", spec,
+             "--data", str(data), "--methods", "lora", *TINY])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_implausible_share_of_image_codes_is_a_warning():
+    chameleon = mode.ModalitySpec.chameleon()
+    data = [torch.tensor([1, 8197, 5, 3000, 6000, 8196, 8200])]
+    assert check_image_tokens(data, chameleon, "chameleon", chameleon, "d.jsonl") == 3
+    with pytest.warns(UserWarning, match=r"d\.jsonl: 1 of 7 tokens are image codes of --modality 4:100,begin=8197,"
+                                         r"end=8196, the data holds 3 of the checkpoint's image codes"):
+        check_image_tokens(data, modality_spec_for("4:100,begin=8197,end=8196"), "4:100,begin=8197,end=8196",
+                           chameleon, "d.jsonl")
+    # a family whose codes the checkpoint does not name: codes outside the image spans are text taken for image
+    with pytest.warns(UserWarning, match="2 of them outside the image spans"):
+        check_image_tokens([torch.tensor([41, 42, 61, 43, 60, 5])], SPEC, "40:60,begin=61,end=60", None, "d.jsonl")
+    with pytest.raises(ValueError, match="marks none .* though they hold 1 image span"):
+        check_image_tokens([torch.tensor([1, 61, 5, 60])], SPEC, "40:60,begin=61,end=60", None, "d.jsonl")

@@ -14,6 +14,9 @@ Fields:
                   position 0 (nothing precedes it).
     answer_start  int in [1, len(input_ids)): instead of labels; the tokens from there on are the
                   answer (scored), the ones before are the prompt (not scored).
+    pixel_values  optional string (Janus): a file, relative to the JSONL, holding the pixel values
+                  [3, S, S] (``torch.save``) of the image whose placeholders input_ids hold; read
+                  batch by batch (``collate``).
     task          optional string: the task the record belongs to, so that one file can hold
                   several tasks; records without it belong to the task named after the file (its
                   stem: ``gqa.jsonl`` -> "gqa"). Tasks keep the order of their first record.
@@ -26,7 +29,8 @@ Bad records (bad JSON, bytes that are not UTF-8, empty lines, missing or ill-typ
 labels of another length, answer_start out of range, nothing scored, too long, and with ``TokenChecks``
 the two mistakes that pass silently otherwise: image placeholder ids left inside an image span,
 task labels on image codes whose logits the model masks) are reported with
-``file:line`` and the reason; ``on_error="refuse"`` raises a ValueError listing them,
+``file:line`` and the reason (records mode-prepare has not tokenized yet with a hint to run it);
+``on_error="refuse"`` (the trainer's ``--on-bad-record refuse``) raises a ValueError listing them,
 ``on_error="skip"`` drops them with a warning giving their count and the first reasons. Never silent.
 """
 from __future__ import annotations
@@ -45,6 +49,7 @@ from ...constants import IGNORE_INDEX
 from ...modality import IMAGE, ModalitySpec
 
 REPORTED_ERRORS = 10  # bad records listed in a message; the rest are counted
+RAW_FIELDS = ("image", "question", "answer", "caption")  # mode-prepare's input records, not yet tokenized
 
 
 @dataclass
@@ -130,7 +135,10 @@ def parse_record(obj: object, vocab_size: int, default_task: str, max_length: in
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "input_ids" not in obj:
-        raise ValueError("missing field 'input_ids'")
+        raw = [name for name in RAW_FIELDS if name in obj]
+        raise ValueError("missing field 'input_ids'" + (
+            f": a raw record ({', '.join(raw)}); tokenize the file with mode-prepare first "
+            "(mode-prepare --model DIR RAW.jsonl OUT.jsonl)" if raw else ""))
     input_ids = _int_list(obj["input_ids"], "input_ids")
     if not input_ids:
         raise ValueError("input_ids: empty")
@@ -210,6 +218,8 @@ def load_jsonl(paths: str | os.PathLike | Sequence[str | os.PathLike], vocab_siz
                     except json.JSONDecodeError as exc:
                         raise ValueError(f"bad JSON ({exc.msg} at column {exc.colno})") from None
                     record, task = parse_record(obj, vocab_size, path.stem, max_length, checks)
+                    if isinstance(obj, dict) and "pixel_values" in obj:
+                        record["pixel_values"] = _pixel_file(obj["pixel_values"], path)
                 except ValueError as exc:
                     file_errors.append(f"{source}: {exc}")
                     continue
@@ -226,16 +236,26 @@ def load_jsonl(paths: str | os.PathLike | Sequence[str | os.PathLike], vocab_siz
         listed = "\n  ".join(errors[:REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - REPORTED_ERRORS} more" if len(errors) > REPORTED_ERRORS else ""
         if on_error == "refuse":
-            raise ValueError(f"{len(errors)} bad record(s) in the data (use on_error='skip' to drop them):\n  "
+            raise ValueError(f"{len(errors)} bad record(s) in the data (--on-bad-record skip drops them):\n  "
                              f"{listed}{more}")
         warnings.warn(f"skipped {len(errors)} bad record(s) of the data, kept {len(data)}:\n  {listed}{more}",
                       stacklevel=2)
     return data
 
 
+def _pixel_file(value: object, jsonl: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"pixel_values: expected a file name relative to the JSONL, got {value!r}")
+    file = jsonl.parent / value
+    if not file.is_file():
+        raise ValueError(f"pixel_values: no such file {file}")
+    return file
+
+
 def collate(records: Sequence[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
     """Right-padded batch: ``input_ids`` (pad_id on padding), ``attention_mask`` (1 real, 0 pad)
-    and ``labels`` (-100 on padding), each [B, longest record]."""
+    and ``labels`` (-100 on padding), each [B, longest record]; with records that name pixel files,
+    also their ``pixel_values`` [B, 3, S, S]."""
     if not records:
         raise ValueError("collate: no records")
     length = max(len(r["input_ids"]) for r in records)
@@ -247,4 +267,10 @@ def collate(records: Sequence[dict[str, Tensor]], pad_id: int) -> dict[str, Tens
         input_ids[row, :n] = r["input_ids"]
         labels[row, :n] = r["labels"]
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    with_pixels = sum("pixel_values" in r for r in records)
+    if with_pixels and with_pixels != len(records):
+        raise ValueError("collate: some records have pixel_values and some not; a batch holds one kind")
+    if with_pixels:
+        batch["pixel_values"] = torch.stack([torch.load(r["pixel_values"], weights_only=True) for r in records])
+    return batch

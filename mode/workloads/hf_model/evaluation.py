@@ -11,6 +11,7 @@ from torch import nn
 
 from ...constants import IGNORE_INDEX
 from ...hf.models import continue_sequences, model_device
+from ..scoring import with_pixels
 from .data import JsonlDataset
 
 
@@ -44,7 +45,13 @@ def exact_match_accuracy(model: nn.Module, data: JsonlDataset, batch_size: int =
         for batch in equal_key_batches([len(p) for p in prompts], batch_size):
             steps = max(len(answers[i]) for i in batch)
             ids = torch.tensor([prompts[i] for i in batch], device=model_device(model))
-            decoded = continue_sequences(model, ids, steps, lambda logits: logits.argmax(dim=-1)).tolist()
+            prefilled = None
+            if "pixel_values" in data.records[batch[0]]:  # Janus: images as pixels
+                pixels = torch.stack([torch.load(data.records[i]["pixel_values"], weights_only=True) for i in batch])
+                with torch.no_grad():
+                    prefilled = with_pixels(model, {"input_ids": ids}, pixels, use_cache=True)
+            decoded = continue_sequences(model, ids, steps, lambda logits: logits.argmax(dim=-1),
+                                         prefilled=prefilled).tolist()
             for i, tokens in zip(batch, decoded):
                 correct[i] = tokens[: len(answers[i])] == answers[i]
     finally:

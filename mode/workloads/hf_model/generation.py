@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ...families.emu3 import Emu3Tokens
+from ...families.emu3 import decode_image as emu3_decode_image
 from ...hf.models import continue_sequences, model_device
+from ...json_files import read_json
 from ...layer import routed_layers
 from ...modality import ModalitySpec
 from ...model import routing_state
-from .emu3 import Emu3Tokens
-from .emu3 import decode_image as emu3_decode_image
 from .evaluation import equal_key_batches
 from .loading import vocab_size
 
@@ -36,14 +37,14 @@ def load_prompt(path: PathLike, vocab_size: int) -> list[int]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompt file")
     if path.suffix == ".json":
-        try:
-            ids = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: bad JSON: {exc}") from None
+        ids = read_json(path)
         if isinstance(ids, dict):
             ids = ids.get("input_ids")
     elif path.suffix == ".pt":
-        ids = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ids = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises several types for a damaged or foreign file
+            raise ValueError(f"{path}: not a tensor file torch.load reads ({type(exc).__name__}: {exc})") from None
         if isinstance(ids, Tensor):
             ids = ids.tolist() if ids.dim() == 1 and not ids.is_floating_point() else None
     else:
@@ -68,7 +69,7 @@ def image_code_mask(spec: ModalitySpec, vocab: int, device: torch.device) -> Ten
 def prompt_image_size(path: PathLike) -> tuple[int, int]:
     """(height, width) in latents of an Emu3 prompt file: a JSON object with ``input_ids``,
     ``height`` and ``width`` (``mode-prepare`` writes them)."""
-    obj = json.loads(Path(path).read_text()) if Path(path).suffix == ".json" else None
+    obj = read_json(path) if Path(path).suffix == ".json" else None
     size = (obj.get("height"), obj.get("width")) if isinstance(obj, dict) else (None, None)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
         raise ValueError(f"{path}: an Emu3 prompt is a JSON object with input_ids and the image's height and width "

@@ -12,6 +12,7 @@ class HFModelOptions:
         "local Hugging Face checkpoint directory (instead of --benchmark digits)"))
     modality: str = field(default="chameleon", metadata=field_metadata(
         "image tokens of --model: chameleon|anole|emu3 (from its vocabulary; Emu3's generation layout)|"
+        "janus (placeholders, and codes numbered after the text vocabulary)|"
         "'LO:HI,begin=ID,end=ID'"))
     data: str | None = field(default=None, metadata=field_metadata(
         "comma-separated task JSONL files (tasks in file order, then first-record order)"))

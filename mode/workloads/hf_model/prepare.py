@@ -20,9 +20,11 @@ The processor writes placeholders (``<image>``) where the image goes; each batch
 encoded by the checkpoint's VQ encoder (``get_image_tokens``) and their codes replace the
 placeholders: Chameleon / Anole 1024 codes between <racm3:break> and <eoss>; Emu3 its row
 layout (each row's codes and an end-of-row token, see ``emu3``). A placeholder count that does not
-match the codes is an error.
+match the codes is an error, and so are codes outside the family's image codes; the summary counts them
+(``loading.check_image_tokens``, which mode-train runs with its --modality).
 
-Bad records (bad JSON, missing or empty fields, a missing or unreadable image) are listed with
+Bad records (bad JSON, missing or empty fields, a missing or unreadable image, one of the processor's image
+tokens such as ``<image>`` typed in the text) are listed with
 ``file:line``; ``--on-bad-record refuse`` (default, as the trainer) writes nothing and exits 2,
 ``skip`` drops them with a warning. The output is written atomically.
 """
@@ -42,13 +44,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...hf.models import hf_model, model_device
+from ..help_format import HelpFormatter, docstring_text
+from . import janus
 from .data import REPORTED_ERRORS, parse_record
-from .loading import load_model, modality_spec_for, token_checks, vocab_size
+from .loading import check_image_tokens, load_model, modality_spec_for, own_spec, token_checks, vocab_size
 
 if TYPE_CHECKING:
     from PIL import Image
 
-FAMILIES = ("chameleon", "emu3")
+FAMILIES = ("chameleon", "emu3", "janus")
+# The processor's attributes naming its image tokens: the placeholder it expands and the markers around an image.
+IMAGE_TOKENS = ("image_token", "image_start_token", "image_end_token")
 
 
 @dataclass
@@ -68,16 +74,20 @@ class RawRecord:
             raise ValueError(f"{self.source}: image {self.fields['image']!r}: unreadable ({exc})") from None
 
 
-def read_records(path: Path) -> tuple[list[RawRecord], list[str]]:
-    """The valid records of ``path`` (images opened) and the problems of the others, with file:line."""
+def read_records(path: Path, reserved: tuple[str, ...] = ()) -> tuple[list[RawRecord], list[str]]:
+    """The valid records of ``path`` (images opened) and the problems of the others, with file:line.
+    ``reserved``: the processor's image tokens (``<image>``...), which a record's text must not hold: the
+    processor would count a typed ``<image>`` as one more image."""
     from PIL import Image, UnidentifiedImageError
 
     records, errors = [], []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
         source = f"{path}:{line_no}"
         try:
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ValueError("not UTF-8 text") from None
             except json.JSONDecodeError as exc:
                 raise ValueError(f"bad JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
@@ -94,6 +104,11 @@ def read_records(path: Path) -> tuple[list[RawRecord], list[str]]:
             for name in required + tuple(k for k in ("task", "name") if k in obj):
                 if not isinstance(obj.get(name), str) or not obj[name].strip():
                     raise ValueError(f"{name}: " + ("missing" if name not in obj else "expected a non-empty string"))
+            for name in ("question", "answer", "caption"):
+                typed = next((token for token in reserved if token in obj.get(name, "")), None)
+                if typed is not None:
+                    raise ValueError(f"{name}: holds {typed!r}, one of the processor's image tokens: the record's "
+                                     "image goes where --template puts {image}; remove it from the text")
             if kind == "prompt" and Path(obj.get("name", "x")).name != obj.get("name", "x"):
                 raise ValueError(f"name {obj['name']!r}: expected a file name (it names PROMPT_DIR/NAME.json)")
             image_path = None
@@ -134,8 +149,9 @@ class Preparer:
             raise ValueError(f"--template {template!r}: expected one {{image}} and a {{question}}")
         self.template, self.ratio, self.image_area = template, ratio, image_area
         config = hf_model(model).config
-        self.spec = modality_spec_for(self.family, vocab_size(model), getattr(config, "vocabulary_map", None))
-        self.codes = self.spec.image_token_ranges[0]
+        self.spec = modality_spec_for(self.family, vocab_size(model), getattr(config, "vocabulary_map", None),
+                                      model=model)
+        self.codes = self.spec.image_token_ranges[-1]
         # Chameleon's processor appends its sep token to a prompt unless told it is for completion
         self.text_options = {"return_for_text_completion": True} if self.family == "chameleon" else {}
 
@@ -164,6 +180,9 @@ class Preparer:
         kind = records[0].kind
         if kind == "prompt":
             return [self._prompt(r) for r in records]
+        if self.family == "janus":
+            return [{**obj, **({"task": r.fields["task"]} if "task" in r.fields else {})}
+                    for r, obj in zip(records, janus.tokenize(self.model, self.processor, self.template, records))]
         if kind == "task":
             texts = [self.template.format(image=self.placeholder, question=r.fields["question"]) for r in records]
         else:
@@ -175,12 +194,18 @@ class Preparer:
                 obj = {"input_ids": ids + answer + [self.tokenizer.eos_token_id], "answer_start": len(ids)}
             else:  # scored from the image's first code on
                 lo, hi = self.codes
-                obj = {"input_ids": ids, "answer_start": next(i for i, t in enumerate(ids) if lo <= t < hi)}
+                start = next((i for i, t in enumerate(ids) if lo <= t < hi), None)
+                if start is None:
+                    raise ValueError(f"{r.source}: none of the image's VQ codes lies in {self.family}'s image codes "
+                                     f"{lo}..{hi - 1} (spec {self.spec}); is the checkpoint a {self.family} one?")
+                obj = {"input_ids": ids, "answer_start": start}
             out.append({**obj, **({"task": r.fields["task"]} if "task" in r.fields else {})})
         return out
 
     def _prompt(self, record: RawRecord) -> dict:
         caption = record.fields["caption"]
+        if self.family == "janus":
+            return janus.prompt(self.processor, caption)
         if self.family == "chameleon":
             ids = self.processor(text=[caption], return_tensors="pt", **self.text_options)["input_ids"][0]
             return {"input_ids": ids.tolist()}
@@ -211,7 +236,15 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
         raise ValueError(f"on_error: expected 'refuse' or 'skip', got {on_error!r}")
     if not inputs.is_file():
         raise FileNotFoundError(f"{inputs}: no such file")
-    records, errors = read_records(inputs)
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: no such model directory")
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {model_dir}: no processor to load ({exc}); mode-prepare needs the checkpoint "
+                         "saved with its processor") from None
+    records, errors = read_records(inputs, tuple(
+        token for token in (getattr(processor, name, None) for name in IMAGE_TOKENS) if isinstance(token, str)))
     if errors:
         listed = "\n  ".join(errors[:REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - REPORTED_ERRORS} more" if len(errors) > REPORTED_ERRORS else ""
@@ -224,8 +257,7 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
         raise ValueError(f"{inputs}: prompt records ({{caption}} without an image) need --prompt-dir")
     dtype = torch.bfloat16 if device.startswith("cuda") else None
     model = load_model(model_dir, dtype=dtype, device=device)
-    preparer = Preparer(model, AutoProcessor.from_pretrained(model_dir, local_files_only=True), template, ratio,
-                        image_area)
+    preparer = Preparer(model, processor, template, ratio, image_area)
     results: list[dict | None] = [None] * len(records)
     with tqdm(total=len(records), desc=f"mode-prepare {inputs.name}", disable=not progress) as bar:
         for batch in _same_kind_batches(records, batch_size):
@@ -240,12 +272,22 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
     for r, obj in zip(records, results):
         if r.kind != "prompt":
             try:
-                parse_record(obj, vocab_size(model), "-", max_length, checks[r.kind == "task"])
+                parse_record({k: v for k, v in obj.items() if k != janus.PIXELS_FIELD}, vocab_size(model), "-",
+                             max_length, checks[r.kind == "task"])
             except ValueError as exc:
                 problems.append(f"{r.source}: the tokenized record: {exc}")
+    tokenized = [torch.tensor(obj["input_ids"]) for r, obj in zip(records, results) if r.kind != "prompt"]
+    image_codes = check_image_tokens(tokenized, preparer.spec, preparer.family, own_spec(model), str(inputs))
     if problems:
         raise ValueError(f"{len(problems)} tokenized record(s) the trainer would refuse (is --model the processor's "
                          "checkpoint?):\n  " + "\n  ".join(problems[:REPORTED_ERRORS]))
+    pixel_files = [(n, obj) for n, obj in enumerate(results) if isinstance(obj.get(janus.PIXELS_FIELD), torch.Tensor)]
+    if pixel_files:  # Janus: understanding images as pixels, each in a file beside the output
+        (output.parent / janus.sidecar_dir(output)).mkdir(parents=True, exist_ok=True)
+    for n, obj in pixel_files:
+        name = f"{janus.sidecar_dir(output)}/{n}.pt"
+        torch.save(obj[janus.PIXELS_FIELD].contiguous().clone(), output.parent / name)
+        obj[janus.PIXELS_FIELD] = name
     lines = [json.dumps(obj) for r, obj in zip(records, results) if r.kind != "prompt"]
     if lines:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -256,25 +298,30 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
     for n, (r, obj) in enumerate(prompts):
         prompt_dir.mkdir(parents=True, exist_ok=True)
         (prompt_dir / f"{r.fields.get('name', f'prompt{n}')}.json").write_text(json.dumps(obj) + "\n")
-    return {"records": len(lines), "prompts": len(prompts), "skipped": len(errors)}
+    return {"records": len(lines), "prompts": len(prompts), "skipped": len(errors), "image_codes": image_codes,
+            "tokens": sum(ids.numel() for ids in tokenized)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mode-prepare", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage, records = docstring_text(__doc__).split("\n\nInput records")
+    parser = argparse.ArgumentParser(prog="mode-prepare", description=usage, epilog="Input records" + records,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("input", type=Path, help="raw JSONL (image paths relative to it)")
     parser.add_argument("output", type=Path, help="tokenized JSONL for mode-train --data / --gen-data")
     parser.add_argument("--model", required=True, help="local Hugging Face checkpoint with its processor")
     parser.add_argument("--prompt-dir", type=Path, help="where prompt records go, one NAME.json each")
     parser.add_argument("--batch-size", type=int, default=8, help="images per VQ-encoder call")
-    parser.add_argument("--on-bad-record", choices=("refuse", "skip"), default="refuse")
+    parser.add_argument("--on-bad-record", choices=("refuse", "skip"), default="refuse",
+                        help="bad records (listed with file:line): refuse writes nothing and exits 2, skip drops "
+                             "them with a warning")
     parser.add_argument("--template", default="{image}{question}",
                         help="a task's prompt text; {image}: the processor's image placeholder")
     parser.add_argument("--ratio", default="1:1", help="emu3 prompts: the image's aspect ratio W:H")
     parser.add_argument("--image-area", type=int, help="emu3 prompts: the image's area in pixels "
                         "(default: the processor's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default="cpu",
+                        help="where the VQ encoder runs (cuda: the model in bfloat16, much faster)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: expected an integer >= 1")
@@ -289,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"mode-prepare: {err}", file=sys.stderr)
         return 2
-    print(f"mode-prepare: {counts['records']} record(s) to {args.output}, {counts['prompts']} prompt(s), "
-          f"{counts['skipped']} skipped")
+    print(f"mode-prepare: {counts['records']} record(s) to {args.output} ({counts['image_codes']} of their "
+          f"{counts['tokens']} tokens image codes), {counts['prompts']} prompt(s), {counts['skipped']} skipped")
     return 0
 
 

@@ -11,12 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...families import family_of
+from ...families.emu3 import Emu3Tokens, pixel_stats
+from ...hf.models import decoder_of
 from ...modality import IMAGE
+from ...model import routing_state
 from ..protocol import Environment, RunSettings, WorkloadError, to_device
 from ..scoring import answer_nll, scored, target_logits
-from . import evaluation, generation, loading
+from . import evaluation, generation, janus, loading
 from .data import JsonlDataset, collate, load_jsonl
-from .emu3 import Emu3Tokens, pixel_stats
 from .options import HFModelOptions
 
 
@@ -45,7 +48,8 @@ class HFModelWorkload:
             self._base_for_next_method = self._load()
             vocab = self.vocab_size = loading.vocab_size(self._base_for_next_method)
             self.spec = loading.modality_spec_for(options.modality, vocab,
-                                                  getattr(self._base_for_next_method.config, "vocabulary_map", None))
+                                                  getattr(self._base_for_next_method.config, "vocabulary_map", None),
+                                                  model=self._base_for_next_method)
             self.emu3 = Emu3Tokens.of(self._base_for_next_method) if options.modality.lower() == "emu3" else None
             self.decode_fn = load_decoder(options.decoder) if options.decoder else None
             max_length = getattr(self._base_for_next_method.config, "max_position_embeddings", None)
@@ -57,10 +61,14 @@ class HFModelWorkload:
 
             with warnings.catch_warnings():
                 if not environment.is_main():
-                    warnings.simplefilter("ignore")  # the skipped-records report once, from rank 0
+                    warnings.simplefilter("ignore")  # the skipped-records and spec reports once, from rank 0
                 tasks = read(options.data)
                 evals = read(options.eval_data) if options.eval_data else tasks
                 self.generation_rows = read(options.gen_data, task_labels=False).records if options.gen_data else None
+                loading.check_image_tokens(
+                    [r["input_ids"] for r in tasks.records + (self.generation_rows or [])], self.spec,
+                    options.modality, loading.own_spec(self._base_for_next_method),
+                    "--data" + (" and --gen-data" if options.gen_data else ""))
             for path in options.gen_prompts:  # bad prompt files fail now, not after training
                 generation.load_prompt(path, vocab)
                 if self.emu3 is not None:
@@ -111,11 +119,21 @@ class HFModelWorkload:
             return None
         rows = self.generation_rows[: self.settings.eval_size]
         size = self.settings.batch_size
+        family = family_of(model)
+        head = family.image_head(model)
         total, count = 0.0, 0
         for start in range(0, len(rows), size):
             batch = to_device(self.collate(rows[start:start + size]), self.device)
-            logits, targets = target_logits(model, batch, (self.spec.modality_ids(batch["input_ids"]) == IMAGE)
-                                            & scored(batch))
+            targeted = (self.spec.modality_ids(batch["input_ids"]) == IMAGE) & scored(batch)
+            if family.name == "janus":  # codes embedded and scored by the generation embeddings and head
+                selected = targeted[:, 1:]
+                inputs = family.stream_inputs(model, batch["input_ids"], batch["attention_mask"],
+                                              routing_state(model).config.modality.modality_ids(batch["input_ids"]))
+                hidden = decoder_of(model)(**inputs, use_cache=False)[0][:, :-1][selected]
+                logits = head.logits(hidden).float()
+                targets = batch["input_ids"][:, 1:][selected] - head.first_id
+            else:
+                logits, targets = target_logits(model, batch, targeted)
             total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             count += targets.numel()
         if not count:
@@ -129,8 +147,10 @@ class HFModelWorkload:
         size = self.settings.batch_size
         accs = evaluation.exact_match_accuracy(model, self.evals, batch_size=size)
         held_out = [[r for r, t in zip(self.evals.records, self.evals.tasks) if t == name] for name in self.task_names]
+        # on the logits the model trains on (Chameleon's forward masks the image codes): the training loss's scale
+        masked = loading.masked_logit_ids(model)
         nlls = [answer_nll(model, (to_device(self.collate(rows[i:i + size]), self.device)
-                                   for i in range(0, len(rows), size))) for rows in held_out]
+                                   for i in range(0, len(rows), size)), masked) for rows in held_out]
         return {"accs": [accs[name] for name in self.task_names], "answer_nlls": nlls, "gen_acc": None,
                 "image_nll": self.image_nll(model)}
 
@@ -147,6 +167,9 @@ class HFModelWorkload:
         with tempfile.TemporaryDirectory() as scratch:
             # every process draws (FSDP2 forwards are collectives); rank 0 keeps the files
             out_dir = output / "images" / method_name if self.is_main() else Path(scratch)
+            if self.options.modality.lower() == "janus":
+                return {"images": janus.generate_images(model, self.options.gen_prompts, out_dir,
+                                                        self.settings.gen_temperature, self.settings.seed)}
             images = generation.generate_images(model, self.options.gen_prompts, out_dir, self.spec,
                                                 image_tokens=self.options.image_tokens,
                                                 temperature=self.settings.gen_temperature, seed=self.settings.seed,

@@ -10,15 +10,16 @@ rest, so every token of the layout is routed as an image token.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ...hf.models import hf_model
-from ...modality import ModalitySpec
+from ..hf.models import hf_model
+from ..json_files import read_json
+from ..modality import ModalitySpec
+from .base import SharedVocabulary
 
 BEGIN, END, WRAPPER, END_OF_ROW, END_OF_FRAME = (
     "<|image start|>", "<|image end|>", "<|image token|>", "<|extra_200|>", "<|extra_201|>")
@@ -66,7 +67,7 @@ def pixel_stats(model_dir: str | Path) -> tuple[list[float], list[float]]:
     """(mean, std) the checkpoint's image processor normalises with (``preprocessor_config.json``);
     (0.5, 0.5) per channel without one (pixels in [-1, 1], the VQ decoder's range)."""
     path = Path(model_dir) / "preprocessor_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = read_json(path) if path.is_file() else {}
     return tuple(_per_channel(config.get(key, 0.5)) for key in ("image_mean", "image_std"))
 
 
@@ -86,3 +87,17 @@ def decode_image(model: nn.Module, tokens: Tensor, height: int, width: int,
     pixels = inner.vqmodel.decode(codes)[0].float().cpu()
     mean, std = (torch.tensor(s, dtype=torch.float32).view(3, 1, 1) for s in stats)
     return (pixels * std + mean).clamp(0, 1)
+
+
+class Emu3(SharedVocabulary):
+    """Emu3: its image tokens from the checkpoint's vocabulary map, its rows decoded by its VQ decoder."""
+
+    name = "emu3"
+
+    def modality_spec(self, model: nn.Module) -> ModalitySpec:
+        return Emu3Tokens.of(model).spec()
+
+    def decode_pixels(self, model: nn.Module, codes: Tensor, size: tuple[int, int] | None = None) -> Tensor | None:
+        if size is None:
+            raise ValueError("emu3: decoding an image needs its (height, width) in latents")
+        return decode_image(model, codes, *size)
