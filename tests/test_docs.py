@@ -7,7 +7,9 @@
   directory then holds a directory of that name with a tiny random checkpoint of the same family
   (``tests/tiny_models.py``: built offline, the real id layout, a processor), and every
   ``from_pretrained`` (transformers, PEFT) loads it, as a local directory goes before the hub.
-  Nothing is downloaded; nothing else is patched.
+  Nothing is downloaded; nothing else is patched. A run's adapters directory that the block reloads
+  (``"runs/NAME/adapters/METHOD"``, what an earlier ``mode-train`` command line of the document writes)
+  then holds fresh MoDE adapters of that tiny checkpoint, saved with ``mode.save_adapter``.
 - Each ``mode-train`` / ``mode-prepare`` command line of a ```bash (sh, shell, console) block, also
   as ``python -m mode.train`` or under ``torchrun``, is parsed by the real command line (the config
   it builds is checked too; a ``--config`` file is not read). Nothing runs. ``...`` stands for the
@@ -87,9 +89,31 @@ def _hub_ids_as_tiny_checkpoints(code: str, cwd: Path, root: Path) -> None:
             (cwd / hub_id).symlink_to(_tiny_checkpoint(kind, root), target_is_directory=True)
 
 
+RUN_ADAPTERS = re.compile(r"[\"'](runs/[\w.-]+/adapters/[\w.-]+)[\"']")
+
+
+def _run_adapters(code: str, cwd: Path) -> None:
+    """The adapters a block reloads from a run's output, as ``mode-train`` writes them, on the tiny checkpoint
+    that stands for the block's hub id."""
+    paths = RUN_ADAPTERS.findall(code)
+    if not paths:
+        return
+    import tiny_models
+
+    import mode
+    from mode.families import family_of
+
+    [kind] = {kind for hub_id, kind in HUB_CHECKPOINTS.items() if hub_id in code}
+    for path in paths:
+        model = tiny_models.tiny_model(kind)
+        model = mode.apply_mode(model, mode.MoDEConfig(modality=family_of(model).modality_spec(model)))
+        mode.save_adapter(model, cwd / path)
+
+
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[b.id for b in PYTHON_BLOCKS])
 def test_python_block_runs_as_written(block, tmp_path, monkeypatch, tmp_path_factory):
     _hub_ids_as_tiny_checkpoints(block.code, tmp_path, tmp_path_factory.getbasetemp() / "tiny-hub")
+    _run_adapters(block.code, tmp_path)
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     exec(compile(block.code, f"{block.id} (the ```python block)", "exec"), {"__name__": "__main__"})
@@ -128,6 +152,23 @@ def _program(words: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
+_OPERATORS = {"&&", "||", ";", "|", "&"}
+
+
+def _commands(text: str) -> list[list[str]]:
+    """The words of each command of a shell line, comments dropped, split at ``&&``, ``||``, ``;``, ``|``, ``&``
+    outside quotes."""
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    commands = [[]]
+    for token in lexer:
+        if token in _OPERATORS:
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return commands
+
+
 def command_lines() -> list[CommandLine]:
     found = []
     for block in blocks(SHELL):
@@ -140,8 +181,7 @@ def command_lines() -> list[CommandLine]:
                 continue
             logical += raw
             text = logical[2:] if logical.startswith("$ ") else logical  # a console prompt
-            for command in re.split(r"&&|\|\||;|\|", text):
-                words = shlex.split(command, comments=True)
+            for words in _commands(text):
                 hit = _program(words)
                 if hit:
                     program, argv = hit
