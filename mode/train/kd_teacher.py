@@ -35,9 +35,10 @@ def kd_k(config: TrainConfig, vocab_range: tuple[int, int]) -> int:
 
 
 def load_teacher_cache(workload: Workload, config: TrainConfig, device: torch.device,
-                       cache_dir: str | Path | None, progress: bool) -> TeacherCache | None:
-    """The run's teacher cache (rank 0 computes it if needed, the others then read it); None when no method
-    distils, with --no-kd-cache, or with --fsdp (its teacher computes on sharded bf16 weights)."""
+                       cache_dir: str | Path | None, progress: bool, report: bool = True) -> TeacherCache | None:
+    """The run's teacher cache (rank 0 computes it if needed, the others then read it; ``report``: rank 0 prints
+    where it is, its size and whether it was computed); None when no method distils, with --no-kd-cache, or with
+    --fsdp (its teacher computes on sharded bf16 weights)."""
     if not any(METHODS[m].kd for m in config.methods) or not config.kd_cache or config.fsdp:
         return None
     directory = Path(cache_dir or default_cache_dir()) / CACHE_SUBDIR
@@ -60,7 +61,7 @@ def load_teacher_cache(workload: Workload, config: TrainConfig, device: torch.de
     distributed.barrier()
     if cache is None:
         cache = load()
-    if distributed.is_main() and (progress or cache.computed):
+    if distributed.is_main() and report:
         how = "computed" if cache.computed else "reused"
         print(f"mode-train: KD teacher top-{cache.indices.shape[1]} of {len(cache.offsets) - 1} generation rows "
               f"{how} in {time.perf_counter() - start:.1f} s: {cache.path} ({cache.nbytes / 2**20:.1f} MiB on disk)",

@@ -240,8 +240,8 @@ def run_job(job: Job) -> tuple[dict, float]:
              {"config": config_dict(config), "pretrained": job.pretrained, "done": {}, "current": None})
     workload = load_workload(config, torch.device(job.device), job.cache_dir, progress=False)
     # the parent computed the cache before spawning: this reads its file
-    teacher_cache = (load_teacher_cache(workload, config, torch.device(job.device), job.cache_dir, progress=False)
-                     if METHODS[job.method].kd else None)
+    teacher_cache = (load_teacher_cache(workload, config, torch.device(job.device), job.cache_dir, progress=False,
+                                        report=False) if METHODS[job.method].kd else None)
     with LossBoard(job.output if config.report_to == "tensorboard" else None) as board:
         run_method(job.method, workload, config, torch.device(job.device), job.output, state, progress=False,
                    board=board, checkpoint_path=path, label=job.label, teacher_cache=teacher_cache)
