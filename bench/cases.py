@@ -18,6 +18,7 @@ from bench import baselines
 from bench.model import (
     EXPERTS_PER_MODALITY,
     KD_TEMPERATURE,
+    KD_TOPK,
     LORA_SCALING,
     ModelShape,
     image_span_modality,
@@ -253,9 +254,8 @@ def kd_build(impl: str, positions: int, vocab: int, hidden: int, device, dtype, 
 KD_IMPLS = (("naive", True), ("reference chunked (torch)", False), ("ours on logits", False),
             ("ours fused-linear", False), ("Liger fused linear JSD", True), ("naive top-k", True),
             ("ours fused-linear top-k", False), ("ours given-teacher top-k", False))
-# The teacher's top k of the top-k cases (MoDE's official code distils the top 256 image codes); the given-teacher
-# case has it computed before the timing (a cache's), so it times the student's part only.
-KD_TOPK = 256
+# The teacher's top k of the top-k cases (KD_TOPK: MoDE's official code distils the top 256 image codes); the
+# given-teacher case has it computed before the timing (a cache's), so it times the student's part only.
 
 
 # Where the fused-linear form's memory bound (a tenth of the naive path's peak) is checked on CPU:
@@ -280,8 +280,11 @@ def kd_cases(sizes: Sizes, device) -> Iterator[Case]:
 
 def train_step_cases(sizes: Sizes, device) -> Iterator[Case]:
     shape = sizes.model
+    k = min(KD_TOPK, shape.image_codes[1] - shape.image_codes[0])
     for impl, label, is_baseline in (("naive", "naive MoDE layers + naive KD", True),
-                                     ("ours", "mode.MoDELinear + fused-linear KD", False)):
+                                     ("ours", "mode.MoDELinear + fused-linear KD", False),
+                                     ("ours top-k", f"ours, top-{k} KD, teacher forward (no cache)", False),
+                                     ("ours top-k cached", f"ours, top-{k} KD, teacher cache", False)):
         yield Case("training step (adapter grads)", shape.label(), label,
                    lambda impl=impl: training_step(shape, impl, device, sizes.dtype)[0], is_baseline,
                    shape.tokens_per_step)

@@ -175,8 +175,17 @@ def image_span_modality(batch: int, seq: int, image_share: float, span: int, dev
     return ids
 
 
+# the training step's KD variants (``training_step``'s impl): the whole image-code slice from both models' hidden
+# states; the teacher's top k (KD_TOPK, the official MoDE code's) given to the loss, computed in the step (the
+# teacher's forward, its GEMM over the slice and the selection: mode-train --no-kd-cache) or read from the
+# trainer's teacher cache (computed once per run: the step skips the teacher)
+TRAIN_STEP_IMPLS = ("naive", "ours", "ours top-k", "ours top-k cached")
+KD_TOPK = 256
+
+
 def training_step(shape: ModelShape, impl: str, device, dtype) -> tuple[Callable[[], object], list[Tensor]]:
-    """Build the model and a batch; return the step closure (loss forward + adapter gradients)."""
+    """Build the model and a batch; return the step closure (loss forward + adapter gradients). ``impl``: one of
+    ``TRAIN_STEP_IMPLS``."""
     torch.manual_seed(0)
     model = ChameleonShaped(shape, impl, device, dtype).train()
     params = model.adapter_parameters()
@@ -187,14 +196,27 @@ def training_step(shape: ModelShape, impl: str, device, dtype) -> tuple[Callable
     task_ids, gen_ids = ids[0], ids[1]
     labels = task_ids.roll(-1, dims=1)
     kd = naive_linear_kd_kl if impl == "naive" else mk.fused_linear_kd_kl_loss
+    k = min(KD_TOPK, hi - lo)
+
+    def teacher_topk():
+        with torch.no_grad(), teacher(model):
+            return mk.teacher_topk(model.hidden_states(gen_ids, modality), model.lm_head, k, vocab_range=(lo, hi))
+
+    cached = teacher_topk() if impl == "ours top-k cached" else None
 
     def step():
         task_hidden = model.hidden_states(task_ids, modality)
         ce = F.cross_entropy(F.linear(task_hidden, model.lm_head).float().flatten(0, 1), labels.flatten())
         student_hidden = model.hidden_states(gen_ids, modality)
-        with torch.no_grad(), teacher(model):
-            teacher_hidden = model.hidden_states(gen_ids, modality)
-        distill = kd(student_hidden, teacher_hidden, model.lm_head, temperature=KD_TEMPERATURE, vocab_range=(lo, hi))
+        if impl in ("naive", "ours"):
+            with torch.no_grad(), teacher(model):
+                teacher_hidden = model.hidden_states(gen_ids, modality)
+            distill = kd(student_hidden, teacher_hidden, model.lm_head, temperature=KD_TEMPERATURE,
+                         vocab_range=(lo, hi))
+        else:
+            top = cached if cached is not None else teacher_topk()
+            distill = mk.fused_linear_kd_kl_loss(student_hidden, None, model.lm_head, temperature=KD_TEMPERATURE,
+                                                 vocab_range=(lo, hi), teacher_topk=top)
         return torch.autograd.grad(ce + KD_WEIGHT * distill, params)
 
     return step, params

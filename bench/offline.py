@@ -283,6 +283,38 @@ def _kd(positions: int, vocab: int, hidden: int, lo: int, hi: int, fused: bool):
     return build
 
 
+def _kd_topk(positions: int, vocab: int, hidden: int, topk: int, given: bool):
+    """The top-k KD loss (frozen weight, forward + d hidden) on the Triton backend, the teacher as hidden states
+    (its logits GEMM and selection in the op) or given as its top k (a cache's). Ideal: the passes of the
+    strategy the backend runs (``mode_kernels.kd_cost.topk_strategy``: Triton keeps dense tiles), one launch
+    each, plus the teacher's logits GEMM without ``given``."""
+    def build():
+        import mode_kernels as mk
+        from mode_kernels.kd_cost import dense_cost, sparse_cost, topk_strategy
+
+        torch.manual_seed(0)
+        hs = torch.randn(positions, hidden, dtype=DTYPE, requires_grad=True)
+        ht = torch.randn(positions, hidden, dtype=DTYPE)
+        weight = torch.randn(vocab, hidden, dtype=DTYPE) * hidden ** -0.5
+        teacher = mk.teacher_topk(ht, weight, topk, vocab_range=(0, vocab), backend="triton") if given else None
+
+        def run():
+            loss = mk.fused_linear_kd_kl_loss(hs, None if given else ht, weight, teacher_topk=teacher,
+                                              topk=None if given else topk, temperature=2.0,
+                                              vocab_range=(0, vocab), backend="triton")
+            torch.autograd.grad(loss, [hs])
+
+        strategy = topk_strategy("triton", positions, hidden, vocab, topk, trainable=False)
+        cost = (dense_cost(positions, hidden, vocab, _ITEM, False) if strategy == "dense" else
+                sparse_cost(positions, hidden, topk, _ITEM, False))
+        if not given:
+            cost += dense_cost(positions, hidden, vocab, _ITEM, False)[:1]  # the teacher's logits GEMM
+        ideal = Ideal(f"{strategy} student form: {len(cost)} passes of kd_cost", len(cost),
+                      sum(f for f, _ in cost), sum(b for _, b in cost))
+        return run, ideal
+    return build
+
+
 WORKLOADS = [
     Workload("routed LoRA fwd+bwd", "T=2048 K=128 N=256 r=8 E=(4,1) one 512-token image span",
              _routed_lora(2048, 128, 256, 8, (4, 1), 512, True)),
@@ -295,6 +327,10 @@ WORKLOADS = [
     Workload("fused_linear_kd_kl_loss fwd+bwd", "P=1024 H=64 V=4096 T=2", _kd(1024, 4096, 64, 0, 4096, True)),
     Workload("fused_linear_kd_kl_loss fwd+bwd", "P=16 H=64 V=8196 slice [4, 8196) T=2",
              _kd(16, 8196, 64, 4, 8196, True)),
+    Workload("fused_linear_kd_kl_loss top-k fwd+bwd", "P=128 H=64 V=512 k=32 frozen weight T=2",
+             _kd_topk(128, 512, 64, 32, False)),
+    Workload("fused_linear_kd_kl_loss given teacher fwd+bwd", "P=128 H=64 V=512 k=32 frozen weight T=2",
+             _kd_topk(128, 512, 64, 32, True)),
 ]
 
 

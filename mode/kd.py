@@ -9,6 +9,7 @@ to the most negative float) is bypassed. A head's bias is folded into its weight
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,7 @@ import mode_kernels as mk
 from .constants import IGNORE_INDEX
 from .families import ImageHead, family_of
 from .hf.models import decoder_of
+from .modality import ModalitySpec
 from .model import routing_state, teacher_mode
 
 
@@ -42,6 +44,17 @@ def fold_bias(head: ImageHead, *hidden: Tensor | None) -> tuple[tuple[Tensor | N
         return hidden, head.weight
     weight = torch.cat([head.weight, head.bias[:, None].to(head.weight.dtype)], dim=1)
     return tuple(None if h is None else torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1) for h in hidden), weight
+
+
+def kd_vocab_range(model: nn.Module, spec: ModalitySpec | None = None) -> tuple[int, int]:
+    """The slice KD compares on by default: the MoDE config's ``kd_vocab_range``, else the family's image head's
+    (Janus: its whole generation head), else the image-code range of ``spec`` (default the model's own modality
+    spec; a text-only method's matches no token, so a trainer passes the real one)."""
+    config = routing_state(model).config
+    fixed = config.kd_vocab_range or family_of(model).image_head(model).vocab_range
+    if fixed is not None:
+        return fixed
+    return (config if spec is None else replace(config, modality=spec)).resolved_kd_vocab_range()
 
 
 class _Stream(NamedTuple):
@@ -69,7 +82,7 @@ def _stream(model: nn.Module, batch: Mapping[str, Tensor], temperature: float | 
     modality_ids = config.modality.modality_ids(input_ids) if modality_ids is None else modality_ids
     return _Stream(head, family.stream_inputs(model, input_ids, batch.get("attention_mask"), modality_ids),
                    config.kd_temperature if temperature is None else temperature,
-                   vocab_range or config.kd_vocab_range or head.vocab_range or config.resolved_kd_vocab_range())
+                   vocab_range or kd_vocab_range(model))
 
 
 def kd_loss(model: nn.Module, batch: Mapping[str, Tensor], *, temperature: float | None = None,

@@ -26,7 +26,8 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..adapter_io import CONFIG_NAME, load_adapter, save_adapter
-from ..kd import kd_loss
+from ..kd import kd_loss, kd_vocab_range
+from ..kd_cache import ROW_IDS, TeacherCache
 from ..layer import routed_layers
 
 # The KD helper may take the teacher's top-k (MoDE's code keeps the top 256 image codes).
@@ -46,6 +47,11 @@ class MoDETrainer(Trainer):
         kd_temperature: KD temperature, applied once to both logits (MoDE: 2).
         kd_topk: keep only the teacher's k largest image-code logits (needs a ``mode.kd_loss`` that
             takes ``topk``); None: the whole image-code slice.
+        kd_cache: a directory: the teacher's top k over ``gen_dataset`` is computed once (at the first KD
+            step, the main process first) and stored there (``mode.kd_cache.TeacherCache``, keyed by the
+            model's frozen weights and dtype, the rows, k, the temperature and the slice), then read instead
+            of running the teacher's forward; the ``mode-train`` cache (--cache-dir/kd-teacher) works too.
+            None (default): the teacher's forward on every generation batch.
 
     Generation batches have ``per_device_train_batch_size`` rows, drawn in an order seeded by
     ``args.seed`` and the process index, cycling over ``gen_dataset``; a resumed run continues the
@@ -54,7 +60,8 @@ class MoDETrainer(Trainer):
     """
 
     def __init__(self, *args, gen_dataset=None, gen_data_collator=None, kd_lambda: float = 0.3,
-                 kd_temperature: float = 2.0, kd_topk: int | None = None, **kwargs):
+                 kd_temperature: float = 2.0, kd_topk: int | None = None,
+                 kd_cache: str | os.PathLike | None = None, **kwargs):
         if isinstance(kd_lambda, bool) or not isinstance(kd_lambda, (int, float)) or kd_lambda < 0:
             raise ValueError(f"kd_lambda: expected a number >= 0, got {kd_lambda!r}")
         if isinstance(kd_temperature, bool) or not isinstance(kd_temperature, (int, float)) or not kd_temperature > 0:
@@ -72,6 +79,7 @@ class MoDETrainer(Trainer):
                              "or peft.get_peft_model(model, mode.MoDEPeftConfig(...))")
         self.gen_dataset, self.gen_data_collator = gen_dataset, gen_data_collator
         self.kd_lambda, self.kd_temperature, self.kd_topk = float(kd_lambda), float(kd_temperature), kd_topk
+        self.kd_cache_dir, self._teacher_cache = kd_cache, None
         self._gen_batches: Iterator | None = None
         self._kd_values: list[torch.Tensor] = []
 
@@ -96,8 +104,27 @@ class MoDETrainer(Trainer):
     def kd_term(self, model: nn.Module) -> torch.Tensor:
         """``mode.kd_loss`` of ``model`` on the next generation-stream batch."""
         batch = self._prepare_inputs(self._next_gen_batch())
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.kd_cache_dir is not None:
+            teacher = self._kd_teacher_cache(unwrapped).lookup(batch)
+            return kd_loss(unwrapped, batch, temperature=self.kd_temperature, teacher=teacher)
         topk = {"topk": self.kd_topk} if self.kd_topk is not None else {}
-        return kd_loss(self.accelerator.unwrap_model(model), batch, temperature=self.kd_temperature, **topk)
+        return kd_loss(unwrapped, batch, temperature=self.kd_temperature, **topk)
+
+    def _kd_teacher_cache(self, model: nn.Module) -> TeacherCache:
+        if self._teacher_cache is None:
+            lo, hi = kd_vocab_range(model)
+            with self.args.main_process_first(desc="KD teacher cache"):
+                self._teacher_cache = TeacherCache.load_or_build(
+                    self.kd_cache_dir, model, self.gen_dataset, self.gen_data_collator or self.data_collator,
+                    k=self.kd_topk or hi - lo, temperature=self.kd_temperature, vocab_range=(lo, hi),
+                    batch_size=self.args.per_device_train_batch_size, device=self.args.device,
+                    progress=not self.args.disable_tqdm)
+            cache = self._teacher_cache
+            if self.is_world_process_zero():
+                print(f"MoDETrainer: KD teacher cache {cache.path} ({cache.nbytes / 2**20:.1f} MiB on disk, "
+                      f"{'computed' if cache.computed else 'reused'})", flush=True)
+        return self._teacher_cache
 
     def _kd_scale(self, num_items_in_batch) -> float:
         # Trainer.training_step divides the loss by the accumulation steps unless the task loss was
@@ -127,7 +154,10 @@ class MoDETrainer(Trainer):
                 if skip:
                     skip -= 1
                     continue
-                yield collate([self.gen_dataset[i] for i in order[start:start + rows]])
+                batch = collate([self.gen_dataset[i] for i in order[start:start + rows]])
+                if self.kd_cache_dir is not None:  # each row's index in gen_dataset, for the teacher cache
+                    batch = {**batch, ROW_IDS: torch.tensor(order[start:start + rows])}
+                yield batch
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._kd_values and "loss" in logs:  # a training log: the KD mean since the last one

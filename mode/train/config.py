@@ -55,8 +55,17 @@ class TrainerOptions:
     kd_lambda: float = field(default=0.3, metadata=field_metadata("weight of the KD term (methods with KD)"))
     kd_temperature: float = field(default=2.0, metadata=field_metadata("KD softmax temperature"))
     kd_topk: int | None = field(default=None, metadata=field_metadata(
-        "distil only the teacher's k most likely image codes, both distributions renormalised on them (the "
-        "official MoDE code: 256); default: the whole image-code slice"))
+        "distil only the teacher's k most likely image codes, both distributions renormalised on them; 0 (or a k "
+        "past the slice's size): the whole image-code slice; default: 256 with --model (the official MoDE "
+        "code's), else the whole slice"))
+    kd_topk_tail: bool = field(default=False, metadata=field_metadata(
+        "with --kd-topk: the teacher's mass outside its top k as one more outcome of both distributions "
+        "(mode.kd_loss's topk_tail; the student's path is then dense over the slice)"))
+    kd_cache: bool = field(default=True, metadata=field_metadata(
+        "compute the teacher's top k over the generation stream once per run and store it under "
+        "--cache-dir/kd-teacher (keyed by the model, its dtype, the data, k, the temperature and the slice), "
+        "reused by every task, method and seed; --no-kd-cache: the teacher's forward on every KD batch "
+        "(the same results; not with --fsdp, whose teacher is always computed)"))
     kd_routing: str = field(default="tokens", metadata=field_metadata(
         "MoDE's generation stream under KD: 'tokens' routes each token by its id (the caption to the text "
         "experts, the image to the image expert); 'image' sends the whole stream to the image expert, as the "
@@ -88,6 +97,8 @@ class TrainerOptions:
     def __post_init__(self):
         if self.lr is None and self.workload is not None:
             self.lr = self.workload.default_lr
+        if self.kd_topk is None and self.model is not None:
+            self.kd_topk = 256  # the official MoDE code's
 
     @property
     def workload(self) -> WorkloadFactory | None:
@@ -159,8 +170,8 @@ def check_config(config: TrainConfig) -> None:
                  "image_tokens", "gen_samples", "replay_size", "ewc_samples"):
         if getattr(config, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} {getattr(config, name)}: expected an integer >= 1")
-    if config.kd_topk is not None and config.kd_topk < 1:
-        raise RunError(f"--kd-topk {config.kd_topk}: expected an integer >= 1")
+    if config.kd_topk is not None and config.kd_topk < 0:
+        raise RunError(f"--kd-topk {config.kd_topk}: expected an integer >= 1 (or 0: the whole slice)")
     if config.seeds and config.seed != TrainConfig.seed:
         raise RunError(f"--seed {config.seed} and --seeds {','.join(map(str, config.seeds))}: give one (--seeds runs "
                        "every method once per seed in the list)")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..constants import IGNORE_INDEX
 from ..kd import kd_loss, kd_positions
+from ..kd_cache import ROW_IDS, TeacherCache
 from ..modality import IMAGE
 from ..workloads import Environment, Workload
 from ..workloads.protocol import to_device
@@ -26,6 +27,7 @@ from .adapting import build_model
 from .config import RunError, TrainConfig, check_config, config_dict, workload_errors_as_run_errors
 from .ewc import consolidate, ewc_penalty
 from .jobs import Job, default_threads, run_jobs
+from .kd_teacher import kd_slice, kd_teacher, load_teacher_cache
 from .methods import METHODS, Method, trainable_params
 from .metrics import metrics_json, retention, task_score_metrics
 from .rehearsal import StepRows, step_rows
@@ -50,15 +52,18 @@ def draw_batch(rng: np.random.Generator, rows: list, collate: Callable[[list], d
     """This process's share of a global batch of batch_size rows drawn by `rng` (the same draw
     on every process)."""
     picked = rng.integers(len(rows), size=config.batch_size)
-    return to_device(distributed.shard_batch(collate([rows[i] for i in picked])), device)
+    # each row's index in `rows` travels with it (the KD teacher cache looks rows up by it)
+    batch = {**collate([rows[i] for i in picked]), ROW_IDS: torch.from_numpy(picked).long()}
+    return to_device(distributed.shard_batch(batch), device)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload, task_rows: StepRows,
-               method: Method, config: TrainConfig, task_index: int, step: int, device: torch.device) -> dict:
+               method: Method, config: TrainConfig, task_index: int, step: int, device: torch.device,
+               teacher_cache: TeacherCache | None = None) -> dict:
     """One optimizer step (grad_accum micro-batches); data and dropout seeded by (seed, task, step).
     Returns the step's losses, means over its global batch: ``ce`` (the task's cross-entropy), ``kd``
     (the distillation term before kd_lambda; None without KD) and ``loss`` (what was minimised, with
-    the EWC penalty of an EWC method)."""
+    the EWC penalty of an EWC method). The KD teacher comes from ``teacher_cache``, else is computed."""
     rng = np.random.default_rng(step_seed(config, task_index, step))
     torch.manual_seed(int(rng.integers(2**62)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -83,7 +88,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wor
                     if config.kd_routing == "image" and method.split_modality:
                         kd_batch["modality_ids"] = torch.full_like(kd_batch["input_ids"], IMAGE)
                     # the teacher pass needs the Hugging Face model, not the DDP wrapper
-                    kd_sum = kd_loss(distributed.unwrap(model), kd_batch, topk=config.kd_topk, reduction="sum")
+                    unwrapped = distributed.unwrap(model)
+                    vocab_range = kd_slice(unwrapped, workload)
+                    teacher = kd_teacher(unwrapped, kd_batch, teacher_cache, config, vocab_range)
+                    kd_sum = kd_loss(unwrapped, kd_batch, teacher=teacher, topk_tail=config.kd_topk_tail,
+                                     temperature=config.kd_temperature, vocab_range=vocab_range, reduction="sum")
                     kd = distributed.global_mean(kd_sum, kd_positions(kd_batch).sum())
                     loss = loss + config.kd_lambda * kd
                     losses["kd"] += distributed.all_reduce_mean(kd.detach().clone()).item() / config.grad_accum
@@ -112,7 +121,7 @@ def probe_step(model: nn.Module, workload: Workload, method: Method, config: Tra
 
 def train_task(model: nn.Module, workload: Workload, method: Method, name: str, config: TrainConfig,
                task_index: int, current: dict, state: dict, checkpoint_path: Path, device: torch.device,
-               progress: bool, board: LossBoard) -> None:
+               progress: bool, board: LossBoard, teacher_cache: TeacherCache | None = None) -> None:
     """Train task ``task_index`` from step ``current["step"]``, checkpointing every checkpoint_every steps;
     each step's losses go to ``current["loss_history"]`` (kept in the checkpoint) and ``board``."""
     rows = step_rows(workload, method, config, task_index)
@@ -131,7 +140,7 @@ def train_task(model: nn.Module, workload: Workload, method: Method, name: str, 
         start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, config.steps_per_task, warmup, config.lr)
-        losses = train_step(model, optimizer, workload, rows, method, config, task_index, step, device)
+        losses = train_step(model, optimizer, workload, rows, method, config, task_index, step, device, teacher_cache)
         current["train_seconds"] += time.perf_counter() - start
         for key in ("ce", "kd"):
             current["loss_history"][key].append(losses[key])
@@ -168,10 +177,12 @@ def run_label(name: str, config: TrainConfig) -> str:
 
 
 def run_method(name: str, workload: Workload, config: TrainConfig, device: torch.device, output: Path, state: dict,
-               progress: bool, board: LossBoard, checkpoint_path: Path | None = None, label: str | None = None) -> None:
+               progress: bool, board: LossBoard, checkpoint_path: Path | None = None, label: str | None = None,
+               teacher_cache: TeacherCache | None = None) -> None:
     """Train the tasks of one method in order with ``config.seed``, continuing from
     `state["current"]` if it is this method and seed; its results go to ``state["done"][name][seed]``.
-    Its resume state goes to ``checkpoint_path`` (default DIR/checkpoint; ``--jobs``: the run's own)."""
+    Its resume state goes to ``checkpoint_path`` (default DIR/checkpoint; ``--jobs``: the run's own); its KD
+    teacher comes from ``teacher_cache`` if given."""
     method, label = METHODS[name], label or run_label(name, config)
     checkpoint_path = checkpoint_path or output / "checkpoint"
     model = wrap(build_model(workload, method, config, device), config, device)
@@ -188,7 +199,7 @@ def run_method(name: str, workload: Workload, config: TrainConfig, device: torch
                    "loss_history": {"ce": [], "kd": []}}
     for task_index in range(current["task"], len(workload.task_names)):
         train_task(model, workload, method, label, config, task_index, current, state, checkpoint_path, device,
-                   progress, board)
+                   progress, board, teacher_cache)
         current["results"].append(workload.evaluate(distributed.unwrap(model)))
         board.add_evaluation(label, (task_index + 1) * config.steps_per_task, workload.task_names,
                              current["results"][-1])
@@ -228,9 +239,12 @@ def run_job(job: Job) -> tuple[dict, float]:
     state = (load_progress(path, config) if path.exists() else
              {"config": config_dict(config), "pretrained": job.pretrained, "done": {}, "current": None})
     workload = load_workload(config, torch.device(job.device), job.cache_dir, progress=False)
+    # the parent computed the cache before spawning: this reads its file
+    teacher_cache = (load_teacher_cache(workload, config, torch.device(job.device), job.cache_dir, progress=False,
+                                        report=False) if METHODS[job.method].kd else None)
     with LossBoard(job.output if config.report_to == "tensorboard" else None) as board:
         run_method(job.method, workload, config, torch.device(job.device), job.output, state, progress=False,
-                   board=board, checkpoint_path=path, label=job.label)
+                   board=board, checkpoint_path=path, label=job.label, teacher_cache=teacher_cache)
     return state["done"][job.method][str(config.seed)], time.perf_counter() - start
 
 
@@ -279,6 +293,8 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     # every method of a seed, then the next seed: one seed's table comes first
     pending = [(seed, name) for seed in config.run_seeds for name in config.methods
                if str(seed) not in state["done"].get(name, {})]
+    kd_pending = any(METHODS[name].kd for _, name in pending)
+    teacher_cache = load_teacher_cache(workload, config, device, cache_dir, progress) if kd_pending else None
     if jobs > 1 and pending:
         if state["pretrained"] is None:
             workload.settings = config.settings(config.run_seeds[0])
@@ -289,7 +305,8 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
     with LossBoard(output if config.report_to == "tensorboard" and distributed.is_main() else None) as board:
         for seed, name in pending if jobs == 1 else ():
             workload.settings = config.settings(seed)  # the workload seeds its sampling from it
-            run_method(name, workload, replace(config, seed=seed), device, output, state, progress, board)
+            run_method(name, workload, replace(config, seed=seed), device, output, state, progress, board,
+                       teacher_cache=teacher_cache)
 
     metrics = metrics_json(state, workload.name, workload.task_names, config.run_seeds)
     distributed.atomic_write_json(output / "metrics.json", metrics)

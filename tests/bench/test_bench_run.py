@@ -36,7 +36,8 @@ def test_every_op_and_baseline_is_measured(results):
     for impl in ("naive", "reference chunked (torch)", "ours on logits (torch)", "ours fused-linear (torch)"):
         assert ("KD", impl) in ok
     training = {impl for op, impl in ok if op == "training"}
-    assert training == {"naive MoDE layers + naive KD", "mode.MoDELinear + fused-linear KD"}
+    assert training == {"naive MoDE layers + naive KD", "mode.MoDELinear + fused-linear KD",
+                        "ours, top-32 KD, teacher forward (no cache)", "ours, top-32 KD, teacher cache"}
     # Liger-Kernel is GPU-only: on CPU it is recorded as skipped with the reason, not dropped.
     liger = [r for r in rows if r["impl"] == "Liger fused linear JSD"]
     assert liger and all(r["status"] == "skipped" and r["note"] for r in liger)
@@ -68,7 +69,7 @@ def test_markdown_has_a_summary_and_one_row_per_case_and_says_cpu_shapes_are_sca
     summary, every_case = md.split("## Every case")
     assert len(_table_rows(every_case)) == len(data["rows"])
     fwd_bwd_ok = [r for r in data["rows"] if r["status"] == "ok" and "fwd+bwd" in r["op"]]
-    assert len(_table_rows(summary)) == len(fwd_bwd_ok) + 2  # and the two training steps
+    assert len(_table_rows(summary)) == len(fwd_bwd_ok) + 4  # and the four training steps
 
 
 def test_render_rewrites_the_markdown_of_a_results_file(results, tmp_path, capsys):
@@ -96,7 +97,7 @@ def test_quick_cuda_profile_covers_the_issue_targets():
             assert (f"routed LoRA {direction}", f"K={k} N={n} T=8192 img=30% r=8 E=(4,1)") in shapes
     for vocab in (8194, 65536):
         assert ("KD loss fwd+bwd (from hidden states)", f"P=16384 V={vocab} H=4096 T=2") in shapes
-    assert sum(c.op.startswith("training step") for c in cases) == 2
+    assert sum(c.op.startswith("training step") for c in cases) == 4  # naive, ours; top-k without / with cache
     for k, n in ((4096, 11008), (11008, 4096)):
         for tokens in (1, 16, 64):
             decode = [c.impl for c in cases if (c.op, c.shape) == ("routed LoRA decode fwd",

@@ -64,3 +64,14 @@ def test_kd_workloads_cover_the_split_over_the_vocabulary():
     run, _ = few[0].build()
     kernels = [la.kernel for la in offline.measure(run)]
     assert "_kd_kl_partial_stats_kernel" in kernels and "_kd_kl_merge_kernel" in kernels, kernels
+
+
+@pytest.mark.parametrize("op", ["fused_linear_kd_kl_loss top-k fwd+bwd",
+                                "fused_linear_kd_kl_loss given teacher fwd+bwd"])
+def test_topk_kd_counts_the_flops_of_the_strategy_triton_runs(op):
+    """Triton's top-k KD takes dense tiles: the FLOPs of its passes (the teacher's GEMM, the student's, d hidden;
+    given the teacher, the last two), within 10%. Launches and bytes are counted, not bounded: the selection and
+    the gather / scatter around the dense tiles are torch kernels today."""
+    (workload,) = [w for w in offline.WORKLOADS if w.op == op]
+    row = offline.run_workload(workload)
+    assert abs(row["ratio"]["flops"] - 1) <= 0.10, row["ratio"]

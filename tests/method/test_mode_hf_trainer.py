@@ -349,3 +349,23 @@ def test_ddp_two_processes_step_like_one_process_on_the_global_batch(tmp_path):
 
 if __name__ == "__main__":
     _ddp_main(sys.argv[1])
+
+
+def test_kd_cache_gives_the_teachers_values_and_a_second_trainer_reads_it(tmp_path):
+    """kd_cache: the teacher's top k (here the whole 20-code slice) from a file computed at the first KD step;
+    the logged KD values are those of the teacher's forward on each batch; a second trainer reads the file."""
+    from transformers import TrainingArguments
+
+    logs, caches = {}, []
+    for name, kd_cache in (("forward", None), ("cache", tmp_path / "kd"), ("again", tmp_path / "kd")):
+        trainer = mode.hf.MoDETrainer(model=_model("apply_mode"), args=TrainingArguments(
+            output_dir=str(tmp_path / name), **COMMON_ARGS), train_dataset=_task_rows(), gen_dataset=_gen_rows(),
+            kd_cache=kd_cache)
+        trainer.train()
+        logs[name] = [entry["kd_loss"] for entry in trainer.state.log_history if "kd_loss" in entry]
+        caches.append(trainer._teacher_cache)
+    assert caches[0] is None and caches[1].computed and not caches[2].computed
+    assert caches[1].path == caches[2].path and caches[1].indices.shape[1] == IMAGE_HI - IMAGE_LO
+    assert logs["cache"] == logs["again"]
+    # the dense loss against the given-teacher form: the same KL (about 3.5e-5 here) in two roundings
+    assert logs["cache"] == pytest.approx(logs["forward"], rel=1e-2, abs=1e-8)

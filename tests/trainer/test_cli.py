@@ -33,6 +33,12 @@ def test_flags_reach_every_kind_of_field():
     assert config.methods == ("mode", "lora", "moelora") and config.fsdp
     assert config.gen_prompts == ("a.json", "b.json") and config.on_bad_record == "skip"
     assert _parse().kd_topk is None and _parse("--kd-topk", "256").kd_topk == 256
+    assert not _parse().kd_topk_tail and _parse("--kd-topk-tail").kd_topk_tail
+    assert _parse().kd_cache and not _parse("--no-kd-cache").kd_cache
+
+
+def test_model_distils_the_teachers_top_256_by_default_as_the_official_code():
+    assert _parse("--model", "ckpt").kd_topk == 256 and _parse("--model", "ckpt", "--kd-topk", "0").kd_topk == 0
 
 
 def test_model_replaces_the_default_benchmark_and_takes_the_papers_learning_rate():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mode.train import adapting, cli, loop, methods, resume
+from mode.train import adapting, cli, kd_teacher, loop, methods, resume
 from mode.train.config import RunError, TrainConfig
 from mode.train.metrics import average_accuracy, backward_transfer, forgetting, new_task_accuracy, task_score_metrics
 from mode.workloads.digits import data as digits
@@ -206,6 +206,20 @@ def _without_timing(path):
         for m in method["per_seed"]:
             m.pop("train_seconds")
     return metrics
+
+
+def test_kd_teacher_cache_changes_no_result_and_a_later_run_reads_it(tmp_path, cache_dir, reference_run):
+    """The teacher's top k read from the cache (which the reference run wrote) or computed on every KD batch
+    (--no-kd-cache): the same metrics, bit for bit; a later run's teacher is the file, not recomputed."""
+    code, _, err = _main(tmp_path, cache_dir, "--methods", "mode", "--no-kd-cache")
+    assert code == 0, err[-3000:]
+    uncached, cached = (_without_timing(p / "metrics.json")["methods"]["mode"] for p in (tmp_path, reference_run))
+    assert uncached == cached
+    config, _ = cli.parse_args(["--output", str(tmp_path), "--cache-dir", cache_dir, *SMOKE_ARGS, "--methods", "mode"])
+    workload = loop.load_workload(config, torch.device("cpu"), cache_dir, progress=False)
+    cache = kd_teacher.load_teacher_cache(workload, config, torch.device("cpu"), cache_dir, progress=False)
+    assert not cache.computed and cache.indices.shape[1] == 17  # the digits benchmark's whole code slice
+    assert [cache.path] == list((Path(cache_dir) / kd_teacher.CACHE_SUBDIR).iterdir())
 
 
 def _checkpoint_mid_task(path):
