@@ -32,7 +32,10 @@ class Janus:
 
     def modality_spec(self, model: nn.Module) -> ModalitySpec:
         text, placeholder = self.text_vocab(model), hf_model(model).config.image_token_id
-        return ModalitySpec(image_token_ranges=((placeholder, placeholder + 1), (text, text + self.num_codes(model))))
+        # the generated codes are numbered after the text vocabulary, past the text head's rows: the adapters'
+        # vocabulary check (mode.adapter_check) does not apply
+        return ModalitySpec(image_token_ranges=((placeholder, placeholder + 1), (text, text + self.num_codes(model))),
+                            image_codes_in_vocab=False)
 
     def record_vocab_size(self, model: nn.Module) -> int:
         return self.text_vocab(model) + self.num_codes(model)
