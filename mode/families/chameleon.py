@@ -13,5 +13,12 @@ from .base import SharedVocabulary
 class Chameleon(SharedVocabulary):
     name = "chameleon"
 
+    def processor_text_options(self) -> dict:
+        """Chameleon's processor appends its sep token to a prompt unless told it is for completion."""
+        return {"return_for_text_completion": True}
+
     def modality_spec(self, model: nn.Module | None = None) -> ModalitySpec:
+        return ModalitySpec.chameleon()
+
+    def preset_spec(self, model: nn.Module | None, vocabulary_map: dict | None = None) -> ModalitySpec:
         return ModalitySpec.chameleon()

@@ -10,6 +10,7 @@ rest, so every token of the layout is routed as an image token.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,17 @@ class Emu3Tokens:
         return forced | {frame: self.end_of_frame, frame + 1: self.end}
 
 
+def prompt_image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) in latents of an Emu3 prompt file: a JSON object with ``input_ids``,
+    ``height`` and ``width`` (``mode-prepare`` writes them)."""
+    obj = read_json(path) if Path(path).suffix == ".json" else None
+    size = (obj.get("height"), obj.get("width")) if isinstance(obj, dict) else (None, None)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ValueError(f"{path}: an Emu3 prompt is a JSON object with input_ids and the image's height and width "
+                         "in latents (positive ints), as mode-prepare writes it")
+    return size
+
+
 def pixel_stats(model_dir: str | Path) -> tuple[list[float], list[float]]:
     """(mean, std) the checkpoint's image processor normalises with (``preprocessor_config.json``);
     (0.5, 0.5) per channel without one (pixels in [-1, 1], the VQ decoder's range)."""
@@ -101,3 +113,36 @@ class Emu3(SharedVocabulary):
         if size is None:
             raise ValueError("emu3: decoding an image needs its (height, width) in latents")
         return decode_image(model, codes, *size)
+
+    def preset_spec(self, model: nn.Module | None, vocabulary_map: dict | None = None) -> ModalitySpec:
+        return Emu3Tokens.from_vocabulary(vocabulary_map).spec()
+
+    def image_codes(self, model: nn.Module, pixels: Tensor, batch: dict) -> Tensor:
+        return hf_model(model).model.get_image_tokens(pixels, batch["image_sizes"])
+
+    def generation_prompt(self, processor, caption: str, ratio: str = "1:1", image_area: int | None = None) -> dict:
+        """The processor's generation prompt (ending ``<|image start|> "h*w" <|image token|>``) and the
+        image's height and width in latents."""
+        options = {"ratio": ratio, **({"image_area": image_area} if image_area else {})}
+        out = processor(text=[caption], return_for_image_generation=True, **options)
+        height, width = out["image_sizes"][0]
+        return {"input_ids": list(out["input_ids"][0]), "height": int(height), "width": int(width)}
+
+    def image_prompt(self, model: nn.Module, path: str | Path, ids: list[int],
+                     spec: ModalitySpec) -> tuple[list[int], tuple[int, int] | None]:
+        """The prompt as written (it ends with ``<|image token|>``) and its ``prompt_image_size``."""
+        size, wrapper = prompt_image_size(path), Emu3Tokens.of(model).wrapper
+        if ids[-1] != wrapper:
+            raise ValueError(f"{path}: an Emu3 image prompt ends with <|image start|> \"h*w\" <|image token|> "
+                             f"(id {wrapper}), as the processor's return_for_image_generation writes it")
+        return ids, size
+
+    def forced_tokens(self, model: nn.Module, size: tuple[int, int] | None) -> dict[int, int]:
+        """h rows of w codes, each closed by the end-of-row token, then the end of frame and the end marker."""
+        return Emu3Tokens.of(model).forced_tokens(*size)
+
+    def image_decoder(self, model: nn.Module,
+                      model_dir: str | Path | None = None) -> Callable[[Tensor, tuple[int, int] | None], Tensor] | None:
+        """The checkpoint's VQ decoder, un-normalised with its image processor's ``pixel_stats``."""
+        stats = {} if model_dir is None else {"stats": pixel_stats(model_dir)}
+        return lambda codes, size: decode_image(model, codes, *size, **stats)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ...families import FAMILIES, family_of
-from ...families.emu3 import Emu3Tokens
 from ...hf.models import decoder_of, hf_model
 from ...modality import ModalitySpec
 from .data import TokenChecks
@@ -89,8 +88,8 @@ def token_checks(model: nn.Module, spec: ModalitySpec, task_labels: bool = True)
     Chameleon's and Emu3's ``<image>``) and, for task data (``task_labels``), whether its forward
     masks the logits of image codes."""
     config = hf_model(model).config
-    # Janus's placeholders stay in the record: the vision tower's features replace them in its forward
-    placeholder = None if config.model_type == "janus" else getattr(config, "image_token_id", None)
+    # placeholders that stay in the record (Janus's): the vision tower's features replace them in its forward
+    placeholder = None if family_of(model).placeholders_in_records else getattr(config, "image_token_id", None)
     return TokenChecks(spec, placeholder_id=placeholder,
                        image_logits_masked=task_labels and config.model_type in IMAGE_LOGITS_MASKED)
 
@@ -126,14 +125,10 @@ def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
         spec = name_or_args
     elif isinstance(name_or_args, Mapping):
         spec = ModalitySpec(**name_or_args)
-    elif isinstance(name_or_args, str) and name_or_args.lower() == "janus":
-        if model is None:
-            raise ValueError("modality janus: read from the model's config; pass model=")
-        spec = FAMILIES["janus"].modality_spec(model)
-    elif isinstance(name_or_args, str) and name_or_args.lower() == "emu3":
-        spec = Emu3Tokens.from_vocabulary(vocabulary_map).spec()
     elif isinstance(name_or_args, str) and name_or_args.lower() in PRESETS:
         spec = PRESETS[name_or_args.lower()]()
+    elif isinstance(name_or_args, str) and name_or_args.lower() in FAMILIES:
+        spec = FAMILIES[name_or_args.lower()].preset_spec(model, vocabulary_map)
     elif isinstance(name_or_args, str):
         spec = _parse_spec(name_or_args)
     else:
@@ -160,8 +155,9 @@ def _parse_spec(text: str) -> ModalitySpec:
                 lo, hi = item.split(":")
                 ranges.append((int(lo), int(hi)))
         except ValueError:
+            presets = [*PRESETS, *(name for name in FAMILIES if name not in PRESETS)]
             raise ValueError(f"--modality {text!r}: cannot read {item!r}; expected a preset "
-                             f"({', '.join([*PRESETS, 'emu3', 'janus'])}) or items LO:HI, begin=ID, end=ID") from None
+                             f"({', '.join(presets)}) or items LO:HI, begin=ID, end=ID") from None
     return ModalitySpec(image_token_ranges=tuple(ranges), begin_image=markers.get("begin"),
                         end_image=markers.get("end"))
 

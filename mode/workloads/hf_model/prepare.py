@@ -43,16 +43,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...families import FAMILIES, ModelFamily
 from ...hf.models import hf_model, model_device
 from ..help_format import HelpFormatter, docstring_text
-from . import janus
 from .data import REPORTED_ERRORS, parse_record
 from .loading import check_image_tokens, load_model, modality_spec_for, own_spec, token_checks, vocab_size
 
 if TYPE_CHECKING:
     from PIL import Image
 
-FAMILIES = ("chameleon", "emu3", "janus")
 # The processor's attributes naming its image tokens: the placeholder it expands and the markers around an image.
 IMAGE_TOKENS = ("image_token", "image_start_token", "image_end_token")
 
@@ -127,11 +126,12 @@ def read_records(path: Path, reserved: tuple[str, ...] = ()) -> tuple[list[RawRe
     return records, errors
 
 
-def family_of(model: nn.Module) -> str:
+def family_of(model: nn.Module) -> ModelFamily:
+    """The family of ``model`` among ``mode.families.FAMILIES`` (mode-prepare needs its processor's ways)."""
     model_type = hf_model(model).config.model_type
     if model_type not in FAMILIES:
         raise ValueError(f"mode-prepare: model type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
-    return model_type
+    return FAMILIES[model_type]
 
 
 class Preparer:
@@ -149,22 +149,17 @@ class Preparer:
             raise ValueError(f"--template {template!r}: expected one {{image}} and a {{question}}")
         self.template, self.ratio, self.image_area = template, ratio, image_area
         config = hf_model(model).config
-        self.spec = modality_spec_for(self.family, vocab_size(model), getattr(config, "vocabulary_map", None),
+        self.spec = modality_spec_for(self.family.name, vocab_size(model), getattr(config, "vocabulary_map", None),
                                       model=model)
         self.codes = self.spec.image_token_ranges[-1]
-        # Chameleon's processor appends its sep token to a prompt unless told it is for completion
-        self.text_options = {"return_for_text_completion": True} if self.family == "chameleon" else {}
+        self.text_options = self.family.processor_text_options()
 
     def _with_codes(self, texts: list[str], images: list) -> list[list[int]]:
         """The processor's ids of ``texts`` with ``images``, placeholders replaced by the VQ codes."""
         batch = self.processor(images=images, text=texts, padding=True, return_tensors="pt", **self.text_options)
         pixels = batch["pixel_values"].to(model_device(self.model), next(self.model.parameters()).dtype)
-        inner = hf_model(self.model).model
         with torch.no_grad():
-            if self.family == "emu3":
-                codes = inner.get_image_tokens(pixels, batch["image_sizes"])
-            else:
-                codes = inner.get_image_tokens(pixels)
+            codes = self.family.image_codes(self.model, pixels, batch)
         codes = codes.reshape(-1).cpu()
         rows = [ids[mask.bool()] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         ids = torch.cat(rows)
@@ -180,9 +175,9 @@ class Preparer:
         kind = records[0].kind
         if kind == "prompt":
             return [self._prompt(r) for r in records]
-        if self.family == "janus":
-            return [{**obj, **({"task": r.fields["task"]} if "task" in r.fields else {})}
-                    for r, obj in zip(records, janus.tokenize(self.model, self.processor, self.template, records))]
+        own = self.family.tokenize_records(self.model, self.processor, self.template, records)
+        if own is not None:
+            return own
         if kind == "task":
             texts = [self.template.format(image=self.placeholder, question=r.fields["question"]) for r in records]
         else:
@@ -196,23 +191,20 @@ class Preparer:
                 lo, hi = self.codes
                 start = next((i for i, t in enumerate(ids) if lo <= t < hi), None)
                 if start is None:
-                    raise ValueError(f"{r.source}: none of the image's VQ codes lies in {self.family}'s image codes "
-                                     f"{lo}..{hi - 1} (spec {self.spec}); is the checkpoint a {self.family} one?")
+                    name = self.family.name
+                    raise ValueError(f"{r.source}: none of the image's VQ codes lies in {name}'s image codes "
+                                     f"{lo}..{hi - 1} (spec {self.spec}); is the checkpoint a {name} one?")
                 obj = {"input_ids": ids, "answer_start": start}
             out.append({**obj, **({"task": r.fields["task"]} if "task" in r.fields else {})})
         return out
 
     def _prompt(self, record: RawRecord) -> dict:
-        caption = record.fields["caption"]
-        if self.family == "janus":
-            return janus.prompt(self.processor, caption)
-        if self.family == "chameleon":
-            ids = self.processor(text=[caption], return_tensors="pt", **self.text_options)["input_ids"][0]
-            return {"input_ids": ids.tolist()}
-        options = {"ratio": self.ratio, **({"image_area": self.image_area} if self.image_area else {})}
-        out = self.processor(text=[caption], return_for_image_generation=True, **options)
-        height, width = out["image_sizes"][0]
-        return {"input_ids": list(out["input_ids"][0]), "height": int(height), "width": int(width)}
+        return self.family.generation_prompt(self.processor, record.fields["caption"], self.ratio, self.image_area)
+
+
+def sidecar_dir(output: Path) -> str:
+    """The folder, beside ``output``, of its records' pixel files."""
+    return f"{output.stem}.pixels"
 
 
 def _same_kind_batches(records: list[RawRecord], batch_size: int) -> Iterator[list[int]]:
@@ -272,22 +264,23 @@ def prepare(model_dir: str | Path, inputs: Path, output: Path, prompt_dir: Path 
     for r, obj in zip(records, results):
         if r.kind != "prompt":
             try:
-                parse_record({k: v for k, v in obj.items() if k != janus.PIXELS_FIELD}, vocab_size(model), "-",
+                parse_record({k: v for k, v in obj.items() if not isinstance(v, torch.Tensor)}, vocab_size(model), "-",
                              max_length, checks[r.kind == "task"])
             except ValueError as exc:
                 problems.append(f"{r.source}: the tokenized record: {exc}")
     tokenized = [torch.tensor(obj["input_ids"]) for r, obj in zip(records, results) if r.kind != "prompt"]
-    image_codes = check_image_tokens(tokenized, preparer.spec, preparer.family, own_spec(model), str(inputs))
+    image_codes = check_image_tokens(tokenized, preparer.spec, preparer.family.name, own_spec(model), str(inputs))
     if problems:
         raise ValueError(f"{len(problems)} tokenized record(s) the trainer would refuse (is --model the processor's "
                          "checkpoint?):\n  " + "\n  ".join(problems[:REPORTED_ERRORS]))
-    pixel_files = [(n, obj) for n, obj in enumerate(results) if isinstance(obj.get(janus.PIXELS_FIELD), torch.Tensor)]
-    if pixel_files:  # Janus: understanding images as pixels, each in a file beside the output
-        (output.parent / janus.sidecar_dir(output)).mkdir(parents=True, exist_ok=True)
-    for n, obj in pixel_files:
-        name = f"{janus.sidecar_dir(output)}/{n}.pt"
-        torch.save(obj[janus.PIXELS_FIELD].contiguous().clone(), output.parent / name)
-        obj[janus.PIXELS_FIELD] = name
+    pixel_files = [(n, obj, key) for n, obj in enumerate(results) for key, value in obj.items()
+                   if isinstance(value, torch.Tensor)]
+    if pixel_files:  # tensors in records (Janus: understanding images as pixels), each in a file beside the output
+        (output.parent / sidecar_dir(output)).mkdir(parents=True, exist_ok=True)
+    for n, obj, key in pixel_files:
+        name = f"{sidecar_dir(output)}/{n}.pt"
+        torch.save(obj[key].contiguous().clone(), output.parent / name)
+        obj[key] = name
     lines = [json.dumps(obj) for r, obj in zip(records, results) if r.kind != "prompt"]
     if lines:
         output.parent.mkdir(parents=True, exist_ok=True)

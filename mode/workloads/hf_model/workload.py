@@ -11,14 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...families import family_of
-from ...families.emu3 import Emu3Tokens, pixel_stats
+from ...families import FAMILIES, SharedVocabulary, family_of
 from ...hf.models import decoder_of
 from ...modality import IMAGE
 from ...model import routing_state
 from ..protocol import Environment, RunSettings, WorkloadError, to_device
 from ..scoring import answer_nll, scored, target_logits
-from . import evaluation, generation, janus, loading
+from . import evaluation, generation, loading
 from .data import JsonlDataset, collate, load_jsonl
 from .options import HFModelOptions
 
@@ -50,7 +49,8 @@ class HFModelWorkload:
             self.spec = loading.modality_spec_for(options.modality, vocab,
                                                   getattr(self._base_for_next_method.config, "vocabulary_map", None),
                                                   model=self._base_for_next_method)
-            self.emu3 = Emu3Tokens.of(self._base_for_next_method) if options.modality.lower() == "emu3" else None
+            # the --modality preset's family lays out the images drawn (a spec string: the shared layout)
+            self.family = FAMILIES.get(options.modality.lower(), SharedVocabulary())
             self.decode_fn = load_decoder(options.decoder) if options.decoder else None
             max_length = getattr(self._base_for_next_method.config, "max_position_embeddings", None)
 
@@ -70,9 +70,8 @@ class HFModelWorkload:
                     options.modality, loading.own_spec(self._base_for_next_method),
                     "--data" + (" and --gen-data" if options.gen_data else ""))
             for path in options.gen_prompts:  # bad prompt files fail now, not after training
-                generation.load_prompt(path, vocab)
-                if self.emu3 is not None:
-                    generation.prompt_image_size(path)
+                self.family.image_prompt(self._base_for_next_method, path, generation.load_prompt(path, vocab),
+                                         self.spec)
         except (OSError, ValueError) as err:
             raise WorkloadError(str(err)) from err
         self.kd_vocab_range = None  # KD on the spec's image ids
@@ -125,7 +124,7 @@ class HFModelWorkload:
         for start in range(0, len(rows), size):
             batch = to_device(self.collate(rows[start:start + size]), self.device)
             targeted = (self.spec.modality_ids(batch["input_ids"]) == IMAGE) & scored(batch)
-            if family.name == "janus":  # codes embedded and scored by the generation embeddings and head
+            if family.separate_image_stream:  # codes embedded and scored by the family's own embeddings and head
                 selected = targeted[:, 1:]
                 inputs = family.stream_inputs(model, batch["input_ids"], batch["attention_mask"],
                                               routing_state(model).config.modality.modality_ids(batch["input_ids"]))
@@ -167,12 +166,13 @@ class HFModelWorkload:
         with tempfile.TemporaryDirectory() as scratch:
             # every process draws (FSDP2 forwards are collectives); rank 0 keeps the files
             out_dir = output / "images" / method_name if self.is_main() else Path(scratch)
-            if self.options.modality.lower() == "janus":
-                return {"images": janus.generate_images(model, self.options.gen_prompts, out_dir,
-                                                        self.settings.gen_temperature, self.settings.seed)}
+            own = self.family.generate_images(model, self.options.gen_prompts, out_dir,
+                                              self.settings.gen_temperature, self.settings.seed)
+            if own is not None:
+                return {"images": own}
             images = generation.generate_images(model, self.options.gen_prompts, out_dir, self.spec,
                                                 image_tokens=self.options.image_tokens,
                                                 temperature=self.settings.gen_temperature, seed=self.settings.seed,
                                                 batch_size=self.settings.batch_size, decode_fn=self.decode_fn,
-                                                emu3=self.emu3, pixel_stats=pixel_stats(self.options.model))
+                                                family=self.family, model_dir=self.options.model)
         return {"images": images}
