@@ -11,7 +11,9 @@ from .chameleon import Chameleon
 from .emu3 import Emu3
 from .janus import Janus
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (Chameleon(), Emu3(), Janus())}
+# by name and alias: the --modality presets; by name: the config.model_type each serves
+FAMILIES: dict[str, ModelFamily] = {name: family for family in (Chameleon(), Emu3(), Janus())
+                                    for name in (family.name, *family.aliases)}
 
 __all__ = ["FAMILIES", "ImageHead", "ModelFamily", "SharedVocabulary", "family_of"]
 

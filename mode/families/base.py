@@ -50,6 +50,17 @@ class ModelFamily(Protocol):
 
     name: str
     """The ``--modality`` preset and the ``config.model_type`` it serves."""
+    aliases: tuple[str, ...]
+    """Other ``--modality`` names of the family (Chameleon: "anole")."""
+    image_logits_masked: bool
+    """Whether the model's own forward sets the logits of image codes to the lowest float (Chameleon): task
+    labels may then not be image codes, and its training loss leaves those ids out (``masked_logit_ids``)."""
+    load_as_image_text_to_text: bool
+    """Whether the checkpoint loads through ``AutoModelForImageTextToText`` although transformers also lists a
+    causal LM for its type (Emu3: that class has no VQ model)."""
+
+    def masked_logit_ids(self, model: nn.Module) -> Tensor | None:
+        """The ids whose logits the model's own forward masks; None where it masks none."""
 
     def modality_spec(self, model: nn.Module) -> ModalitySpec:
         """Which ids of the family's records are image tokens (read from the checkpoint's config)."""
@@ -126,12 +137,18 @@ class SharedVocabulary:
     Hugging Face causal LM is to MoDE (the spec comes from the MoDE config)."""
 
     name = "shared-vocabulary"
+    aliases: tuple[str, ...] = ()
+    image_logits_masked = False
+    load_as_image_text_to_text = False
 
     separate_image_stream = False
     placeholders_in_records = False
 
     def processor_text_options(self) -> dict:
         return {}
+
+    def masked_logit_ids(self, model: nn.Module) -> Tensor | None:
+        return None
 
     def image_codes(self, model: nn.Module, pixels: Tensor, batch: dict) -> Tensor:
         return hf_model(model).model.get_image_tokens(pixels)

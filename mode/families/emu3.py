@@ -105,6 +105,8 @@ class Emu3(SharedVocabulary):
     """Emu3: its image tokens from the checkpoint's vocabulary map, its rows decoded by its VQ decoder."""
 
     name = "emu3"
+    # its causal-LM class is text only: the VQ encoder and decoder live in the image-text-to-text class
+    load_as_image_text_to_text = True
 
     def modality_spec(self, model: nn.Module) -> ModalitySpec:
         return Emu3Tokens.of(model).spec()

@@ -22,13 +22,6 @@ from ...modality import ModalitySpec
 from .data import TokenChecks
 
 PathLike = str | os.PathLike
-PRESETS = {"chameleon": ModalitySpec.chameleon, "anole": ModalitySpec.chameleon}
-# Model types whose CausalLM forward sets the logits of image codes to the lowest float
-# (transformers' ChameleonForConditionalGeneration: `logits[:, :, image_tokens] = finfo.min`).
-IMAGE_LOGITS_MASKED = ("chameleon",)
-# Model types whose causal-LM class is text only: their image tokenizer (VQ encoder and decoder)
-# lives in the image-text-to-text class, which loads the whole checkpoint.
-LOAD_AS_IMAGE_TEXT_TO_TEXT = ("emu3",)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -58,7 +51,9 @@ def load_model(path: PathLike, dtype: torch.dtype | None = None,
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{path}/config.json: not a usable Hugging Face config: {exc}") from None
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in LOAD_AS_IMAGE_TEXT_TO_TEXT:
+    family = FAMILIES.get(config.model_type)
+    if (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and not (family is not None and family.load_as_image_text_to_text)):
         auto_class = AutoModelForCausalLM
     elif config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         auto_class = AutoModelForImageTextToText
@@ -91,16 +86,13 @@ def token_checks(model: nn.Module, spec: ModalitySpec, task_labels: bool = True)
     # placeholders that stay in the record (Janus's): the vision tower's features replace them in its forward
     placeholder = None if family_of(model).placeholders_in_records else getattr(config, "image_token_id", None)
     return TokenChecks(spec, placeholder_id=placeholder,
-                       image_logits_masked=task_labels and config.model_type in IMAGE_LOGITS_MASKED)
+                       image_logits_masked=task_labels and family_of(model).image_logits_masked)
 
 
 def masked_logit_ids(model: nn.Module) -> torch.Tensor | None:
     """The ids whose logits ``model``'s forward sets to the lowest float, so left out of its training loss
     (Chameleon / Anole: its image codes, ``vocabulary_mapping.image_tokens``); None where it masks none."""
-    inner = hf_model(model)
-    if inner.config.model_type not in IMAGE_LOGITS_MASKED:
-        return None
-    return torch.as_tensor(inner.model.vocabulary_mapping.image_tokens, dtype=torch.long)
+    return family_of(model).masked_logit_ids(model)
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -125,8 +117,6 @@ def modality_spec_for(name_or_args: str | Mapping | ModalitySpec,
         spec = name_or_args
     elif isinstance(name_or_args, Mapping):
         spec = ModalitySpec(**name_or_args)
-    elif isinstance(name_or_args, str) and name_or_args.lower() in PRESETS:
-        spec = PRESETS[name_or_args.lower()]()
     elif isinstance(name_or_args, str) and name_or_args.lower() in FAMILIES:
         spec = FAMILIES[name_or_args.lower()].preset_spec(model, vocabulary_map)
     elif isinstance(name_or_args, str):
@@ -155,9 +145,8 @@ def _parse_spec(text: str) -> ModalitySpec:
                 lo, hi = item.split(":")
                 ranges.append((int(lo), int(hi)))
         except ValueError:
-            presets = [*PRESETS, *(name for name in FAMILIES if name not in PRESETS)]
             raise ValueError(f"--modality {text!r}: cannot read {item!r}; expected a preset "
-                             f"({', '.join(presets)}) or items LO:HI, begin=ID, end=ID") from None
+                             f"({', '.join(FAMILIES)}) or items LO:HI, begin=ID, end=ID") from None
     return ModalitySpec(image_token_ranges=tuple(ranges), begin_image=markers.get("begin"),
                         end_image=markers.get("end"))
 
