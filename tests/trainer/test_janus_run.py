@@ -3,6 +3,7 @@ after the text vocabulary) -> mode-train --methods mode,lora -> the adapters rel
 and PeftModel.from_pretrained) to the trained model's logits -> images drawn with guidance, as PNGs."""
 import json
 
+import pytest
 import torch
 from PIL import Image
 from test_prepare import TINY, raw_files
@@ -14,6 +15,7 @@ from mode.workloads.hf_model import prepare
 from mode.workloads.hf_model.data import collate, load_jsonl
 from mode.workloads.hf_model.evaluation import exact_match_accuracy
 from mode.workloads.hf_model.loading import load_model, vocab_size
+from mode.workloads.scoring import answer_nll
 
 
 def test_janus_prepare_train_reload(tmp_path):
@@ -50,6 +52,12 @@ def test_janus_prepare_train_reload(tmp_path):
     reloaded = mode.load_adapter(load_model(model_dir), adapters).eval()
     accs = exact_match_accuracy(reloaded, load_jsonl(data, vocab_size(reloaded)))
     assert [accs["color"], accs["shape"]] == metrics["methods"]["mode"]["per_seed"][0]["acc_matrix"][-1]
+    # the answer NLL, a continuous function of the logits, as the run's last evaluation scored it (its first
+    # --eval-size 2 records per task, in batches of --batch-size 2)
+    dataset = load_jsonl(data, vocab_size(reloaded))
+    nlls = [answer_nll(reloaded, [collate([r for r, t in zip(dataset.records, dataset.tasks) if t == task][:2],
+                                          pad_id=0)]) for task in ("color", "shape")]
+    assert nlls == pytest.approx(metrics["methods"]["mode"]["per_seed"][0]["answer_nll_matrix"][-1], rel=1e-6)
     through_peft = PeftModel.from_pretrained(load_model(model_dir), adapters).eval()
     batch = collate(load_jsonl(data, vocab_size(reloaded)).records[:2], pad_id=0)
     with torch.no_grad():
