@@ -72,6 +72,8 @@ def run_jobs(config: TrainConfig, state: dict, pending: list[tuple[int, str]], o
                 finished += 1
                 print(f"mode-train: [{finished}/{len(todo)}] {job.label} done in {seconds:.0f} s "
                       f"(avg acc {results['avg_acc']:.3f})", flush=True)
+    # the methods in the config's order, as the serial loop leaves them (results.md and metrics.json list them so)
+    state["done"] = {name: state["done"][name] for name in sorted(state["done"], key=list(config.methods).index)}
     with contextlib.suppress(OSError):
         (output / "jobs").rmdir()  # empty once every run has finished
 

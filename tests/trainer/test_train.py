@@ -178,16 +178,16 @@ def test_seeds_run_every_method_per_seed_and_summarise_mean_and_standard_error(t
 def test_jobs_give_each_run_the_serial_runs_metrics_at_equal_threads(tmp_path, cache_dir):
     threads = torch.get_num_threads()  # --threads sets this process's; restored for the tests after
     try:
-        runs = {jobs: _main(tmp_path / f"jobs{jobs}", cache_dir, "--methods", "lora", "--seeds", "0,1", "--jobs",
+        runs = {jobs: _main(tmp_path / f"jobs{jobs}", cache_dir, "--methods", "lora,joint", "--seeds", "0,1", "--jobs",
                             jobs, "--threads", "1") for jobs in ("1", "2")}
     finally:
         torch.set_num_threads(threads)
     assert all(code == 0 for code, _, _ in runs.values()), runs["2"][2][-3000:]
     serial, parallel = (_without_timing(tmp_path / f"jobs{jobs}" / "metrics.json") for jobs in ("1", "2"))
-    assert parallel == serial
+    assert parallel == serial and list(parallel["methods"]) == list(serial["methods"]) == ["lora", "joint"]
     out = runs["2"][1]
-    assert "2 run(s) in 2 worker processes, 1 torch thread(s) each" in out
-    assert "[1/2]" in out and "[2/2]" in out and "lora-seed0 done" in out and "lora-seed1 done" in out
+    assert "4 run(s) in 2 worker processes, 1 torch thread(s) each" in out
+    assert "[1/4]" in out and "[4/4]" in out and "lora-seed0 done" in out and "joint-seed1 done" in out
     assert not (tmp_path / "jobs2" / "jobs").exists()  # each run's own resume state goes once it has finished
     assert all((tmp_path / "jobs2" / "adapters" / f"lora-seed{s}" / "adapter_config.json").is_file() for s in (0, 1))
 
