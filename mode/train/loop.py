@@ -302,11 +302,12 @@ def run(config: TrainConfig, output: Path, resume: bool = False, device: str = "
         run_jobs(config, state, pending, output, device, cache_dir, jobs, threads or default_threads(jobs),
                  label=lambda name, seed: run_label(name, replace(config, seed=seed)),
                  save_state=lambda: save_checkpoint(checkpoint_path, nn.Module(), extra=state), worker=run_job)
-    with LossBoard(output if config.report_to == "tensorboard" and distributed.is_main() else None) as board:
-        for seed, name in pending if jobs == 1 else ():
-            workload.settings = config.settings(seed)  # the workload seeds its sampling from it
-            run_method(name, workload, replace(config, seed=seed), device, output, state, progress, board,
-                       teacher_cache=teacher_cache)
+    else:
+        with LossBoard(output if config.report_to == "tensorboard" and distributed.is_main() else None) as board:
+            for seed, name in pending:
+                workload.settings = config.settings(seed)  # the workload seeds its sampling from it
+                run_method(name, workload, replace(config, seed=seed), device, output, state, progress, board,
+                           teacher_cache=teacher_cache)
 
     metrics = metrics_json(state, workload.name, workload.task_names, config.run_seeds)
     distributed.atomic_write_json(output / "metrics.json", metrics)
