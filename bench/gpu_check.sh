@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one call to make on a lent GPU machine (repo copied, not installed; no network), in <= 8 minutes
-# (at most about 7 with the default timeouts; the estimate is in docs/benchmarks.md):
+# The one call to make on a lent GPU machine (repo copied, not installed; no network), in <= 9 minutes
+# (at most about 8 with the default timeouts; the estimate is in docs/benchmarks.md):
 #   1. python -m bench.run --quick --device cuda (with the routed-LoRA decode cases, T in 1, 16, 64,
 #      against the base linear): the numbers no CPU can give, first;
 #   2. the routed-LoRA Triton tests that matter most on a GPU (MoDE's layout in float32, bf16 and
@@ -9,7 +9,9 @@
 #      TRITON_INTERPRET=1 only without nvidia-smi). Compilation dominates (each kernel
 #      specialisation, and each autotune config of a half-precision GEMM, compiles once): the whole
 #      suite would not fit; TESTS / TESTS_K choose others;
-#   3. optional (COMPILE_TIMEOUT > 0): the Triton compile check for sm_90 (it needs no GPU, and CI
+#   3. the top-k KD Triton tests (tests/kernels/test_kd_topk.py -k triton): the selection kernel's sorts and
+#      the grad kernel's scatter, barrier and read-back, which the interpreter runs one program at a time;
+#   4. optional (COMPILE_TIMEOUT > 0): the Triton compile check for sm_90 (it needs no GPU, and CI
 #      runs it under Triton 3.6 and 3.9).
 # Each step has its own timeout; a failed or timed-out step is recorded and the later steps still run.
 # Output is unbuffered and written as it comes (bench.run rewrites its results after every case,
@@ -27,7 +29,8 @@
 #   TESTS="tests/x.py"    what pytest runs (default: tests/kernels/test_routed_lora_triton.py)
 #   TESTS_K="expr"        pytest -k expression (default: the subset above; TESTS_K="" runs all of TESTS)
 #   COMPILE_ARCH="90"     archs for the compile check; COMPILE_ARGS its other arguments (default --default-only)
-#   BENCH_TIMEOUT, TESTS_TIMEOUT, COMPILE_TIMEOUT   seconds per step (default 200, 180, 0 = skipped)
+#   BENCH_TIMEOUT, TESTS_TIMEOUT, KD_TOPK_TIMEOUT, COMPILE_TIMEOUT   seconds per step (default 200, 180, 90,
+#                         0 = skipped)
 #   PYTHON                interpreter (default python3)
 set -u
 
@@ -92,6 +95,8 @@ run_step bench "${BENCH_TIMEOUT:-200}" "$PYTHON" -m bench.run --quick --device "
 # shellcheck disable=SC2086
 run_step tests "${TESTS_TIMEOUT:-180}" "$PYTHON" -m pytest -v -ra -p no:cacheprovider --durations=10 \
     ${TESTS:-tests/kernels/test_routed_lora_triton.py} -k "${TESTS_K-layout_4_1_r8 or (tma_path and not weight_grads_fused) or public_api or offsets}"
+run_step kd_topk_tests "${KD_TOPK_TIMEOUT:-90}" "$PYTHON" -m pytest -v -ra -p no:cacheprovider --durations=5 \
+    tests/kernels/test_kd_topk.py -k triton
 if [ "${COMPILE_TIMEOUT:-0}" -gt 0 ]; then
     # shellcheck disable=SC2086
     run_step compile_check "$COMPILE_TIMEOUT" "$PYTHON" -m mode_kernels.tools.compile_check --arch ${COMPILE_ARCH:-90} ${COMPILE_ARGS---default-only}
@@ -116,6 +121,7 @@ fi
 {
     echo
     echo "tests:";         grep -E '^(FAILED|ERROR)|passed|failed|error' "$DEST/tests.log" | tail -n 15
+    echo "top-k KD tests:"; grep -E '^(FAILED|ERROR)|passed|failed|error' "$DEST/kd_topk_tests.log" | tail -n 5
     [ -f "$DEST/compile_check.log" ] && { echo "compile check:"; tail -n 5 "$DEST/compile_check.log"; }
     echo "bench rows not ok:"
     grep -E '\*\*(OOM|error|skipped)\*\*' "$DEST/bench/results.md" 2>/dev/null | cut -c1-240 || true

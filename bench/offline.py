@@ -14,11 +14,17 @@ under Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton is im
   and its masked stores write (each address once per launch, whatever the tile order); for a
   torch kernel, an estimate: its tensor inputs plus an output the size of its largest input.
 
+Each launch is also marked as the backend's or the API's: the backend's are those launched inside the
+backend implementation's functions (what ``mode_kernels.backends.implementation`` returns is wrapped in a
+profiler scope while counting), the kernels of the op's strategy; the API's are the argument checks, the row
+weights and reduction of the loss, and autograd's (its seed, the backward's scaling by the output gradient),
+the same whatever the backend's strategy.
+
 Each op is printed next to its ideal (routed LoRA: the frozen base GEMM alone, forward and input
 gradient; decode: reading every weight once; KD: the three GEMMs of the fused loss, or one read of
-both logits and one write of the gradient). The tool knows nothing of the kernels: it counts what
-any op's launchers do, so it can be rerun after the kernels change. Results go to
-``bench/results/<date>-offline-triton<version>.{json,md}``.
+both logits and one write of the gradient; top-k KD: the passes of its strategy in ``mode_kernels.kd_cost``).
+The tool knows nothing of the kernels: it counts what any op's launchers do, so it can be rerun after the
+kernels change. Results go to ``bench/results/<date>-offline-triton<version>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -60,6 +66,7 @@ class Launch:
     read_bytes: int = 0
     write_bytes: int = 0
     estimated: bool = False  # torch kernels: bytes estimated from input shapes
+    backend: bool = True  # launched inside the backend implementation's functions (the strategy's kernels)
 
     @property
     def bytes(self) -> int:
@@ -185,17 +192,63 @@ def _torch_kernels(events) -> list[tuple[float, Launch]]:
         tensors = [(s, t) for s, t in zip(ev.input_shapes, types) if isinstance(s, list) and s]
         sizes = [_shape_bytes(s, t) for s, t in tensors]
         flops = _matmul_flops(ev.name, [s for s, _ in tensors])
-        out.append((ev.time_range.start, Launch(ev.name, flops, sum(sizes), max(sizes, default=0), estimated=True)))
+        out.append((ev.time_range.start, Launch(ev.name, flops, sum(sizes), max(sizes, default=0), estimated=True,
+                                                backend=_in_backend(ev))))
     return out
 
 
+BACKEND_SCOPE = "mode_kernels::backend"
+
+
+class _Scoped:
+    """A backend implementation module whose functions run inside the profiler scope ``BACKEND_SCOPE``."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        value = getattr(self._module, name)
+        if not callable(value):
+            return value
+
+        def scoped(*args, **kwargs):
+            with torch.profiler.record_function(BACKEND_SCOPE):
+                return value(*args, **kwargs)
+        return scoped
+
+
+@contextmanager
+def backend_scope():
+    """Every backend implementation the ops look up while this is active runs inside ``BACKEND_SCOPE``."""
+    from mode_kernels import backends
+
+    implementation = backends.implementation
+    backends.implementation = lambda *args, **kwargs: _Scoped(implementation(*args, **kwargs))
+    try:
+        yield
+    finally:
+        backends.implementation = implementation
+
+
+def _in_backend(ev) -> bool:
+    parent = ev.cpu_parent
+    while parent is not None:
+        if parent.name == BACKEND_SCOPE:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def measure(run: Callable[[], None]) -> list[Launch]:
-    """Every Triton and torch kernel ``run`` launches, in order."""
-    with count_triton() as rec, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                       record_shapes=True) as prof:
+    """Every Triton and torch kernel ``run`` launches, in order, each marked as the backend's or the API's."""
+    with backend_scope(), count_triton() as rec, torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         run()
-    triton_events = sorted(ev.time_range.start for ev in prof.events() if ev.name.startswith("triton::"))
-    timed = list(zip(triton_events, rec.launches))
+    triton_events = sorted((ev for ev in prof.events() if ev.name.startswith("triton::")),
+                           key=lambda ev: ev.time_range.start)
+    for ev, launch in zip(triton_events, rec.launches):
+        launch.backend = _in_backend(ev)
+    timed = [(ev.time_range.start, launch) for ev, launch in zip(triton_events, rec.launches)]
     return [launch for _, launch in sorted(timed + _torch_kernels(prof.events()), key=lambda p: p[0])]
 
 
@@ -285,12 +338,13 @@ def _kd(positions: int, vocab: int, hidden: int, lo: int, hi: int, fused: bool):
 
 def _kd_topk(positions: int, vocab: int, hidden: int, topk: int, given: bool):
     """The top-k KD loss (frozen weight, forward + d hidden) on the Triton backend, the teacher as hidden states
-    (its logits GEMM and selection in the op) or given as its top k (a cache's). Ideal: the passes of the
-    strategy the backend runs (``mode_kernels.kd_cost.topk_strategy``: Triton keeps dense tiles), one launch
-    each, plus the teacher's logits GEMM without ``given``."""
+    (the op selects its top k first) or given as its top k (a cache's). Ideal: the passes of the strategy the
+    backend runs (``mode_kernels.kd_cost.topk_strategy``: Triton keeps dense tiles), one launch each, the first
+    also reading the teacher's k ids (int64) and float32 logits; without ``given`` one more pass before them,
+    the teacher's selection inside its logits GEMM (``kd_cost.selection_cost``)."""
     def build():
         import mode_kernels as mk
-        from mode_kernels.kd_cost import dense_cost, sparse_cost, topk_strategy
+        from mode_kernels.kd_cost import dense_cost, selection_cost, sparse_cost, topk_strategy
 
         torch.manual_seed(0)
         hs = torch.randn(positions, hidden, dtype=DTYPE, requires_grad=True)
@@ -307,10 +361,13 @@ def _kd_topk(positions: int, vocab: int, hidden: int, topk: int, given: bool):
         strategy = topk_strategy("triton", positions, hidden, vocab, topk, trainable=False)
         cost = (dense_cost(positions, hidden, vocab, _ITEM, False) if strategy == "dense" else
                 sparse_cost(positions, hidden, topk, _ITEM, False))
+        flops, moved = cost[0]
+        cost[0] = (flops, moved + positions * topk * 12)  # the teacher's top k read
+        what = f"{strategy} student form: {len(cost)} passes of kd_cost, the teacher's top k read once"
         if not given:
-            cost += dense_cost(positions, hidden, vocab, _ITEM, False)[:1]  # the teacher's logits GEMM
-        ideal = Ideal(f"{strategy} student form: {len(cost)} passes of kd_cost", len(cost),
-                      sum(f for f, _ in cost), sum(b for _, b in cost))
+            cost.insert(0, selection_cost(positions, hidden, vocab, topk, _ITEM))
+            what = "the teacher's selection in its GEMM, then the " + what
+        ideal = Ideal(what, len(cost), sum(f for f, _ in cost), sum(b for _, b in cost))
         return run, ideal
     return build
 
@@ -337,13 +394,15 @@ WORKLOADS = [
 def run_workload(w: Workload) -> dict:
     run, ideal = w.build()
     launches = measure(run)
-    total = Launch("total", sum(la.flops for la in launches), sum(la.read_bytes for la in launches),
-                   sum(la.write_bytes for la in launches))
+    ours = [la for la in launches if la.backend]
+    backend = {"launches": len(ours), "flops": sum(la.flops for la in ours), "bytes": sum(la.bytes for la in ours)}
     return {"op": w.op, "shape": w.shape, "ideal": asdict(ideal), "launches": [asdict(la) for la in launches],
-            "total": {"launches": len(launches), "flops": total.flops, "bytes": total.bytes},
-            "ratio": {"launches": len(launches) / ideal.launches,
-                      "flops": total.flops / ideal.flops if ideal.flops else None,
-                      "bytes": total.bytes / ideal.bytes}}
+            "backend": backend,
+            "total": {"launches": len(launches), "flops": sum(la.flops for la in launches),
+                      "bytes": sum(la.bytes for la in launches)},
+            "ratio": {"launches": backend["launches"] / ideal.launches,
+                      "flops": backend["flops"] / ideal.flops if ideal.flops else None,
+                      "bytes": backend["bytes"] / ideal.bytes}}
 
 
 def _kib(b: int) -> str:
@@ -354,22 +413,27 @@ def render(meta: dict, rows: list[dict]) -> str:
     lines = [f"# bench.offline: {meta['date']}, triton {meta['triton']}, torch {meta['torch']}", "",
              "Counted under Triton's interpreter (no GPU): launches, tensor-core FLOPs (2MNK of every dot), "
              "KiB touched per launch under a perfect cache (unique addresses of masked loads and stores; "
-             "torch kernels estimated from their input shapes). bfloat16 tensors.", "",
-             "| op | shape | launches | ideal | MFLOP | ideal | KiB | ideal | bytes / ideal |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "torch kernels estimated from their input shapes). bfloat16 tensors. The backend's columns count the "
+             "launches inside the backend implementation (the strategy's kernels); the totals add the API's "
+             "(argument checks, the loss's row weights and reduction, autograd's seed and output-gradient "
+             "scaling).", "",
+             "| op | shape | launches | ideal | MFLOP | ideal | KiB | ideal | / ideal (launches, FLOPs, bytes) "
+             "| total launches | total KiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
-        t, i = r["total"], r["ideal"]
-        lines.append(f"| {r['op']} | {r['shape']} | {t['launches']} | {i['launches']} | {t['flops'] / 1e6:,.2f} | "
-                     f"{i['flops'] / 1e6:,.2f} | {_kib(t['bytes'])} | {_kib(i['bytes'])} | "
-                     f"{r['ratio']['bytes']:.2f}x |")
+        b, i, t, q = r["backend"], r["ideal"], r["total"], r["ratio"]
+        flops = "-" if q["flops"] is None else f"{q['flops']:.2f}"
+        lines.append(f"| {r['op']} | {r['shape']} | {b['launches']} | {i['launches']} | {b['flops'] / 1e6:,.2f} | "
+                     f"{i['flops'] / 1e6:,.2f} | {_kib(b['bytes'])} | {_kib(i['bytes'])} | "
+                     f"{q['launches']:.2f}, {flops}, {q['bytes']:.2f} | {t['launches']} | {_kib(t['bytes'])} |")
     lines += ["", "Ideals: " + "; ".join(f"{r['op']}: {r['ideal']['what']}" for r in rows), ""]
     for r in rows:
-        lines += [f"## {r['op']} ({r['shape']})", "", "| # | kernel | MFLOP | KiB read | KiB written |",
-                  "|---:|---|---:|---:|---:|"]
+        lines += [f"## {r['op']} ({r['shape']})", "", "| # | kernel | by | MFLOP | KiB read | KiB written |",
+                  "|---:|---|---|---:|---:|---:|"]
         for j, la in enumerate(r["launches"], 1):
             est = " (est.)" if la["estimated"] else ""
-            lines.append(f"| {j} | {la['kernel']}{est} | {la['flops'] / 1e6:,.3f} | "
-                         f"{_kib(la['read_bytes'])} | {_kib(la['write_bytes'])} |")
+            lines.append(f"| {j} | {la['kernel']}{est} | {'backend' if la['backend'] else 'API'} | "
+                         f"{la['flops'] / 1e6:,.3f} | {_kib(la['read_bytes'])} | {_kib(la['write_bytes'])} |")
         lines.append("")
     return "\n".join(lines)
 

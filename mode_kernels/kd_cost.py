@@ -65,6 +65,13 @@ def sparse_cost(positions: int, hidden: int, topk: int, itemsize: int, trainable
     return [(flops, moved)] * passes
 
 
+def selection_cost(positions: int, hidden: int, n_vocab: int, topk: int, itemsize: int) -> tuple[int, int]:
+    """(FLOPs, bytes) of the teacher's top-k selection done inside its logits GEMM (the Triton backend's
+    ``_select_kernel``): the GEMM's operands read once, the k int64 ids and float32 values written, no logits
+    stored. The selection's compares run beside the GEMM on other units and are not counted."""
+    return 2 * positions * n_vocab * hidden, (positions + n_vocab) * hidden * itemsize + positions * topk * 12
+
+
 def seconds(passes: list[tuple[int, int]], machine: Machine, dense: bool) -> float:
     rate = machine.dense_flops if dense else machine.gather_flops
     return sum(max(f / rate, b / machine.bandwidth) for f, b in passes)

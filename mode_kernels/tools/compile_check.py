@@ -32,6 +32,7 @@ MODULES = (
     "mode_kernels.tools.targets.routed_lora",
     "mode_kernels.tools.targets.kd_kl",
     "mode_kernels.tools.targets.fused_linear_kd_kl",
+    "mode_kernels.tools.targets.kd_topk",
 )
 
 # Shared memory per block an opt-in kernel may use, bytes.

@@ -10,16 +10,16 @@ Positions are processed in chunks sized by the memory bound (``mode_kernels.kd_m
    rows stay in L2.
 2. One row pass (``kd_kl_forward_backward``, shared with the logits op): online logsumexps and KL,
    then d logits = T * w * (p_s - p_t) in the dots' 16-bit dtype (w: the row's weight in the
-   reduction, or its output gradient). With top-k the row pass runs on the teacher's k largest
-   logits (torch.topk of the chunk) and the gathered student logits, and the d logits are
-   scattered back. A chunk of few positions runs the row pass split over the vocabulary (see
-   mode_kernels.triton.kd_kl).
+   reduction, or its output gradient). A chunk of few positions runs the row pass split over the
+   vocabulary (see mode_kernels.triton.kd_kl).
 3. ``_matmul_kernel``: d hidden[chunk] = d logits @ W, and d W[slice] += d logits^T @ hidden[chunk]
    (float32, when the weight is trainable).
 So a frozen weight costs three GEMM-sized products (student logits, teacher logits, d hidden),
 nothing is recomputed, and the loss's backward only scales the gradients by its output gradient.
 Without gradients (evaluation, or the forward of reduction "none", whose backward reruns this
 with the output gradients as row weights) step 2 is the logits op's forward and step 3 is skipped.
+
+With top-k the teacher's selection and the given-teacher form run instead (mode_kernels.triton.kd_topk).
 
 Why chunks of d logits instead of accumulating d hidden / d weight inside the logits kernel:
 H is large (4096), so a [positions, H] or [vocab, H] accumulator cannot live in registers
@@ -32,10 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
-from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, KdOptions, TeacherTopk
+from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, KdOptions
 from ..kd_memory import chunk_rows
-from ..reference.kd_kl import select_topk, teacher_logits
 from ._common import INTERPRET, MAX_GRID
 from .kd_kl import (
     check_triton_dtype,
@@ -55,12 +53,15 @@ GROUP_P = 8
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _logits_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, s_ptr, t_ptr, n_rows, n_vocab, H,
-                   stride_hs, stride_ht, stride_ws, stride_wt, stride_out,
-                   SHARED_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _logits_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, s_ptr, t_ptr, d_ptr, n_rows, n_vocab, H,
+                   stride_hs, stride_ht, stride_ws, stride_wt, stride_out, stride_d,
+                   TEACHER: tl.constexpr, ZERO_D: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    GROUP_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Student and teacher logits hs ws^T, ht wt^T of a chunk, float32 [n_rows, n_vocab] each
-    (ws_ptr/wt_ptr point at row lo of the weights). Tiles are grid-strided in grouped order."""
+    (ws_ptr/wt_ptr point at row lo of the weights); the student's only without TEACHER, and with ZERO_D
+    zeros over d [n_rows, n_vocab] too (the top-k row pass scatters into it: mode_kernels.triton.kd_topk).
+    Tiles are grid-strided in grouped order."""
     n_row_blocks = tl.cdiv(n_rows, BLOCK_P)
     n_vocab_tiles = tl.cdiv(n_vocab, BLOCK_V)
     tiles_per_group = GROUP_P * n_vocab_tiles
@@ -83,18 +84,23 @@ def _logits_kernel(hs_ptr, ht_ptr, ws_ptr, wt_ptr, s_ptr, t_ptr, n_rows, n_vocab
             h_mask = row_ok[:, None] & (ks < H)[None, :]
             w_mask = vocab_ok[:, None] & (ks < H)[None, :]
             hs = tl.load(hs_rows + ks[None, :], mask=h_mask, other=0.0).to(DOT_DTYPE)
-            ht = tl.load(ht_rows + ks[None, :], mask=h_mask, other=0.0).to(DOT_DTYPE)
             ws = tl.load(ws_rows + ks[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
-            if SHARED_WEIGHT:
-                wt = ws  # teacher_weight None: one weight tile serves both dots
-            else:
-                wt = tl.load(wt_rows + ks[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
             acc_s = tl.dot(hs, tl.trans(ws), acc_s, input_precision=DOT_PRECISION)
-            acc_t = tl.dot(ht, tl.trans(wt), acc_t, input_precision=DOT_PRECISION)
+            if TEACHER:
+                ht = tl.load(ht_rows + ks[None, :], mask=h_mask, other=0.0).to(DOT_DTYPE)
+                if SHARED_WEIGHT:
+                    wt = ws  # teacher_weight None: one weight tile serves both dots
+                else:
+                    wt = tl.load(wt_rows + ks[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
+                acc_t = tl.dot(ht, tl.trans(wt), acc_t, input_precision=DOT_PRECISION)
         out = rows.to(tl.int64)[:, None] * stride_out + vocab[None, :]
         out_mask = row_ok[:, None] & vocab_ok[None, :]
         tl.store(s_ptr + out, acc_s, mask=out_mask)
-        tl.store(t_ptr + out, acc_t, mask=out_mask)
+        if TEACHER:
+            tl.store(t_ptr + out, acc_t, mask=out_mask)
+        if ZERO_D:
+            d_out = rows.to(tl.int64)[:, None] * stride_d + vocab[None, :]
+            tl.store(d_ptr + d_out, tl.zeros([BLOCK_P, BLOCK_V], d_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -224,9 +230,10 @@ def _input_grads(d, h, ws_slice, d_hs_chunk, d_ws_acc, accumulate: bool) -> None
 
 
 def _fused_bytes_per_row(n_pad: int, topk: int | None, operand: torch.dtype) -> int:
-    """What one position of a chunk holds: float32 student and teacher logits and the d logits
-    (padded rows); with top-k also the selected values and indices, the gathered student logits
-    and their d logits; with few positions the split row pass's scratch."""
+    """What one position of a chunk holds, at most: float32 student and teacher logits (with top-k: the
+    student's, and the selection's int64 keys where the reference selects) and the d logits (padded rows);
+    with top-k also the teacher's ids and values and the gathered logits; with few positions the split row
+    pass's scratch."""
     return (n_pad * (8 + operand.itemsize) + (topk or 0) * (16 + operand.itemsize)
             + split_bytes_per_row(topk or n_pad))
 
@@ -258,8 +265,11 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
 
     Memory beyond the inputs and outputs: one chunk (``_fused_bytes_per_row`` per position), and
     with a trainable 16-bit weight a float32 [hi - lo, H] accumulator of d ws (a float32 weight
-    accumulates in place in the output's slice)."""
-    temperature, lo, hi, topk = options.temperature, options.lo, options.hi, options.topk
+    accumulates in place in the output's slice). With top-k: the teacher's selection, then the given form."""
+    if options.topk is not None:
+        teacher = teacher_topk(ht, ws if wt is None else wt, options, False)
+        return fused_linear_kd_kl_given(hs, teacher, ws, mask, options, row_weight, needs)
+    temperature, lo, hi = options.temperature, options.lo, options.hi
     need_dh, need_dw = needs
     _check(hs, ht, ws, wt)
     d_hs = like_with_unit_stride_rows(hs) if need_dh else None
@@ -279,102 +289,27 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
     mask = None if mask is None else mask.contiguous()
     need_grad = need_dh or need_dw
     n_pad = padded_width(n_vocab)
-    step = chunk_plan(n_rows, n_vocab, topk, hs.dtype, operand)[0]
+    step = chunk_plan(n_rows, n_vocab, None, hs.dtype, operand)[0]
     logits = torch.empty(2, step, n_pad, dtype=torch.float32, device=hs.device)
     d_buffer = torch.empty(step, n_pad, dtype=operand, device=hs.device) if need_grad else None
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         s, t = logits[0, : r1 - r0, :n_vocab], logits[1, : r1 - r0, :n_vocab]
         _logits[_logits_grid(r1 - r0, n_vocab)](
-            hs[r0:r1], ht[r0:r1], ws_slice, wt_slice, s, t, r1 - r0, n_vocab, H,
-            hs.stride(0), ht.stride(0), ws.stride(0), wt_slice.stride(0), s.stride(0),
-            SHARED_WEIGHT=wt is None, GROUP_P=GROUP_P, **dot)
+            hs[r0:r1], ht[r0:r1], ws_slice, wt_slice, s, t, s, r1 - r0, n_vocab, H,
+            hs.stride(0), ht.stride(0), ws.stride(0), wt_slice.stride(0), s.stride(0), s.stride(0),
+            TEACHER=True, ZERO_D=False, SHARED_WEIGHT=wt is None, GROUP_P=GROUP_P, **dot)
         chunk_mask = None if mask is None else mask[r0:r1]
-        if topk is not None:
-            t, index = select_topk(t, topk)
-            s = s.gather(-1, index)
         if not need_grad:
             loss[r0:r1] = kd_kl_forward(s, t, chunk_mask, KdOptions(temperature, 0, s.shape[1])).loss
             continue
         d = d_buffer[: r1 - r0, :n_vocab]
-        if topk is None:
-            loss[r0:r1] = kd_kl_forward_backward(row_weight[r0:r1], s, t, chunk_mask, temperature, d)
-        else:
-            d_top = torch.empty(s.shape, dtype=operand, device=hs.device)
-            loss[r0:r1] = kd_kl_forward_backward(row_weight[r0:r1], s, t, chunk_mask, temperature, d_top)
-            d.zero_().scatter_(-1, index, d_top)
+        loss[r0:r1] = kd_kl_forward_backward(row_weight[r0:r1], s, t, chunk_mask, temperature, d)
         _input_grads(d, hs[r0:r1], ws_slice, None if d_hs is None else d_hs[r0:r1], d_ws_acc, r0 > 0)
     if need_dw and ws.dtype != torch.float32:
         d_ws[lo:hi] = d_ws_acc
     return FusedLinearKdKlResult(loss, d_hs, d_ws)
 
 
-def teacher_topk(ht, wt, options: KdOptions, logsumexp: bool) -> TeacherTopk:
-    """The teacher's top k per position: per chunk its float32 logits by ``matmul``, then the reference's
-    ``select_topk`` (torch.topk on order-preserving int64 keys: the ties rule, no host sync)."""
-    lo, hi, k = options.lo, options.hi, options.topk
-    check_triton_dtype(ht, "ht")
-    check_triton_dtype(wt, "wt")
-    ht, wt_slice = unit_stride_rows(ht), unit_stride_rows(wt)[lo:hi]
-    n_rows, n_vocab = ht.shape[0], hi - lo
-    values = torch.empty(n_rows, k, dtype=torch.float32, device=ht.device)
-    index = torch.empty(n_rows, k, dtype=torch.int64, device=ht.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=ht.device) if logsumexp else None
-    step = chunk_plan(max(n_rows, 1), n_vocab, k, ht.dtype, _operand_dtype(ht, wt_slice))[0]
-    buffer = torch.empty(min(step, max(n_rows, 1)), padded_width(n_vocab), dtype=torch.float32, device=ht.device)
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
-        t = buffer[: r1 - r0, :n_vocab]
-        matmul(ht[r0:r1], wt_slice.t(), t, accumulate=False)
-        t = teacher_logits(t, torch.float32)
-        values[r0:r1], index[r0:r1] = select_topk(t, k)
-        if logsumexp:
-            lse[r0:r1] = torch.logsumexp(t / options.temperature, dim=-1)
-    return TeacherTopk(index.add_(lo), values, lse)
-
-
-def fused_linear_kd_kl_given(hs, teacher: TeacherTopk, ws, mask, options: KdOptions, row_weight,
-                             needs: FusedLinearKdKlNeeds) -> FusedLinearKdKlResult:
-    """The given-teacher form on dense tiles (a gather of weight rows is not measured faster on a GPU yet): per
-    chunk the student's float32 logits by ``matmul``, gathered at the ids, the row pass on those k, the d logits
-    scattered back, then d hs and d ws as in ``fused_linear_kd_kl``. The tail bucket runs the reference's chunks
-    (torch on the same device)."""
-    if options.topk_tail:
-        return reference.kd_kl.fused_linear_kd_kl_given(hs, teacher, ws, mask, options, row_weight, needs)
-    temperature, lo, hi, k = options.temperature, options.lo, options.hi, options.topk
-    need_dh, need_dw = needs
-    _check(hs, hs, ws, None)
-    d_hs = like_with_unit_stride_rows(hs) if need_dh else None
-    hs, ws = unit_stride_rows(hs), unit_stride_rows(ws)
-    ws_slice = ws[lo:hi]
-    n_rows, H = hs.shape
-    n_vocab = hi - lo
-    loss = torch.zeros(n_rows, dtype=torch.float32, device=hs.device)
-    d_ws, d_ws_acc = _weight_grad_buffers(ws, lo, hi, need_dw)
-    if n_rows == 0:
-        return FusedLinearKdKlResult(loss, d_hs, d_ws)
-    operand = _operand_dtype(hs, ws)
-    mask = None if mask is None else mask.contiguous()
-    need_grad = need_dh or need_dw
-    step = chunk_plan(n_rows, n_vocab, k, hs.dtype, operand)[0]
-    logits = torch.empty(step, padded_width(n_vocab), dtype=torch.float32, device=hs.device)
-    d_buffer = torch.empty(step, padded_width(n_vocab), dtype=operand, device=hs.device) if need_grad else None
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
-        s_full = logits[: r1 - r0, :n_vocab]
-        matmul(hs[r0:r1], ws_slice.t(), s_full, accumulate=False)
-        index = teacher.indices[r0:r1].to(torch.int64) - lo
-        t = teacher_logits(teacher.logits[r0:r1], torch.float32)
-        s = s_full.gather(-1, index)
-        chunk_mask = None if mask is None else mask[r0:r1]
-        if not need_grad:
-            loss[r0:r1] = kd_kl_forward(s, t, chunk_mask, KdOptions(temperature, 0, k)).loss
-            continue
-        d_top = torch.empty(s.shape, dtype=operand, device=hs.device)
-        loss[r0:r1] = kd_kl_forward_backward(row_weight[r0:r1], s, t, chunk_mask, temperature, d_top)
-        d = d_buffer[: r1 - r0, :n_vocab]
-        d.zero_().scatter_(-1, index, d_top)
-        _input_grads(d, hs[r0:r1], ws_slice, None if d_hs is None else d_hs[r0:r1], d_ws_acc, True)
-    if need_dw and ws.dtype != torch.float32:
-        d_ws[lo:hi] = d_ws_acc
-    return FusedLinearKdKlResult(loss, d_hs, d_ws)
+# The top-k forms (the teacher's selection, the teacher given as its top k) are this backend's entry points too.
+from .kd_topk import fused_linear_kd_kl_given, teacher_topk  # noqa: E402  (kd_topk uses the kernels above)

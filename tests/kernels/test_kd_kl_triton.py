@@ -238,7 +238,7 @@ def test_fused_float32_matches_float64_gold(rows, vocab, hidden, vocab_range, te
     hs, ht, ws, wt, mask, grad_rows = make_hidden(rows, hidden, vocab, torch.float32, shared, seed=vocab + hidden)
     loss, d_hs, d_ws = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, KdOptions(temperature, lo, hi, topk), grad_rows,
                                                  FusedLinearKdKlNeeds(True, need_dw))
-    assert_split_ran(vocab_split, hi - lo if topk is None else topk)
+    assert_split_ran(vocab_split, hi - lo if topk is None else 0)  # top-k: kd_topk's own row pass, never split
     gold = gold_fused(hs, ht, ws, wt, mask, temperature, lo, hi, topk, grad_rows, need_dw)
     assert loss.dtype == torch.float32 and d_hs.dtype == torch.float32
     torch.testing.assert_close(loss.double(), gold[0], rtol=1e-5, atol=1e-5)
@@ -310,7 +310,7 @@ def test_fused_half_no_worse_than_naive(dtype, shared, topk, vocab_split):
 
     loss, d_hs, d_ws = tfused.fused_linear_kd_kl(hs, ht, ws, wt, mask, KdOptions(temperature, lo, hi, topk), grad_rows,
                                                  FusedLinearKdKlNeeds(True, True))
-    assert_split_ran(vocab_split, hi - lo if topk is None else topk)
+    assert_split_ran(vocab_split, hi - lo if topk is None else 0)  # top-k: kd_topk's own row pass, never split
     assert d_hs.dtype == dtype and d_ws.dtype == dtype
     assert_no_worse(loss, naive.detach(), gold[0], TOL[dtype], "loss")
     assert_no_worse(d_hs, h.grad, gold[1], TOL[dtype], "d hidden")

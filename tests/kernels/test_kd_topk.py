@@ -274,3 +274,57 @@ def test_bad_selection_and_tail_arguments_raise_naming_them():
         mk.teacher_topk(ht, w, 11)
     with pytest.raises(ValueError, match="teacher_topk.logsumexp"):
         mk.fused_linear_kd_kl_loss(hs, None, w, teacher_topk=mk.teacher_topk(ht, w, 2), topk_tail=True)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("k,trainable", [(9, False), (300, True)])
+def test_triton_topk_over_several_chunks_and_hidden_blocks(monkeypatch, k, trainable):
+    """The Triton top-k path where its launches split the work: positions in several chunks (the grad kernel's
+    loss rows, masks and row weights offset per chunk), d hidden in several column blocks (every block's programs
+    scatter the same d logits), a trainable weight (d W summed over chunks), and k above the selection kernel's
+    register bound (``MAX_SELECT_K``: the matmul + reference selection route). Against the float64 gold."""
+    from mode_kernels.triton import fused_linear_kd_kl as triton_fused
+    from mode_kernels.triton import kd_topk
+
+    assert (k > kd_topk.MAX_SELECT_K) == (k == 300)  # the parametrisation takes both routes
+    plan = kd_topk.chunk_plan
+    monkeypatch.setattr(kd_topk, "chunk_plan", lambda *args: (16, plan(*args)[1]))
+    monkeypatch.setattr(triton_fused, "chunk_plan", lambda *args: (16, plan(*args)[1]))
+    rows, hidden, vocab, vocab_range = 45, 70, 330, (7, 320)
+    hs, ht, w, mask = _problem(rows, hidden, vocab, torch.float32, seed=8)
+    hs.requires_grad_()
+    w.requires_grad_(trainable)
+    kw = dict(temperature=1.5, mask=mask, vocab_range=vocab_range)
+    out = mk.fused_linear_kd_kl_loss(hs, ht, w, topk=k, backend="triton", **kw)
+    inputs = [hs, w] if trainable else [hs]
+    ours = torch.autograd.grad(out, inputs)
+    hs64, w64 = hs.detach().double().requires_grad_(), w.detach().double().requires_grad_(trainable)
+    gold = naive_fused(hs64, ht.double(), w64, topk=k, **kw)
+    want = torch.autograd.grad(gold, [hs64, w64][: len(inputs)])
+    torch.testing.assert_close(out.double(), gold, **_tol("triton"))
+    for a, b in zip(ours, want):
+        torch.testing.assert_close(a.double(), b, **_tol("triton"))
+
+
+@pytest.mark.skipif(not TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("k", [5, 16, 40])
+def test_triton_selection_kernel_equals_the_reference_selection(k):
+    """``_select_kernel`` against the reference's ``teacher_topk`` on the same float32 logits: the same ids (ties
+    at the k-th: integer logits, zeros, -0.0 and +0.0 alike), the same values (bit for bit where the logits are
+    integers; the GEMMs' summation orders differ on the others) and the slice's logsumexp."""
+    g = torch.Generator().manual_seed(9)
+    ht = torch.randint(-1, 2, (40, 16), generator=g).float()
+    ht[3] = 0.0                                  # every logit 0
+    ht[4] = -0.0                                 # every logit -0.0 or 0.0
+    w = torch.randint(-1, 2, (90, 16), generator=g).float()
+    w[50:60] = torch.randn(10, 16, generator=g)  # some non-integer logits too
+    for temperature in (1.0, 2.5):
+        ours = mk.teacher_topk(ht, w, k, vocab_range=(3, 88), temperature=temperature, logsumexp=True,
+                               backend="triton")
+        want = mk.teacher_topk(ht, w, k, vocab_range=(3, 88), temperature=temperature, logsumexp=True,
+                               backend="torch")
+        assert torch.equal(ours.indices, want.indices)
+        integer = want.logits == want.logits.round()
+        assert torch.equal(ours.logits[integer], want.logits[integer])
+        torch.testing.assert_close(ours.logits, want.logits, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(ours.logsumexp, want.logsumexp, atol=1e-5, rtol=1e-6)

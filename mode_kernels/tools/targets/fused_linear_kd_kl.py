@@ -27,22 +27,26 @@ def compile_targets(default_only: bool = False):
         dt = _SIG_DTYPE[operand]
         dot = _dot_args(operand)
         tiles, gemms = _TILE_CONFIGS[operand.itemsize], _MATMUL_CONFIGS[operand.itemsize]
+        # The dense loss: both logits, the teacher's weight its own or shared; the top-k forms: the student's
+        # logits and the d logits buffer zeroed.
+        variants = ((True, False, False), (True, False, True), (False, True, True))
         for p, v, h, w, st in tiles[:1] if default_only else tiles:
-            for shared in (False,) if default_only else (False, True):
-                consts = {"SHARED_WEIGHT": shared, "GROUP_P": GROUP_P, **dot, "BLOCK_P": p, "BLOCK_V": v,
-                          "BLOCK_H": h}
+            for teacher, zero_d, shared in variants[:1] if default_only else variants:
+                consts = {"TEACHER": teacher, "ZERO_D": zero_d, "SHARED_WEIGHT": shared, "GROUP_P": GROUP_P, **dot,
+                          "BLOCK_P": p, "BLOCK_V": v, "BLOCK_H": h}
                 sig = {"hs_ptr": f"*{dt}", "ht_ptr": f"*{dt}", "ws_ptr": f"*{dt}", "wt_ptr": f"*{dt}",
-                       "s_ptr": "*fp32", "t_ptr": "*fp32", "n_rows": "i32", "n_vocab": "i32", "H": "i32:16",
-                       "stride_hs": "i32:16", "stride_ht": "i32:16", "stride_ws": "i32:16", "stride_wt": "i32:16",
-                       "stride_out": "i32:16"}
-                tag = f"[{dt}{' shared' if shared else ''}] P{p} V{v} H{h} w{w} s{st}"
+                       "s_ptr": "*fp32", "t_ptr": "*fp32", "d_ptr": f"*{dt}", "n_rows": "i32", "n_vocab": "i32",
+                       "H": "i32:16", "stride_hs": "i32:16", "stride_ht": "i32:16", "stride_ws": "i32:16",
+                       "stride_wt": "i32:16", "stride_out": "i32:16", "stride_d": "i32:16"}
+                form = "top-k student" if zero_d else "shared" if shared else ""
+                tag = f"[{dt}{' ' + form if form else ''}] P{p} V{v} H{h} w{w} s{st}"
                 targets.append((f"logits{tag}", _logits_kernel, sig, consts, w, st))
         # d hidden = dl @ W (a row-major, out in hidden's dtype); d weight (+)= dl^T @ hidden
         # (a transposed, float32 out, written by the first chunk, accumulated by the others).
-        # The given-teacher form and the teacher's selection: logits = hidden @ W^T (b = W transposed: unit
+        # The teacher's selection above the selection kernel's k: logits = hidden @ W^T (b = W transposed: unit
         # stride_bk; float32 out).
         uses = (("d_hidden", "stride_ak", "stride_bn", dt, False),
-                ("logits_given", "stride_ak", "stride_bk", "fp32", False),
+                ("logits_selection", "stride_ak", "stride_bk", "fp32", False),
                 ("d_weight", "stride_am", "stride_bn", "fp32", False),
                 ("d_weight_acc", "stride_am", "stride_bn", "fp32", True))
         for m, n, k, w, st in gemms[:1] if default_only else gemms:
