@@ -221,7 +221,7 @@ def teacher_topk(teacher_hidden: Tensor, weight: Tensor, k: int, *, vocab_range:
     (``mode_kernels.contract.TIES_RULE``); logits float32 (float64 for float64 inputs), masked entries -inf; with
     ``logsumexp`` also the slice's logsumexp of logits / temperature [...] (what ``topk_tail`` needs). No
     gradient. Cost: one GEMM of the slice per chunk plus the selection (the native backend: nth_element per
-    position; torch and Triton: torch.topk on int64 keys)."""
+    position; torch: torch.topk on int64 keys; Triton: inside its GEMM for k up to 256, else as torch)."""
     options = check_teacher_topk_args(teacher_hidden, weight, k, vocab_range, temperature)
     resolved = backends.resolve(backend, teacher_hidden.device, "fused_linear_kd_kl")
     lead = tuple(teacher_hidden.shape[:-1])
