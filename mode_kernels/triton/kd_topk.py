@@ -13,13 +13,13 @@ The teacher given as its top k (ids, logits; a cache's, or ``teacher_topk``'s), 
 So a frozen weight costs two launches per chunk, the dense strategy's two GEMM passes.
 
 The teacher as hidden states: ``teacher_topk`` first, then the given form. ``_select_kernel`` finds the top k
-inside the teacher's logits GEMM: each program owns a block of positions and sweeps the slice in tiles of
-K_PAD (k rounded up to a power of two, at least 64) columns; each tile's float32 logits become int64 keys ordering them by
+inside the teacher's logits GEMM: each program owns a block of positions and sweeps the slice in tiles of K_PAD (k
+rounded up to a power of two, at least 64) columns; each tile's float32 logits become int64 keys ordering them by
 value, then by the lower id (``contract.TIES_RULE``, the reference's ``select_topk`` keys), sorted ascending and
-merged into the running top K_PAD (sorted descending) by an elementwise maximum, which is bitonic, and one
-bitonic merge. No logits leave the kernel: it writes the k ids (ascending) and values, and the logsumexp that
-the tail bucket needs. Registers bound K_PAD: above ``MAX_SELECT_K`` the teacher's logits go through ``matmul``
-chunk by chunk and the reference's selection (torch.topk on the same keys).
+merged into the running top K_PAD (sorted descending) by an elementwise maximum, which is bitonic, and one bitonic
+merge. No logits leave the kernel: it writes the k ids (ascending) and values, and the logsumexp that the tail
+bucket needs. Registers bound K_PAD: above ``MAX_SELECT_K`` the teacher's logits go through ``matmul`` chunk by
+chunk and the reference's selection (torch.topk on the same keys).
 
 Cost: the selection's sorts run on CUDA cores, each logit taking part in log2(K_PAD) * (log2(K_PAD) + 3) / 2
 compare-exchanges (44 at k 256), beside the 2 H multiply-adds of its GEMM on tensor cores; and a program holds
