@@ -2,9 +2,12 @@
 runs resume from their DCP checkpoint (in one process, and on another number of processes)."""
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,44 @@ def test_damaged_checkpoint_shard_is_refused_and_kept(tmp_path, cache_dir, fsdp_
     with pytest.raises(RunError, match="corrupt checkpoint"):
         run_in_process(argv(output, cache_dir, "--fsdp", "--resume"))
     assert shard.read_bytes() == b"garbage"
+
+
+def test_ctrl_c_under_torchrun_stops_every_process_after_one_step_and_the_printed_command_resumes(tmp_path,
+                                                                                                   cache_dir):
+    """A terminal's Ctrl-C (SIGINT to torchrun and its workers, one process group) while both processes train:
+    each stops after the same step with one checkpoint, rank 0 prints once the torchrun command that resumes,
+    and that command, run as printed, finishes the run with the results of an uninterrupted one."""
+    extra = ("--steps-per-task", "12", "--checkpoint-every", "3")
+    output = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mode.train",
+           *argv(output, cache_dir, *extra)]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            current = resume.checkpoint_extra(output / "checkpoint").get("current")
+        except (OSError, ValueError):  # not written yet, or being replaced
+            current = None
+        if current and current["step"] > 0:
+            os.killpg(process.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _, err = process.communicate(timeout=300)
+    # torchrun itself ends with a traceback of its SignalException (exit 1); the workers raise none.
+    frames = [line for line in err.splitlines() if line.strip().startswith('File "')]
+    assert process.returncode == 1 and not [f for f in frames if "/mode/" in f or "mode.train" in f], err[-4000:]
+    assert "torch.distributed.elastic.multiprocessing.api.SignalException" in err, err[-4000:]
+    assert not (output / "metrics.json").exists()
+    lines = [line for line in err.splitlines() if "mode-train: stopped by SIGINT; checkpoint kept" in line]
+    assert len(lines) == 1, err[-4000:]
+    printed = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert printed[:4] == ["torchrun", "--nproc-per-node=2", "-m", "mode.train"], printed
+    assert printed[4:] == [*argv(output, cache_dir, *extra), "--resume"]
+
+    resumed = subprocess.run(printed, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    whole = run_in_process(argv(tmp_path / "whole", cache_dir, *extra))
+    assert_same_results(json.loads((output / "metrics.json").read_text()), whole, rel=1e-5)
