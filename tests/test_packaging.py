@@ -28,6 +28,8 @@ def test_the_wheel_ships_mode_mode_kernels_the_sources_and_the_license(tmp_path)
     assert top == {"mode", "mode_kernels", dist_info}
     assert not any(name.startswith("bench/") for name in names)
     assert f"{dist_info}/licenses/LICENSE" in names
+    metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
     shipped = {Path(name).name for name in names if name.startswith("mode_kernels/csrc/")}
     assert shipped == {p.name for p in (REPO / "csrc").iterdir() if p.suffix in (".cpp", ".h")}
     assert {"mode/__init__.py", "mode_kernels/__init__.py", "mode/train/cli.py"} <= set(names)
