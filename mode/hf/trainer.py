@@ -26,6 +26,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..adapter_io import CONFIG_NAME, load_adapter, save_adapter
+from ..families import family_of
 from ..kd import kd_loss, kd_vocab_range
 from ..kd_cache import ROW_IDS, TeacherCache
 from ..layer import routed_layers
@@ -80,6 +81,7 @@ class MoDETrainer(Trainer):
         self.gen_dataset, self.gen_data_collator = gen_dataset, gen_data_collator
         self.kd_lambda, self.kd_temperature, self.kd_topk = float(kd_lambda), float(kd_temperature), kd_topk
         self.kd_cache_dir, self._teacher_cache = kd_cache, None
+        self._masked_logit_ids: tuple[str, torch.Tensor | None] | None = None  # (family, ids), at the first step
         self._gen_batches: Iterator | None = None
         self._kd_values: list[torch.Tensor] = []
 
@@ -99,7 +101,26 @@ class MoDETrainer(Trainer):
         """The task batch's loss and the model's outputs from one forward: ``transformers.Trainer.compute_loss``
         named directly, so that a Trainer subclass behind this one in the MRO (TRL's SFTTrainer, whose loss
         skips the model's own logit processing) does not replace the model's loss."""
+        self._check_labels(model, inputs.get("labels"))
         return Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+    def _check_labels(self, model: nn.Module, labels: torch.Tensor | None) -> None:
+        """A label on an id whose logit the model's own forward masks (Chameleon's image codes) makes the loss
+        infinite, which Trainer's logging would show filtered (``logging_nan_inf_filter``): refused, naming the
+        ids. One device check per step (a host sync); None where the family masks nothing."""
+        if labels is None:
+            return
+        if self._masked_logit_ids is None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            family = family_of(unwrapped)
+            masked = family.masked_logit_ids(unwrapped) if family.image_logits_masked else None
+            self._masked_logit_ids = (family.name, None if masked is None else masked.to(labels.device))
+        name, masked = self._masked_logit_ids
+        if masked is not None and bool(torch.isin(labels, masked).any()):
+            bad = labels[torch.isin(labels, masked)].unique()[:5].tolist()
+            raise ValueError(f"labels: ids {bad} are image codes, whose logits {name}'s forward masks to the lowest "
+                             "float, so the loss would be infinite; give them label -100 (image codes are trained "
+                             "through the generation stream's KD term, mode.kd_loss)")
 
     def kd_term(self, model: nn.Module) -> torch.Tensor:
         """``mode.kd_loss`` of ``model`` on the next generation-stream batch."""

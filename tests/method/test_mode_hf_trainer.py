@@ -200,6 +200,25 @@ def test_sft_trainer_logs_the_models_own_loss_with_one_forward_per_batch_on_cham
     assert abs(fused - model.get_base_model()(**task_batches[-1]).loss.item()) > 0.1
 
 
+def test_a_label_on_a_masked_image_code_is_refused_on_chameleon_and_allowed_elsewhere(tmp_path):
+    """Chameleon's forward masks the image codes' logits: a label on one would make the loss infinite (and
+    Trainer's logging would filter it), so the first step raises, naming the ids. The same labels on a family
+    that masks nothing train."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    words = 8200
+    rows = [{"input_ids": [words, words + 1, 5, 6], "labels": [-100, words + 1, 5, 6]}] * 4
+    args = TrainingArguments(output_dir=str(tmp_path / "chameleon"), **COMMON_ARGS)
+    trainer = mode.hf.MoDETrainer(model=_chameleon_peft(), args=args, train_dataset=Dataset.from_list(rows))
+    with pytest.raises(ValueError, match=r"labels: ids \[5, 6\] are image codes, whose logits chameleon's forward"):
+        trainer.train()
+    model = _model("apply_mode")
+    small = [{"input_ids": [1, 2, 5, 6], "labels": [-100, 2, 5, 6]}] * 4
+    args = TrainingArguments(output_dir=str(tmp_path / "plain"), **COMMON_ARGS)
+    mode.hf.MoDETrainer(model=model, args=args, train_dataset=Dataset.from_list(small)).train()
+
+
 def test_bad_arguments_raise(tmp_path):
     from transformers import TrainingArguments
 
