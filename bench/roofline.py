@@ -215,6 +215,23 @@ def kd_topk_strategies(positions: int = 8192, hidden: int = 4096, n_vocab: int =
     gathered = kd_cost.sparse_cost(positions, hidden, topk, ITEM, False)[0][1]
     print(f"\nGathered rows read per pass: {gathered / 1e9:.1f} GB (no reuse across positions); one dense GEMM: "
           f"{kd_cost.dense_cost(positions, hidden, n_vocab, ITEM, False)[0][0] / 1e12:.2f} TFLOP.")
+    kd_selection_l2_reads(positions, hidden, n_vocab, topk)
+
+
+def kd_selection_l2_reads(positions: int, hidden: int, n_vocab: int, topk: int) -> None:
+    """What the Triton teacher selection (``_select_kernel``) reads from L2: each program sweeps the whole slice
+    for its BLOCK_P positions (the launcher's config for this k), so the slice is read once per row block (HBM
+    serves it about once while the programs sweep in step; the rest are L2 hits)."""
+    import torch
+
+    from mode_kernels.triton.kd_topk import k_pad, select_config
+
+    block_p = select_config(k_pad(topk), torch.bfloat16)["BLOCK_P"]
+    blocks = -(-positions // block_p)
+    slice_bytes = n_vocab * hidden * ITEM
+    print(f"\nTeacher selection in its GEMM (Triton, k={topk}: {block_p} positions per program): the slice "
+          f"({slice_bytes / 1e6:.1f} MB) read by {blocks} row blocks, {blocks * slice_bytes / 1e9:.1f} GB from L2, "
+          f"for a {2 * positions * n_vocab * hidden / 1e12:.2f} TFLOP GEMM.")
 
 
 if __name__ == "__main__":
