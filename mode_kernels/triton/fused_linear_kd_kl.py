@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, KdOptions
+from ..contract import FusedLinearKdKlNeeds, FusedLinearKdKlResult, KdOptions, TeacherTopk
 from ..kd_memory import chunk_rows
 from ._common import INTERPRET, MAX_GRID
 from .kd_kl import (
@@ -311,5 +311,19 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
     return FusedLinearKdKlResult(loss, d_hs, d_ws)
 
 
-# The top-k forms (the teacher's selection, the teacher given as its top k) are this backend's entry points too.
-from .kd_topk import fused_linear_kd_kl_given, teacher_topk  # noqa: E402  (kd_topk uses the kernels above)
+
+# The top-k forms are this backend's entry points too; mode_kernels.triton.kd_topk builds on the kernels above,
+# so it is imported when they are called (either module may be imported first).
+def teacher_topk(ht, wt, options: KdOptions, logsumexp: bool) -> TeacherTopk:
+    """The teacher's top k per position (``mode_kernels.triton.kd_topk.teacher_topk``)."""
+    from . import kd_topk
+
+    return kd_topk.teacher_topk(ht, wt, options, logsumexp)
+
+
+def fused_linear_kd_kl_given(hs, teacher: TeacherTopk, ws, mask, options: KdOptions, row_weight,
+                             needs: FusedLinearKdKlNeeds) -> FusedLinearKdKlResult:
+    """The loss with the teacher given as its top k (``mode_kernels.triton.kd_topk.fused_linear_kd_kl_given``)."""
+    from . import kd_topk
+
+    return kd_topk.fused_linear_kd_kl_given(hs, teacher, ws, mask, options, row_weight, needs)

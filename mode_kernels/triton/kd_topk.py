@@ -134,16 +134,21 @@ def _select_kernel(ht_ptr, wt_ptr, ids_ptr, values_ptr, lse_ptr, n_rows, n_vocab
 
 
 @triton.jit
-def _gathered_logits(ids_ptr, tv_ptr, s_ptr, rows64, sel, lo, stride_ids, stride_tv, stride_s, t_min, scale2, j0,
-                     BLOCK_K: tl.constexpr):
-    """Columns [j0, j0 + BLOCK_K) of a row block's teacher top k: slice ids, and the student's and the
-    teacher's logits there in base-2 units (-inf where not selected or masked)."""
+def _gathered_logits(ids_ptr, tv_ptr, s_ptr, rows64, sel, lo, n_vocab, stride_ids, stride_tv, stride_s, t_min,
+                     scale2, j0, BLOCK_K: tl.constexpr):
+    """Columns [j0, j0 + BLOCK_K) of a row block's teacher top k: slice ids, whether each is inside the slice,
+    and the student's and the teacher's logits there in base-2 units (-inf where not selected or masked). An id
+    outside the slice (the op checks ids on the host, on CUDA only with sync checks on) is never dereferenced:
+    its student logit is NaN, so its row's loss and gradients are NaN rather than another row's values."""
     pos = j0 + tl.arange(0, BLOCK_K)[None, :]
-    ids = tl.load(ids_ptr + rows64 * stride_ids + pos, mask=sel, other=lo).to(tl.int32) - lo
+    ids = tl.load(ids_ptr + rows64 * stride_ids + pos, mask=sel, other=lo).to(tl.int64) - lo
+    in_slice = (ids >= 0) & (ids < n_vocab)
+    ids = ids.to(tl.int32)
     t = tl.load(tv_ptr + rows64 * stride_tv + pos, mask=sel, other=float("-inf")).to(tl.float32)
     t = tl.where(t <= t_min, float("-inf"), t) * scale2
-    s = tl.load(s_ptr + rows64 * stride_s + ids, mask=sel, other=float("-inf")) * scale2
-    return ids, s, t
+    s = tl.load(s_ptr + rows64 * stride_s + ids, mask=sel & in_slice, other=float("-inf")) * scale2
+    s = tl.where(sel & ~in_slice, float("nan"), s)
+    return ids, in_slice, s, t
 
 
 @triton.jit
@@ -171,8 +176,8 @@ def _topk_grad_kernel(ids_ptr, tv_ptr, s_ptr, d_ptr, w_ptr, dh_ptr, mask_ptr, ro
         cross = tl.zeros([BLOCK_P], tl.float32)
         for j0 in range(0, k, BLOCK_K):
             sel = live[:, None] & ((j0 + tl.arange(0, BLOCK_K)) < k)[None, :]
-            _, s, t = _gathered_logits(ids_ptr, tv_ptr, s_ptr, rows64, sel, lo, stride_ids, stride_tv, stride_s,
-                                       t_min, scale2, j0, BLOCK_K)
+            _, _, s, t = _gathered_logits(ids_ptr, tv_ptr, s_ptr, rows64, sel, lo, n_vocab, stride_ids, stride_tv,
+                                          stride_s, t_min, scale2, j0, BLOCK_K)
             m_s, l_s, m_t, l_t, cross = online_kl_update(s, t, m_s, l_s, m_t, l_t, cross)
         alive = live & (m_t > float("-inf"))
         loss, lse_s, lse_t = kl_finish(m_s, l_s, m_t, l_t, cross, alive, temperature)
@@ -182,10 +187,12 @@ def _topk_grad_kernel(ids_ptr, tv_ptr, s_ptr, d_ptr, w_ptr, dh_ptr, mask_ptr, ro
             row_scale = temperature * tl.load(row_weight_ptr + rows, mask=ok, other=0.0).to(tl.float32)
             for j0 in range(0, k, BLOCK_K):
                 sel = live[:, None] & ((j0 + tl.arange(0, BLOCK_K)) < k)[None, :]
-                ids, s, t = _gathered_logits(ids_ptr, tv_ptr, s_ptr, rows64, sel, lo, stride_ids, stride_tv,
-                                             stride_s, t_min, scale2, j0, BLOCK_K)
+                ids, in_slice, s, t = _gathered_logits(ids_ptr, tv_ptr, s_ptr, rows64, sel, lo, n_vocab, stride_ids,
+                                                       stride_tv, stride_s, t_min, scale2, j0, BLOCK_K)
+                # A row with an id outside the slice has a NaN logsumexp, so NaN d logits (and d hidden); the id
+                # itself gets none.
                 d = kl_grad_tile(s, t, lse_s * LOG2E_K, lse_t * LOG2E_K, row_scale, alive)
-                tl.store(d_ptr + rows64 * stride_d + ids, d.to(d_ptr.dtype.element_ty), mask=sel)
+                tl.store(d_ptr + rows64 * stride_d + ids, d.to(d_ptr.dtype.element_ty), mask=sel & in_slice)
         if NEED_DH:
             # This program's scattered d logits, read back below, are visible to all its threads after it.
             tl.debug_barrier()
@@ -222,11 +229,12 @@ def select_config(k_padded: int, operand: torch.dtype) -> dict:
 
 def grad_config(operand: torch.dtype) -> dict:
     """(BLOCK_P, BLOCK_K, BLOCK_V, BLOCK_N, num_warps, num_stages) of ``_topk_grad_kernel``, spill-free as above
-    (4 warps spill 8 bytes with 16-bit operands under Triton 3.6 on sm_90, 8 warps with float32 under 3.9)."""
+    (4 warps spill 8 bytes with 16-bit operands under Triton 3.6 on sm_90, 8 warps with float32 under 3.9, and
+    32 columns of the k per sweep some variants under 3.6)."""
     if INTERPRET:
         return dict(BLOCK_P=16, BLOCK_K=16, BLOCK_V=32, BLOCK_N=32, num_warps=4, num_stages=1)
     half = operand != torch.float32
-    return dict(BLOCK_P=32, BLOCK_K=32, BLOCK_V=64 if half else 32, BLOCK_N=64, num_warps=8 if half else 4,
+    return dict(BLOCK_P=32, BLOCK_K=16, BLOCK_V=64 if half else 32, BLOCK_N=64, num_warps=8 if half else 4,
                 num_stages=2)
 
 

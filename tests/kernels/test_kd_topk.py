@@ -328,3 +328,26 @@ def test_triton_selection_kernel_equals_the_reference_selection(k):
         assert torch.equal(ours.logits[integer], want.logits[integer])
         torch.testing.assert_close(ours.logits, want.logits, atol=1e-5, rtol=1e-6)
         torch.testing.assert_close(ours.logsumexp, want.logsumexp, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_kernel_never_dereferences_an_id_outside_the_slice():
+    """The op checks the given ids on the host (on CUDA only with sync checks on); the kernel itself, given an id
+    outside the slice, reads and writes nothing there: that row's loss and d hidden are NaN, the others exact."""
+    from mode_kernels.contract import FusedLinearKdKlNeeds, kd_options
+    from mode_kernels.triton import kd_topk
+
+    hs, ht, w, _ = _problem(20, 24, 50, torch.float32, seed=10)
+    top = mk.teacher_topk(ht, w, 6, vocab_range=(5, 45), backend="torch")
+    bad = top._replace(indices=top.indices.clone())
+    bad.indices[3, 2], bad.indices[7, 0] = 45, -(2 ** 40) + 6  # past the slice's end; far below (no int32 wrap)
+    options = kd_options(1.0, 5, 45, 6, False)
+    weights = torch.full((20,), 1 / 20)
+    good = kd_topk.fused_linear_kd_kl_given(hs, top, w, None, options, weights, FusedLinearKdKlNeeds(True, False))
+    ours = kd_topk.fused_linear_kd_kl_given(hs, bad, w, None, options, weights, FusedLinearKdKlNeeds(True, False))
+    rows = torch.tensor([3, 7])
+    assert ours.loss[rows].isnan().all() and ours.d_hidden[rows].isnan().all()
+    others = torch.ones(20, dtype=torch.bool)
+    others[rows] = False
+    torch.testing.assert_close(ours.loss[others], good.loss[others])
+    torch.testing.assert_close(ours.d_hidden[others], good.d_hidden[others])
