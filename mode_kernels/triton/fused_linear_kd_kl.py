@@ -311,7 +311,6 @@ def fused_linear_kd_kl(hs, ht, ws, wt, mask, options: KdOptions, row_weight,
     return FusedLinearKdKlResult(loss, d_hs, d_ws)
 
 
-
 # The top-k forms are this backend's entry points too; mode_kernels.triton.kd_topk builds on the kernels above,
 # so it is imported when they are called (either module may be imported first).
 def teacher_topk(ht, wt, options: KdOptions, logsumexp: bool) -> TeacherTopk:

@@ -283,13 +283,11 @@ def test_triton_topk_over_several_chunks_and_hidden_blocks(monkeypatch, k, train
     loss rows, masks and row weights offset per chunk), d hidden in several column blocks (every block's programs
     scatter the same d logits), a trainable weight (d W summed over chunks), and k above the selection kernel's
     register bound (``MAX_SELECT_K``: the matmul + reference selection route). Against the float64 gold."""
-    from mode_kernels.triton import fused_linear_kd_kl as triton_fused
     from mode_kernels.triton import kd_topk
 
     assert (k > kd_topk.MAX_SELECT_K) == (k == 300)  # the parametrisation takes both routes
-    plan = kd_topk.chunk_plan
-    monkeypatch.setattr(kd_topk, "chunk_plan", lambda *args: (16, plan(*args)[1]))
-    monkeypatch.setattr(triton_fused, "chunk_plan", lambda *args: (16, plan(*args)[1]))
+    plan, planned = kd_topk.chunk_plan, []
+    monkeypatch.setattr(kd_topk, "chunk_plan", lambda *args: planned.append(args) or (16, plan(*args)[1]))
     rows, hidden, vocab, vocab_range = 45, 70, 330, (7, 320)
     hs, ht, w, mask = _problem(rows, hidden, vocab, torch.float32, seed=8)
     hs.requires_grad_()
@@ -301,6 +299,7 @@ def test_triton_topk_over_several_chunks_and_hidden_blocks(monkeypatch, k, train
     hs64, w64 = hs.detach().double().requires_grad_(), w.detach().double().requires_grad_(trainable)
     gold = naive_fused(hs64, ht.double(), w64, topk=k, **kw)
     want = torch.autograd.grad(gold, [hs64, w64][: len(inputs)])
+    assert planned and all(args[0] == rows for args in planned)  # 45 positions in chunks of 16
     torch.testing.assert_close(out.double(), gold, **_tol("triton"))
     for a, b in zip(ours, want):
         torch.testing.assert_close(a.double(), b, **_tol("triton"))
